@@ -1,0 +1,366 @@
+#include "config.h"
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum setting_type {
+    T_STRING,
+    T_SECRET, /* a string that may also come from NAME_FILE; never printed */
+    T_URL,
+    T_LONG,
+    T_DURATION,
+    T_RATE_LIMITS,
+    T_SCHEDULE,
+    T_ENUM,
+    T_LIST,
+} setting_type;
+
+typedef struct setting {
+    const char *name;
+    setting_type type;
+    const char *def;
+    long min, max;
+    const char *const *choices; /* T_ENUM: NULL-terminated */
+    size_t offset;
+    size_t count_offset; /* T_RATE_LIMITS, T_SCHEDULE, T_LIST: where the count goes */
+    const char *help;
+} setting;
+
+static const char *const auth_choices[] = {"api-key", "oauth2", "basic", "none", NULL};
+static const char *const level_choices[] = {"debug", "info", "warn", "error", NULL};
+static const char *const queue_choices[] = {"quorum", "classic", NULL};
+
+#define F(field) offsetof(iw_config, field)
+#define DAY_MS 86400000L
+
+static const setting settings[] = {
+    {"IW_AMQP_URL", T_URL, "amqp://guest:guest@127.0.0.1:5672/%2f", 0, 0, NULL, F(amqp_url), 0,
+     "broker URL (amqps:// for TLS)"},
+    {"IW_REDIS_URL", T_URL, "redis://127.0.0.1:6379/0", 0, 0, NULL, F(redis_url), 0,
+     "shared state: limiter, breaker, cache, idempotency"},
+    {"IW_PROVIDER_URL", T_URL, "http://127.0.0.1:8080", 0, 0, NULL, F(provider_url), 0,
+     "provider base URL; /api/v1/... and /oauth/token are appended"},
+    {"IW_NAMESPACE", T_STRING, "ext-api", 0, 0, NULL, F(ns), 0,
+     "prefix of every exchange, queue and Redis key"},
+    {"IW_AUTH_MODE", T_ENUM, "api-key", 0, 0, auth_choices, F(auth_mode), 0,
+     "api-key, oauth2, basic or none (mTLS combines with any via IW_TLS_*)"},
+    {"IW_API_KEY", T_SECRET, NULL, 0, 0, NULL, F(api_key), 0, "sent as X-API-Key"},
+    {"IW_API_SECRET", T_SECRET, NULL, 0, 0, NULL, F(api_secret), 0, "sent as X-API-Secret"},
+    {"IW_OAUTH_CLIENT_ID", T_SECRET, NULL, 0, 0, NULL, F(oauth_client_id), 0,
+     "client-credentials grant at /oauth/token"},
+    {"IW_OAUTH_CLIENT_SECRET", T_SECRET, NULL, 0, 0, NULL, F(oauth_client_secret), 0,
+     "client-credentials grant at /oauth/token"},
+    {"IW_BASIC_USER", T_SECRET, NULL, 0, 0, NULL, F(basic_user), 0, "for IW_AUTH_MODE=basic"},
+    {"IW_BASIC_PASSWORD", T_SECRET, NULL, 0, 0, NULL, F(basic_password), 0,
+     "for IW_AUTH_MODE=basic"},
+    {"IW_TLS_CERT", T_STRING, NULL, 0, 0, NULL, F(tls_cert), 0, "client certificate (mTLS)"},
+    {"IW_TLS_KEY", T_SECRET, NULL, 0, 0, NULL, F(tls_key), 0, "client key path (mTLS)"},
+    {"IW_TLS_CA", T_STRING, NULL, 0, 0, NULL, F(tls_ca), 0, "CA bundle for the provider"},
+    {"IW_RATE_LIMITS", T_RATE_LIMITS, "50/min,1000/hour,20000/day", 0, 0, NULL, F(rate_tiers),
+     F(n_rate_tiers), "shared limits on every provider call, all pods together (N/T,...)"},
+    {"IW_CONCURRENCY", T_LONG, "64", 1, 10000, NULL, F(concurrency), 0,
+     "provider calls in flight per process"},
+    {"IW_PREFETCH", T_LONG, "0", 0, 65535, NULL, F(prefetch), 0,
+     "unacknowledged deliveries per process (0: 2 x IW_CONCURRENCY)"},
+    {"IW_HTTP_ADDR", T_STRING, "0.0.0.0:9400", 0, 0, NULL, F(http_addr), 0,
+     "/metrics, /healthz, /readyz; off disables"},
+    {"IW_LOG_LEVEL", T_ENUM, "info", 0, 0, level_choices, F(log_level), 0,
+     "debug, info, warn or error"},
+    {"IW_RETRY_SCHEDULE", T_SCHEDULE, "0s,2s,4s,8s", 0, 0, NULL, F(retry_schedule_ms), F(n_retry),
+     "wait before each attempt; its length is the number of attempts"},
+    {"IW_BREAKER_FAILURES", T_LONG, "5", 1, 1000, NULL, F(breaker_failures), 0,
+     "consecutive failures that open the circuit breaker"},
+    {"IW_BREAKER_OPEN", T_DURATION, "60s", 1000, DAY_MS, NULL, F(breaker_open_ms), 0,
+     "how long the breaker stays open"},
+    {"IW_POLL_SCHEDULE", T_SCHEDULE, "5s,10s,30s,1m,5m", 0, 0, NULL, F(poll_schedule_ms), F(n_poll),
+     "waits between status checks; the last one repeats"},
+    {"IW_POLL_MAX_AGE", T_DURATION, "24h", 1000, 30 * DAY_MS, NULL, F(poll_max_age_ms), 0,
+     "give up polling a tracking id after this long"},
+    {"IW_POLL_JITTER", T_LONG, "20", 0, 100, NULL, F(poll_jitter_pct), 0,
+     "random +/- percent added to each poll wait"},
+    {"IW_CACHE_TTL", T_DURATION, "300s", 1000, 30 * DAY_MS, NULL, F(cache_ttl_ms), 0,
+     "resource cache TTL"},
+    {"IW_TERMINAL_STATUSES", T_LIST, "completed,failed,rejected,cancelled", 0, 0, NULL,
+     F(terminal_statuses_raw), F(n_terminal), "statuses that end polling"},
+    {"IW_MAX_MESSAGE_BYTES", T_LONG, "1048576", 64, 134217728L, NULL, F(max_message_bytes), 0,
+     "larger jobs are dead-lettered unread (MESSAGE_TOO_LARGE)"},
+    {"IW_MAX_RESPONSE_BYTES", T_LONG, "1048576", 1024, 134217728L, NULL, F(max_response_bytes), 0,
+     "larger provider responses are an error"},
+    {"IW_CLIENT_ID", T_STRING, "integration-worker", 0, 0, NULL, F(client_id), 0,
+     "client_info.client_id in outbound bodies"},
+    {"IW_SHUTDOWN_GRACE", T_DURATION, "30s", 0, 3600000L, NULL, F(shutdown_grace_ms), 0,
+     "time to finish in-flight work on SIGTERM"},
+    {"IW_QUEUE_TYPE", T_ENUM, "quorum", 0, 0, queue_choices, F(queue_classic), 0,
+     "quorum or classic"},
+    {"IW_DELIVERY_LIMIT", T_LONG, "10", 1, 1000, NULL, F(delivery_limit), 0,
+     "deliveries of one message before the broker dead-letters it (quorum queues)"},
+    {"IW_HTTP_TIMEOUT", T_DURATION, "10s", 100, 600000L, NULL, F(http_timeout_ms), 0,
+     "whole provider call, after which it counts as a timeout"},
+    {"IW_HTTP_CONNECT_TIMEOUT", T_DURATION, "3s", 100, 600000L, NULL, F(http_connect_timeout_ms), 0,
+     "TCP/TLS connect to the provider"},
+    {"IW_HOLD_MAX", T_DURATION, "5s", 0, 600000L, NULL, F(hold_max_ms), 0,
+     "limiter waits up to this long keep the delivery unacked; longer ones go to a delay queue"},
+    {"IW_IDEMPOTENCY_TTL", T_DURATION, "7d", 60000, 365 * DAY_MS, NULL, F(idempotency_ttl_ms), 0,
+     "how long an accepted jobId is remembered in Redis"},
+    {"IW_REDIS_TIMEOUT", T_DURATION, "2s", 10, 60000, NULL, F(redis_timeout_ms), 0,
+     "connect and command timeout for Redis"},
+    {"IW_SCHEMA_DIR", T_STRING, IW_SCHEMA_DIR_DEFAULT, 0, 0, NULL, F(schema_dir), 0,
+     "directory of the JSON Schemas"},
+};
+
+#define N_SETTINGS (sizeof settings / sizeof settings[0])
+
+static char *read_secret_file(const char *path, iw_error *err)
+{
+    FILE *f = fopen(path, "rb");
+    char buf[4096];
+    size_t n;
+
+    if (!f) {
+        iw_error_set(err, IW_ERR_CONFIG, "cannot read %s", path);
+        return NULL;
+    }
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+        buf[--n] = '\0';
+    return strdup(buf);
+}
+
+static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *err)
+{
+    char *base = (char *)cfg;
+    iw_error e = {0};
+    int rc = IW_OK;
+
+    switch (s->type) {
+    case T_STRING:
+    case T_SECRET:
+    case T_URL:
+    case T_LIST: {
+        char **dst = (char **)(base + s->offset);
+        if (s->type == T_URL && !strstr(value, "://"))
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is not a URL", s->name, value);
+        if (s->type != T_SECRET && s->type != T_URL && !*value)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: must not be empty", s->name);
+        free(*dst);
+        *dst = strdup(value);
+        if (s->type == T_LIST) {
+            char *copy = strdup(value), *save = NULL;
+            size_t n = 0;
+            for (size_t i = 0; i < cfg->n_terminal; i++)
+                free(cfg->terminal[i]);
+            for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+                while (*t == ' ')
+                    t++;
+                if (!*t)
+                    continue;
+                if (n == IW_MAX_TERMINAL) {
+                    rc = iw_error_set(err, IW_ERR_CONFIG, "%s: at most %d items", s->name,
+                                      IW_MAX_TERMINAL);
+                    break;
+                }
+                cfg->terminal[n++] = strdup(t);
+            }
+            free(copy);
+            *(size_t *)(base + s->count_offset) = n;
+            if (rc == IW_OK && n == 0)
+                rc = iw_error_set(err, IW_ERR_CONFIG, "%s: must list at least one", s->name);
+        }
+        return rc;
+    }
+    case T_LONG:
+        if (parse_long(value, s->min, s->max, (long *)(base + s->offset), &e) != IW_OK)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+        return IW_OK;
+    case T_DURATION: {
+        long v;
+        char lo[32], hi[32];
+        if (parse_duration_ms(value, &v, &e) != IW_OK)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+        if (v < s->min || v > s->max)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is outside %s..%s", s->name, value,
+                                format_duration(s->min, lo, sizeof lo),
+                                format_duration(s->max, hi, sizeof hi));
+        *(long *)(base + s->offset) = v;
+        return IW_OK;
+    }
+    case T_RATE_LIMITS:
+        if (parse_rate_limits(value, (iw_rate_tier *)(base + s->offset),
+                              (size_t *)(base + s->count_offset), &e) != IW_OK)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+        return IW_OK;
+    case T_SCHEDULE:
+        if (parse_schedule(value, (long *)(base + s->offset), (size_t *)(base + s->count_offset),
+                           &e) != IW_OK)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+        return IW_OK;
+    case T_ENUM:
+        for (int i = 0; s->choices[i]; i++) {
+            if (strcmp(value, s->choices[i]) == 0) {
+                *(int *)(base + s->offset) = i;
+                return IW_OK;
+            }
+        }
+        return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is not one of the allowed values",
+                            s->name, value);
+    }
+    return iw_error_set(err, IW_ERR_CONFIG, "%s: unhandled type", s->name);
+}
+
+static const char *env_lookup(char **envp, const char *name)
+{
+    size_t len = strlen(name);
+    for (char **e = envp; e && *e; e++)
+        if (strncmp(*e, name, len) == 0 && (*e)[len] == '=')
+            return *e + len + 1;
+    return NULL;
+}
+
+static int known_variable(const char *entry)
+{
+    const char *eq = strchr(entry, '=');
+    size_t len = eq ? (size_t)(eq - entry) : strlen(entry);
+
+    for (size_t i = 0; i < N_SETTINGS; i++) {
+        size_t n = strlen(settings[i].name);
+        if (len == n && strncmp(entry, settings[i].name, n) == 0)
+            return 1;
+        if (settings[i].type == T_SECRET && len == n + 5 &&
+            strncmp(entry, settings[i].name, n) == 0 && strncmp(entry + n, "_FILE", 5) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+int config_check_provider(const iw_config *cfg, iw_error *err)
+{
+    if (cfg->auth_mode == IW_AUTH_API_KEY && (!cfg->api_key || !*cfg->api_key))
+        return iw_error_set(
+            err, IW_ERR_CONFIG,
+            "IW_API_KEY: required when IW_AUTH_MODE=api-key (or set IW_API_KEY_FILE)");
+    if (cfg->auth_mode == IW_AUTH_OAUTH2 && (!cfg->oauth_client_id || !cfg->oauth_client_secret))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_OAUTH_CLIENT_ID: IW_OAUTH_CLIENT_ID and IW_OAUTH_CLIENT_SECRET are "
+                            "required when IW_AUTH_MODE=oauth2");
+    if (cfg->auth_mode == IW_AUTH_BASIC && (!cfg->basic_user || !cfg->basic_password))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_BASIC_USER: IW_BASIC_USER and IW_BASIC_PASSWORD are required when "
+                            "IW_AUTH_MODE=basic");
+    return IW_OK;
+}
+
+static int check_combinations(const iw_config *cfg, iw_error *err)
+{
+    if (!!cfg->tls_cert != !!cfg->tls_key)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_TLS_CERT: IW_TLS_CERT and IW_TLS_KEY go together");
+    if (strncmp(cfg->amqp_url, "amqp://", 7) && strncmp(cfg->amqp_url, "amqps://", 8))
+        return iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: must start with amqp:// or amqps://");
+    if (strncmp(cfg->redis_url, "redis://", 8))
+        return iw_error_set(err, IW_ERR_CONFIG, "IW_REDIS_URL: must start with redis://");
+    if (strncmp(cfg->provider_url, "http://", 7) && strncmp(cfg->provider_url, "https://", 8))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_PROVIDER_URL: must start with http:// or https://");
+    for (const char *p = cfg->ns; *p; p++)
+        if (!(*p == '-' || *p == '_' || *p == '.' || (*p >= 'a' && *p <= 'z') ||
+              (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9')))
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "IW_NAMESPACE: only letters, digits, '-', '_' and '.' are allowed");
+    return IW_OK;
+}
+
+iw_config *config_from_env(char **envp, void (*warn)(const char *msg), iw_error *err)
+{
+    iw_config *cfg = calloc(1, sizeof *cfg);
+    char name_file[128];
+
+    if (!cfg) {
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < N_SETTINGS; i++) {
+        const setting *s = &settings[i];
+        const char *value = env_lookup(envp, s->name);
+        char *from_file = NULL;
+        int rc;
+
+        if (s->type == T_SECRET) {
+            snprintf(name_file, sizeof name_file, "%s_FILE", s->name);
+            const char *path = env_lookup(envp, name_file);
+            if (path && value) {
+                iw_error_set(err, IW_ERR_CONFIG, "%s: set either %s or %s, not both", s->name,
+                             s->name, name_file);
+                goto fail;
+            }
+            if (path) {
+                iw_error e;
+                from_file = read_secret_file(path, &e);
+                if (!from_file) {
+                    iw_error_set(err, IW_ERR_CONFIG, "%s: %s", name_file, e.msg);
+                    goto fail;
+                }
+                value = from_file;
+            }
+        }
+        if (!value)
+            value = s->def;
+        if (!value)
+            continue;
+        rc = apply(cfg, s, value, err);
+        free(from_file);
+        if (rc != IW_OK)
+            goto fail;
+    }
+    if (check_combinations(cfg, err) != IW_OK)
+        goto fail;
+    if (warn) {
+        for (char **e = envp; e && *e; e++) {
+            if (strncmp(*e, "IW_", 3) == 0 && !known_variable(*e)) {
+                char msg[160];
+                const char *eq = strchr(*e, '=');
+                snprintf(msg, sizeof msg, "unknown setting %.*s ignored",
+                         (int)(eq ? eq - *e : (long)strlen(*e)), *e);
+                warn(msg);
+            }
+        }
+    }
+    return cfg;
+fail:
+    config_free(cfg);
+    return NULL;
+}
+
+void config_free(iw_config *cfg)
+{
+    if (!cfg)
+        return;
+    for (size_t i = 0; i < N_SETTINGS; i++) {
+        const setting *s = &settings[i];
+        if (s->type == T_STRING || s->type == T_SECRET || s->type == T_URL || s->type == T_LIST)
+            free(*(char **)((char *)cfg + s->offset));
+    }
+    for (size_t i = 0; i < cfg->n_terminal; i++)
+        free(cfg->terminal[i]);
+    free(cfg);
+}
+
+void config_print_help(FILE *out)
+{
+    fprintf(out, "Settings (environment; secrets also accept NAME_FILE):\n");
+    for (size_t i = 0; i < N_SETTINGS; i++) {
+        const setting *s = &settings[i];
+        fprintf(out, "  %-24s %s\n  %-24s   default: %s\n", s->name, s->help, "",
+                s->def ? s->def : "(none)");
+    }
+}
+
+int config_is_terminal(const iw_config *cfg, const char *status)
+{
+    for (size_t i = 0; i < cfg->n_terminal; i++)
+        if (strcmp(cfg->terminal[i], status) == 0)
+            return 1;
+    return 0;
+}

@@ -1,0 +1,86 @@
+/* The worker's settings: one table of name, type, bounds, default, help and
+ * target field.  Validation and --help both read the table, so they agree. */
+#ifndef IW_CONFIG_H
+#define IW_CONFIG_H
+
+#include <stdio.h>
+
+#include "parse.h"
+#include "status.h"
+
+typedef enum iw_auth_mode {
+    IW_AUTH_API_KEY,
+    IW_AUTH_OAUTH2,
+    IW_AUTH_BASIC,
+    IW_AUTH_NONE,
+} iw_auth_mode;
+
+typedef enum iw_log_level {
+    IW_LOG_DEBUG,
+    IW_LOG_INFO,
+    IW_LOG_WARN,
+    IW_LOG_ERROR,
+} iw_log_level;
+
+#define IW_MAX_TERMINAL 16
+
+typedef struct iw_config {
+    char *amqp_url;
+    char *redis_url;
+    char *provider_url;
+    char *ns; /* IW_NAMESPACE */
+    int auth_mode;
+    char *api_key, *api_secret;
+    char *oauth_client_id, *oauth_client_secret;
+    char *basic_user, *basic_password;
+    char *tls_cert, *tls_key, *tls_ca;
+    iw_rate_tier rate_tiers[IW_MAX_TIERS];
+    size_t n_rate_tiers;
+    long concurrency;
+    long prefetch;
+    char *http_addr;
+    int log_level;
+    long retry_schedule_ms[IW_MAX_SCHEDULE];
+    size_t n_retry;
+    long breaker_failures;
+    long breaker_open_ms;
+    long poll_schedule_ms[IW_MAX_SCHEDULE];
+    size_t n_poll;
+    long poll_max_age_ms;
+    long poll_jitter_pct;
+    long cache_ttl_ms;
+    char *terminal_statuses_raw;
+    char *terminal[IW_MAX_TERMINAL];
+    size_t n_terminal;
+    long max_message_bytes;
+    long max_response_bytes;
+    char *client_id;
+    long shutdown_grace_ms;
+    int queue_classic; /* IW_QUEUE_TYPE=classic */
+    long delivery_limit;
+    long http_timeout_ms;
+    long http_connect_timeout_ms;
+    long hold_max_ms;
+    long idempotency_ttl_ms;
+    long redis_timeout_ms;
+    char *schema_dir;
+} iw_config;
+
+/* Reads every setting from the environment (and NAME_FILE for secrets) into a
+ * new config.  On a bad value returns NULL with IW_ERR_CONFIG and err->msg a
+ * one-line message naming the variable.  Unknown IW_ variables are reported
+ * through `warn` (may be NULL) and do not fail. */
+iw_config *config_from_env(char **envp, void (*warn)(const char *msg), iw_error *err);
+void config_free(iw_config *cfg);
+
+/* The settings a role that calls the provider needs on top (credentials for
+ * IW_AUTH_MODE); IW_ERR_CONFIG naming the missing variable. */
+int config_check_provider(const iw_config *cfg, iw_error *err);
+
+/* Prints the settings table (name, default, help) for --help. */
+void config_print_help(FILE *out);
+
+/* True if `status` is one of IW_TERMINAL_STATUSES. */
+int config_is_terminal(const iw_config *cfg, const char *status);
+
+#endif

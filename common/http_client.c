@@ -1,0 +1,440 @@
+#include "http_client.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "config.h"
+
+typedef struct transfer {
+    http_client *client;
+    CURL *easy;
+    struct curl_slist *headers;
+    char *body;
+    size_t len, cap;
+    int too_large;
+    char retry_after[64];
+    char reset_ms[32];
+    long long start_us;
+    http_done_fn cb;
+    void *ud;
+    /* for a transparent retry after an expired OAuth2 token */
+    char method[8];
+    char *path, *req_body, *idem_key;
+    size_t req_len;
+    int token_retried;
+    struct transfer *next_free;   /* free list */
+    struct transfer *prev, *next; /* active list */
+} transfer;
+
+struct http_client {
+    CURLM *multi;
+    char *base_url;
+    int auth_mode;
+    char *api_key_header, *api_secret_header, *basic_user, *basic_password;
+    char *oauth_id, *oauth_secret;
+    char *tls_cert, *tls_key, *tls_ca;
+    char bearer[2048];
+    long long token_expires_ms; /* monotonic */
+    long timeout_ms, connect_timeout_ms, max_response_bytes;
+    int in_flight;
+    transfer *free_list;
+    transfer *active;
+};
+
+static char *dup_or_null(const char *s)
+{
+    return s ? strdup(s) : NULL;
+}
+
+static char *header_line(const char *name, const char *value)
+{
+    char *s = NULL;
+    if (value && asprintf(&s, "%s: %s", name, value) < 0)
+        s = NULL;
+    return s;
+}
+
+http_client *http_client_new(const http_client_opts *o, iw_error *err)
+{
+    http_client *c = calloc(1, sizeof *c);
+
+    if (!c || !(c->multi = curl_multi_init())) {
+        free(c);
+        iw_error_set(err, IW_ERR_NOMEM, "cannot create the HTTP client");
+        return NULL;
+    }
+    c->base_url = strdup(o->base_url);
+    size_t n = strlen(c->base_url);
+    while (n && c->base_url[n - 1] == '/')
+        c->base_url[--n] = '\0';
+    c->auth_mode = o->auth_mode;
+    c->api_key_header = header_line("X-API-Key", o->api_key);
+    c->api_secret_header = header_line("X-API-Secret", o->api_secret);
+    c->basic_user = dup_or_null(o->basic_user);
+    c->basic_password = dup_or_null(o->basic_password);
+    c->oauth_id = dup_or_null(o->oauth_client_id);
+    c->oauth_secret = dup_or_null(o->oauth_client_secret);
+    c->tls_cert = dup_or_null(o->tls_cert);
+    c->tls_key = dup_or_null(o->tls_key);
+    c->tls_ca = dup_or_null(o->tls_ca);
+    c->timeout_ms = o->timeout_ms;
+    c->connect_timeout_ms = o->connect_timeout_ms;
+    c->max_response_bytes = o->max_response_bytes;
+    curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, o->max_connections);
+    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, o->max_connections);
+    curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    return c;
+}
+
+static void transfer_destroy(transfer *t)
+{
+    curl_easy_cleanup(t->easy);
+    curl_slist_free_all(t->headers);
+    free(t->body);
+    free(t->path);
+    free(t->req_body);
+    free(t->idem_key);
+    free(t);
+}
+
+void http_client_free(http_client *c)
+{
+    if (!c)
+        return;
+    while (c->active) {
+        transfer *t = c->active;
+        c->active = t->next;
+        curl_multi_remove_handle(c->multi, t->easy);
+        transfer_destroy(t);
+    }
+    while (c->free_list) {
+        transfer *t = c->free_list;
+        c->free_list = t->next_free;
+        transfer_destroy(t);
+    }
+    curl_multi_cleanup(c->multi);
+    free(c->base_url);
+    free(c->api_key_header);
+    free(c->api_secret_header);
+    free(c->basic_user);
+    free(c->basic_password);
+    free(c->oauth_id);
+    free(c->oauth_secret);
+    free(c->tls_cert);
+    free(c->tls_key);
+    free(c->tls_ca);
+    free(c);
+}
+
+static size_t on_body(char *data, size_t size, size_t nmemb, void *ud)
+{
+    transfer *t = ud;
+    size_t n = size * nmemb;
+
+    if (t->len + n > (size_t)t->client->max_response_bytes) {
+        t->too_large = 1;
+        return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
+    }
+    if (t->len + n + 1 > t->cap) {
+        size_t cap = t->cap ? t->cap : 1024;
+        while (cap < t->len + n + 1)
+            cap *= 2;
+        char *b = realloc(t->body, cap);
+        if (!b)
+            return 0;
+        t->body = b;
+        t->cap = cap;
+    }
+    memcpy(t->body + t->len, data, n);
+    t->len += n;
+    t->body[t->len] = '\0';
+    return n;
+}
+
+static void copy_header_value(char *dst, size_t cap, const char *line, size_t n, size_t name_len)
+{
+    const char *v = line + name_len;
+    size_t vn = n - name_len;
+    while (vn && (*v == ' ' || *v == '\t'))
+        v++, vn--;
+    while (vn && (v[vn - 1] == '\r' || v[vn - 1] == '\n' || v[vn - 1] == ' '))
+        vn--;
+    if (vn >= cap)
+        vn = cap - 1;
+    memcpy(dst, v, vn);
+    dst[vn] = '\0';
+}
+
+static size_t on_header(char *line, size_t size, size_t nmemb, void *ud)
+{
+    transfer *t = ud;
+    size_t n = size * nmemb;
+
+    if (n > 12 && strncasecmp(line, "Retry-After:", 12) == 0)
+        copy_header_value(t->retry_after, sizeof t->retry_after, line, n, 12);
+    else if (n > 21 && strncasecmp(line, "X-RateLimit-Reset-Ms:", 21) == 0)
+        copy_header_value(t->reset_ms, sizeof t->reset_ms, line, n, 21);
+    return n;
+}
+
+/* Fetches an OAuth2 client-credentials token.  Synchronous: it runs at most
+ * once per token lifetime (default an hour) and takes one loopback round
+ * trip; documented in the README. */
+static int refresh_token(http_client *c)
+{
+    CURL *e = curl_easy_init();
+    transfer tmp;
+    char url[1024], *form = NULL, *id = NULL, *secret = NULL;
+    int rc = IW_ERR_HTTP;
+    long status = 0;
+
+    memset(&tmp, 0, sizeof tmp);
+    tmp.client = c;
+    if (!e)
+        return IW_ERR_NOMEM;
+    id = curl_easy_escape(e, c->oauth_id, 0);
+    secret = curl_easy_escape(e, c->oauth_secret, 0);
+    if (asprintf(&form, "grant_type=client_credentials&client_id=%s&client_secret=%s", id, secret) <
+        0)
+        form = NULL;
+    snprintf(url, sizeof url, "%s/oauth/token", c->base_url);
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, form);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, c->timeout_ms);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, &tmp);
+    if (c->tls_cert)
+        curl_easy_setopt(e, CURLOPT_SSLCERT, c->tls_cert);
+    if (c->tls_key)
+        curl_easy_setopt(e, CURLOPT_SSLKEY, c->tls_key);
+    if (c->tls_ca)
+        curl_easy_setopt(e, CURLOPT_CAINFO, c->tls_ca);
+    if (form && curl_easy_perform(e) == CURLE_OK) {
+        curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
+        json_t *doc = status == 200 && tmp.body ? json_loads(tmp.body, 0, NULL) : NULL;
+        const char *tok = json_string_value(json_object_get(doc, "access_token"));
+        json_int_t ttl = json_integer_value(json_object_get(doc, "expires_in"));
+        if (tok && strlen(tok) < sizeof c->bearer - 32) {
+            snprintf(c->bearer, sizeof c->bearer, "Authorization: Bearer %s", tok);
+            /* renew a minute early (or at half-life for short tokens) */
+            long long life = ttl > 0 ? (long long)ttl * 1000 : 3600000;
+            c->token_expires_ms = clock_mono_ms() + (life > 120000 ? life - 60000 : life / 2);
+            rc = IW_OK;
+        }
+        json_decref(doc);
+    }
+    free(tmp.body);
+    free(form);
+    curl_free(id);
+    curl_free(secret);
+    curl_easy_cleanup(e);
+    return rc;
+}
+
+static int launch(http_client *c, transfer *t)
+{
+    char url[2048];
+
+    if (c->auth_mode == IW_AUTH_OAUTH2 && (!c->bearer[0] || clock_mono_ms() >= c->token_expires_ms))
+        refresh_token(c); /* on failure the call goes out without a token and gets a 401 */
+    curl_easy_reset(t->easy);
+    curl_slist_free_all(t->headers);
+    t->headers = NULL;
+    t->len = 0;
+    t->too_large = 0;
+    t->retry_after[0] = t->reset_ms[0] = '\0';
+    snprintf(url, sizeof url, "%s%s", c->base_url, t->path);
+    curl_easy_setopt(t->easy, CURLOPT_URL, url);
+    curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
+    curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, c->timeout_ms);
+    curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
+    curl_easy_setopt(t->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
+    curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
+    curl_easy_setopt(t->easy, CURLOPT_USERAGENT, "integration-worker/1");
+    if (c->tls_cert)
+        curl_easy_setopt(t->easy, CURLOPT_SSLCERT, c->tls_cert);
+    if (c->tls_key)
+        curl_easy_setopt(t->easy, CURLOPT_SSLKEY, c->tls_key);
+    if (c->tls_ca)
+        curl_easy_setopt(t->easy, CURLOPT_CAINFO, c->tls_ca);
+    t->headers = curl_slist_append(t->headers, "Accept: application/json");
+    t->headers = curl_slist_append(t->headers, "Expect:");
+    if (strcmp(t->method, "GET") != 0) {
+        t->headers = curl_slist_append(t->headers, "Content-Type: application/json");
+        curl_easy_setopt(t->easy, CURLOPT_CUSTOMREQUEST, t->method);
+        curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long)t->req_len);
+        curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->req_body ? t->req_body : "");
+    }
+    switch (c->auth_mode) {
+    case IW_AUTH_API_KEY:
+        if (c->api_key_header)
+            t->headers = curl_slist_append(t->headers, c->api_key_header);
+        if (c->api_secret_header)
+            t->headers = curl_slist_append(t->headers, c->api_secret_header);
+        break;
+    case IW_AUTH_BASIC:
+        curl_easy_setopt(t->easy, CURLOPT_HTTPAUTH, CURLAUTH_BASIC);
+        curl_easy_setopt(t->easy, CURLOPT_USERNAME, c->basic_user);
+        curl_easy_setopt(t->easy, CURLOPT_PASSWORD, c->basic_password);
+        break;
+    case IW_AUTH_OAUTH2:
+        if (c->bearer[0])
+            t->headers = curl_slist_append(t->headers, c->bearer);
+        break;
+    default:
+        break;
+    }
+    if (t->idem_key) {
+        char *h = header_line("Idempotency-Key", t->idem_key);
+        t->headers = curl_slist_append(t->headers, h);
+        free(h);
+    }
+    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
+    if (curl_multi_add_handle(c->multi, t->easy) != CURLM_OK)
+        return IW_ERR_HTTP;
+    return IW_OK;
+}
+
+int http_client_start(http_client *c, const char *method, const char *path, const char *body,
+                      size_t body_len, const char *idempotency_key, http_done_fn cb, void *ud)
+{
+    transfer *t = c->free_list;
+    int rc;
+
+    if (t) {
+        c->free_list = t->next_free;
+    } else {
+        t = calloc(1, sizeof *t);
+        if (!t || !(t->easy = curl_easy_init())) {
+            free(t);
+            return IW_ERR_NOMEM;
+        }
+        t->client = c;
+    }
+    snprintf(t->method, sizeof t->method, "%s", method);
+    t->path = strdup(path);
+    t->req_body = body ? malloc(body_len + 1) : NULL;
+    if (t->req_body) {
+        memcpy(t->req_body, body, body_len);
+        t->req_body[body_len] = '\0';
+    }
+    t->req_len = body ? body_len : 0;
+    t->idem_key = idempotency_key ? strdup(idempotency_key) : NULL;
+    t->cb = cb;
+    t->ud = ud;
+    t->token_retried = 0;
+    t->start_us = clock_mono_us();
+    rc = launch(c, t);
+    if (rc != IW_OK) {
+        transfer_destroy(t);
+        return rc;
+    }
+    c->in_flight++;
+    t->prev = NULL;
+    t->next = c->active;
+    if (c->active)
+        c->active->prev = t;
+    c->active = t;
+    return IW_OK;
+}
+
+int http_client_poll(http_client *c, struct curl_waitfd *extra, unsigned n_extra, int timeout_ms)
+{
+    int numfds = 0;
+    return curl_multi_poll(c->multi, extra, n_extra, timeout_ms, &numfds) == CURLM_OK ? numfds : -1;
+}
+
+static iw_transport transport_of(CURLcode code, int too_large)
+{
+    if (code == CURLE_OK)
+        return IW_TRANSPORT_OK;
+    if (too_large)
+        return IW_TRANSPORT_TOO_LARGE;
+    switch (code) {
+    case CURLE_OPERATION_TIMEDOUT:
+        return IW_TRANSPORT_TIMEOUT;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_GOT_NOTHING:
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_SSL_CONNECT_ERROR:
+        return IW_TRANSPORT_CONNECT;
+    default:
+        return IW_TRANSPORT_OTHER;
+    }
+}
+
+static void recycle(http_client *c, transfer *t)
+{
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        c->active = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    free(t->path);
+    free(t->req_body);
+    free(t->idem_key);
+    t->path = t->req_body = t->idem_key = NULL;
+    t->next_free = c->free_list;
+    c->free_list = t;
+}
+
+void http_client_perform(http_client *c)
+{
+    int running, left;
+    CURLMsg *m;
+
+    curl_multi_perform(c->multi, &running);
+    while ((m = curl_multi_info_read(c->multi, &left))) {
+        transfer *t;
+        http_response r;
+        long status = 0;
+
+        if (m->msg != CURLMSG_DONE)
+            continue;
+        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&t);
+        CURLcode code = m->data.result;
+        curl_multi_remove_handle(c->multi, t->easy);
+        if (code == CURLE_OK)
+            curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+        if (status == 401 && c->auth_mode == IW_AUTH_OAUTH2 && !t->token_retried) {
+            /* the token expired or was revoked early: renew once, same call */
+            t->token_retried = 1;
+            c->bearer[0] = '\0';
+            if (launch(c, t) == IW_OK)
+                continue;
+        }
+        memset(&r, 0, sizeof r);
+        r.result.status = code == CURLE_OK ? status : 0;
+        r.result.transport = transport_of(code, t->too_large);
+        r.result.retry_after_ms = -1;
+        if (t->reset_ms[0])
+            r.result.retry_after_ms = strtol(t->reset_ms, NULL, 10);
+        else if (t->retry_after[0])
+            r.result.retry_after_ms = retry_parse_retry_after(t->retry_after, clock_wall_ms());
+        r.error = code == CURLE_OK ? "" : curl_easy_strerror(code);
+        r.body = t->body && t->len ? t->body : "";
+        r.body_len = t->len;
+        r.duration_us = clock_mono_us() - t->start_us;
+        c->in_flight--;
+        t->cb(t->ud, &r);
+        recycle(c, t);
+    }
+}
+
+int http_client_in_flight(const http_client *c)
+{
+    return c ? c->in_flight : 0;
+}

@@ -1,0 +1,57 @@
+/* Provider calls over one libcurl multi handle: many transfers in flight on
+ * one thread, connections reused, responses capped, auth headers added.
+ *
+ * The client owns no loop: the caller runs http_client_poll (which also
+ * waits on the caller's extra file descriptors, e.g. the AMQP socket) and
+ * http_client_perform, which calls each finished transfer's callback. */
+#ifndef IW_HTTP_CLIENT_H
+#define IW_HTTP_CLIENT_H
+
+#include <curl/curl.h>
+#include <stddef.h>
+
+#include "retry.h"
+#include "status.h"
+
+typedef struct http_client http_client;
+
+typedef struct http_client_opts {
+    const char *base_url;
+    int auth_mode; /* iw_auth_mode */
+    const char *api_key, *api_secret;
+    const char *basic_user, *basic_password;
+    const char *oauth_client_id, *oauth_client_secret;
+    const char *tls_cert, *tls_key, *tls_ca;
+    long timeout_ms;
+    long connect_timeout_ms;
+    long max_response_bytes;
+    long max_connections;
+} http_client_opts;
+
+typedef struct http_response {
+    iw_http_result result; /* status, transport class, retry-after */
+    const char *error;     /* transport error text, "" when none */
+    const char *body;      /* NUL-terminated, borrowed until the callback returns */
+    size_t body_len;
+    long long duration_us;
+} http_response;
+
+typedef void (*http_done_fn)(void *ud, const http_response *resp);
+
+/* Copies every string it needs from opts. */
+http_client *http_client_new(const http_client_opts *opts, iw_error *err);
+/* Aborts transfers in flight without calling their callbacks. NULL ok. */
+void http_client_free(http_client *c);
+
+/* Starts METHOD base_url+path; body (may be NULL) is copied.  The callback is
+ * called exactly once, from http_client_perform. */
+int http_client_start(http_client *c, const char *method, const char *path, const char *body,
+                      size_t body_len, const char *idempotency_key, http_done_fn cb, void *ud);
+
+/* Waits up to timeout_ms for curl's sockets or the extra fds. */
+int http_client_poll(http_client *c, struct curl_waitfd *extra, unsigned n_extra, int timeout_ms);
+/* Drives every transfer and completes the finished ones. */
+void http_client_perform(http_client *c);
+int http_client_in_flight(const http_client *c);
+
+#endif

@@ -1,0 +1,53 @@
+/* Classification of a provider response and the retry schedule: pure
+ * functions over plain data (the spec's error table is retry_classify). */
+#ifndef IW_RETRY_H
+#define IW_RETRY_H
+
+#include <stddef.h>
+
+typedef enum iw_transport {
+    IW_TRANSPORT_OK = 0,    /* an HTTP response arrived */
+    IW_TRANSPORT_TIMEOUT,   /* no (complete) response within IW_HTTP_TIMEOUT */
+    IW_TRANSPORT_CONNECT,   /* could not connect / connection refused or reset */
+    IW_TRANSPORT_TOO_LARGE, /* response exceeded IW_MAX_RESPONSE_BYTES */
+    IW_TRANSPORT_OTHER,
+} iw_transport;
+
+typedef struct iw_http_result {
+    long status; /* HTTP status, 0 when transport != OK */
+    iw_transport transport;
+    long retry_after_ms; /* from Retry-After / X-RateLimit-Reset*, -1 when absent */
+} iw_http_result;
+
+typedef enum iw_verdict_kind {
+    IW_V_ACCEPT, /* 2xx: process the body */
+    IW_V_RETRY,  /* transient: retry after the schedule's next wait */
+    IW_V_WAIT,   /* 429: wait for the reset without using an attempt */
+    IW_V_FAIL,   /* permanent: no retry */
+} iw_verdict_kind;
+
+typedef struct iw_verdict {
+    iw_verdict_kind kind;
+    const char *code;    /* error code for RETRY and FAIL, NULL for ACCEPT */
+    long wait_ms;        /* WAIT: how long until the provider's reset */
+    int breaker_failure; /* 5xx, timeouts and connection errors count; 429 and 4xx never */
+} iw_verdict;
+
+/* Default wait after a 429 that names no reset. */
+#define IW_DEFAULT_429_WAIT_MS 1000
+
+iw_verdict retry_classify(const iw_http_result *r);
+
+/* Milliseconds to wait before attempt `next_attempt` (1-based) under the
+ * schedule; -1 when the schedule is exhausted (no such attempt). */
+long retry_delay_before(const long *schedule, size_t n, int next_attempt);
+
+/* Parses a Retry-After value: delta seconds or an HTTP-date (relative to
+ * now_wall_ms).  Returns milliseconds (>= 0) or -1 if unparseable. */
+long retry_parse_retry_after(const char *value, long long now_wall_ms);
+
+/* Returns a copy of `ms` moved by a random amount within +/- pct percent;
+ * `rnd` is a uniform random number in [0, 1). */
+long retry_jitter(long ms, long pct, double rnd);
+
+#endif

@@ -1,0 +1,115 @@
+#include "topology.h"
+
+#include <stdio.h>
+
+long topology_tier_ms(int k)
+{
+    return IW_DELAY_BASE_MS << k;
+}
+
+int topology_pick_tier(long remaining_ms)
+{
+    if (remaining_ms <= IW_DELAY_SLACK_MS)
+        return -1;
+    for (int k = IW_DELAY_TIERS - 1; k >= 0; k--)
+        if (topology_tier_ms(k) <= remaining_ms)
+            return k;
+    return 0;
+}
+
+const char *topology_name(char *buf, size_t len, const char *ns, const char *suffix)
+{
+    snprintf(buf, len, "%s.%s", ns, suffix);
+    return buf;
+}
+
+static json_t *work_queue_args(const iw_config *cfg, const char *dlx)
+{
+    if (cfg->queue_classic)
+        return json_pack("{s:s, s:s}", "x-queue-type", "classic", "x-dead-letter-exchange", dlx);
+    return json_pack("{s:s, s:I, s:s, s:s, s:s}", "x-queue-type", "quorum", "x-delivery-limit",
+                     (json_int_t)cfg->delivery_limit, "x-dead-letter-exchange", dlx,
+                     "x-dead-letter-strategy", "at-least-once", "x-overflow", "reject-publish");
+}
+
+static json_t *delay_queue_args(const iw_config *cfg, long ttl_ms, const char *retry)
+{
+    if (cfg->queue_classic)
+        return json_pack("{s:s, s:I, s:s}", "x-queue-type", "classic", "x-message-ttl",
+                         (json_int_t)ttl_ms, "x-dead-letter-exchange", retry);
+    return json_pack("{s:s, s:I, s:s, s:s, s:s}", "x-queue-type", "quorum", "x-message-ttl",
+                     (json_int_t)ttl_ms, "x-dead-letter-exchange", retry, "x-dead-letter-strategy",
+                     "at-least-once", "x-overflow", "reject-publish");
+}
+
+int topology_declare(amqp_link *l, const iw_config *cfg, iw_error *err)
+{
+    static const struct {
+        const char *suffix, *type;
+    } exchanges[] = {
+        {"requests", "topic"}, {"events", "topic"}, {"dlx", "fanout"}, {"retry", "headers"}};
+    static const struct {
+        const char *queue, *key;
+    } bindings[] = {
+        {"submit", "submit.#"}, {"resource", "resource.get"}, {"resource", "resource.invalidate"}};
+    static const char *const work_queues[] = {"submit", "status", "resource"};
+    char a[256], b[256];
+    json_t *args = NULL;
+    int rc = IW_OK;
+
+    for (size_t i = 0; i < sizeof exchanges / sizeof exchanges[0]; i++) {
+        rc = amqp_link_declare_exchange(l, topology_name(a, sizeof a, cfg->ns, exchanges[i].suffix),
+                                        exchanges[i].type, err);
+        if (rc != IW_OK)
+            goto out;
+    }
+    topology_name(b, sizeof b, cfg->ns, "dlx");
+    for (size_t i = 0; i < sizeof work_queues / sizeof work_queues[0]; i++) {
+        args = work_queue_args(cfg, b);
+        rc = amqp_link_declare_queue(l, topology_name(a, sizeof a, cfg->ns, work_queues[i]), args,
+                                     err);
+        json_decref(args);
+        args = NULL;
+        if (rc != IW_OK)
+            goto out;
+    }
+    args = json_pack("{s:s}", "x-queue-type", cfg->queue_classic ? "classic" : "quorum");
+    rc = amqp_link_declare_queue(l, topology_name(a, sizeof a, cfg->ns, "dead"), args, err);
+    json_decref(args);
+    args = NULL;
+    if (rc != IW_OK)
+        goto out;
+    rc = amqp_link_bind(l, a, b, "", NULL, err);
+    if (rc != IW_OK)
+        goto out;
+    topology_name(b, sizeof b, cfg->ns, "requests");
+    for (size_t i = 0; i < sizeof bindings / sizeof bindings[0]; i++) {
+        rc = amqp_link_bind(l, topology_name(a, sizeof a, cfg->ns, bindings[i].queue), b,
+                            bindings[i].key, NULL, err);
+        if (rc != IW_OK)
+            goto out;
+    }
+    topology_name(b, sizeof b, cfg->ns, "retry");
+    for (size_t i = 0; i < sizeof work_queues / sizeof work_queues[0]; i++) {
+        args = json_pack("{s:s, s:s}", "x-match", "all", "iw-target", work_queues[i]);
+        rc = amqp_link_bind(l, topology_name(a, sizeof a, cfg->ns, work_queues[i]), b, "", args,
+                            err);
+        json_decref(args);
+        args = NULL;
+        if (rc != IW_OK)
+            goto out;
+    }
+    for (int k = 0; k < IW_DELAY_TIERS; k++) {
+        char suffix[64];
+        snprintf(suffix, sizeof suffix, "delay.%ld", topology_tier_ms(k));
+        args = delay_queue_args(cfg, topology_tier_ms(k), b);
+        rc = amqp_link_declare_queue(l, topology_name(a, sizeof a, cfg->ns, suffix), args, err);
+        json_decref(args);
+        args = NULL;
+        if (rc != IW_OK)
+            goto out;
+    }
+out:
+    json_decref(args);
+    return rc;
+}

@@ -1,0 +1,570 @@
+#include "runtime.h"
+
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "log.h"
+#include "topology.h"
+
+#define MAX_ROLES 4
+#define LOOP_MAX_WAIT_MS 250
+#define AMQP_BACKOFF_MIN_MS 500
+#define AMQP_BACKOFF_MAX_MS 30000
+#define REDIS_RETRY_MS 1000
+
+struct runtime {
+    iw_config *cfg;
+    char process_name[128];
+    amqp_link *amqp;
+    redis_link *redis;
+    limiter *lim;
+    http_client *http;
+    rt_role roles[MAX_ROLES];
+    char tags[MAX_ROLES][96];
+    size_t n_roles;
+    int stopping;
+    long long stop_deadline;
+    long long amqp_retry_at;
+    long amqp_backoff;
+    int amqp_ever_connected;
+    int redis_down;
+    long long redis_retry_at;
+};
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
+{
+    runtime *rt = calloc(1, sizeof *rt);
+    http_client_opts ho;
+
+    if (!rt) {
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    rt->cfg = cfg;
+    snprintf(rt->process_name, sizeof rt->process_name, "%s", process_name);
+    rt->amqp_backoff = AMQP_BACKOFF_MIN_MS;
+    rt->redis = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, err);
+    if (!rt->redis)
+        goto fail;
+    rt->lim = limiter_new(rt->redis, cfg->ns, cfg->rate_tiers, cfg->n_rate_tiers);
+    memset(&ho, 0, sizeof ho);
+    ho.base_url = cfg->provider_url;
+    ho.auth_mode = cfg->auth_mode;
+    ho.api_key = cfg->api_key;
+    ho.api_secret = cfg->api_secret;
+    ho.basic_user = cfg->basic_user;
+    ho.basic_password = cfg->basic_password;
+    ho.oauth_client_id = cfg->oauth_client_id;
+    ho.oauth_client_secret = cfg->oauth_client_secret;
+    ho.tls_cert = cfg->tls_cert;
+    ho.tls_key = cfg->tls_key;
+    ho.tls_ca = cfg->tls_ca;
+    ho.timeout_ms = cfg->http_timeout_ms;
+    ho.connect_timeout_ms = cfg->http_connect_timeout_ms;
+    ho.max_response_bytes = cfg->max_response_bytes;
+    ho.max_connections = cfg->concurrency;
+    rt->http = http_client_new(&ho, err);
+    if (!rt->lim || !rt->http)
+        goto fail;
+    return rt;
+fail:
+    runtime_free(rt);
+    return NULL;
+}
+
+void runtime_free(runtime *rt)
+{
+    if (!rt)
+        return;
+    if (rt->amqp) {
+        amqp_link *l = rt->amqp;
+        rt->amqp = NULL;
+        amqp_link_free(l);
+    }
+    http_client_free(rt->http);
+    limiter_free(rt->lim);
+    redis_link_free(rt->redis);
+    free(rt);
+}
+
+int runtime_add_role(runtime *rt, const rt_role *role)
+{
+    if (rt->n_roles == MAX_ROLES)
+        return IW_ERR_INVALID;
+    rt->roles[rt->n_roles] = *role;
+    snprintf(rt->tags[rt->n_roles], sizeof rt->tags[0], "%s-%ld-%zu", role->name, (long)getpid(),
+             rt->n_roles);
+    rt->n_roles++;
+    return IW_OK;
+}
+
+const iw_config *rt_config(const runtime *rt)
+{
+    return rt->cfg;
+}
+
+http_client *rt_http(runtime *rt)
+{
+    return rt->http;
+}
+
+limiter *rt_limiter(runtime *rt)
+{
+    return rt->lim;
+}
+
+redis_link *rt_redis(runtime *rt)
+{
+    return rt->redis;
+}
+
+int rt_stopping(const runtime *rt)
+{
+    return rt->stopping;
+}
+
+const char *rt_name(const runtime *rt, char *buf, size_t len, const char *suffix)
+{
+    return topology_name(buf, len, rt->cfg->ns, suffix);
+}
+
+iw_schema *rt_load_schema(const runtime *rt, const char *file, iw_error *err)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s", rt->cfg->schema_dir, file);
+    return schema_load_file(path, err);
+}
+
+/* ---- connections --------------------------------------------------------- */
+
+int rt_redis_ready(runtime *rt)
+{
+    iw_error err;
+    long long now;
+
+    if (redis_link_connected(rt->redis)) {
+        if (rt->redis_down) {
+            rt->redis_down = 0;
+            log_msg(IW_LOG_INFO, NULL, "Redis is back: limiter permits resume");
+        }
+        return 1;
+    }
+    now = clock_mono_ms();
+    if (now < rt->redis_retry_at)
+        return 0;
+    if (redis_link_ensure(rt->redis, &err) == IW_OK) {
+        if (rt->redis_down)
+            log_msg(IW_LOG_INFO, NULL, "Redis is back: limiter permits resume");
+        rt->redis_down = 0;
+        return 1;
+    }
+    rt->redis_retry_at = now + REDIS_RETRY_MS;
+    if (!rt->redis_down)
+        log_json(IW_LOG_ERROR,
+                 json_pack("{s:s, s:{s:s, s:s}}", "message",
+                           "Redis unavailable: the limiter fails closed, no provider calls and no "
+                           "new deliveries until it is back",
+                           "error", "code", "REDIS_UNAVAILABLE", "message", err.msg));
+    rt->redis_down = 1;
+    return 0;
+}
+
+static void dispatch_delivery(void *ud, iw_delivery *d)
+{
+    runtime *rt = ud;
+
+    for (size_t i = 0; i < rt->n_roles; i++) {
+        if (strcmp(d->consumer_tag, rt->tags[i]) == 0) {
+            rt->roles[i].on_delivery(rt->roles[i].self, d);
+            return;
+        }
+    }
+    /* not ours (cannot happen): give it back */
+    rt_nack(rt, d, 1);
+    delivery_free(d);
+}
+
+/* Returns 0 on success, -1 on a transient failure, -2 on a fatal one (the
+ * topology exists with other arguments: retrying cannot help). */
+static int connect_amqp(runtime *rt)
+{
+    amqp_link_handlers h = {dispatch_delivery, rt};
+    iw_error err = {0};
+    char queue[256];
+    long prefetch = rt->cfg->prefetch ? rt->cfg->prefetch : 2 * rt->cfg->concurrency;
+
+    rt->amqp = amqp_link_connect(rt->cfg->amqp_url, rt->process_name, &h, &err);
+    if (!rt->amqp)
+        goto transient;
+    if (topology_declare(rt->amqp, rt->cfg, &err) != IW_OK) {
+        if (strstr(err.msg, "PRECONDITION_FAILED")) {
+            log_json(IW_LOG_ERROR,
+                     json_pack("{s:s, s:{s:s, s:s}}", "message",
+                               "the broker topology differs from this configuration", "error",
+                               "code", "TOPOLOGY_MISMATCH", "message", err.msg));
+            return -2;
+        }
+        goto transient;
+    }
+    if (amqp_link_qos(rt->amqp, (uint16_t)(prefetch > 65535 ? 65535 : prefetch), &err) != IW_OK)
+        goto transient;
+    for (size_t i = 0; i < rt->n_roles; i++) {
+        if (amqp_link_consume(rt->amqp, rt_name(rt, queue, sizeof queue, rt->roles[i].queue_suffix),
+                              rt->tags[i], &err) != IW_OK)
+            goto transient;
+    }
+    log_msg(IW_LOG_INFO, NULL, "connected to the broker; consuming %zu queue(s), prefetch %ld",
+            rt->n_roles, prefetch);
+    rt->amqp_ever_connected = 1;
+    rt->amqp_backoff = AMQP_BACKOFF_MIN_MS;
+    return 0;
+transient:
+    log_json(IW_LOG_ERROR,
+             json_pack("{s:s, s:{s:s, s:s}, s:I}", "message", "broker unavailable, will retry",
+                       "error", "code", "BROKER_UNAVAILABLE", "message", err.msg, "retryInMs",
+                       (json_int_t)rt->amqp_backoff));
+    if (rt->amqp) {
+        amqp_link *l = rt->amqp;
+        rt->amqp = NULL;
+        amqp_link_free(l);
+    }
+    rt->amqp_retry_at = clock_mono_ms() + rt->amqp_backoff;
+    rt->amqp_backoff =
+        rt->amqp_backoff * 2 > AMQP_BACKOFF_MAX_MS ? AMQP_BACKOFF_MAX_MS : rt->amqp_backoff * 2;
+    return -1;
+}
+
+static void link_lost(runtime *rt)
+{
+    amqp_link *l = rt->amqp;
+
+    log_json(IW_LOG_ERROR,
+             json_pack("{s:s, s:{s:s, s:s}}", "message",
+                       "broker connection lost; unacked deliveries return to their "
+                       "queues, reconnecting",
+                       "error", "code", "BROKER_CONNECTION_LOST", "message", amqp_link_error(l)));
+    rt->amqp = NULL;
+    amqp_link_free(l); /* fails every pending confirm: their jobs are dropped */
+    for (size_t i = 0; i < rt->n_roles; i++)
+        rt->roles[i].on_link_lost(rt->roles[i].self);
+    rt->amqp_retry_at = clock_mono_ms() + rt->amqp_backoff;
+}
+
+int rt_delivery_live(const runtime *rt, const iw_delivery *d)
+{
+    return rt->amqp && amqp_link_ok(rt->amqp) && d->generation == amqp_link_generation(rt->amqp);
+}
+
+void rt_ack(runtime *rt, const iw_delivery *d)
+{
+    if (rt->amqp)
+        amqp_link_ack(rt->amqp, d);
+}
+
+void rt_nack(runtime *rt, const iw_delivery *d, int requeue)
+{
+    if (rt->amqp)
+        amqp_link_nack(rt->amqp, d, requeue);
+}
+
+/* ---- outcomes ---------------------------------------------------------------- */
+
+void rt_outcome_begin(rt_outcome *o, void (*done)(void *owner, int ok), void *owner)
+{
+    o->pending = 0;
+    o->failed = 0;
+    o->sealed = 0;
+    o->done = done;
+    o->owner = owner;
+}
+
+static void outcome_confirmed(void *ud, int status)
+{
+    rt_outcome *o = ud;
+
+    o->pending--;
+    if (status != IW_OK)
+        o->failed = 1;
+    if (o->sealed && o->pending == 0)
+        o->done(o->owner, !o->failed);
+}
+
+void rt_outcome_seal(rt_outcome *o)
+{
+    o->sealed = 1;
+    if (o->pending == 0)
+        o->done(o->owner, !o->failed);
+}
+
+static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p)
+{
+    o->pending++;
+    if (!rt->amqp) {
+        outcome_confirmed(o, IW_ERR_AMQP_CLOSED);
+        return;
+    }
+    amqp_link_publish(rt->amqp, p, outcome_confirmed, o);
+}
+
+void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
+                      const char *job_id)
+{
+    char exchange[256];
+    char *text = json_dumps(body, JSON_COMPACT);
+    iw_publish p = {0};
+
+    p.exchange = rt_name(rt, exchange, sizeof exchange, "events");
+    p.routing_key = routing_key;
+    p.body = text ? text : "{}";
+    p.body_len = strlen(p.body);
+    p.content_type = "application/json";
+    p.correlation_id = job_id;
+    outcome_publish(rt, o, &p);
+    free(text);
+}
+
+/* A copy of a delivery's headers without the broker's dead-letter history,
+ * which would otherwise grow with every hop through a delay tier. */
+static json_t *forward_headers(const iw_delivery *d)
+{
+    json_t *h = json_deep_copy(d->headers);
+    static const char *const drop[] = {"x-death",
+                                       "x-first-death-exchange",
+                                       "x-first-death-queue",
+                                       "x-first-death-reason",
+                                       "x-last-death-exchange",
+                                       "x-last-death-queue",
+                                       "x-last-death-reason"};
+    if (!h)
+        h = json_object();
+    for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
+        json_object_del(h, drop[i]);
+    return h;
+}
+
+void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
+                     const char *code, const char *message, long http_status, int attempts)
+{
+    char exchange[256], queue[256], ts[40];
+    json_t *h = forward_headers(d);
+    const char *orig_key = rt_header_str(d, "x-original-routing-key");
+    iw_publish p = {0};
+
+    format_timestamp(clock_wall_ms(), ts, sizeof ts);
+    json_object_set_new(h, "x-error-code", json_string(code));
+    json_object_set_new(h, "x-error-message", json_string(message));
+    if (http_status > 0)
+        json_object_set_new(h, "x-http-status", json_integer(http_status));
+    else
+        json_object_del(h, "x-http-status");
+    json_object_set_new(h, "x-attempts", json_integer(attempts));
+    json_object_set_new(h, "x-original-routing-key",
+                        json_string(orig_key         ? orig_key
+                                    : d->routing_key ? d->routing_key
+                                                     : ""));
+    json_object_set_new(h, "x-original-queue",
+                        json_string(rt_name(rt, queue, sizeof queue, queue_suffix)));
+    json_object_set_new(h, "x-failed-at", json_string(ts));
+    json_object_del(h, "x-due-at");
+    json_object_del(h, "iw-target");
+    p.exchange = rt_name(rt, exchange, sizeof exchange, "dlx");
+    p.routing_key = orig_key ? orig_key : d->routing_key ? d->routing_key : "";
+    p.body = d->body;
+    p.body_len = d->body_len;
+    p.content_type = d->content_type;
+    p.correlation_id = d->correlation_id;
+    p.reply_to = d->reply_to;
+    p.message_id = d->message_id;
+    p.headers = h;
+    outcome_publish(rt, o, &p);
+    json_decref(h);
+}
+
+void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const char *body,
+                        size_t len, const char *correlation_id, const json_t *headers,
+                        long delay_ms)
+{
+    char exchange[256], queue[256], suffix[64];
+    json_t *h = headers ? json_deep_copy(headers) : json_object();
+    int tier = topology_pick_tier(delay_ms);
+    iw_publish p = {0};
+
+    json_object_set_new(h, "iw-target", json_string(target));
+    json_object_set_new(h, "x-due-at",
+                        json_integer(clock_wall_ms() + (delay_ms > 0 ? delay_ms : 0)));
+    if (tier < 0) {
+        p.exchange = rt_name(rt, exchange, sizeof exchange, "retry");
+        p.routing_key = "";
+    } else {
+        snprintf(suffix, sizeof suffix, "delay.%ld", topology_tier_ms(tier));
+        p.exchange = "";
+        p.routing_key = rt_name(rt, queue, sizeof queue, suffix);
+    }
+    p.body = body;
+    p.body_len = len;
+    p.content_type = "application/json";
+    p.correlation_id = correlation_id;
+    p.headers = h;
+    outcome_publish(rt, o, &p);
+    json_decref(h);
+}
+
+long long rt_header_int(const iw_delivery *d, const char *name, long long def)
+{
+    json_t *v = json_object_get(d->headers, name);
+    if (json_is_integer(v))
+        return json_integer_value(v);
+    if (json_is_real(v))
+        return (long long)json_real_value(v);
+    if (json_is_string(v)) {
+        char *end;
+        long long x = strtoll(json_string_value(v), &end, 10);
+        if (*json_string_value(v) && !*end)
+            return x;
+    }
+    return def;
+}
+
+const char *rt_header_str(const iw_delivery *d, const char *name)
+{
+    return json_string_value(json_object_get(d->headers, name));
+}
+
+/* ---- the loop ------------------------------------------------------------ */
+
+static size_t busy_jobs(runtime *rt)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < rt->n_roles; i++)
+        n += rt->roles[i].busy(rt->roles[i].self);
+    return n;
+}
+
+static void begin_stop(runtime *rt, long long now)
+{
+    rt->stopping = 1;
+    rt->stop_deadline = now + rt->cfg->shutdown_grace_ms;
+    log_msg(IW_LOG_INFO, NULL, "stopping: no new deliveries, finishing %zu job(s) within %ld ms",
+            busy_jobs(rt), rt->cfg->shutdown_grace_ms);
+    for (size_t i = 0; i < rt->n_roles; i++) {
+        if (rt->amqp)
+            amqp_link_cancel(rt->amqp, rt->tags[i]);
+        rt->roles[i].on_stop(rt->roles[i].self);
+    }
+}
+
+int runtime_run(runtime *rt)
+{
+    struct sigaction sa;
+    int rc;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    rc = connect_amqp(rt);
+    if (rc == -2)
+        return 1;
+    rt_redis_ready(rt);
+
+    for (;;) {
+        long long now = clock_mono_ms();
+        long long timeout = LOOP_MAX_WAIT_MS;
+
+        if (stop_requested && !rt->stopping)
+            begin_stop(rt, now);
+        if (rt->stopping) {
+            if (busy_jobs(rt) == 0 && (!rt->amqp || amqp_link_unconfirmed(rt->amqp) == 0))
+                break;
+            if (now >= rt->stop_deadline) {
+                log_msg(IW_LOG_WARN, NULL,
+                        "shutdown grace expired: %zu job(s) return to their queues unacknowledged",
+                        busy_jobs(rt));
+                break;
+            }
+        }
+        if (!rt->amqp && !rt->stopping && now >= rt->amqp_retry_at) {
+            if (connect_amqp(rt) == -2)
+                return 1;
+        }
+        if (rt->amqp && amqp_link_pump(rt->amqp) != IW_OK)
+            link_lost(rt);
+        http_client_perform(rt->http);
+        for (size_t i = 0; i < rt->n_roles; i++)
+            rt->roles[i].tick(rt->roles[i].self, now);
+        log_flush();
+
+        for (size_t i = 0; i < rt->n_roles; i++) {
+            long long d = rt->roles[i].next_deadline(rt->roles[i].self);
+            if (d - now < timeout)
+                timeout = d - now;
+        }
+        if (rt->amqp && amqp_link_has_buffered(rt->amqp))
+            timeout = 0;
+        if (timeout < 0)
+            timeout = 0;
+        if (rt->amqp) {
+            struct curl_waitfd fd = {amqp_link_fd(rt->amqp), CURL_WAIT_POLLIN, 0};
+            http_client_poll(rt->http, &fd, 1, (int)timeout);
+        } else {
+            http_client_poll(rt->http, NULL, 0, (int)timeout);
+        }
+    }
+    log_msg(IW_LOG_INFO, NULL, "stopped");
+    log_flush();
+    return 0;
+}
+
+static int is_json_content_type(const char *ct)
+{
+    size_t n = strlen("application/json");
+    return strncasecmp(ct, "application/json", n) == 0 && (ct[n] == '\0' || ct[n] == ';');
+}
+
+int rt_intake(const runtime *rt, const iw_delivery *d, const iw_schema *schema, json_t **doc,
+              const char **code, char *msg, size_t msg_len)
+{
+    json_error_t jerr;
+    iw_error err;
+
+    *doc = NULL;
+    if (d->body_len > (size_t)rt->cfg->max_message_bytes) {
+        *code = "MESSAGE_TOO_LARGE";
+        snprintf(msg, msg_len, "message of %zu bytes exceeds IW_MAX_MESSAGE_BYTES=%ld", d->body_len,
+                 rt->cfg->max_message_bytes);
+        return IW_ERR_TOO_LARGE;
+    }
+    *doc = json_loadb(d->body, d->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (d->content_type && !is_json_content_type(d->content_type)) {
+        *code = "INVALID_CONTENT_TYPE";
+        snprintf(msg, msg_len, "content_type '%.100s' is not application/json", d->content_type);
+        return IW_ERR_INVALID;
+    }
+    if (!*doc) {
+        *code = "INVALID_JSON";
+        snprintf(msg, msg_len, "not UTF-8 JSON: %s (line %d, column %d)", jerr.text, jerr.line,
+                 jerr.column);
+        return IW_ERR_JSON;
+    }
+    if (schema_validate(schema, *doc, &err) != IW_OK) {
+        *code = "SCHEMA_VIOLATION";
+        snprintf(msg, msg_len, "%s", err.msg);
+        return IW_ERR_SCHEMA;
+    }
+    return IW_OK;
+}

@@ -1,0 +1,638 @@
+/* The submitter: one submission job becomes exactly one provider submission
+ * and one submission.accepted (or submission.failed plus a dead letter).
+ *
+ * A job is a small state machine:
+ *   received -> validated -> permitted -> calling -> classified -> publishing -> acked
+ * with the side states deferred (waiting for a permit in memory, the
+ * delivery still unacked) and dead.  Its state name is in every log line. */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "jobheap.h"
+#include "log.h"
+#include "retry.h"
+#include "roles.h"
+#include "topology.h"
+#include "transform.h"
+
+typedef enum sjob_state {
+    S_RECEIVED,
+    S_VALIDATED,
+    S_DEFERRED,
+    S_PERMITTED,
+    S_CALLING,
+    S_CLASSIFIED,
+    S_PUBLISHING,
+    S_DEAD,
+} sjob_state;
+
+static const char *const state_names[] = {"received", "validated",  "deferred",   "permitted",
+                                          "calling",  "classified", "publishing", "dead"};
+
+typedef struct sjob {
+    struct submitter *s;
+    iw_delivery *d;
+    json_t *doc;
+    const char *job_id; /* borrowed from doc; NULL when unreadable */
+    int critical;
+    int attempts; /* provider attempts made before this delivery */
+    sjob_state state;
+    jobheap_node node;
+    rt_outcome out;
+    json_t *record; /* classified 201: the accepted record to store and publish */
+    struct sjob *next;
+} sjob;
+
+typedef struct job_fifo {
+    sjob *head, *tail;
+} job_fifo;
+
+struct submitter {
+    runtime *rt;
+    const iw_config *cfg;
+    iw_schema *job_schema;
+    iw_schema *resp_schema;
+    jobheap deferred;
+    job_fifo ready[2]; /* [0] critical first, [1] normal */
+    job_fifo to_record;
+    int calling;
+    size_t alive;
+    long long blocked_until;
+    long long last_usage_warn;
+};
+
+/* ---- bookkeeping ------------------------------------------------------------ */
+
+static void fifo_push(job_fifo *q, sjob *j)
+{
+    j->next = NULL;
+    if (q->tail)
+        q->tail->next = j;
+    else
+        q->head = j;
+    q->tail = j;
+}
+
+static void fifo_push_front(job_fifo *q, sjob *j)
+{
+    j->next = q->head;
+    q->head = j;
+    if (!q->tail)
+        q->tail = j;
+}
+
+static sjob *fifo_pop(job_fifo *q)
+{
+    sjob *j = q->head;
+    if (j) {
+        q->head = j->next;
+        if (!q->head)
+            q->tail = NULL;
+        j->next = NULL;
+    }
+    return j;
+}
+
+static void job_free(sjob *j)
+{
+    j->s->alive--;
+    delivery_free(j->d);
+    json_decref(j->doc);
+    json_decref(j->record);
+    free(j);
+}
+
+static json_t *job_fields(const sjob *j)
+{
+    return json_pack("{s:s, s:s}", "requestId", j->job_id ? j->job_id : "", "state",
+                     state_names[j->state]);
+}
+
+static void after_outcome(void *owner, int ok)
+{
+    sjob *j = owner;
+
+    if (ok) {
+        rt_ack(j->s->rt, j->d);
+    } else {
+        log_json(IW_LOG_WARN, json_pack("{s:s, s:s, s:s}", "requestId", j->job_id ? j->job_id : "",
+                                        "state", state_names[j->state], "message",
+                                        "outcome not confirmed by the broker; the job returns to "
+                                        "its queue"));
+        rt_nack(j->s->rt, j->d, 1);
+    }
+    job_free(j);
+}
+
+/* A readable jobId of an invalid job, for its submission.failed. */
+static const char *readable_job_id(const json_t *doc)
+{
+    const char *id = json_string_value(json_object_get(doc, "jobId"));
+    size_t n = id ? strlen(id) : 0;
+    return n >= 1 && n <= 128 ? id : NULL;
+}
+
+/* Ends a job without success: submission.failed (when the jobId is known)
+ * and a dead letter, then the ack once both are confirmed. */
+static void fail_job(sjob *j, const char *code, const char *message, long http_status, int attempts)
+{
+    submitter *s = j->s;
+    json_t *fields = job_fields(j);
+
+    j->state = S_DEAD;
+    json_object_set_new(fields, "state", json_string("dead"));
+    json_object_set_new(fields, "operation", json_string("POST /external-resource"));
+    json_object_set_new(fields, "error",
+                        json_pack("{s:s, s:s, s:o, s:i}", "code", code, "message", message,
+                                  "statusCode",
+                                  http_status > 0 ? json_integer(http_status) : json_null(),
+                                  "retryAttempt", attempts));
+    log_json(IW_LOG_ERROR, fields);
+    rt_outcome_begin(&j->out, after_outcome, j);
+    if (j->job_id) {
+        json_t *ev = json_pack("{s:s, s:{s:s, s:s, s:o, s:i}}", "jobId", j->job_id, "error", "code",
+                               code, "message", message, "statusCode",
+                               http_status > 0 ? json_integer(http_status) : json_null(),
+                               "retryAttempt", attempts);
+        rt_publish_event(s->rt, &j->out, "submission.failed", ev, j->job_id);
+        json_decref(ev);
+    }
+    rt_publish_dead(s->rt, &j->out, j->d, "submit", code, message, http_status, attempts);
+    rt_outcome_seal(&j->out);
+}
+
+/* Headers for sending this job on through the broker (retry or long wait). */
+static json_t *onward_headers(const sjob *j, int attempts, const char *last_error)
+{
+    json_t *h = json_deep_copy(j->d->headers);
+    static const char *const drop[] = {"x-death",
+                                       "x-first-death-exchange",
+                                       "x-first-death-queue",
+                                       "x-first-death-reason",
+                                       "x-last-death-exchange",
+                                       "x-last-death-queue",
+                                       "x-last-death-reason"};
+    if (!h)
+        h = json_object();
+    for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
+        json_object_del(h, drop[i]);
+    json_object_set_new(h, "x-attempts", json_integer(attempts));
+    if (!json_object_get(h, "x-original-routing-key"))
+        json_object_set_new(h, "x-original-routing-key",
+                            json_string(j->d->routing_key ? j->d->routing_key : ""));
+    if (!json_object_get(h, "x-first-seen"))
+        json_object_set_new(h, "x-first-seen", json_integer(clock_wall_ms()));
+    if (last_error)
+        json_object_set_new(h, "x-last-error", json_string(last_error));
+    return h;
+}
+
+static void send_on(sjob *j, long delay_ms, int attempts, const char *last_error)
+{
+    json_t *h = onward_headers(j, attempts, last_error);
+
+    j->state = S_PUBLISHING;
+    rt_outcome_begin(&j->out, after_outcome, j);
+    rt_publish_delayed(j->s->rt, &j->out, "submit", j->d->body, j->d->body_len, j->job_id, h,
+                       delay_ms);
+    json_decref(h);
+    rt_outcome_seal(&j->out);
+}
+
+/* Waits without using an attempt: in memory (delivery unacked) when short,
+ * through a delay queue when longer than IW_HOLD_MAX. */
+static void defer(sjob *j, long wait_ms)
+{
+    submitter *s = j->s;
+
+    if (wait_ms <= s->cfg->hold_max_ms) {
+        j->state = S_DEFERRED;
+        j->node.due_ms = clock_mono_ms() + wait_ms;
+        j->node.item = j;
+        if (jobheap_push(&s->deferred, &j->node) == 0)
+            return;
+    }
+    send_on(j, wait_ms, j->attempts, NULL);
+}
+
+/* ---- intake ------------------------------------------------------------------- */
+
+static void on_delivery(void *self, iw_delivery *d)
+{
+    submitter *s = self;
+    sjob *j = calloc(1, sizeof *j);
+    const char *code;
+    char msg[512];
+    long long due;
+
+    if (!j) {
+        rt_nack(s->rt, d, 1);
+        delivery_free(d);
+        return;
+    }
+    j->s = s;
+    j->d = d;
+    s->alive++;
+    if (rt_stopping(s->rt)) {
+        rt_nack(s->rt, d, 1);
+        job_free(j);
+        return;
+    }
+    j->attempts = (int)rt_header_int(d, "x-attempts", 0);
+    if (j->attempts < 0)
+        j->attempts = 0;
+    if (rt_intake(s->rt, d, s->job_schema, &j->doc, &code, msg, sizeof msg) != IW_OK) {
+        j->job_id = readable_job_id(j->doc);
+        fail_job(j, code, msg, 0, j->attempts);
+        return;
+    }
+    j->state = S_VALIDATED;
+    j->job_id = json_string_value(json_object_get(j->doc, "jobId"));
+    j->critical =
+        strcmp(json_string_value(json_object_get(j->doc, "priority")) ?: "normal", "critical") == 0;
+    due = rt_header_int(d, "x-due-at", 0);
+    if (due && due - clock_wall_ms() > IW_DELAY_SLACK_MS) {
+        /* back from a delay tier early: on to the next hop */
+        send_on(j, (long)(due - clock_wall_ms()), j->attempts, NULL);
+        return;
+    }
+    fifo_push(&s->ready[j->critical ? 0 : 1], j);
+}
+
+/* ---- provider call ----------------------------------------------------------- */
+
+static void log_call(const sjob *j, const http_response *r, const iw_verdict *v, int attempt,
+                     const char *tracking_id)
+{
+    json_t *f = job_fields(j);
+
+    json_object_set_new(f, "operation", json_string("POST /external-resource"));
+    json_object_set_new(f, "duration", json_integer(r->duration_us / 1000));
+    json_object_set_new(f, "status",
+                        r->result.status ? json_integer(r->result.status) : json_null());
+    json_object_set_new(f, "attempt", json_integer(attempt));
+    if (tracking_id)
+        json_object_set_new(f, "externalTrackingId", json_string(tracking_id));
+    if (v->kind != IW_V_ACCEPT) {
+        char m[300];
+        if (r->result.transport != IW_TRANSPORT_OK)
+            snprintf(m, sizeof m, "External API call failed: %s", r->error);
+        else
+            snprintf(m, sizeof m, "External API returned %ld", r->result.status);
+        json_object_set_new(
+            f, "error",
+            json_pack("{s:s, s:s, s:o, s:i}", "code", v->code, "message", m, "statusCode",
+                      r->result.status ? json_integer(r->result.status) : json_null(),
+                      "retryAttempt", attempt));
+    }
+    log_json(v->kind == IW_V_ACCEPT ? IW_LOG_INFO
+             : v->kind == IW_V_WAIT ? IW_LOG_WARN
+                                    : IW_LOG_ERROR,
+             f);
+}
+
+static void on_response(void *ud, const http_response *r)
+{
+    sjob *j = ud;
+    submitter *s = j->s;
+    const iw_config *cfg = s->cfg;
+    iw_verdict v = retry_classify(&r->result);
+    int attempt = j->attempts + 1;
+    json_t *body = NULL;
+    char msg[300];
+
+    s->calling--;
+    j->state = S_CLASSIFIED;
+    if (v.kind == IW_V_ACCEPT) {
+        iw_error err;
+        body = json_loadb(r->body, r->body_len, 0, NULL);
+        if (!body || schema_validate(s->resp_schema, body, &err) != IW_OK) {
+            v.kind = IW_V_FAIL;
+            v.code = "EXTERNAL_API_BAD_RESPONSE";
+        }
+    }
+    log_call(j, r, &v, attempt,
+             v.kind == IW_V_ACCEPT ? json_string_value(json_object_get(body, "trackingId")) : NULL);
+    if (r->result.transport != IW_TRANSPORT_OK)
+        snprintf(msg, sizeof msg, "External API call failed: %s", r->error);
+    else if (v.kind == IW_V_FAIL && body)
+        snprintf(msg, sizeof msg, "External API returned %ld with a body of an unexpected shape",
+                 r->result.status);
+    else
+        snprintf(msg, sizeof msg, "External API returned %ld", r->result.status);
+
+    switch (v.kind) {
+    case IW_V_ACCEPT: {
+        char ts[40];
+        format_timestamp(clock_wall_ms(), ts, sizeof ts);
+        j->record = json_pack("{s:s, s:O, s:O, s:O, s:s}", "jobId", j->job_id, "externalId",
+                              json_object_get(body, "id"), "trackingId",
+                              json_object_get(body, "trackingId"), "status",
+                              json_object_get(body, "status"), "acceptedAt", ts);
+        /* stored and published in tick(), one Redis round trip for all */
+        fifo_push(&s->to_record, j);
+        break;
+    }
+    case IW_V_RETRY: {
+        long next = retry_delay_before(cfg->retry_schedule_ms, cfg->n_retry, attempt + 1);
+        if (!rt_delivery_live(s->rt, j->d))
+            job_free(j);
+        else if (next < 0)
+            fail_job(j, v.code, msg, r->result.status, attempt);
+        else
+            send_on(j, next, attempt, v.code);
+        break;
+    }
+    case IW_V_WAIT: {
+        iw_error err;
+        if (limiter_pause(rt_limiter(s->rt), v.wait_ms, &err) != IW_OK)
+            log_msg(IW_LOG_WARN, job_fields(j), "could not share the 429 pause: %s", err.msg);
+        if (!rt_delivery_live(s->rt, j->d))
+            job_free(j);
+        else
+            defer(j, v.wait_ms);
+        break;
+    }
+    case IW_V_FAIL:
+        if (!rt_delivery_live(s->rt, j->d))
+            job_free(j);
+        else
+            fail_job(j, v.code, msg, r->result.status, attempt);
+        break;
+    }
+    json_decref(body);
+}
+
+static void start_call(sjob *j)
+{
+    submitter *s = j->s;
+    json_t *out = transform_outbound(j->doc, s->cfg->client_id, clock_wall_ms());
+    char *body = out ? json_dumps(out, JSON_COMPACT) : NULL;
+
+    json_decref(out);
+    j->state = S_CALLING;
+    if (body && http_client_start(rt_http(s->rt), "POST", "/api/v1/external-resource", body,
+                                  strlen(body), j->job_id, on_response, j) == IW_OK) {
+        s->calling++;
+    } else {
+        log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+        defer(j, 1000);
+    }
+    free(body);
+}
+
+/* ---- accepted jobs: record in Redis, then publish ------------------------------ */
+
+static void publish_accepted(sjob *j, const json_t *record)
+{
+    submitter *s = j->s;
+    const iw_config *cfg = s->cfg;
+    long delay = retry_jitter(cfg->poll_schedule_ms[0], cfg->poll_jitter_pct,
+                              (double)random() / ((double)RAND_MAX + 1.0));
+    json_t *check = json_pack(
+        "{s:O, s:O, s:O, s:O, s:i, s:O, s:s}", "jobId", json_object_get(record, "jobId"),
+        "trackingId", json_object_get(record, "trackingId"), "externalId",
+        json_object_get(record, "externalId"), "acceptedAt", json_object_get(record, "acceptedAt"),
+        "checks", 0, "lastStatus", json_object_get(record, "status"), "priority",
+        j->critical ? "critical" : "normal");
+    char *text = check ? json_dumps(check, JSON_COMPACT) : NULL;
+    json_t *h = json_pack("{s:i, s:s}", "x-attempts", 0, "x-original-routing-key", "status.check");
+
+    j->state = S_PUBLISHING;
+    rt_outcome_begin(&j->out, after_outcome, j);
+    rt_publish_event(s->rt, &j->out, "submission.accepted", record, j->job_id);
+    if (text)
+        rt_publish_delayed(s->rt, &j->out, "status", text, strlen(text), j->job_id, h, delay);
+    else
+        j->out.failed = 1;
+    rt_outcome_seal(&j->out);
+    json_decref(h);
+    json_decref(check);
+    free(text);
+}
+
+static void store_records(submitter *s)
+{
+    redis_link *r = rt_redis(s->rt);
+    size_t n = 0;
+    int redis_ok = rt_redis_ready(s->rt);
+    iw_error err;
+
+    if (!s->to_record.head)
+        return;
+    if (redis_ok) {
+        for (sjob *j = s->to_record.head; j; j = j->next) {
+            char *text = json_dumps(j->record, JSON_COMPACT);
+            if (redis_link_append(r, &err, "SET %s:job:%s %s NX PX %lld", s->cfg->ns, j->job_id,
+                                  text ? text : "{}",
+                                  (long long)s->cfg->idempotency_ttl_ms) == IW_OK)
+                n++;
+            free(text);
+        }
+        for (size_t i = 0; i < n; i++) {
+            redisReply *rep;
+            if (redis_link_read(r, &rep, &err) == IW_OK)
+                freeReplyObject(rep);
+            else
+                redis_ok = 0;
+        }
+    }
+    if (!redis_ok)
+        log_msg(
+            IW_LOG_WARN, NULL,
+            "could not record accepted jobs in Redis; a redelivery would repeat the call, which "
+            "the provider answers from its Idempotency-Key");
+    for (sjob *j = fifo_pop(&s->to_record); j; j = fifo_pop(&s->to_record)) {
+        if (rt_delivery_live(s->rt, j->d))
+            publish_accepted(j, j->record);
+        else
+            job_free(j);
+    }
+}
+
+/* ---- the tick: deferred jobs, permits, calls ---------------------------------- */
+
+static void take_batch(submitter *s, long long now)
+{
+    const iw_config *cfg = s->cfg;
+    sjob *batch[LIMITER_MAX_RECORDS];
+    char keys[LIMITER_MAX_RECORDS][200];
+    const char *key_ptrs[LIMITER_MAX_RECORDS];
+    size_t n = 0;
+    long free_slots = cfg->concurrency - s->calling;
+    limiter_result res;
+    iw_error err;
+
+    while (n < LIMITER_MAX_RECORDS && (long)n < free_slots) {
+        sjob *j = fifo_pop(&s->ready[0]);
+        if (!j)
+            j = fifo_pop(&s->ready[1]);
+        if (!j)
+            break;
+        batch[n] = j;
+        snprintf(keys[n], sizeof keys[n], "%s:job:%s", cfg->ns, j->job_id);
+        key_ptrs[n] = keys[n];
+        n++;
+    }
+    if (!n)
+        return;
+    if (limiter_append_take(rt_limiter(s->rt), "submit", 1000, (int)n, n, key_ptrs, &err) !=
+            IW_OK ||
+        limiter_read_take(rt_limiter(s->rt), &res, &err) != IW_OK) {
+        /* fail closed: nobody calls the provider unmetered */
+        log_json(IW_LOG_ERROR,
+                 json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; jobs wait",
+                           "error", "code", "LIMITER_UNAVAILABLE", "message", err.msg));
+        while (n)
+            fifo_push_front(&s->ready[batch[n - 1]->critical ? 0 : 1], batch[n - 1]), n--;
+        s->blocked_until = now + 1000;
+        return;
+    }
+    if (res.usage_permille >= 800 && now - s->last_usage_warn > 60000) {
+        s->last_usage_warn = now;
+        log_json(IW_LOG_WARN, json_pack("{s:s, s:i}", "message",
+                                        "rate limit approaching: a tier of IW_RATE_LIMITS is over "
+                                        "80% used",
+                                        "usagePermille", res.usage_permille));
+    }
+    int granted = res.granted;
+    for (size_t i = 0; i < n; i++) {
+        sjob *j = batch[i];
+        size_t len;
+        const char *rec = limiter_record(&res, i, &len);
+        if (rec) {
+            /* accepted before (a redelivery after a crash): no second call */
+            json_t *record = json_loadb(rec, len, 0, NULL);
+            log_msg(IW_LOG_INFO, job_fields(j),
+                    "job was accepted before; publishing its recorded outcome without a call");
+            if (record) {
+                publish_accepted(j, record);
+                json_decref(record);
+            } else {
+                fail_job(j, "IDEMPOTENCY_RECORD_CORRUPT",
+                         "the Redis record of this job is not JSON", 0, j->attempts);
+            }
+        } else if (granted > 0) {
+            granted--;
+            j->state = S_PERMITTED;
+            start_call(j);
+        } else {
+            defer(j, res.wait_ms);
+        }
+    }
+    limiter_result_release(&res);
+}
+
+static void tick(void *self, long long now)
+{
+    submitter *s = self;
+    jobheap_node *top;
+
+    store_records(s);
+    while ((top = jobheap_peek(&s->deferred)) && top->due_ms <= now) {
+        sjob *j = jobheap_pop(&s->deferred)->item;
+        j->state = S_VALIDATED;
+        fifo_push(&s->ready[j->critical ? 0 : 1], j);
+    }
+    if (rt_stopping(s->rt)) {
+        for (int q = 0; q < 2; q++)
+            for (sjob *j = fifo_pop(&s->ready[q]); j; j = fifo_pop(&s->ready[q])) {
+                rt_nack(s->rt, j->d, 1);
+                job_free(j);
+            }
+        return;
+    }
+    /* every batch takes at least one job off the ready queues, or blocks */
+    while ((s->ready[0].head || s->ready[1].head) && s->calling < s->cfg->concurrency &&
+           now >= s->blocked_until && rt_redis_ready(s->rt))
+        take_batch(s, now);
+}
+
+static long long next_deadline(void *self)
+{
+    submitter *s = self;
+    jobheap_node *top = jobheap_peek(&s->deferred);
+    long long d = top ? top->due_ms : LLONG_MAX;
+
+    if (s->to_record.head)
+        return 0;
+    if ((s->ready[0].head || s->ready[1].head) && s->calling < s->cfg->concurrency) {
+        long long b = s->blocked_until > clock_mono_ms() ? s->blocked_until : 0;
+        if (redis_link_connected(rt_redis(s->rt)) && b < d)
+            d = b;
+    }
+    return d;
+}
+
+static void drop_waiting(submitter *s, int nack)
+{
+    jobheap_node *n;
+
+    while ((n = jobheap_pop(&s->deferred))) {
+        sjob *j = n->item;
+        if (nack)
+            rt_nack(s->rt, j->d, 1);
+        job_free(j);
+    }
+    for (int q = 0; q < 2; q++)
+        for (sjob *j = fifo_pop(&s->ready[q]); j; j = fifo_pop(&s->ready[q])) {
+            if (nack)
+                rt_nack(s->rt, j->d, 1);
+            job_free(j);
+        }
+}
+
+static void on_link_lost(void *self)
+{
+    drop_waiting(self, 0);
+}
+
+static void on_stop(void *self)
+{
+    drop_waiting(self, 1);
+}
+
+static size_t busy(void *self)
+{
+    return ((submitter *)self)->alive;
+}
+
+submitter *submitter_new(runtime *rt, iw_error *err)
+{
+    submitter *s = calloc(1, sizeof *s);
+
+    if (!s) {
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    s->rt = rt;
+    s->cfg = rt_config(rt);
+    s->job_schema = rt_load_schema(rt, "submission-job.schema.json", err);
+    if (s->job_schema)
+        s->resp_schema = rt_load_schema(rt, "provider-submit-response.schema.json", err);
+    if (!s->resp_schema) {
+        submitter_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void submitter_free(submitter *s)
+{
+    if (!s)
+        return;
+    drop_waiting(s, 0);
+    jobheap_clear(&s->deferred);
+    schema_free(s->job_schema);
+    schema_free(s->resp_schema);
+    free(s);
+}
+
+int submitter_register(submitter *s)
+{
+    rt_role role = {"submitter",   "submit",     s,       on_delivery, tick,
+                    next_deadline, on_link_lost, on_stop, busy};
+    return runtime_add_role(s->rt, &role);
+}
