@@ -1,0 +1,624 @@
+#include "iwtest.h"
+
+#include <amqp_tcp_socket.h>
+#include <check.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "topology.h"
+
+extern char **environ;
+
+long long iwt_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+const char *iwt_namespace(const char *name)
+{
+    static char ns[128];
+    snprintf(ns, sizeof ns, "t-%s-%ld", name, (long)getpid());
+    return ns;
+}
+
+pid_t iwt_start_mock(const char *const *args, int *port)
+{
+    int fds[2];
+    pid_t pid;
+    char line[256] = "";
+    FILE *f;
+
+    ck_assert_int_eq(pipe(fds), 0);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        const char *argv[64];
+        int n = 0;
+        argv[n++] = IW_BIN_DIR "/mock-provider";
+        argv[n++] = "--listen";
+        argv[n++] = "127.0.0.1:0";
+        for (int i = 0; args && args[i] && n < 62; i++)
+            argv[n++] = args[i];
+        argv[n] = NULL;
+        dup2(fds[1], 1);
+        close(fds[0]);
+        close(fds[1]);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    f = fdopen(fds[0], "r");
+    ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+    fclose(f);
+    char *colon = strrchr(line, ':');
+    ck_assert_ptr_nonnull(colon);
+    *port = atoi(colon + 1);
+    ck_assert_int_gt(*port, 0);
+    return pid;
+}
+
+static void build_env(const char *ns, int port, const char *const *extra, char **out, size_t cap)
+{
+    size_t n = 0;
+    static char buf[32][512];
+    size_t b = 0;
+
+    for (char **e = environ; *e && n < cap - 40; e++)
+        if (strncmp(*e, "IW_", 3) != 0)
+            out[n++] = *e;
+    snprintf(buf[b], sizeof buf[b], "IW_NAMESPACE=%s", ns);
+    out[n++] = buf[b++];
+    snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
+    out[n++] = buf[b++];
+    static const char *const defaults[] = {
+        "IW_API_KEY=test-key-xxxxx", "IW_API_SECRET=test-secret-xxxxx", "IW_HTTP_ADDR=off",
+        "IW_POLL_SCHEDULE=1s",       "IW_POLL_JITTER=0",                "IW_RATE_LIMITS=100000/s",
+        "IW_LOG_LEVEL=debug",        "IW_SHUTDOWN_GRACE=10s",           NULL};
+    for (int i = 0; defaults[i]; i++) {
+        int overridden = 0;
+        size_t klen = strchr(defaults[i], '=') - defaults[i] + 1;
+        for (int j = 0; extra && extra[j]; j++)
+            if (strncmp(extra[j], defaults[i], klen) == 0)
+                overridden = 1;
+        if (!overridden)
+            out[n++] = (char *)defaults[i];
+    }
+    for (int j = 0; extra && extra[j] && n < cap - 1; j++)
+        out[n++] = (char *)extra[j];
+    if (getenv("IW_SCHEMA_DIR") == NULL && b < 32) {
+        snprintf(buf[b], sizeof buf[b], "IW_SCHEMA_DIR=%s/schemas", IW_SOURCE_DIR);
+        out[n++] = buf[b++];
+    }
+    out[n] = NULL;
+}
+
+pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *const *env,
+                       const char *tag)
+{
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        char *envp[512];
+        char log[512];
+        const char *argv[] = {IW_BIN_DIR "/integration-worker", role, NULL};
+        build_env(ns, port, env, envp, 512);
+        snprintf(log, sizeof log, "/tmp/iwtest-%s-%s.log", ns, tag ? tag : role);
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 2);
+            close(fd);
+        }
+        execve(argv[0], (char *const *)argv, envp);
+        _exit(127);
+    }
+    return pid;
+}
+
+int iwt_run_worker_cmd(const char *const *args, const char *ns, int port, const char *const *env,
+                       char **out)
+{
+    int fds[2];
+    pid_t pid;
+    int status;
+
+    ck_assert_int_eq(pipe(fds), 0);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        char *envp[512];
+        const char *argv[32];
+        int n = 0;
+        argv[n++] = IW_BIN_DIR "/integration-worker";
+        for (int i = 0; args[i] && n < 31; i++)
+            argv[n++] = args[i];
+        argv[n] = NULL;
+        build_env(ns, port, env, envp, 512);
+        dup2(fds[1], 1);
+        close(fds[0]);
+        close(fds[1]);
+        execve(argv[0], (char *const *)argv, envp);
+        _exit(127);
+    }
+    close(fds[1]);
+    {
+        size_t len = 0, cap = 4096;
+        char *buf = malloc(cap);
+        ssize_t r;
+        while ((r = read(fds[0], buf + len, cap - len - 1)) > 0) {
+            len += (size_t)r;
+            if (len + 1 == cap)
+                buf = realloc(buf, cap *= 2);
+        }
+        buf[len] = '\0';
+        if (out)
+            *out = buf;
+        else
+            free(buf);
+    }
+    close(fds[0]);
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+int iwt_stop(pid_t pid, int sig)
+{
+    int status;
+    long long deadline = iwt_now_ms() + 40000;
+
+    if (pid <= 0)
+        return -1;
+    kill(pid, sig);
+    while (iwt_now_ms() < deadline) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid)
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        usleep(10000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -1;
+}
+
+/* ---- AMQP ---------------------------------------------------------------- */
+
+static void die_on_amqp_error(amqp_rpc_reply_t r, const char *what)
+{
+    if (r.reply_type != AMQP_RESPONSE_NORMAL)
+        ck_abort_msg("AMQP %s failed (reply type %d)", what, r.reply_type);
+}
+
+iwt_amqp *iwt_amqp_open(void)
+{
+    iwt_amqp *a = calloc(1, sizeof *a);
+    amqp_socket_t *s;
+
+    a->conn = amqp_new_connection();
+    s = amqp_tcp_socket_new(a->conn);
+    ck_assert_int_eq(amqp_socket_open(s, "127.0.0.1", 5672), AMQP_STATUS_OK);
+    die_on_amqp_error(
+        amqp_login(a->conn, "/", 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest", "guest"), "login");
+    amqp_channel_open(a->conn, 1);
+    die_on_amqp_error(amqp_get_rpc_reply(a->conn), "channel.open");
+    return a;
+}
+
+void iwt_amqp_close(iwt_amqp *a)
+{
+    if (!a)
+        return;
+    amqp_channel_close(a->conn, 1, AMQP_REPLY_SUCCESS);
+    amqp_connection_close(a->conn, AMQP_REPLY_SUCCESS);
+    amqp_destroy_connection(a->conn);
+    free(a);
+}
+
+void iwt_declare(const char *ns)
+{
+    const char *args[] = {"declare", NULL};
+    ck_assert_int_eq(iwt_run_worker_cmd(args, ns, 1, NULL, NULL), 0);
+}
+
+void iwt_tap_events(iwt_amqp *a, const char *ns, const char *key)
+{
+    char ex[256];
+    amqp_queue_declare_ok_t *q =
+        amqp_queue_declare(a->conn, 1, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    die_on_amqp_error(amqp_get_rpc_reply(a->conn), "queue.declare");
+    snprintf(a->tap_queue, sizeof a->tap_queue, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    snprintf(ex, sizeof ex, "%s.events", ns);
+    amqp_queue_bind(a->conn, 1, amqp_cstring_bytes(a->tap_queue), amqp_cstring_bytes(ex),
+                    amqp_cstring_bytes(key), amqp_empty_table);
+    die_on_amqp_error(amqp_get_rpc_reply(a->conn), "queue.bind");
+    amqp_basic_consume(a->conn, 1, amqp_cstring_bytes(a->tap_queue), amqp_empty_bytes, 0, 1, 1,
+                       amqp_empty_table);
+    die_on_amqp_error(amqp_get_rpc_reply(a->conn), "basic.consume");
+}
+
+void iwt_publish(iwt_amqp *a, const char *exchange, const char *routing_key, const char *body,
+                 const char *content_type, const char *reply_to, const char *correlation_id)
+{
+    amqp_basic_properties_t p;
+    memset(&p, 0, sizeof p);
+    p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
+    p.delivery_mode = 2;
+    if (content_type) {
+        p._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+        p.content_type = amqp_cstring_bytes(content_type);
+    }
+    if (reply_to) {
+        p._flags |= AMQP_BASIC_REPLY_TO_FLAG;
+        p.reply_to = amqp_cstring_bytes(reply_to);
+    }
+    if (correlation_id) {
+        p._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+        p.correlation_id = amqp_cstring_bytes(correlation_id);
+    }
+    amqp_bytes_t b = {strlen(body), (void *)body};
+    ck_assert_int_eq(amqp_basic_publish(a->conn, 1, amqp_cstring_bytes(exchange),
+                                        amqp_cstring_bytes(routing_key), 0, 0, &p, b),
+                     AMQP_STATUS_OK);
+}
+
+void iwt_publish_job(iwt_amqp *a, const char *ns, const char *job_json)
+{
+    char ex[256];
+    snprintf(ex, sizeof ex, "%s.requests", ns);
+    iwt_publish(a, ex, "submit.transaction", job_json, "application/json", NULL, NULL);
+}
+
+void iwt_msg_free(iwt_msg *m)
+{
+    if (!m)
+        return;
+    json_decref(m->headers);
+    json_decref(m->body);
+    free(m->raw);
+    free(m);
+}
+
+static json_t *fv_to_json(const amqp_field_value_t *v);
+
+static json_t *table_json(const amqp_table_t *t)
+{
+    json_t *o = json_object();
+    for (int i = 0; i < t->num_entries; i++) {
+        char k[256];
+        snprintf(k, sizeof k, "%.*s", (int)t->entries[i].key.len, (char *)t->entries[i].key.bytes);
+        json_object_set_new(o, k, fv_to_json(&t->entries[i].value));
+    }
+    return o;
+}
+
+static json_t *fv_to_json(const amqp_field_value_t *v)
+{
+    switch (v->kind) {
+    case AMQP_FIELD_KIND_I8:
+        return json_integer(v->value.i8);
+    case AMQP_FIELD_KIND_U8:
+        return json_integer(v->value.u8);
+    case AMQP_FIELD_KIND_I16:
+        return json_integer(v->value.i16);
+    case AMQP_FIELD_KIND_U16:
+        return json_integer(v->value.u16);
+    case AMQP_FIELD_KIND_I32:
+        return json_integer(v->value.i32);
+    case AMQP_FIELD_KIND_U32:
+        return json_integer(v->value.u32);
+    case AMQP_FIELD_KIND_I64:
+        return json_integer(v->value.i64);
+    case AMQP_FIELD_KIND_U64:
+    case AMQP_FIELD_KIND_TIMESTAMP:
+        return json_integer((json_int_t)v->value.u64);
+    case AMQP_FIELD_KIND_BOOLEAN:
+        return json_boolean(v->value.boolean);
+    case AMQP_FIELD_KIND_UTF8:
+    case AMQP_FIELD_KIND_BYTES:
+        return json_stringn_nocheck(v->value.bytes.bytes, v->value.bytes.len);
+    case AMQP_FIELD_KIND_TABLE:
+        return table_json(&v->value.table);
+    case AMQP_FIELD_KIND_ARRAY: {
+        json_t *arr = json_array();
+        for (int i = 0; i < v->value.array.num_entries; i++)
+            json_array_append_new(arr, fv_to_json(&v->value.array.entries[i]));
+        return arr;
+    }
+    default:
+        return json_null();
+    }
+}
+
+static iwt_msg *msg_from(const amqp_bytes_t *rk, const amqp_message_t *m)
+{
+    iwt_msg *r = calloc(1, sizeof *r);
+    const amqp_basic_properties_t *p = &m->properties;
+
+    snprintf(r->routing_key, sizeof r->routing_key, "%.*s", (int)rk->len, (char *)rk->bytes);
+    if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG)
+        snprintf(r->correlation_id, sizeof r->correlation_id, "%.*s", (int)p->correlation_id.len,
+                 (char *)p->correlation_id.bytes);
+    if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG)
+        snprintf(r->content_type, sizeof r->content_type, "%.*s", (int)p->content_type.len,
+                 (char *)p->content_type.bytes);
+    r->headers = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? table_json(&p->headers) : json_object();
+    r->raw = malloc(m->body.len + 1);
+    memcpy(r->raw, m->body.bytes, m->body.len);
+    r->raw[m->body.len] = '\0';
+    r->raw_len = m->body.len;
+    r->body = json_loadb(r->raw, r->raw_len, 0, NULL);
+    return r;
+}
+
+/* events read but not yet asked for */
+#define BACKLOG 4096
+static iwt_msg *backlog[BACKLOG];
+static size_t backlog_n;
+
+static iwt_msg *read_event(iwt_amqp *a, int timeout_ms)
+{
+    amqp_envelope_t env;
+    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    amqp_maybe_release_buffers(a->conn);
+    amqp_rpc_reply_t r = amqp_consume_message(a->conn, &env, &tv, 0);
+    if (r.reply_type != AMQP_RESPONSE_NORMAL)
+        return NULL;
+    iwt_msg *m = msg_from(&env.routing_key, &env.message);
+    amqp_destroy_envelope(&env);
+    return m;
+}
+
+iwt_msg *iwt_next_event(iwt_amqp *a, int timeout_ms)
+{
+    if (backlog_n) {
+        iwt_msg *m = backlog[0];
+        memmove(backlog, backlog + 1, --backlog_n * sizeof backlog[0]);
+        return m;
+    }
+    return read_event(a, timeout_ms);
+}
+
+static int matches(const iwt_msg *m, const char *rk, const char *job_id)
+{
+    return (!rk || strcmp(m->routing_key, rk) == 0) &&
+           (!job_id || strcmp(m->correlation_id, job_id) == 0);
+}
+
+iwt_msg *iwt_wait_event(iwt_amqp *a, const char *routing_key, const char *job_id, int timeout_ms)
+{
+    long long deadline = iwt_now_ms() + timeout_ms;
+
+    for (size_t i = 0; i < backlog_n; i++) {
+        if (matches(backlog[i], routing_key, job_id)) {
+            iwt_msg *m = backlog[i];
+            memmove(backlog + i, backlog + i + 1, (--backlog_n - i) * sizeof backlog[0]);
+            return m;
+        }
+    }
+    while (iwt_now_ms() < deadline) {
+        long long left = deadline - iwt_now_ms();
+        iwt_msg *m = read_event(a, (int)(left > 0 ? left : 1));
+        if (!m)
+            continue;
+        if (matches(m, routing_key, job_id))
+            return m;
+        if (backlog_n < BACKLOG)
+            backlog[backlog_n++] = m;
+        else
+            iwt_msg_free(m);
+    }
+    return NULL;
+}
+
+int iwt_count_events(iwt_amqp *a, const char *routing_key, const char *job_id, int window_ms)
+{
+    int n = 0;
+    iwt_msg *m;
+    long long deadline = iwt_now_ms() + window_ms;
+
+    while ((m = iwt_wait_event(a, routing_key, job_id, (int)(deadline - iwt_now_ms() > 0 ? deadline - iwt_now_ms() : 0)))) {
+        n++;
+        iwt_msg_free(m);
+        if (iwt_now_ms() >= deadline)
+            break;
+    }
+    return n;
+}
+
+iwt_msg *iwt_get(iwt_amqp *a, const char *queue, int timeout_ms)
+{
+    long long deadline = iwt_now_ms() + timeout_ms;
+
+    do {
+        amqp_rpc_reply_t r = amqp_basic_get(a->conn, 1, amqp_cstring_bytes(queue), 1);
+        die_on_amqp_error(r, "basic.get");
+        if (r.reply.id == AMQP_BASIC_GET_OK_METHOD) {
+            amqp_basic_get_ok_t *ok = r.reply.decoded;
+            amqp_bytes_t rk = amqp_bytes_malloc_dup(ok->routing_key);
+            amqp_message_t m;
+            die_on_amqp_error(amqp_read_message(a->conn, 1, &m, 0), "read_message");
+            iwt_msg *msg = msg_from(&rk, &m);
+            amqp_destroy_message(&m);
+            amqp_bytes_free(rk);
+            return msg;
+        }
+        usleep(50000);
+    } while (iwt_now_ms() < deadline);
+    return NULL;
+}
+
+int iwt_queue_depth(iwt_amqp *a, const char *queue)
+{
+    amqp_queue_declare_ok_t *ok =
+        amqp_queue_declare(a->conn, 1, amqp_cstring_bytes(queue), 1, 0, 0, 0, amqp_empty_table);
+    die_on_amqp_error(amqp_get_rpc_reply(a->conn), "passive queue.declare");
+    return (int)ok->message_count;
+}
+
+void iwt_cleanup(const char *ns)
+{
+    iwt_amqp *a = iwt_amqp_open();
+    static const char *const queues[] = {"submit", "status", "resource", "dead"};
+    static const char *const exchanges[] = {"requests", "events", "dlx", "retry"};
+    char name[256];
+
+    for (size_t i = 0; i < 4; i++) {
+        snprintf(name, sizeof name, "%s.%s", ns, queues[i]);
+        amqp_queue_delete(a->conn, 1, amqp_cstring_bytes(name), 0, 0);
+        amqp_get_rpc_reply(a->conn);
+    }
+    for (int k = 0; k < IW_DELAY_TIERS; k++) {
+        snprintf(name, sizeof name, "%s.delay.%ld", ns, topology_tier_ms(k));
+        amqp_queue_delete(a->conn, 1, amqp_cstring_bytes(name), 0, 0);
+        amqp_get_rpc_reply(a->conn);
+    }
+    for (size_t i = 0; i < 4; i++) {
+        snprintf(name, sizeof name, "%s.%s", ns, exchanges[i]);
+        amqp_exchange_delete(a->conn, 1, amqp_cstring_bytes(name), 0);
+        amqp_get_rpc_reply(a->conn);
+    }
+    iwt_amqp_close(a);
+
+    redisContext *c = redisConnect("127.0.0.1", 6379);
+    if (c && !c->err) {
+        char cursor[32] = "0";
+        do {
+            redisReply *r = redisCommand(c, "SCAN %s MATCH %s:* COUNT 1000", cursor, ns);
+            if (!r || r->type != REDIS_REPLY_ARRAY) {
+                if (r)
+                    freeReplyObject(r);
+                break;
+            }
+            snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+            for (size_t i = 0; i < r->element[1]->elements; i++)
+                freeReplyObject(redisCommand(c, "DEL %s", r->element[1]->element[i]->str));
+            freeReplyObject(r);
+        } while (strcmp(cursor, "0") != 0);
+    }
+    if (c)
+        redisFree(c);
+}
+
+/* ---- mock admin over HTTP ------------------------------------------------- */
+
+typedef struct buf {
+    char *p;
+    size_t n;
+} buf;
+
+static size_t collect(char *d, size_t s, size_t n, void *ud)
+{
+    buf *b = ud;
+    b->p = realloc(b->p, b->n + s * n + 1);
+    memcpy(b->p + b->n, d, s * n);
+    b->n += s * n;
+    b->p[b->n] = '\0';
+    return s * n;
+}
+
+static long http(int port, const char *method, const char *path, const char *body, char **out)
+{
+    CURL *c = curl_easy_init();
+    char url[512];
+    buf b = {0};
+    long status = 0;
+    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
+
+    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    if (body)
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT, 10L);
+    if (curl_easy_perform(c) == CURLE_OK)
+        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    curl_slist_free_all(h);
+    curl_easy_cleanup(c);
+    if (out)
+        *out = b.p;
+    else
+        free(b.p);
+    return status;
+}
+
+json_t *iwt_mock_stats(int port)
+{
+    char *body = NULL;
+    json_t *j;
+    ck_assert_int_eq(http(port, "GET", "/__admin/stats", NULL, &body), 200);
+    j = json_loads(body, 0, NULL);
+    free(body);
+    ck_assert_ptr_nonnull(j);
+    return j;
+}
+
+long iwt_mock_post(int port, const char *path, const char *json_body)
+{
+    return http(port, "POST", path, json_body, NULL);
+}
+
+long iwt_stat(json_t *stats, const char *route, const char *status)
+{
+    json_t *v = json_object_get(json_object_get(json_object_get(stats, "requests"), route), status);
+    return json_is_integer(v) ? (long)json_integer_value(v) : 0;
+}
+
+/* ---- Redis ------------------------------------------------------------------ */
+
+static redisReply *redis_vcmd(const char *fmt, va_list ap)
+{
+    static redisContext *c;
+    if (!c) {
+        c = redisConnect("127.0.0.1", 6379);
+        ck_assert_msg(c && !c->err, "cannot connect to Redis");
+    }
+    redisReply *r = redisvCommand(c, fmt, ap);
+    ck_assert_ptr_nonnull(r);
+    return r;
+}
+
+long long iwt_redis_int(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *r = redis_vcmd(fmt, ap);
+    va_end(ap);
+    long long v = r->type == REDIS_REPLY_INTEGER ? r->integer
+                  : r->type == REDIS_REPLY_STRING ? atoll(r->str)
+                                                  : 0;
+    freeReplyObject(r);
+    return v;
+}
+
+char *iwt_redis_str(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *r = redis_vcmd(fmt, ap);
+    va_end(ap);
+    char *s = r->type == REDIS_REPLY_STRING ? strdup(r->str) : NULL;
+    freeReplyObject(r);
+    return s;
+}
+
+int iwt_eventually(int (*cond)(void *), void *ud, int timeout_ms)
+{
+    long long deadline = iwt_now_ms() + timeout_ms;
+    int v;
+    while (!(v = cond(ud)) && iwt_now_ms() < deadline)
+        usleep(20000);
+    return v;
+}

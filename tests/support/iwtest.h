@@ -1,0 +1,93 @@
+/* Support for integration suites: real RabbitMQ and Redis on loopback (the
+ * test command starts them), a real mock-provider process, and worker
+ * processes started as the operators would.  Each suite works in its own
+ * namespace so suites can run in parallel and leave nothing behind. */
+#ifndef IW_TEST_SUPPORT_H
+#define IW_TEST_SUPPORT_H
+
+#include <amqp.h>
+#include <jansson.h>
+#include <sys/types.h>
+
+/* A namespace unique to this process: "t-<name>-<pid>". */
+const char *iwt_namespace(const char *name);
+
+/* Starts mock-provider on a free port with extra flags (NULL-terminated
+ * list, may be NULL); returns its pid and stores the port. */
+pid_t iwt_start_mock(const char *const *args, int *port);
+
+/* Starts `integration-worker role` for namespace ns against the mock on
+ * port, with the default test settings (api-key auth, IW_HTTP_ADDR=off,
+ * short poll schedule) overridden/extended by env ("NAME=value", NULL-
+ * terminated, may be NULL).  Its stderr goes to /tmp/iwtest-<ns>-<tag>.log. */
+pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *const *env,
+                       const char *tag);
+/* Runs `integration-worker <args...>` to completion with the same env;
+ * returns its exit code and, if out is not NULL, its stdout (malloc'd). */
+int iwt_run_worker_cmd(const char *const *args, const char *ns, int port, const char *const *env,
+                       char **out);
+/* Sends sig and waits (up to 40 s) for the exit; returns the exit status
+ * (128+signal when killed by a signal), -1 on timeout (then SIGKILLs). */
+int iwt_stop(pid_t pid, int sig);
+
+/* A blocking AMQP connection for the test side. */
+typedef struct iwt_amqp {
+    amqp_connection_state_t conn;
+    char tap_queue[256];
+} iwt_amqp;
+
+iwt_amqp *iwt_amqp_open(void);
+void iwt_amqp_close(iwt_amqp *a);
+/* Declares the topology of ns (runs `integration-worker declare`). */
+void iwt_declare(const char *ns);
+/* Binds a private queue to <ns>.events with key (e.g. "#") to read events. */
+void iwt_tap_events(iwt_amqp *a, const char *ns, const char *key);
+
+/* Publishes body to exchange with routing key; content_type NULL omits it. */
+void iwt_publish(iwt_amqp *a, const char *exchange, const char *routing_key, const char *body,
+                 const char *content_type, const char *reply_to, const char *correlation_id);
+/* Publishes a job to <ns>.requests with routing key submit.transaction. */
+void iwt_publish_job(iwt_amqp *a, const char *ns, const char *job_json);
+
+/* A message received by the test side. */
+typedef struct iwt_msg {
+    char routing_key[256];
+    char correlation_id[256];
+    char content_type[128];
+    json_t *headers; /* AMQP headers as JSON (never NULL) */
+    json_t *body;    /* parsed JSON body or NULL */
+    char *raw;
+    size_t raw_len;
+} iwt_msg;
+
+void iwt_msg_free(iwt_msg *m);
+/* Next message on the tap within timeout_ms; NULL on timeout. */
+iwt_msg *iwt_next_event(iwt_amqp *a, int timeout_ms);
+/* Waits for the event with this routing key and jobId (others are kept in
+ * an internal backlog for later calls); NULL on timeout. */
+iwt_msg *iwt_wait_event(iwt_amqp *a, const char *routing_key, const char *job_id, int timeout_ms);
+/* Counts events with routing key and jobId seen within window_ms. */
+int iwt_count_events(iwt_amqp *a, const char *routing_key, const char *job_id, int window_ms);
+/* basic.get (auto-ack) polling a queue until a message arrives or timeout. */
+iwt_msg *iwt_get(iwt_amqp *a, const char *queue, int timeout_ms);
+/* Message count of a queue (passive declare). */
+int iwt_queue_depth(iwt_amqp *a, const char *queue);
+/* Deletes every queue and exchange of ns and its Redis keys. */
+void iwt_cleanup(const char *ns);
+
+/* Mock provider admin: GET /__admin/stats, POST a JSON body to a path. */
+json_t *iwt_mock_stats(int port);
+long iwt_mock_post(int port, const char *path, const char *json_body);
+/* stats["requests"][route][status] as a number (0 when absent). */
+long iwt_stat(json_t *stats, const char *route, const char *status);
+
+/* Redis: a command's integer or string reply for assertions. */
+long long iwt_redis_int(const char *fmt, ...);
+char *iwt_redis_str(const char *fmt, ...);
+
+/* Polls cond() every 20 ms until true or timeout; returns its last value. */
+int iwt_eventually(int (*cond)(void *), void *ud, int timeout_ms);
+
+long long iwt_now_ms(void);
+
+#endif

@@ -1,0 +1,171 @@
+/* Data-driven submission-job fixtures (tests/data/jobs/):
+ *   valid/<case>.json            must parse and pass schemas/submission-job.schema.json;
+ *   invalid/<case>/input.json    any bytes; must fail to parse or fail the schema,
+ *   invalid/<case>/error         with a message containing this text; exactly "JSON"
+ *                                means it must not parse at all.
+ * Parsing is what the worker does with a delivery body: json_loadb() with
+ * JSON_REJECT_DUPLICATES, so non-UTF-8, truncated and duplicate-key input are
+ * all "JSON" failures. */
+#include <check.h>
+#include <dirent.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "schema.h"
+
+#define JOBS_DIR IW_TEST_DATA_DIR "/jobs"
+#define FIXTURE_MAX_BYTES (1024 * 1024)
+#define MIN_VALID_CASES 8
+#define MIN_INVALID_CASES 12
+
+/* Reads a whole file into a malloc'd buffer; NULL if missing or too large. */
+static char *read_file(const char *path, size_t *len)
+{
+    char *buf = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        goto out;
+    buf = malloc(FIXTURE_MAX_BYTES + 1);
+    if (!buf)
+        goto out;
+    *len = fread(buf, 1, FIXTURE_MAX_BYTES + 1, f);
+    if (ferror(f) || *len > FIXTURE_MAX_BYTES) {
+        free(buf);
+        buf = NULL;
+        goto out;
+    }
+    buf[*len] = '\0';
+out:
+    if (f)
+        fclose(f);
+    return buf;
+}
+
+/* Parses and validates one input as the worker would.  Returns IW_OK, or a
+ * failure with the message in err ("JSON: ..." when it does not parse). */
+static int check_job(const iw_schema *s, const char *input, size_t len, iw_error *err)
+{
+    json_error_t jerr;
+    json_t *job = json_loadb(input, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!job)
+        return iw_error_set(err, IW_ERR_JSON, "JSON: %d:%d: %s", jerr.line, jerr.column, jerr.text);
+    int rc = schema_validate(s, job, err);
+    json_decref(job);
+    return rc;
+}
+
+static iw_schema *job_schema(void)
+{
+    iw_error err = {0};
+    iw_schema *s = schema_load_file(IW_SOURCE_DIR "/schemas/submission-job.schema.json", &err);
+    ck_assert_msg(s != NULL, "submission-job schema: %s", err.msg);
+    return s;
+}
+
+static int not_hidden(const struct dirent *de)
+{
+    return de->d_name[0] != '.';
+}
+
+START_TEST(test_valid_jobs)
+{
+    iw_schema *s = job_schema();
+    struct dirent **entries;
+    int n = scandir(JOBS_DIR "/valid", &entries, not_hidden, alphasort);
+    ck_assert_msg(n >= 0, "cannot read %s/valid", JOBS_DIR);
+    int failures = 0, cases = 0;
+    for (int i = 0; i < n; i++) {
+        char path[4096];
+        size_t len = 0;
+        iw_error err = {0};
+        snprintf(path, sizeof path, "%s/valid/%s", JOBS_DIR, entries[i]->d_name);
+        char *input = read_file(path, &len);
+        if (!input) {
+            fprintf(stderr, "FAIL valid/%s: unreadable\n", entries[i]->d_name);
+            failures++;
+        } else if (check_job(s, input, len, &err) != IW_OK) {
+            fprintf(stderr, "FAIL valid/%s: %s\n", entries[i]->d_name, err.msg);
+            failures++;
+        } else {
+            printf("ok   valid/%s\n", entries[i]->d_name);
+        }
+        cases++;
+        free(input);
+        free(entries[i]);
+    }
+    free(entries);
+    schema_free(s);
+    ck_assert_msg(failures == 0, "%d valid fixtures rejected (details on stderr)", failures);
+    ck_assert_msg(cases >= MIN_VALID_CASES, "only %d valid fixtures", cases);
+}
+END_TEST
+
+START_TEST(test_invalid_jobs)
+{
+    iw_schema *s = job_schema();
+    struct dirent **entries;
+    int n = scandir(JOBS_DIR "/invalid", &entries, not_hidden, alphasort);
+    ck_assert_msg(n >= 0, "cannot read %s/invalid", JOBS_DIR);
+    int failures = 0, cases = 0;
+    for (int i = 0; i < n; i++) {
+        const char *name = entries[i]->d_name;
+        char path[4096];
+        size_t input_len = 0, expected_len = 0;
+        iw_error err = {0};
+        int rc;
+
+        snprintf(path, sizeof path, "%s/invalid/%s/input.json", JOBS_DIR, name);
+        char *input = read_file(path, &input_len);
+        snprintf(path, sizeof path, "%s/invalid/%s/error", JOBS_DIR, name);
+        char *expected = read_file(path, &expected_len);
+        while (expected && expected_len > 0 && strchr("\r\n \t", expected[expected_len - 1]))
+            expected[--expected_len] = '\0';
+
+        if (!input || !expected || expected_len == 0) {
+            fprintf(stderr, "FAIL invalid/%s: needs input.json and a non-empty error\n", name);
+            failures++;
+        } else if ((rc = check_job(s, input, input_len, &err)) == IW_OK) {
+            fprintf(stderr, "FAIL invalid/%s: accepted\n", name);
+            failures++;
+        } else if (rc != (strcmp(expected, "JSON") == 0 ? IW_ERR_JSON : IW_ERR_SCHEMA)) {
+            fprintf(stderr, "FAIL invalid/%s: status %d (%s)\n", name, rc, err.msg);
+            failures++;
+        } else if (!strstr(err.msg, expected)) {
+            fprintf(stderr, "FAIL invalid/%s: message \"%s\" lacks \"%s\"\n", name, err.msg,
+                    expected);
+            failures++;
+        } else {
+            printf("ok   invalid/%s: %s\n", name, err.msg);
+        }
+        cases++;
+        free(input);
+        free(expected);
+        free(entries[i]);
+    }
+    free(entries);
+    schema_free(s);
+    ck_assert_msg(failures == 0, "%d invalid fixtures misjudged (details on stderr)", failures);
+    ck_assert_msg(cases >= MIN_INVALID_CASES, "only %d invalid fixtures", cases);
+}
+END_TEST
+
+static Suite *jobs_suite(void)
+{
+    Suite *s = suite_create("jobs_fixtures");
+    TCase *tc = tcase_create("fixtures");
+    tcase_add_test(tc, test_valid_jobs);
+    tcase_add_test(tc, test_invalid_jobs);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(jobs_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
