@@ -4,8 +4,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* KEYS: log, seq, pause, class log, then optional record keys.
- * ARGV: want, share permille, n tiers, then limit and window (ms) per tier.
+/* KEYS: log, seq, pause, class log, own demand key, the other classes'
+ * demand keys (ARGV[4] of them), then optional record keys.
+ * ARGV: want, share permille, n tiers, n other demand keys, then limit and
+ * window (ms) per tier.
+ * A class cap binds only while another class has shown demand (was refused
+ * within the last DEMAND_MS): the limiter stays work-conserving when one
+ * class is alone, and fair when they compete.
  * With record keys, `want` becomes the number of them that do not exist:
  * work already done (an accepted jobId) costs no permit, and the check rides
  * in the same round trip.  Returns {granted, wait_ms, usage_permille, paused,
@@ -16,10 +21,17 @@ static const char take_source[] =
     "local want = tonumber(ARGV[1])\n"
     "local share = tonumber(ARGV[2])\n"
     "local n = tonumber(ARGV[3])\n"
+    "local nd = tonumber(ARGV[4])\n"
+    "local first_record = 6 + nd\n"
     "local records = {}\n"
-    "if #KEYS > 4 then\n"
+    "if share < 1000 then\n"
+    "  local contended = false\n"
+    "  for i = 6, 5 + nd do if redis.call('EXISTS', KEYS[i]) == 1 then contended = true end end\n"
+    "  if not contended then share = 1000 end\n"
+    "end\n"
+    "if #KEYS >= first_record then\n"
     "  local rk = {}\n"
-    "  for i = 5, #KEYS do rk[#rk + 1] = KEYS[i] end\n"
+    "  for i = first_record, #KEYS do rk[#rk + 1] = KEYS[i] end\n"
     "  records = redis.call('MGET', unpack(rk))\n"
     "  want = 0\n"
     "  for i = 1, #records do if not records[i] then want = want + 1 end end\n"
@@ -34,8 +46,8 @@ static const char take_source[] =
     "local maxwin, usage, grant = 0, 0, want\n"
     "local counts, ccounts = {}, {}\n"
     "for i = 1, n do\n"
-    "  lim[i] = tonumber(ARGV[2 + 2 * i])\n"
-    "  win[i] = tonumber(ARGV[3 + 2 * i]) * 1000\n"
+    "  lim[i] = tonumber(ARGV[3 + 2 * i])\n"
+    "  win[i] = tonumber(ARGV[4 + 2 * i]) * 1000\n"
     "  if win[i] > maxwin then maxwin = win[i] end\n"
     "  local lo = '(' .. fmt(now - win[i])\n"
     "  counts[i] = redis.call('ZCOUNT', KEYS[1], lo, '+inf')\n"
@@ -51,7 +63,10 @@ static const char take_source[] =
     "end\n"
     "if want == 0 then return reply(0, 0, usage, 0) end\n"
     "local pause = redis.call('PTTL', KEYS[3])\n"
-    "if pause > 0 then return reply(0, pause, usage, 1) end\n"
+    "if pause > 0 then\n"
+    "  redis.call('SET', KEYS[5], '1', 'PX', 2000)\n"
+    "  return reply(0, pause, usage, 1)\n"
+    "end\n"
     "if grant < 0 then grant = 0 end\n"
     "if grant > 0 then\n"
     "  local seq = redis.call('INCRBY', KEYS[2], grant)\n"
@@ -71,6 +86,7 @@ static const char take_source[] =
     "end\n"
     "local wait = 0\n"
     "if grant < want then\n"
+    "  redis.call('SET', KEYS[5], '1', 'PX', 2000)\n"
     "  for i = 1, n do\n"
     "    local lo = '(' .. fmt(now - win[i])\n"
     "    local c = counts[i] + grant\n"
@@ -98,6 +114,8 @@ static const char pause_source[] =
     "local ms = tonumber(ARGV[1])\n"
     "if cur < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end\n"
     "return ms\n";
+
+const char *const limiter_classes[LIMITER_N_CLASSES] = {"submit", "status", "resource"};
 
 struct limiter {
     redis_link *redis;
@@ -141,13 +159,19 @@ void limiter_free(limiter *lim)
 int limiter_append_take(limiter *lim, const char *cls, int share_permille, int want,
                         size_t n_records, const char *const *record_keys, iw_error *err)
 {
-    const char *argv[4 + 3 + IW_MAX_TIERS * 2 + LIMITER_MAX_RECORDS];
-    char key_class[200], swant[16], sshare[16], sn[16];
-    int argc = 0;
+    const char *argv[5 + LIMITER_N_CLASSES + 4 + IW_MAX_TIERS * 2 + LIMITER_MAX_RECORDS];
+    char key_class[200], key_demand[LIMITER_N_CLASSES][200], swant[16], sshare[16], sn[16], snd[16];
+    int argc = 0, nd = 0, nkeys;
 
     if (want < 1 || want > 1000 || n_records > LIMITER_MAX_RECORDS)
         return iw_error_set(err, IW_ERR_INVALID, "permit request of %d", want);
     snprintf(key_class, sizeof key_class, "%s:limiter:log:%s", lim->ns, cls);
+    snprintf(key_demand[0], sizeof key_demand[0], "%s:limiter:demand:%s", lim->ns, cls);
+    for (int i = 0; i < LIMITER_N_CLASSES; i++)
+        if (strcmp(limiter_classes[i], cls) != 0 && nd + 1 < LIMITER_N_CLASSES)
+            snprintf(key_demand[++nd], sizeof key_demand[0], "%s:limiter:demand:%s", lim->ns,
+                     limiter_classes[i]);
+    snprintf(snd, sizeof snd, "%d", nd);
     snprintf(swant, sizeof swant, "%d", want);
     snprintf(sshare, sizeof sshare, "%d", share_permille > 1000 ? 1000 : share_permille);
     snprintf(sn, sizeof sn, "%zu", lim->n);
@@ -155,19 +179,18 @@ int limiter_append_take(limiter *lim, const char *cls, int share_permille, int w
     argv[argc++] = lim->key_seq;
     argv[argc++] = lim->key_pause;
     argv[argc++] = key_class;
+    for (int i = 0; i <= nd; i++)
+        argv[argc++] = key_demand[i];
+    for (size_t i = 0; i < n_records; i++)
+        argv[argc++] = record_keys[i];
+    nkeys = argc;
     argv[argc++] = swant;
     argv[argc++] = sshare;
     argv[argc++] = sn;
+    argv[argc++] = snd;
     for (size_t i = 0; i < lim->n * 2; i++)
         argv[argc++] = lim->tier_args[i];
-    /* keys must precede the arguments: shift the ARGV part right */
-    if (n_records) {
-        memmove(&argv[4 + n_records], &argv[4], (size_t)(argc - 4) * sizeof argv[0]);
-        for (size_t i = 0; i < n_records; i++)
-            argv[4 + i] = record_keys[i];
-        argc += (int)n_records;
-    }
-    return redis_link_append_script(lim->redis, &lim->take, 4 + (int)n_records, argc, argv, err);
+    return redis_link_append_script(lim->redis, &lim->take, nkeys, argc, argv, err);
 }
 
 int limiter_read_take(limiter *lim, limiter_result *out, iw_error *err)

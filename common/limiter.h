@@ -6,7 +6,8 @@
  * whichever way the provider counts.  All tiers are checked and taken
  * together in one Lua script, so a permit is only taken when every tier
  * allows it.  A class (submit, status, resource) may be capped to a share of
- * each tier through a second sorted set.  A 429 sets a fleet-wide pause key
+ * each tier through a second sorted set; the cap binds only while another
+ * class is waiting (work-conserving).  A 429 sets a fleet-wide pause key
  * that the script honours before anything else.  Memory: one member per call
  * in the longest window (20,000 for the default day tier, ~1 MB). */
 #ifndef IW_LIMITER_H
@@ -19,6 +20,9 @@
 typedef struct limiter limiter;
 
 #define LIMITER_MAX_RECORDS 40
+#define LIMITER_N_CLASSES 3
+/* The classes of provider calls: "submit", "status", "resource". */
+extern const char *const limiter_classes[LIMITER_N_CLASSES];
 
 typedef struct limiter_result {
     int granted;        /* permits taken (0..want) */

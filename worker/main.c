@@ -17,9 +17,16 @@ static const char usage_text[] =
     "usage: integration-worker ROLE [--help]\n"
     "\n"
     "Roles:\n"
-    "  submitter   consume <ns>.submit, POST to the provider, publish submission.accepted/failed\n"
-    "  all         every role above in one process (local runs)\n"
-    "  declare     declare the whole broker topology idempotently and exit 0\n"
+    "  submitter   consume <ns>.submit, POST to the provider, publish submission.accepted/failed,\n"
+    "              schedule the first status check\n"
+    "  poller      consume <ns>.status, GET the status until terminal, publish "
+    "status.progress/final\n"
+    "  resolver    answer resource.get look-ups (RPC) through the Redis cache\n"
+    "  all         the three roles above in one process (local runs)\n"
+    "\n"
+    "Commands:\n"
+    "  declare               declare the whole broker topology idempotently and exit 0\n"
+    "  cache invalidate ID   delete the cached entries of resource ID\n"
     "\n"
     "Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure.\n"
     "SIGTERM/SIGINT stop gracefully within IW_SHUTDOWN_GRACE.\n\n";
@@ -62,6 +69,8 @@ static int run_roles(iw_config *cfg, const char *role)
     char name[128];
     runtime *rt;
     submitter *sub = NULL;
+    poller *pol = NULL;
+    resolver *res = NULL;
     int all = strcmp(role, "all") == 0, rc = 1;
 
     snprintf(name, sizeof name, "integration-worker %s pid %ld", role, (long)getpid());
@@ -70,6 +79,14 @@ static int run_roles(iw_config *cfg, const char *role)
         goto out;
     if (all || strcmp(role, "submitter") == 0) {
         if (!(sub = submitter_new(rt, &err)) || submitter_register(sub) != IW_OK)
+            goto out;
+    }
+    if (all || strcmp(role, "poller") == 0) {
+        if (!(pol = poller_new(rt, &err)) || poller_register(pol) != IW_OK)
+            goto out;
+    }
+    if (all || strcmp(role, "resolver") == 0) {
+        if (!(res = resolver_new(rt, &err)) || resolver_register(res) != IW_OK)
             goto out;
     }
     log_msg(IW_LOG_INFO, NULL, "starting role %s (namespace %s, concurrency %ld)", role, cfg->ns,
@@ -83,6 +100,8 @@ out:
     }
     log_flush();
     submitter_free(sub);
+    poller_free(pol);
+    resolver_free(res);
     runtime_free(rt);
     return rc;
 }
@@ -109,11 +128,18 @@ int main(int argc, char **argv)
             return 0;
         }
     }
-    if (strcmp(role, "submitter") && strcmp(role, "all") && strcmp(role, "declare")) {
+    int is_cache = !strcmp(role, "cache");
+    if (strcmp(role, "submitter") && strcmp(role, "poller") && strcmp(role, "resolver") &&
+        strcmp(role, "all") && strcmp(role, "declare") && !is_cache) {
         fprintf(stderr, "integration-worker: unknown role or command '%s' (see --help)\n", role);
         return 2;
     }
-    if (argc > 2) {
+    if (is_cache && (argc != 4 || strcmp(argv[2], "invalidate") != 0 || !*argv[3])) {
+        fprintf(stderr,
+                "integration-worker cache: usage: integration-worker cache invalidate ID\n");
+        return 2;
+    }
+    if (!is_cache && argc > 2) {
         fprintf(stderr, "integration-worker %s: unexpected argument '%s'\n", role, argv[2]);
         return 2;
     }
@@ -125,6 +151,11 @@ int main(int argc, char **argv)
     }
     log_init(cfg->log_level, "integration-worker", stderr);
     srandom((unsigned)(time(NULL) ^ getpid()));
+    if (is_cache) {
+        rc = resolver_cache_invalidate_cmd(cfg, argv[3]);
+        config_free(cfg);
+        return rc;
+    }
     if (strcmp(role, "declare") && config_check_provider(cfg, &err) != IW_OK) {
         fprintf(stderr, "integration-worker: %s\n", err.msg);
         config_free(cfg);

@@ -465,10 +465,10 @@ static void take_batch(submitter *s, long long now)
     limiter_result res;
     iw_error err;
 
+    /* one priority per batch: critical jobs bypass the class cap */
+    int q = s->ready[0].head ? 0 : 1;
     while (n < LIMITER_MAX_RECORDS && (long)n < free_slots) {
-        sjob *j = fifo_pop(&s->ready[0]);
-        if (!j)
-            j = fifo_pop(&s->ready[1]);
+        sjob *j = fifo_pop(&s->ready[q]);
         if (!j)
             break;
         batch[n] = j;
