@@ -59,6 +59,9 @@ static const setting settings[] = {
     {"IW_TLS_CA", T_STRING, NULL, 0, 0, NULL, F(tls_ca), 0, "CA bundle for the provider"},
     {"IW_RATE_LIMITS", T_RATE_LIMITS, "50/min,1000/hour,20000/day", 0, 0, NULL, F(rate_tiers),
      F(n_rate_tiers), "shared limits on every provider call, all pods together (N/T,...)"},
+    {"IW_RATE_GUARD", T_DURATION, "50ms", 0, 60000, NULL, F(rate_guard_ms), 0,
+     "added to every rate window: absorbs the jitter between taking a permit and the call "
+     "reaching the provider"},
     {"IW_SUBMIT_SHARE", T_LONG, "80", 1, 100, NULL, F(submit_share_pct), 0,
      "percent of each rate tier submissions may use while other calls wait (critical: 100)"},
     {"IW_POLL_SHARE", T_LONG, "50", 1, 100, NULL, F(poll_share_pct), 0,

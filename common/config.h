@@ -36,6 +36,7 @@ typedef struct iw_config {
     char *tls_cert, *tls_key, *tls_ca;
     iw_rate_tier rate_tiers[IW_MAX_TIERS];
     size_t n_rate_tiers;
+    long rate_guard_ms;
     long submit_share_pct;
     long poll_share_pct;
     long resource_share_pct;

@@ -127,7 +127,8 @@ struct limiter {
     char tier_args[IW_MAX_TIERS * 2][24];
 };
 
-limiter *limiter_new(redis_link *r, const char *ns, const iw_rate_tier *tiers, size_t n)
+limiter *limiter_new(redis_link *r, const char *ns, const iw_rate_tier *tiers, size_t n,
+                     long guard_ms)
 {
     limiter *lim = calloc(1, sizeof *lim);
 
@@ -144,7 +145,8 @@ limiter *limiter_new(redis_link *r, const char *ns, const iw_rate_tier *tiers, s
     for (size_t i = 0; i < lim->n; i++) {
         lim->tiers[i] = tiers[i];
         snprintf(lim->tier_args[2 * i], sizeof lim->tier_args[0], "%ld", tiers[i].limit);
-        snprintf(lim->tier_args[2 * i + 1], sizeof lim->tier_args[0], "%ld", tiers[i].window_ms);
+        snprintf(lim->tier_args[2 * i + 1], sizeof lim->tier_args[0], "%ld",
+                 tiers[i].window_ms + guard_ms);
     }
     redis_link_add_script(r, &lim->take);
     redis_link_add_script(r, &lim->pause);

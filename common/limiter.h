@@ -33,8 +33,12 @@ typedef struct limiter_result {
     redisReply *reply;  /* owns the records; limiter_result_release frees it */
 } limiter_result;
 
-/* The link is borrowed; the limiter registers its scripts on it. */
-limiter *limiter_new(redis_link *r, const char *ns, const iw_rate_tier *tiers, size_t n);
+/* The link is borrowed; the limiter registers its scripts on it.  Every
+ * window is lengthened by guard_ms: a permit is taken a little before the
+ * call reaches the provider, and that delay varies, so the provider's clock
+ * must still see at most N in any window of T. */
+limiter *limiter_new(redis_link *r, const char *ns, const iw_rate_tier *tiers, size_t n,
+                     long guard_ms);
 void limiter_free(limiter *lim);
 
 /* Appends a request for `want` permits (1..1000) of class `cls` capped at

@@ -59,7 +59,8 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
     rt->redis = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, err);
     if (!rt->redis)
         goto fail;
-    rt->lim = limiter_new(rt->redis, cfg->ns, cfg->rate_tiers, cfg->n_rate_tiers);
+    rt->lim =
+        limiter_new(rt->redis, cfg->ns, cfg->rate_tiers, cfg->n_rate_tiers, cfg->rate_guard_ms);
     memset(&ho, 0, sizeof ho);
     ho.base_url = cfg->provider_url;
     ho.auth_mode = cfg->auth_mode;

@@ -19,6 +19,24 @@
 
 extern char **environ;
 
+int iwt_standalone;
+
+/* Fails the current Check test, or (in a benchmark) exits with a message. */
+static void iwt_fail(const char *file, int line, const char *what)
+{
+    if (iwt_standalone) {
+        fprintf(stderr, "%s:%d: requirement failed: %s\n", file, line, what);
+        exit(1);
+    }
+    ck_abort_msg("%s:%d: requirement failed: %s", file, line, what);
+}
+
+#define REQUIRE(cond)                                                                              \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            iwt_fail(__FILE__, __LINE__, #cond);                                                   \
+    } while (0)
+
 long long iwt_now_ms(void)
 {
     struct timespec ts;
@@ -40,9 +58,9 @@ pid_t iwt_start_mock(const char *const *args, int *port)
     char line[256] = "";
     FILE *f;
 
-    ck_assert_int_eq(pipe(fds), 0);
+    REQUIRE((pipe(fds)) == (0));
     pid = fork();
-    ck_assert_int_ge(pid, 0);
+    REQUIRE((pid) >= (0));
     if (pid == 0) {
         const char *argv[64];
         int n = 0;
@@ -60,12 +78,12 @@ pid_t iwt_start_mock(const char *const *args, int *port)
     }
     close(fds[1]);
     f = fdopen(fds[0], "r");
-    ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+    REQUIRE((fgets(line, sizeof line, f)) != NULL);
     fclose(f);
     char *colon = strrchr(line, ':');
-    ck_assert_ptr_nonnull(colon);
+    REQUIRE((colon) != NULL);
     *port = atoi(colon + 1);
-    ck_assert_int_gt(*port, 0);
+    REQUIRE((*port) > (0));
     return pid;
 }
 
@@ -82,10 +100,15 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
     out[n++] = buf[b++];
     snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
     out[n++] = buf[b++];
-    static const char *const defaults[] = {
-        "IW_API_KEY=test-key-xxxxx", "IW_API_SECRET=test-secret-xxxxx", "IW_HTTP_ADDR=off",
-        "IW_POLL_SCHEDULE=1s",       "IW_POLL_JITTER=0",                "IW_RATE_LIMITS=100000/s",
-        "IW_LOG_LEVEL=debug",        "IW_SHUTDOWN_GRACE=10s",           NULL};
+    static const char *const defaults[] = {"IW_API_KEY=test-key-xxxxx",
+                                           "IW_API_SECRET=test-secret-xxxxx",
+                                           "IW_HTTP_ADDR=off",
+                                           "IW_POLL_SCHEDULE=1s",
+                                           "IW_POLL_JITTER=0",
+                                           "IW_RATE_LIMITS=100000/s",
+                                           "IW_LOG_LEVEL=debug",
+                                           "IW_SHUTDOWN_GRACE=10s",
+                                           NULL};
     for (int i = 0; defaults[i]; i++) {
         int overridden = 0;
         size_t klen = strchr(defaults[i], '=') - defaults[i] + 1;
@@ -108,7 +131,7 @@ pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *c
                        const char *tag)
 {
     pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
+    REQUIRE((pid) >= (0));
     if (pid == 0) {
         char *envp[512];
         char log[512];
@@ -133,9 +156,9 @@ int iwt_run_worker_cmd(const char *const *args, const char *ns, int port, const 
     pid_t pid;
     int status;
 
-    ck_assert_int_eq(pipe(fds), 0);
+    REQUIRE((pipe(fds)) == (0));
     pid = fork();
-    ck_assert_int_ge(pid, 0);
+    REQUIRE((pid) >= (0));
     if (pid == 0) {
         char *envp[512];
         const char *argv[32];
@@ -196,7 +219,7 @@ int iwt_stop(pid_t pid, int sig)
 static void die_on_amqp_error(amqp_rpc_reply_t r, const char *what)
 {
     if (r.reply_type != AMQP_RESPONSE_NORMAL)
-        ck_abort_msg("AMQP %s failed (reply type %d)", what, r.reply_type);
+        iwt_fail(__FILE__, __LINE__, what);
 }
 
 iwt_amqp *iwt_amqp_open(void)
@@ -206,7 +229,7 @@ iwt_amqp *iwt_amqp_open(void)
 
     a->conn = amqp_new_connection();
     s = amqp_tcp_socket_new(a->conn);
-    ck_assert_int_eq(amqp_socket_open(s, "127.0.0.1", 5672), AMQP_STATUS_OK);
+    REQUIRE(amqp_socket_open(s, "127.0.0.1", 5672) == AMQP_STATUS_OK);
     die_on_amqp_error(
         amqp_login(a->conn, "/", 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest", "guest"), "login");
     amqp_channel_open(a->conn, 1);
@@ -227,7 +250,7 @@ void iwt_amqp_close(iwt_amqp *a)
 void iwt_declare(const char *ns)
 {
     const char *args[] = {"declare", NULL};
-    ck_assert_int_eq(iwt_run_worker_cmd(args, ns, 1, NULL, NULL), 0);
+    REQUIRE(iwt_run_worker_cmd(args, ns, 1, NULL, NULL) == 0);
 }
 
 void iwt_tap_events(iwt_amqp *a, const char *ns, const char *key)
@@ -266,9 +289,8 @@ void iwt_publish(iwt_amqp *a, const char *exchange, const char *routing_key, con
         p.correlation_id = amqp_cstring_bytes(correlation_id);
     }
     amqp_bytes_t b = {strlen(body), (void *)body};
-    ck_assert_int_eq(amqp_basic_publish(a->conn, 1, amqp_cstring_bytes(exchange),
-                                        amqp_cstring_bytes(routing_key), 0, 0, &p, b),
-                     AMQP_STATUS_OK);
+    REQUIRE(amqp_basic_publish(a->conn, 1, amqp_cstring_bytes(exchange),
+                               amqp_cstring_bytes(routing_key), 0, 0, &p, b) == AMQP_STATUS_OK);
 }
 
 void iwt_publish_job(iwt_amqp *a, const char *ns, const char *job_json)
@@ -426,7 +448,8 @@ int iwt_count_events(iwt_amqp *a, const char *routing_key, const char *job_id, i
     iwt_msg *m;
     long long deadline = iwt_now_ms() + window_ms;
 
-    while ((m = iwt_wait_event(a, routing_key, job_id, (int)(deadline - iwt_now_ms() > 0 ? deadline - iwt_now_ms() : 0)))) {
+    while ((m = iwt_wait_event(a, routing_key, job_id,
+                               (int)(deadline - iwt_now_ms() > 0 ? deadline - iwt_now_ms() : 0)))) {
         n++;
         iwt_msg_free(m);
         if (iwt_now_ms() >= deadline)
@@ -558,10 +581,10 @@ json_t *iwt_mock_stats(int port)
 {
     char *body = NULL;
     json_t *j;
-    ck_assert_int_eq(http(port, "GET", "/__admin/stats", NULL, &body), 200);
+    REQUIRE(http(port, "GET", "/__admin/stats", NULL, &body) == 200);
     j = json_loads(body, 0, NULL);
     free(body);
-    ck_assert_ptr_nonnull(j);
+    REQUIRE((j) != NULL);
     return j;
 }
 
@@ -583,10 +606,10 @@ static redisReply *redis_vcmd(const char *fmt, va_list ap)
     static redisContext *c;
     if (!c) {
         c = redisConnect("127.0.0.1", 6379);
-        ck_assert_msg(c && !c->err, "cannot connect to Redis");
+        REQUIRE(c && !c->err);
     }
     redisReply *r = redisvCommand(c, fmt, ap);
-    ck_assert_ptr_nonnull(r);
+    REQUIRE((r) != NULL);
     return r;
 }
 
@@ -596,7 +619,7 @@ long long iwt_redis_int(const char *fmt, ...)
     va_start(ap, fmt);
     redisReply *r = redis_vcmd(fmt, ap);
     va_end(ap);
-    long long v = r->type == REDIS_REPLY_INTEGER ? r->integer
+    long long v = r->type == REDIS_REPLY_INTEGER  ? r->integer
                   : r->type == REDIS_REPLY_STRING ? atoll(r->str)
                                                   : 0;
     freeReplyObject(r);

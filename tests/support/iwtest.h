@@ -9,6 +9,10 @@
 #include <jansson.h>
 #include <sys/types.h>
 
+/* Set to 1 by programs that are not Check suites (benchmarks): a failed
+ * requirement then prints and exits instead of failing a test. */
+extern int iwt_standalone;
+
 /* A namespace unique to this process: "t-<name>-<pid>". */
 const char *iwt_namespace(const char *name);
 

@@ -1,0 +1,210 @@
+/* Benchmark of the submit path on real RabbitMQ, Redis and mock-provider.
+ *
+ *   bench_submit [--jobs N] [--latency-ms L] [--concurrency C] [--procs P]
+ *                [--rate-limits SPEC] [--mock-limits SPEC] [--paced N] [--paced-rate R]
+ *
+ * Phase 1 (throughput): publish N jobs at once, wait for N submission.accepted;
+ * jobs/s = N / (last accepted - first publish).
+ * Phase 2 (latency): publish `paced` jobs at R/s and measure publish ->
+ * submission.accepted minus the provider's configured latency: the time the
+ * worker, broker and Redis add per job.
+ * Then the worker's peak RSS (VmHWM) and the mock's stats (429s, submissions). */
+#include <check.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "iwtest.h"
+
+static int cmp_ll(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+    return x < y ? -1 : x > y;
+}
+
+static long peak_rss_kb(pid_t pid)
+{
+    char path[64], line[256];
+    long kb = -1;
+    snprintf(path, sizeof path, "/proc/%ld/status", (long)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, "VmHWM:", 6) == 0)
+            kb = atol(line + 6);
+    fclose(f);
+    return kb;
+}
+
+/* Index of a jobId "b-<run>-<i>" -> i, or -1. */
+static long job_index(const char *id)
+{
+    const char *dash = strrchr(id, '-');
+    return dash ? atol(dash + 1) : -1;
+}
+
+int main(int argc, char **argv)
+{
+    long jobs = 20000, latency = 0, concurrency = 64, procs = 1, paced = 2000, paced_rate = 200;
+    const char *limits = "1000000/s", *mock_limits = "off";
+    char lat[32], buf[512], conc[64], lim[128];
+    int port;
+
+    for (int i = 1; i < argc; i++) {
+        const char *v = i + 1 < argc ? argv[i + 1] : "";
+        if (!strcmp(argv[i], "--jobs"))
+            jobs = atol(v), i++;
+        else if (!strcmp(argv[i], "--latency-ms"))
+            latency = atol(v), i++;
+        else if (!strcmp(argv[i], "--concurrency"))
+            concurrency = atol(v), i++;
+        else if (!strcmp(argv[i], "--procs"))
+            procs = atol(v), i++;
+        else if (!strcmp(argv[i], "--rate-limits"))
+            limits = v, i++;
+        else if (!strcmp(argv[i], "--mock-limits"))
+            mock_limits = v, i++;
+        else if (!strcmp(argv[i], "--paced"))
+            paced = atol(v), i++;
+        else if (!strcmp(argv[i], "--paced-rate"))
+            paced_rate = atol(v), i++;
+        else {
+            fprintf(stderr,
+                    "usage: %s [--jobs N] [--latency-ms L] [--concurrency C] [--procs P] "
+                    "[--rate-limits SPEC] [--mock-limits SPEC] [--paced N] [--paced-rate R]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    if (procs < 1 || procs > 16 || jobs < 1)
+        return 2;
+    iwt_standalone = 1;
+
+    snprintf(lat, sizeof lat, "%ld", latency);
+    const char *mock_args[] = {"--latency-ms", lat, "--rate-limits", mock_limits, NULL};
+    pid_t mock = iwt_start_mock(mock_args, &port);
+    const char *ns = iwt_namespace("bench");
+    iwt_cleanup(ns);
+    iwt_declare(ns);
+
+    snprintf(conc, sizeof conc, "IW_CONCURRENCY=%ld", concurrency);
+    snprintf(lim, sizeof lim, "IW_RATE_LIMITS=%s", limits);
+    const char *env[] = {
+        conc, lim, "IW_LOG_LEVEL=info", "IW_POLL_SCHEDULE=1h", "IW_SUBMIT_SHARE=100", NULL};
+    pid_t workers[16];
+    for (long p = 0; p < procs; p++) {
+        char tag[32];
+        snprintf(tag, sizeof tag, "bench%ld", p);
+        workers[p] = iwt_start_worker("submitter", ns, port, env, tag);
+    }
+    iwt_amqp *pub = iwt_amqp_open();
+    iwt_amqp *tap = iwt_amqp_open();
+    iwt_tap_events(tap, ns, "submission.*");
+    usleep(500000); /* let the workers connect and consume */
+
+    /* ---- phase 1: throughput ---- */
+    long long *accepted_at = calloc((size_t)jobs, sizeof *accepted_at);
+    long long t0 = iwt_now_ms(), first_accept = 0, last_accept = 0;
+    long got = 0, failed = 0, dup = 0;
+    for (long i = 0; i < jobs; i++) {
+        snprintf(buf, sizeof buf,
+                 "{\"jobId\":\"b-1-%ld\",\"userId\":\"u-%ld\",\"action\":\"transaction\","
+                 "\"payload\":{\"amount\":%ld,\"currency\":\"EUR\"}}",
+                 i, i % 97, i);
+        iwt_publish_job(pub, ns, buf);
+    }
+    long long published = iwt_now_ms();
+    long long deadline = published + 600000;
+    while (got + failed < jobs && iwt_now_ms() < deadline) {
+        iwt_msg *m = iwt_next_event(tap, 2000);
+        if (!m)
+            continue;
+        long idx = job_index(m->correlation_id);
+        if (!strcmp(m->routing_key, "submission.accepted") && idx >= 0 && idx < jobs) {
+            if (accepted_at[idx])
+                dup++;
+            else {
+                accepted_at[idx] = iwt_now_ms();
+                got++;
+                if (!first_accept)
+                    first_accept = accepted_at[idx];
+                last_accept = accepted_at[idx];
+            }
+        } else if (!strcmp(m->routing_key, "submission.failed")) {
+            failed++;
+        }
+        iwt_msg_free(m);
+    }
+    double secs = (last_accept - t0) / 1000.0;
+    double steady =
+        last_accept > first_accept ? (got - 1) / ((last_accept - first_accept) / 1000.0) : 0;
+
+    /* ---- phase 2: paced latency ---- */
+    long n_lat = 0;
+    long long *lat_ms = calloc((size_t)(paced ? paced : 1), sizeof *lat_ms);
+    long long *sent = calloc((size_t)(paced ? paced : 1), sizeof *sent);
+    if (paced > 0 && got == jobs) {
+        long long start = iwt_now_ms();
+        long next = 0;
+        while ((n_lat < paced) && iwt_now_ms() < start + 120000 + paced * 1000 / paced_rate) {
+            long long now = iwt_now_ms();
+            while (next < paced && now >= start + next * 1000 / paced_rate) {
+                snprintf(buf, sizeof buf,
+                         "{\"jobId\":\"b-2-%ld\",\"userId\":\"u\",\"action\":\"transaction\","
+                         "\"payload\":{\"amount\":%ld}}",
+                         next, next);
+                sent[next] = iwt_now_ms();
+                iwt_publish_job(pub, ns, buf);
+                next++;
+            }
+            iwt_msg *m = iwt_next_event(tap, 2);
+            if (!m)
+                continue;
+            long idx = job_index(m->correlation_id);
+            if (!strcmp(m->routing_key, "submission.accepted") &&
+                !strncmp(m->correlation_id, "b-2-", 4) && idx >= 0 && idx < paced)
+                lat_ms[n_lat++] = iwt_now_ms() - sent[idx] - latency;
+            iwt_msg_free(m);
+        }
+        qsort(lat_ms, (size_t)n_lat, sizeof *lat_ms, cmp_ll);
+    }
+
+    long rss_max = 0;
+    for (long p = 0; p < procs; p++) {
+        long kb = peak_rss_kb(workers[p]);
+        if (kb > rss_max)
+            rss_max = kb;
+    }
+    json_t *stats = iwt_mock_stats(port);
+    long created = (long)json_integer_value(json_object_get(stats, "submissions_created"));
+    long r429 = (long)json_integer_value(json_object_get(stats, "rate_limited"));
+
+    printf(
+        "bench_submit: jobs=%ld procs=%ld concurrency=%ld provider_latency_ms=%ld rate_limits=%s "
+        "mock_limits=%s\n",
+        jobs, procs, concurrency, latency, limits, mock_limits);
+    printf("  throughput: %ld accepted, %ld failed, %ld duplicate events in %.2f s -> %.0f jobs/s "
+           "(steady state %.0f jobs/s; publishing took %.2f s)\n",
+           got, failed, dup, secs, secs > 0 ? got / secs : 0.0, steady, (published - t0) / 1000.0);
+    if (n_lat)
+        printf("  added latency (publish -> submission.accepted, provider time excluded) at %ld "
+               "jobs/s: p50 %lld ms, p99 %lld ms (n=%ld)\n",
+               paced_rate, lat_ms[n_lat / 2], lat_ms[(n_lat * 99) / 100], n_lat);
+    printf("  worker peak RSS: %.1f MB (max over %ld process(es))\n", rss_max / 1024.0, procs);
+    printf("  mock: submissions_created=%ld rate_limited(429)=%ld\n", created, r429);
+    json_decref(stats);
+
+    for (long p = 0; p < procs; p++)
+        iwt_stop(workers[p], SIGTERM);
+    iwt_stop(mock, SIGTERM);
+    iwt_amqp_close(pub);
+    iwt_amqp_close(tap);
+    iwt_cleanup(ns);
+    free(accepted_at);
+    free(lat_ms);
+    free(sent);
+    return got == jobs && r429 == 0 ? 0 : 1;
+}
