@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "admin_http.h"
 #include "log.h"
+#include "metrics.h"
 #include "topology.h"
 
 #define MAX_ROLES 4
@@ -337,6 +339,23 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     free(text);
 }
 
+void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const char *correlation_id,
+                      const json_t *body)
+{
+    char *text = json_dumps(body, JSON_COMPACT);
+    iw_publish p = {0};
+
+    p.exchange = "";
+    p.routing_key = reply_to;
+    p.body = text ? text : "{}";
+    p.body_len = strlen(p.body);
+    p.content_type = "application/json";
+    p.correlation_id = correlation_id;
+    p.transient = 1;
+    outcome_publish(rt, o, &p);
+    free(text);
+}
+
 /* A copy of a delivery's headers without the broker's dead-letter history,
  * which would otherwise grow with every hop through a delay tier. */
 static json_t *forward_headers(const iw_delivery *d)
@@ -365,6 +384,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     iw_publish p = {0};
 
     format_timestamp(clock_wall_ms(), ts, sizeof ts);
+    metrics_dead_letter(code);
     json_object_set_new(h, "x-error-code", json_string(code));
     json_object_set_new(h, "x-error-message", json_string(message));
     if (http_status > 0)
@@ -457,6 +477,7 @@ static size_t busy_jobs(runtime *rt)
 static void begin_stop(runtime *rt, long long now)
 {
     rt->stopping = 1;
+    metrics_stopping(1);
     rt->stop_deadline = now + rt->cfg->shutdown_grace_ms;
     log_msg(IW_LOG_INFO, NULL, "stopping: no new deliveries, finishing %zu job(s) within %ld ms",
             busy_jobs(rt), rt->cfg->shutdown_grace_ms);
@@ -478,9 +499,18 @@ int runtime_run(runtime *rt)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    iw_error err = {0};
+    admin_http *admin = admin_http_start(rt->cfg->http_addr, &err);
+    if (!admin && err.msg[0]) {
+        fprintf(stderr, "integration-worker: %s\n", err.msg);
+        return err.status == IW_ERR_CONFIG ? 2 : 1;
+    }
+    metrics_heartbeat(clock_mono_ms());
     rc = connect_amqp(rt);
-    if (rc == -2)
+    if (rc == -2) {
+        admin_http_stop(admin);
         return 1;
+    }
     rt_redis_ready(rt);
 
     for (;;) {
@@ -489,6 +519,9 @@ int runtime_run(runtime *rt)
 
         if (stop_requested && !rt->stopping)
             begin_stop(rt, now);
+        metrics_heartbeat(now);
+        metrics_connections(rt->amqp != NULL, redis_link_connected(rt->redis));
+        metrics_in_flight(http_client_in_flight(rt->http));
         if (rt->stopping) {
             if (busy_jobs(rt) == 0 && (!rt->amqp || amqp_link_unconfirmed(rt->amqp) == 0))
                 break;
@@ -500,8 +533,10 @@ int runtime_run(runtime *rt)
             }
         }
         if (!rt->amqp && !rt->stopping && now >= rt->amqp_retry_at) {
-            if (connect_amqp(rt) == -2)
+            if (connect_amqp(rt) == -2) {
+                admin_http_stop(admin);
                 return 1;
+            }
         }
         if (rt->amqp && amqp_link_pump(rt->amqp) != IW_OK)
             link_lost(rt);
@@ -528,6 +563,7 @@ int runtime_run(runtime *rt)
     }
     log_msg(IW_LOG_INFO, NULL, "stopped");
     log_flush();
+    admin_http_stop(admin);
     return 0;
 }
 

@@ -79,6 +79,11 @@ void rt_outcome_begin(rt_outcome *o, void (*done)(void *owner, int ok), void *ow
  * correlation_id. */
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
                       const char *job_id);
+/* Publishes an RPC reply: body (borrowed) to the default exchange with
+ * routing key reply_to and the request's correlation_id (NULL omits it);
+ * transient, since the caller waits for it now or not at all. */
+void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const char *correlation_id,
+                      const json_t *body);
 /* Dead-letters d's original body to <ns>.dlx with the contract's headers.
  * http_status <= 0 omits x-http-status. */
 void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,

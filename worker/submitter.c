@@ -12,6 +12,7 @@
 #include "clock.h"
 #include "jobheap.h"
 #include "log.h"
+#include "metrics.h"
 #include "retry.h"
 #include "roles.h"
 #include "topology.h"
@@ -142,6 +143,7 @@ static void fail_job(sjob *j, const char *code, const char *message, long http_s
     json_t *fields = job_fields(j);
 
     j->state = S_DEAD;
+    metrics_job("submitter", "failed");
     json_object_set_new(fields, "state", json_string("dead"));
     json_object_set_new(fields, "operation", json_string("POST /external-resource"));
     json_object_set_new(fields, "error",
@@ -305,6 +307,7 @@ static void on_response(void *ud, const http_response *r)
 
     s->calling--;
     j->state = S_CLASSIFIED;
+    metrics_provider_call(IW_ROUTE_SUBMIT, r->result.status, r->duration_us, v.breaker_failure);
     if (v.kind == IW_V_ACCEPT) {
         iw_error err;
         body = json_loadb(r->body, r->body_len, 0, NULL);
@@ -401,6 +404,7 @@ static void publish_accepted(sjob *j, const json_t *record)
     json_t *h = json_pack("{s:i, s:s}", "x-attempts", 0, "x-original-routing-key", "status.check");
 
     j->state = S_PUBLISHING;
+    metrics_job("submitter", "accepted");
     rt_outcome_begin(&j->out, after_outcome, j);
     rt_publish_event(s->rt, &j->out, "submission.accepted", record, j->job_id);
     if (text)
@@ -490,6 +494,7 @@ static void take_batch(submitter *s, long long now)
         s->blocked_until = now + 1000;
         return;
     }
+    metrics_limiter_usage(res.usage_permille);
     if (res.usage_permille >= 800 && now - s->last_usage_warn > 60000) {
         s->last_usage_warn = now;
         log_json(IW_LOG_WARN, json_pack("{s:s, s:i}", "message",
