@@ -55,7 +55,7 @@ static const setting settings[] = {
     {"IW_BASIC_PASSWORD", T_SECRET, NULL, 0, 0, NULL, F(basic_password), 0,
      "for IW_AUTH_MODE=basic"},
     {"IW_TLS_CERT", T_STRING, NULL, 0, 0, NULL, F(tls_cert), 0, "client certificate (mTLS)"},
-    {"IW_TLS_KEY", T_SECRET, NULL, 0, 0, NULL, F(tls_key), 0, "client key path (mTLS)"},
+    {"IW_TLS_KEY", T_STRING, NULL, 0, 0, NULL, F(tls_key), 0, "client key path (mTLS)"},
     {"IW_TLS_CA", T_STRING, NULL, 0, 0, NULL, F(tls_ca), 0, "CA bundle for the provider"},
     {"IW_RATE_LIMITS", T_RATE_LIMITS, "50/min,1000/hour,20000/day", 0, 0, NULL, F(rate_tiers),
      F(n_rate_tiers), "shared limits on every provider call, all pods together (N/T,...)"},
@@ -90,6 +90,15 @@ static const setting settings[] = {
      "random +/- percent added to each poll wait"},
     {"IW_CACHE_TTL", T_DURATION, "300s", 1000, 30 * DAY_MS, NULL, F(cache_ttl_ms), 0,
      "resource cache TTL"},
+    {"IW_CACHE_NEGATIVE_TTL", T_DURATION, "30s", 1000, DAY_MS, NULL, F(cache_negative_ttl_ms), 0,
+     "how long a resource the provider answered 404 for is remembered"},
+    {"IW_CACHE_STALE_TTL", T_DURATION, "24h", 1000, 30 * DAY_MS, NULL, F(cache_stale_ttl_ms), 0,
+     "how long the stale copy used when the provider is down is kept"},
+    {"IW_RESOLVER_WAIT", T_DURATION, "2s", 100, 60000, NULL, F(resolver_wait_ms), 0,
+     "longest a resource look-up waits (provider, limiter, another worker's call) before it is "
+     "answered from the stale copy or with an error"},
+    {"IW_RESOLVER_RETRY_SCHEDULE", T_SCHEDULE, "0s,200ms", 0, 0, NULL, F(resolver_retry_ms),
+     F(n_resolver_retry), "provider attempts of one look-up: the wait before each"},
     {"IW_TERMINAL_STATUSES", T_LIST, "completed,failed,rejected,cancelled", 0, 0, NULL,
      F(terminal_statuses_raw), F(n_terminal), "statuses that end polling"},
     {"IW_MAX_MESSAGE_BYTES", T_LONG, "1048576", 64, 134217728L, NULL, F(max_message_bytes), 0,
@@ -162,8 +171,10 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
             for (size_t i = 0; i < cfg->n_terminal; i++)
                 free(cfg->terminal[i]);
             for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-                while (*t == ' ')
+                while (*t == ' ' || *t == '\t')
                     t++;
+                for (char *e = t + strlen(t); e > t && (e[-1] == ' ' || e[-1] == '\t');)
+                    *--e = '\0';
                 if (!*t)
                     continue;
                 if (n == IW_MAX_TERMINAL) {
@@ -250,14 +261,21 @@ int config_check_provider(const iw_config *cfg, iw_error *err)
         return iw_error_set(
             err, IW_ERR_CONFIG,
             "IW_API_KEY: required when IW_AUTH_MODE=api-key (or set IW_API_KEY_FILE)");
-    if (cfg->auth_mode == IW_AUTH_OAUTH2 && (!cfg->oauth_client_id || !cfg->oauth_client_secret))
+    if (cfg->auth_mode == IW_AUTH_OAUTH2 &&
+        (!cfg->oauth_client_id || !*cfg->oauth_client_id || !cfg->oauth_client_secret ||
+         !*cfg->oauth_client_secret))
         return iw_error_set(err, IW_ERR_CONFIG,
-                            "IW_OAUTH_CLIENT_ID: IW_OAUTH_CLIENT_ID and IW_OAUTH_CLIENT_SECRET are "
-                            "required when IW_AUTH_MODE=oauth2");
-    if (cfg->auth_mode == IW_AUTH_BASIC && (!cfg->basic_user || !cfg->basic_password))
+                            "%s: IW_OAUTH_CLIENT_ID and IW_OAUTH_CLIENT_SECRET are "
+                            "required when IW_AUTH_MODE=oauth2",
+                            cfg->oauth_client_id && *cfg->oauth_client_id ? "IW_OAUTH_CLIENT_SECRET"
+                                                                          : "IW_OAUTH_CLIENT_ID");
+    if (cfg->auth_mode == IW_AUTH_BASIC &&
+        (!cfg->basic_user || !*cfg->basic_user || !cfg->basic_password || !*cfg->basic_password))
         return iw_error_set(err, IW_ERR_CONFIG,
-                            "IW_BASIC_USER: IW_BASIC_USER and IW_BASIC_PASSWORD are required when "
-                            "IW_AUTH_MODE=basic");
+                            "%s: IW_BASIC_USER and IW_BASIC_PASSWORD are required when "
+                            "IW_AUTH_MODE=basic",
+                            cfg->basic_user && *cfg->basic_user ? "IW_BASIC_PASSWORD"
+                                                                : "IW_BASIC_USER");
     return IW_OK;
 }
 

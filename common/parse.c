@@ -79,9 +79,10 @@ int parse_duration_ms(const char *s, long *out, iw_error *err)
 static int split_list(char *buf, char **items, size_t max)
 {
     size_t n = 0;
-    char *save = NULL;
+    char *rest = buf;
 
-    for (char *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+    /* strsep, not strtok_r: an empty item ("1s,,") is an error, not skipped */
+    for (char *tok = strsep(&rest, ","); tok; tok = strsep(&rest, ",")) {
         while (isspace((unsigned char)*tok))
             tok++;
         char *end = tok + strlen(tok);

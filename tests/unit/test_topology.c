@@ -1,0 +1,253 @@
+/* The topology module's pure parts: the delay tiers, the choice of a tier for
+ * a remaining delay, and composing any delay from hops; names. */
+#include <check.h>
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "topology.h"
+
+#define DAY_MS 86400000L
+
+/* ---------------------------------------------------------------------------
+ * Tiers
+ * ------------------------------------------------------------------------ */
+
+START_TEST(tier_values)
+{
+    ck_assert_int_eq(IW_DELAY_TIERS, 19);
+    for (int k = 0; k < IW_DELAY_TIERS; k++)
+        ck_assert_int_eq(topology_tier_ms(k), 250L << k);
+    ck_assert_int_eq(topology_tier_ms(0), 250);
+    ck_assert_int_eq(topology_tier_ms(1), 500);
+    ck_assert_int_eq(topology_tier_ms(3), 2000);
+    ck_assert_int_eq(topology_tier_ms(5), 8000);
+    ck_assert_int_eq(topology_tier_ms(10), 256000);
+    ck_assert_int_eq(topology_tier_ms(18), 65536000L); /* ~18.2 h */
+}
+END_TEST
+
+static const struct {
+    long remaining_ms;
+    long tier_ms; /* -1: due now */
+} picks[] = {
+    {LONG_MIN, -1},
+    {-1000, -1},
+    {0, -1},
+    {1, -1},
+    {50, -1},
+    {51, 250},
+    {60, 250},
+    {249, 250},
+    {250, 250},
+    {499, 250},
+    {500, 500},
+    {999, 500},
+    {1000, 1000},
+    {1999, 1000},
+    {2000, 2000},
+    {2001, 2000},
+    {7999, 4000},
+    {8000, 8000},
+    {300000, 256000},
+    {65535999L, 32768000L},
+    {65536000L, 65536000L},
+    {DAY_MS, 65536000L},
+    {30 * DAY_MS, 65536000L},
+    {LONG_MAX, 65536000L},
+};
+
+START_TEST(pick_table)
+{
+    int k = topology_pick_tier(picks[_i].remaining_ms);
+
+    if (picks[_i].tier_ms < 0) {
+        ck_assert_msg(k == -1, "pick(%ld) = %d, want -1", picks[_i].remaining_ms, k);
+    } else {
+        ck_assert_msg(k >= 0 && k < IW_DELAY_TIERS, "pick(%ld) = %d", picks[_i].remaining_ms, k);
+        ck_assert_msg(topology_tier_ms(k) == picks[_i].tier_ms, "pick(%ld) = tier %ld, want %ld",
+                      picks[_i].remaining_ms, topology_tier_ms(k), picks[_i].tier_ms);
+    }
+}
+END_TEST
+
+/* Every tier picks itself, and the value just below picks the one below. */
+START_TEST(pick_exact_tiers)
+{
+    for (int k = 0; k < IW_DELAY_TIERS; k++) {
+        ck_assert_int_eq(topology_pick_tier(topology_tier_ms(k)), k);
+        if (k > 0)
+            ck_assert_int_eq(topology_pick_tier(topology_tier_ms(k) - 1), k - 1);
+    }
+}
+END_TEST
+
+/* ---------------------------------------------------------------------------
+ * Composing a delay from hops
+ * ------------------------------------------------------------------------ */
+
+typedef struct hops_result {
+    int hops;
+    long rest; /* remaining when the last pick said "due now"; negative = overshoot */
+} hops_result;
+
+/* Follows the consumer: pick a tier for what remains, wait it, repeat.  The
+ * loops below run millions of times, so they test with plain ifs: a passing
+ * ck_assert costs a write to Check's pipe. */
+static hops_result compose(long delay_ms)
+{
+    hops_result r = {0, delay_ms};
+    int k;
+
+    while ((k = topology_pick_tier(r.rest)) != -1) {
+        if (k < 0 || k >= IW_DELAY_TIERS)
+            ck_abort_msg("%ld: pick(%ld) = %d", delay_ms, r.rest, k);
+        long tier = topology_tier_ms(k);
+        /* greedy: the largest tier that fits, or the smallest */
+        if ((tier > r.rest && k != 0) ||
+            (k < IW_DELAY_TIERS - 1 && topology_tier_ms(k + 1) <= r.rest))
+            ck_abort_msg("%ld: pick(%ld) = tier %ld is not the largest that fits", delay_ms, r.rest,
+                         tier);
+        r.rest -= tier;
+        r.hops++;
+        if (r.hops > 64)
+            ck_abort_msg("no end composing %ld", delay_ms);
+    }
+    return r;
+}
+
+static void check_delay(long delay_ms, int *max_hops, long *max_overshoot)
+{
+    hops_result r = compose(delay_ms);
+
+    if (r.rest > IW_DELAY_SLACK_MS)
+        ck_abort_msg("%ld: %ld ms left", delay_ms, r.rest);
+    if (r.rest < -250)
+        ck_abort_msg("%ld: overshoot %ld ms", delay_ms, -r.rest);
+    if (r.hops > 20)
+        ck_abort_msg("%ld: %d hops", delay_ms, r.hops);
+    if (r.hops > *max_hops)
+        *max_hops = r.hops;
+    if (-r.rest > *max_overshoot)
+        *max_overshoot = -r.rest;
+}
+
+START_TEST(compose_small_exhaustive)
+{
+    int max_hops = 0;
+    long max_overshoot = 0;
+
+    for (long d = 1; d <= 1000000; d++)
+        check_delay(d, &max_hops, &max_overshoot);
+    ck_assert_int_ge(max_hops, 10); /* the property was exercised, not vacuous */
+    ck_assert_int_gt(max_overshoot, 0);
+}
+END_TEST
+
+/* A fixed xorshift generator: the same sample every run. */
+static uint64_t next_random(uint64_t *state)
+{
+    uint64_t x = *state;
+
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    return x;
+}
+
+START_TEST(compose_random_up_to_a_day)
+{
+    uint64_t state = 0x9e3779b97f4a7c15ULL;
+    int max_hops = 0;
+    long max_overshoot = 0;
+
+    for (int i = 0; i < 1000000; i++)
+        check_delay(1 + (long)(next_random(&state) % (uint64_t)DAY_MS), &max_hops, &max_overshoot);
+    ck_assert_int_ge(max_hops, 15);
+}
+END_TEST
+
+/* The edges: around every tier and every sum of tiers below a day, where a
+ * greedy composition is longest, and the day itself. */
+START_TEST(compose_edges)
+{
+    int max_hops = 0;
+    long max_overshoot = 0;
+
+    for (int k = 0; k < IW_DELAY_TIERS; k++) {
+        long t = topology_tier_ms(k);
+        for (long d = t - 300; d <= t + 300; d++)
+            if (d >= 1)
+                check_delay(d, &max_hops, &max_overshoot);
+        /* all tiers up to k: the most hops for its size */
+        long all = 2 * t - 250;
+        for (long d = all - 300; d <= all + 300; d++)
+            if (d >= 1 && d <= DAY_MS)
+                check_delay(d, &max_hops, &max_overshoot);
+    }
+    /* the top tier plus every lower one that still fits in a day */
+    long worst = topology_tier_ms(IW_DELAY_TIERS - 1);
+    for (int k = IW_DELAY_TIERS - 2; k >= 0; k--)
+        if (worst + topology_tier_ms(k) <= DAY_MS)
+            worst += topology_tier_ms(k);
+    for (long d = worst - 300; d <= worst + 300 && d <= DAY_MS; d++)
+        check_delay(d, &max_hops, &max_overshoot);
+    for (long d = DAY_MS - 1000; d <= DAY_MS; d++)
+        check_delay(d, &max_hops, &max_overshoot);
+    ck_assert_int_ge(max_hops, 18); /* the longest compositions were exercised */
+    ck_assert_int_lt(max_overshoot, 250);
+}
+END_TEST
+
+/* ---------------------------------------------------------------------------
+ * Names
+ * ------------------------------------------------------------------------ */
+
+START_TEST(names)
+{
+    char buf[64];
+
+    ck_assert_str_eq(topology_name(buf, sizeof buf, "ext-api", "submit"), "ext-api.submit");
+    ck_assert_str_eq(topology_name(buf, sizeof buf, "ext-api", "delay.250"), "ext-api.delay.250");
+    ck_assert_ptr_eq(topology_name(buf, sizeof buf, "n", "dead"), buf);
+    ck_assert_str_eq(buf, "n.dead");
+
+    char small[8];
+    ck_assert_str_eq(topology_name(small, sizeof small, "ext-api", "submit"), "ext-api");
+}
+END_TEST
+
+static Suite *topology_suite(void)
+{
+    Suite *s = suite_create("topology");
+    TCase *tc;
+
+    tc = tcase_create("tiers");
+    tcase_add_test(tc, tier_values);
+    tcase_add_loop_test(tc, pick_table, 0, sizeof picks / sizeof picks[0]);
+    tcase_add_test(tc, pick_exact_tiers);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("compose");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, compose_small_exhaustive);
+    tcase_add_test(tc, compose_random_up_to_a_day);
+    tcase_add_test(tc, compose_edges);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("names");
+    tcase_add_test(tc, names);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(topology_suite());
+
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
