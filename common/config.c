@@ -173,8 +173,8 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
             for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
                 while (*t == ' ' || *t == '\t')
                     t++;
-                for (char *e = t + strlen(t); e > t && (e[-1] == ' ' || e[-1] == '\t');)
-                    *--e = '\0';
+                for (char *end = t + strlen(t); end > t && (end[-1] == ' ' || end[-1] == '\t');)
+                    *--end = '\0';
                 if (!*t)
                     continue;
                 if (n == IW_MAX_TERMINAL) {
