@@ -53,6 +53,11 @@ typedef struct iw_config {
     long poll_max_age_ms;
     long poll_jitter_pct;
     long cache_ttl_ms;
+    long cache_negative_ttl_ms; /* a remembered 404 */
+    long cache_stale_ttl_ms;    /* the fallback copy kept for provider outages */
+    long resolver_wait_ms;      /* longest a look-up waits before a fallback answer */
+    long resolver_retry_ms[IW_MAX_SCHEDULE];
+    size_t n_resolver_retry;
     char *terminal_statuses_raw;
     char *terminal[IW_MAX_TERMINAL];
     size_t n_terminal;
