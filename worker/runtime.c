@@ -356,9 +356,7 @@ void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const ch
     free(text);
 }
 
-/* A copy of a delivery's headers without the broker's dead-letter history,
- * which would otherwise grow with every hop through a delay tier. */
-static json_t *forward_headers(const iw_delivery *d)
+json_t *rt_forward_headers(const iw_delivery *d)
 {
     json_t *h = json_deep_copy(d->headers);
     static const char *const drop[] = {"x-death",
@@ -379,7 +377,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
                      const char *code, const char *message, long http_status, int attempts)
 {
     char exchange[256], queue[256], ts[40];
-    json_t *h = forward_headers(d);
+    json_t *h = rt_forward_headers(d);
     const char *orig_key = rt_header_str(d, "x-original-routing-key");
     iw_publish p = {0};
 

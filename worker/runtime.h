@@ -97,6 +97,11 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
 /* Seals the group: `done` runs when the last confirm arrives (or now). */
 void rt_outcome_seal(rt_outcome *o);
 
+/* A copy (new reference) of a delivery's headers without the broker's
+ * dead-letter history, which would otherwise grow with every hop through a
+ * delay tier. */
+json_t *rt_forward_headers(const iw_delivery *d);
+
 /* Header helpers over a delivery's headers. */
 long long rt_header_int(const iw_delivery *d, const char *name, long long def);
 const char *rt_header_str(const iw_delivery *d, const char *name);

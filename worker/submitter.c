@@ -168,18 +168,8 @@ static void fail_job(sjob *j, const char *code, const char *message, long http_s
 /* Headers for sending this job on through the broker (retry or long wait). */
 static json_t *onward_headers(const sjob *j, int attempts, const char *last_error)
 {
-    json_t *h = json_deep_copy(j->d->headers);
-    static const char *const drop[] = {"x-death",
-                                       "x-first-death-exchange",
-                                       "x-first-death-queue",
-                                       "x-first-death-reason",
-                                       "x-last-death-exchange",
-                                       "x-last-death-queue",
-                                       "x-last-death-reason"};
-    if (!h)
-        h = json_object();
-    for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
-        json_object_del(h, drop[i]);
+    json_t *h = rt_forward_headers(j->d);
+
     json_object_set_new(h, "x-attempts", json_integer(attempts));
     if (!json_object_get(h, "x-original-routing-key"))
         json_object_set_new(h, "x-original-routing-key",
