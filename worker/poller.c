@@ -299,56 +299,18 @@ static void fail_job(pjob *j, const char *code, const char *message, long http_s
     j->state = P_DEAD;
     json_object_set_new(fields, "state", json_string("dead"));
     json_object_set_new(fields, "operation", json_string(STATUS_OPERATION));
-    json_object_set_new(fields, "error",
-                        json_pack("{s:s, s:s, s:o, s:i}", "code", code, "message", message,
-                                  "statusCode",
-                                  http_status > 0 ? json_integer(http_status) : json_null(),
-                                  "retryAttempt", attempts));
+    json_object_set_new(fields, "error", rt_error_object(code, message, http_status, attempts));
     log_json(IW_LOG_ERROR, fields);
     rt_outcome_begin(&j->out, after_outcome, j);
-    if (j->job_id) {
-        json_t *ev = json_pack("{s:s, s:{s:s, s:s, s:o, s:i}}", "jobId", j->job_id, "error", "code",
-                               code, "message", message, "statusCode",
-                               http_status > 0 ? json_integer(http_status) : json_null(),
-                               "retryAttempt", attempts);
-        rt_publish_event(p->rt, &j->out, "submission.failed", ev, j->job_id);
-        json_decref(ev);
-    }
-    rt_publish_dead(p->rt, &j->out, j->d, "status", code, message, http_status, attempts);
+    rt_publish_failure(p->rt, &j->out, j->d, "status", j->job_id, code, message, http_status,
+                       attempts);
     rt_outcome_seal(&j->out);
-}
-
-/* Headers for sending a check on through the broker: the delivery's own,
- * without the broker's dead-letter history, with x-attempts set. */
-static json_t *onward_headers(const pjob *j, int attempts, const char *last_error)
-{
-    json_t *h = json_deep_copy(j->d->headers);
-    static const char *const drop[] = {"x-death",
-                                       "x-first-death-exchange",
-                                       "x-first-death-queue",
-                                       "x-first-death-reason",
-                                       "x-last-death-exchange",
-                                       "x-last-death-queue",
-                                       "x-last-death-reason"};
-    if (!h)
-        h = json_object();
-    for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++)
-        json_object_del(h, drop[i]);
-    json_object_set_new(h, "x-attempts", json_integer(attempts));
-    if (!json_object_get(h, "x-original-routing-key"))
-        json_object_set_new(h, "x-original-routing-key",
-                            json_string(j->d->routing_key ? j->d->routing_key : ""));
-    if (last_error)
-        json_object_set_new(h, "x-last-error", json_string(last_error));
-    else
-        json_object_del(h, "x-last-error");
-    return h;
 }
 
 /* The same check, unchanged, after delay_ms (a retry or a long wait). */
 static void send_on(pjob *j, long delay_ms, int attempts, const char *last_error)
 {
-    json_t *h = onward_headers(j, attempts, last_error);
+    json_t *h = rt_onward_headers(j->d, attempts, last_error);
 
     j->state = P_PUBLISHING;
     rt_outcome_begin(&j->out, after_outcome, j);
@@ -441,7 +403,7 @@ static void reschedule(pjob *j, const char *status, long long now_wall)
                               (double)random() / ((double)RAND_MAX + 1.0));
     long long deadline = j->accepted_ms + cfg->poll_max_age_ms;
     json_t *next = json_deep_copy(j->doc);
-    json_t *h = onward_headers(j, 0, NULL);
+    json_t *h = rt_onward_headers(j->d, 0, NULL);
     char *text;
 
     if (now_wall + delay > deadline)

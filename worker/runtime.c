@@ -334,7 +334,9 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     p.body = text ? text : "{}";
     p.body_len = strlen(p.body);
     p.content_type = "application/json";
-    p.correlation_id = job_id;
+    /* an AMQP shortstr holds 255 bytes; a longer jobId (128 characters may be
+     * 512 bytes) would break the connection: it is in the body anyway */
+    p.correlation_id = job_id && strlen(job_id) <= 255 ? job_id : NULL;
     outcome_publish(rt, o, &p);
     free(text);
 }
@@ -412,6 +414,43 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     json_decref(h);
 }
 
+json_t *rt_error_object(const char *code, const char *message, long http_status, int attempts)
+{
+    return json_pack("{s:s, s:s, s:o, s:i}", "code", code, "message", message, "statusCode",
+                     http_status > 0 ? json_integer(http_status) : json_null(), "retryAttempt",
+                     attempts);
+}
+
+void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
+                        const char *job_id, const char *code, const char *message, long http_status,
+                        int attempts)
+{
+    if (job_id) {
+        json_t *ev = json_pack("{s:s, s:o}", "jobId", job_id, "error",
+                               rt_error_object(code, message, http_status, attempts));
+        rt_publish_event(rt, o, "submission.failed", ev, job_id);
+        json_decref(ev);
+    }
+    rt_publish_dead(rt, o, d, queue_suffix, code, message, http_status, attempts);
+}
+
+json_t *rt_onward_headers(const iw_delivery *d, int attempts, const char *last_error)
+{
+    json_t *h = rt_forward_headers(d);
+
+    json_object_set_new(h, "x-attempts", json_integer(attempts));
+    if (!json_object_get(h, "x-original-routing-key"))
+        json_object_set_new(h, "x-original-routing-key",
+                            json_string(d->routing_key ? d->routing_key : ""));
+    if (!json_object_get(h, "x-first-seen"))
+        json_object_set_new(h, "x-first-seen", json_integer(clock_wall_ms()));
+    if (last_error)
+        json_object_set_new(h, "x-last-error", json_string(last_error));
+    else
+        json_object_del(h, "x-last-error");
+    return h;
+}
+
 void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const char *body,
                         size_t len, const char *correlation_id, const json_t *headers,
                         long delay_ms)
@@ -435,7 +474,7 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = correlation_id;
+    p.correlation_id = correlation_id && strlen(correlation_id) <= 255 ? correlation_id : NULL;
     p.headers = h;
     outcome_publish(rt, o, &p);
     json_decref(h);

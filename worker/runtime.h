@@ -88,6 +88,17 @@ void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const ch
  * http_status <= 0 omits x-http-status. */
 void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
                      const char *code, const char *message, long http_status, int attempts);
+/* Ends a job without success: submission.failed (when job_id is known)
+ * and the dead letter of d, in group o. */
+void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
+                        const char *job_id, const char *code, const char *message, long http_status,
+                        int attempts);
+/* The spec's error object {code, message, statusCode, retryAttempt} (new). */
+json_t *rt_error_object(const char *code, const char *message, long http_status, int attempts);
+/* Headers for sending d on through the broker (a retry or a long wait):
+ * rt_forward_headers plus x-attempts, x-original-routing-key and
+ * x-first-seen when absent, and x-last-error (removed when NULL). */
+json_t *rt_onward_headers(const iw_delivery *d, int attempts, const char *last_error);
 /* Sends a message back to <ns>.<target> after delay_ms through the delay
  * tiers (0: at once through the retry exchange).  `headers` (borrowed) gets
  * iw-target and x-due-at added in a copy. */

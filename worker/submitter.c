@@ -44,6 +44,7 @@ typedef struct sjob {
     rt_outcome out;
     json_t *record; /* classified 201: the accepted record to store and publish */
     struct sjob *next;
+    struct sjob *call_prev, *call_next; /* in submitter.in_call while calling */
 } sjob;
 
 typedef struct job_fifo {
@@ -58,6 +59,7 @@ struct submitter {
     jobheap deferred;
     job_fifo ready[2]; /* [0] critical first, [1] normal */
     job_fifo to_record;
+    sjob *in_call; /* jobs in a provider call: freed at exit if still there */
     int calling;
     size_t alive;
     long long blocked_until;
@@ -131,8 +133,9 @@ static void after_outcome(void *owner, int ok)
 static const char *readable_job_id(const json_t *doc)
 {
     const char *id = json_string_value(json_object_get(doc, "jobId"));
-    size_t n = id ? strlen(id) : 0;
-    return n >= 1 && n <= 128 ? id : NULL;
+    /* any length: a job rejected for its jobId still gets its event (and
+     * 128 characters may take up to 512 bytes) */
+    return id && *id ? id : NULL;
 }
 
 /* Ends a job without success: submission.failed (when the jobId is known)
@@ -146,44 +149,17 @@ static void fail_job(sjob *j, const char *code, const char *message, long http_s
     metrics_job("submitter", "failed");
     json_object_set_new(fields, "state", json_string("dead"));
     json_object_set_new(fields, "operation", json_string("POST /external-resource"));
-    json_object_set_new(fields, "error",
-                        json_pack("{s:s, s:s, s:o, s:i}", "code", code, "message", message,
-                                  "statusCode",
-                                  http_status > 0 ? json_integer(http_status) : json_null(),
-                                  "retryAttempt", attempts));
+    json_object_set_new(fields, "error", rt_error_object(code, message, http_status, attempts));
     log_json(IW_LOG_ERROR, fields);
     rt_outcome_begin(&j->out, after_outcome, j);
-    if (j->job_id) {
-        json_t *ev = json_pack("{s:s, s:{s:s, s:s, s:o, s:i}}", "jobId", j->job_id, "error", "code",
-                               code, "message", message, "statusCode",
-                               http_status > 0 ? json_integer(http_status) : json_null(),
-                               "retryAttempt", attempts);
-        rt_publish_event(s->rt, &j->out, "submission.failed", ev, j->job_id);
-        json_decref(ev);
-    }
-    rt_publish_dead(s->rt, &j->out, j->d, "submit", code, message, http_status, attempts);
+    rt_publish_failure(s->rt, &j->out, j->d, "submit", j->job_id, code, message, http_status,
+                       attempts);
     rt_outcome_seal(&j->out);
-}
-
-/* Headers for sending this job on through the broker (retry or long wait). */
-static json_t *onward_headers(const sjob *j, int attempts, const char *last_error)
-{
-    json_t *h = rt_forward_headers(j->d);
-
-    json_object_set_new(h, "x-attempts", json_integer(attempts));
-    if (!json_object_get(h, "x-original-routing-key"))
-        json_object_set_new(h, "x-original-routing-key",
-                            json_string(j->d->routing_key ? j->d->routing_key : ""));
-    if (!json_object_get(h, "x-first-seen"))
-        json_object_set_new(h, "x-first-seen", json_integer(clock_wall_ms()));
-    if (last_error)
-        json_object_set_new(h, "x-last-error", json_string(last_error));
-    return h;
 }
 
 static void send_on(sjob *j, long delay_ms, int attempts, const char *last_error)
 {
-    json_t *h = onward_headers(j, attempts, last_error);
+    json_t *h = rt_onward_headers(j->d, attempts, last_error);
 
     j->state = S_PUBLISHING;
     rt_outcome_begin(&j->out, after_outcome, j);
@@ -296,6 +272,12 @@ static void on_response(void *ud, const http_response *r)
     char msg[300];
 
     s->calling--;
+    if (j->call_prev)
+        j->call_prev->call_next = j->call_next;
+    else
+        s->in_call = j->call_next;
+    if (j->call_next)
+        j->call_next->call_prev = j->call_prev;
     j->state = S_CLASSIFIED;
     metrics_provider_call(IW_ROUTE_SUBMIT, r->result.status, r->duration_us, v.breaker_failure);
     if (v.kind == IW_V_ACCEPT) {
@@ -369,6 +351,11 @@ static void start_call(sjob *j)
     if (body && http_client_start(rt_http(s->rt), "POST", "/api/v1/external-resource", body,
                                   strlen(body), j->job_id, on_response, j) == IW_OK) {
         s->calling++;
+        j->call_prev = NULL;
+        j->call_next = s->in_call;
+        if (s->in_call)
+            s->in_call->call_prev = j;
+        s->in_call = j;
     } else {
         log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
         defer(j, 1000);
@@ -452,7 +439,8 @@ static void take_batch(submitter *s, long long now)
 {
     const iw_config *cfg = s->cfg;
     sjob *batch[LIMITER_MAX_RECORDS];
-    char keys[LIMITER_MAX_RECORDS][200];
+    /* <ns>:job:<jobId>: a jobId is up to 128 characters of up to 4 bytes */
+    char keys[LIMITER_MAX_RECORDS][1024];
     const char *key_ptrs[LIMITER_MAX_RECORDS];
     size_t n = 0;
     long free_slots = cfg->concurrency - s->calling;
@@ -472,8 +460,9 @@ static void take_batch(submitter *s, long long now)
     }
     if (!n)
         return;
-    if (limiter_append_take(rt_limiter(s->rt), "submit", 1000, (int)n, n, key_ptrs, &err) !=
-            IW_OK ||
+    if (limiter_append_take(rt_limiter(s->rt), "submit",
+                            q == 0 ? 1000 : (int)cfg->submit_share_pct * 10, (int)n, n, key_ptrs,
+                            &err) != IW_OK ||
         limiter_read_take(rt_limiter(s->rt), &res, &err) != IW_OK) {
         /* fail closed: nobody calls the provider unmetered */
         log_json(IW_LOG_ERROR,
@@ -619,6 +608,13 @@ void submitter_free(submitter *s)
     if (!s)
         return;
     drop_waiting(s, 0);
+    /* calls cut short by the end of the shutdown grace: the HTTP client
+     * aborts them without a callback (their deliveries return to the queue) */
+    while (s->in_call) {
+        sjob *j = s->in_call;
+        s->in_call = j->call_next;
+        job_free(j);
+    }
     jobheap_clear(&s->deferred);
     schema_free(s->job_schema);
     schema_free(s->resp_schema);
