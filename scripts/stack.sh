@@ -108,8 +108,17 @@ log.console = false
 EOF
   chmod 644 "$conf"
 
+  # Every quorum queue keeps files open and the test suite declares 23 queues per
+  # namespace; Debian's wrapper switches to the rabbitmq user with `su`, which
+  # resets the soft descriptor limit to 1024 (the broker then refuses logins).
+  # The broker's env file is sourced by its start script after `su`: raise the
+  # soft limit to the hard one there.
+  local env_file="$STATE_DIR/rabbitmq-env.conf"
+  printf 'ulimit -n "$(ulimit -Hn)" 2>/dev/null || true\n' >"$env_file"
+  chmod 644 "$env_file"
   local env_args=(RABBITMQ_NODENAME="$RABBIT_NODE" RABBITMQ_NODE_IP_ADDRESS="$HOST"
-                  RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_CONFIG_FILE="$conf")
+                  RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_CONFIG_FILE="$conf"
+                  RABBITMQ_CONF_ENV_FILE="$env_file")
   [ -z "$DIST_PORT" ] || env_args+=(RABBITMQ_DIST_PORT="$DIST_PORT")
   # Keep the Erlang distribution port on loopback too when the node's host resolves
   # there (otherwise rabbitmqctl could not reach it); epmd is shared and left as is.

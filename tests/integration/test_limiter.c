@@ -1,0 +1,576 @@
+/* Integration suite of the fleet-wide limiter (common/limiter) against the
+ * real Redis on 127.0.0.1:6379, through common/redis_link as the worker uses
+ * it.  Every test works under its own key namespace and deletes its keys. */
+#include <check.h>
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "limiter.h"
+#include "redis_link.h"
+
+#define REDIS_URL "redis://127.0.0.1:6379/0"
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+/* Namespaces carry the runner's pid: the runner's unchecked teardown finds
+ * what a failed test left (Check ends it with _exit()). */
+static pid_t runner_pid;
+static char ns_buf[128];
+
+static const char *test_ns(const char *name)
+{
+    snprintf(ns_buf, sizeof ns_buf, "t-lim-%s-%ld", name, (long)runner_pid);
+    return ns_buf;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
+static redisContext *raw(void)
+{
+    static redisContext *c;
+    if (!c) {
+        c = redisConnect("127.0.0.1", 6379);
+        ck_assert_msg(c && !c->err, "cannot connect to Redis on 127.0.0.1:6379");
+    }
+    return c;
+}
+
+static long long redis_int(const char *fmt, const char *arg)
+{
+    redisReply *r = redisCommand(raw(), fmt, arg);
+    ck_assert_ptr_nonnull(r);
+    long long v = r->type == REDIS_REPLY_INTEGER  ? r->integer
+                  : r->type == REDIS_REPLY_STRING ? atoll(r->str)
+                                                  : 0;
+    freeReplyObject(r);
+    return v;
+}
+
+static long long key_int(const char *ns, const char *cmd, const char *suffix)
+{
+    char key[256], fmt[64];
+    snprintf(key, sizeof key, "%s:%s", ns, suffix);
+    snprintf(fmt, sizeof fmt, "%s %%s", cmd);
+    return redis_int(fmt, key);
+}
+
+static void del_keys(const char *ns)
+{
+    char cursor[32] = "0", pattern[200];
+    snprintf(pattern, sizeof pattern, "%s:*", ns);
+    do {
+        redisReply *r = redisCommand(raw(), "SCAN %s MATCH %s COUNT 1000", cursor, pattern);
+        ck_assert_ptr_nonnull(r);
+        ck_assert_int_eq(r->type, REDIS_REPLY_ARRAY);
+        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+        for (size_t i = 0; i < r->element[1]->elements; i++)
+            freeReplyObject(redisCommand(raw(), "DEL %s", r->element[1]->element[i]->str));
+        freeReplyObject(r);
+    } while (strcmp(cursor, "0") != 0);
+}
+
+static void remove_leftovers(void)
+{
+    char pattern[64];
+    snprintf(pattern, sizeof pattern, "t-lim-*-%ld", (long)runner_pid);
+    del_keys(pattern);
+}
+
+/* Scores (Redis TIME, microseconds) of the permit log, ascending; returns the count. */
+static size_t log_scores(const char *ns, long long **out)
+{
+    char key[256];
+    snprintf(key, sizeof key, "%s:limiter:log", ns);
+    redisReply *r = redisCommand(raw(), "ZRANGE %s 0 -1 WITHSCORES", key);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_int_eq(r->type, REDIS_REPLY_ARRAY);
+    size_t n = r->elements / 2;
+    *out = calloc(n + 1, sizeof **out);
+    for (size_t i = 0; i < n; i++)
+        (*out)[i] = atoll(r->element[2 * i + 1]->str);
+    freeReplyObject(r);
+    return n;
+}
+
+/* At most `limit` timestamps in ANY window [t, t + window) of the sorted list. */
+static void assert_any_window(const long long *t, size_t n, long limit, long long window,
+                              const char *what)
+{
+    for (size_t i = 0; i + (size_t)limit < n; i++)
+        ck_assert_msg(t[i + limit] - t[i] >= window,
+                      "%s: %ld + 1 permits within %lld (grants %zu and %zu are %lld apart)", what,
+                      limit, window, i, i + (size_t)limit, t[i + limit] - t[i]);
+}
+
+typedef struct lim_fixture {
+    redis_link *link;
+    limiter *lim;
+} lim_fixture;
+
+static lim_fixture open_limiter_guard(const char *ns, const char *spec, long guard_ms)
+{
+    lim_fixture f;
+    iw_rate_tier tiers[IW_MAX_TIERS];
+    size_t n = 0;
+    iw_error err = {0};
+
+    ck_assert_int_eq(parse_rate_limits(spec, tiers, &n, &err), IW_OK);
+    f.link = redis_link_new(REDIS_URL, 2000, &err);
+    ck_assert_ptr_nonnull(f.link);
+    f.lim = limiter_new(f.link, ns, tiers, n, guard_ms);
+    ck_assert_ptr_nonnull(f.lim);
+    ck_assert_msg(redis_link_ensure(f.link, &err) == IW_OK, "redis: %s", err.msg);
+    return f;
+}
+
+/* Without a guard: the windows are exactly the configured ones. */
+static lim_fixture open_limiter(const char *ns, const char *spec)
+{
+    return open_limiter_guard(ns, spec, 0);
+}
+
+static void close_limiter(lim_fixture *f)
+{
+    limiter_free(f->lim);
+    redis_link_free(f->link);
+}
+
+static limiter_result take(lim_fixture *f, const char *cls, int share, int want)
+{
+    limiter_result r;
+    iw_error err = {0};
+    memset(&r, 0, sizeof r);
+    ck_assert_msg(limiter_take(f->lim, cls, share, want, &r, &err) == IW_OK, "take: %s", err.msg);
+    return r;
+}
+
+/* ---- tests ---------------------------------------------------------------------- */
+
+START_TEST(test_grants_then_refuses_with_wait)
+{
+    const char *ns = test_ns("basic");
+    lim_fixture f = open_limiter(ns, "5/1s");
+    long long first = 0;
+
+    del_keys(ns);
+    for (int i = 0; i < 5; i++) {
+        long long before = clock_mono_us();
+        limiter_result r = take(&f, "submit", 1000, 1);
+        if (i == 0)
+            first = before;
+        ck_assert_int_eq(r.granted, 1);
+        ck_assert_int_eq(r.wait_ms, 0);
+        ck_assert_int_eq(r.paused, 0);
+        /* usage is measured before this call: i of 5 used */
+        ck_assert_int_eq(r.usage_permille, i * 200);
+    }
+    ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 5);
+
+    long long at = clock_mono_us();
+    limiter_result r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_eq(r.paused, 0);
+    ck_assert_int_eq(r.usage_permille, 1000);
+    /* the oldest permit (taken at ~first) leaves the window at first + 1 s */
+    long expect = 1000 - (long)((at - first) / 1000);
+    ck_assert_msg(r.wait_ms >= expect - 15 && r.wait_ms <= expect + 15,
+                  "wait %ld ms, expected ~%ld ms", r.wait_ms, expect);
+    ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 5); /* a refusal takes nothing */
+
+    /* the wait is enough: after it, a permit is granted again */
+    sleep_ms(r.wait_ms);
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 1);
+    /* a grant trims the log to the longest window: at least the oldest permit
+     * is gone, and the window holds at most 5 with the new one */
+    long long card = key_int(ns, "ZCARD", "limiter:log");
+    ck_assert_msg(card >= 1 && card <= 5, "%lld permits logged", card);
+
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
+/* IW_RATE_GUARD lengthens every window: the wait covers the guard too. */
+START_TEST(test_guard_lengthens_window)
+{
+    const char *ns = test_ns("guard");
+    /* the 10 s tier keeps the log for the final check */
+    lim_fixture f = open_limiter_guard(ns, "3/1s,1000/10s", 200);
+
+    del_keys(ns);
+    long long first = clock_mono_us();
+    limiter_result r = take(&f, "submit", 1000, 3);
+    ck_assert_int_eq(r.granted, 3);
+    long long at = clock_mono_us();
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    long expect = 1200 - (long)((at - first) / 1000);
+    ck_assert_msg(r.wait_ms >= expect - 15 && r.wait_ms <= expect + 15,
+                  "wait %ld ms with a 200 ms guard, expected ~%ld ms", r.wait_ms, expect);
+    /* 1 s later the plain window would be free, the guarded one is not */
+    sleep_ms(1050 - (long)((clock_mono_us() - first) / 1000));
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_gt(r.wait_ms, 100);
+    sleep_ms(r.wait_ms);
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 1);
+    long long *t;
+    size_t n = log_scores(ns, &t);
+    ck_assert_uint_eq(n, 4);
+    ck_assert_int_ge(t[3] - t[0], 1200000);
+    free(t);
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
+START_TEST(test_any_window_single_process)
+{
+    const char *ns = test_ns("window");
+    /* the 10 s tier never binds; it keeps 10 s of log so the whole run can be checked */
+    lim_fixture f = open_limiter(ns, "20/1s,1000000/10s");
+    long long local[400];
+    size_t nlocal = 0;
+    long long end = clock_mono_ms() + 3000;
+
+    del_keys(ns);
+    while (clock_mono_ms() < end) {
+        limiter_result r = take(&f, "submit", 1000, 1);
+        if (r.granted) {
+            ck_assert_uint_lt(nlocal, 400);
+            local[nlocal++] = clock_mono_us();
+        } else {
+            ck_assert_int_gt(r.wait_ms, 0);
+            ck_assert_int_le(r.wait_ms, 1000);
+            usleep(1000);
+        }
+    }
+    long long *t;
+    size_t n = log_scores(ns, &t);
+    ck_assert_uint_eq(n, nlocal);
+    /* work-conserving: ~20 per second over 3 s (windows starting at 0, 1, 2 s) */
+    ck_assert_msg(n >= 58 && n <= 80, "%zu grants in 3 s at 20/1s", n);
+    assert_any_window(t, n, 20, 1000000, "Redis TIME");
+    /* local clock: allow 3 ms between the grant and our reading of the clock */
+    for (size_t i = 0; i + 20 < nlocal; i++)
+        ck_assert_msg(local[i + 20] - local[i] >= 1000000 - 3000, "local: 21 grants within %lld us",
+                      local[i + 20] - local[i]);
+    free(t);
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
+START_TEST(test_multi_tier)
+{
+    const char *ns = test_ns("tiers");
+    lim_fixture f = open_limiter(ns, "5/1s,8/10s");
+
+    del_keys(ns);
+    long long t0 = clock_mono_ms();
+    limiter_result r = take(&f, "submit", 1000, 5);
+    ck_assert_int_eq(r.granted, 5);
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_msg(r.wait_ms > 900 && r.wait_ms <= 1000, "1 s tier wait %ld", r.wait_ms);
+    sleep_ms(r.wait_ms);
+
+    /* the 1 s tier has room for 5 again, the 10 s tier only for 3 more */
+    r = take(&f, "submit", 1000, 5);
+    ck_assert_int_eq(r.granted, 3);
+    long elapsed = (long)(clock_mono_ms() - t0);
+    ck_assert_msg(r.wait_ms >= 10000 - elapsed - 20 && r.wait_ms <= 10000 - elapsed + 20,
+                  "10 s tier wait %ld ms after %ld ms", r.wait_ms, elapsed);
+    ck_assert_int_eq(r.usage_permille, 625); /* 5 of 8 in the 10 s tier before this call */
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_gt(r.wait_ms, 8000);
+    ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 8);
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
+START_TEST(test_partial_grants)
+{
+    const char *ns = test_ns("partial");
+    lim_fixture f = open_limiter(ns, "5/1s");
+    limiter_result r;
+    iw_error err = {0};
+
+    del_keys(ns);
+    r = take(&f, "submit", 1000, 3);
+    ck_assert_int_eq(r.granted, 3);
+    ck_assert_int_eq(r.wait_ms, 0);
+    r = take(&f, "submit", 1000, 3);
+    ck_assert_int_eq(r.granted, 2);
+    ck_assert_msg(r.wait_ms > 950 && r.wait_ms <= 1000, "wait %ld", r.wait_ms);
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 5);
+    /* members are distinct even when granted in one call at one Redis TIME */
+    ck_assert_int_eq(key_int(ns, "GET", "limiter:seq"), 5);
+
+    /* bad requests are refused before touching Redis */
+    ck_assert_int_eq(limiter_take(f.lim, "submit", 1000, 0, &r, &err), IW_ERR_INVALID);
+    ck_assert_int_eq(limiter_take(f.lim, "submit", 1000, 1001, &r, &err), IW_ERR_INVALID);
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
+START_TEST(test_pause)
+{
+    const char *ns = test_ns("pause");
+    lim_fixture f = open_limiter(ns, "100/1s");
+    iw_error err = {0};
+    limiter_result r;
+
+    del_keys(ns);
+    ck_assert_int_eq(limiter_pause(f.lim, 500, &err), IW_OK);
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_eq(r.paused, 1);
+    ck_assert_msg(r.wait_ms > 400 && r.wait_ms <= 500, "paused wait %ld", r.wait_ms);
+    ck_assert_int_eq(key_int(ns, "EXISTS", "limiter:log"), 0); /* nothing taken */
+
+    /* a shorter pause never shortens a longer one */
+    ck_assert_int_eq(limiter_pause(f.lim, 50, &err), IW_OK);
+    long long pttl = key_int(ns, "PTTL", "limiter:pause");
+    ck_assert_msg(pttl > 350 && pttl <= 500, "pause PTTL %lld after a shorter pause", pttl);
+    /* a longer one extends it */
+    ck_assert_int_eq(limiter_pause(f.lim, 800, &err), IW_OK);
+    pttl = key_int(ns, "PTTL", "limiter:pause");
+    ck_assert_msg(pttl > 700 && pttl <= 800, "pause PTTL %lld after a longer pause", pttl);
+    r = take(&f, "submit", 1000, 1);
+    ck_assert_int_eq(r.paused, 1);
+    ck_assert_msg(r.wait_ms > 600 && r.wait_ms <= 800, "paused wait %ld", r.wait_ms);
+
+    /* permits resume when the pause ends */
+    sleep_ms(r.wait_ms + 5);
+    r = take(&f, "submit", 1000, 2);
+    ck_assert_int_eq(r.granted, 2);
+    ck_assert_int_eq(r.paused, 0);
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
+START_TEST(test_record_keys)
+{
+    const char *ns = test_ns("records");
+    lim_fixture f = open_limiter(ns, "2/1s");
+    char k[4][200];
+    const char *keys[4];
+    limiter_result r;
+    iw_error err = {0};
+    size_t len = 0;
+
+    del_keys(ns);
+    for (int i = 0; i < 4; i++) {
+        snprintf(k[i], sizeof k[i], "%s:job:j%d", ns, i);
+        keys[i] = k[i];
+    }
+    freeReplyObject(redisCommand(raw(), "SET %s %s", k[0], "{\"jobId\":\"j0\"}"));
+    freeReplyObject(redisCommand(raw(), "SET %s %s", k[2], "{\"jobId\":\"j2\"}"));
+
+    /* want is ignored: one permit per missing record (j1, j3) */
+    ck_assert_int_eq(limiter_append_take(f.lim, "submit", 1000, 1, 4, keys, &err), IW_OK);
+    ck_assert_int_eq(limiter_read_take(f.lim, &r, &err), IW_OK);
+    ck_assert_int_eq(r.granted, 2);
+    ck_assert_uint_eq(r.n_records, 4);
+    const char *rec = limiter_record(&r, 0, &len);
+    ck_assert_ptr_nonnull(rec);
+    ck_assert_uint_eq(len, strlen("{\"jobId\":\"j0\"}"));
+    ck_assert_int_eq(memcmp(rec, "{\"jobId\":\"j0\"}", len), 0);
+    ck_assert_ptr_null(limiter_record(&r, 1, NULL));
+    ck_assert_ptr_nonnull(limiter_record(&r, 2, NULL));
+    ck_assert_ptr_null(limiter_record(&r, 3, NULL));
+    ck_assert_ptr_null(limiter_record(&r, 4, NULL));
+    limiter_result_release(&r);
+    ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 2);
+
+    /* the limit is used up: existing records still come back, and cost nothing */
+    ck_assert_int_eq(limiter_append_take(f.lim, "submit", 1000, 1, 1, keys, &err), IW_OK);
+    ck_assert_int_eq(limiter_read_take(f.lim, &r, &err), IW_OK);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_eq(r.wait_ms, 0);
+    ck_assert_ptr_nonnull(limiter_record(&r, 0, NULL));
+    limiter_result_release(&r);
+    ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 2);
+
+    /* a missing record with the limit used up: refused with a wait */
+    ck_assert_int_eq(limiter_append_take(f.lim, "submit", 1000, 1, 2, keys, &err), IW_OK);
+    ck_assert_int_eq(limiter_read_take(f.lim, &r, &err), IW_OK);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_gt(r.wait_ms, 0);
+    ck_assert_ptr_nonnull(limiter_record(&r, 0, NULL));
+    ck_assert_ptr_null(limiter_record(&r, 1, NULL));
+    limiter_result_release(&r);
+
+    /* existing records are returned even during a 429 pause */
+    ck_assert_int_eq(limiter_pause(f.lim, 1000, &err), IW_OK);
+    ck_assert_int_eq(limiter_append_take(f.lim, "submit", 1000, 1, 1, keys + 2, &err), IW_OK);
+    ck_assert_int_eq(limiter_read_take(f.lim, &r, &err), IW_OK);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_ptr_nonnull(limiter_record(&r, 0, NULL));
+    limiter_result_release(&r);
+
+    /* pipelined: two takes appended, then both read */
+    const char *pk[LIMITER_MAX_RECORDS + 1];
+    for (int i = 0; i <= LIMITER_MAX_RECORDS; i++)
+        pk[i] = k[0];
+    ck_assert_int_eq(
+        limiter_append_take(f.lim, "submit", 1000, 1, LIMITER_MAX_RECORDS + 1, pk, &err),
+        IW_ERR_INVALID);
+    ck_assert_int_eq(limiter_append_take(f.lim, "submit", 1000, 1, 1, keys, &err), IW_OK);
+    ck_assert_int_eq(limiter_append_take(f.lim, "submit", 1000, 1, 1, keys + 2, &err), IW_OK);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(limiter_read_take(f.lim, &r, &err), IW_OK);
+        ck_assert_ptr_nonnull(limiter_record(&r, 0, NULL));
+        limiter_result_release(&r);
+    }
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
+START_TEST(test_class_share)
+{
+    char ns1[128], ns2[128];
+    snprintf(ns1, sizeof ns1, "%s", test_ns("share-alone"));
+    snprintf(ns2, sizeof ns2, "%s", test_ns("share-contended"));
+    lim_fixture a = open_limiter(ns1, "10/1s");
+    lim_fixture b = open_limiter(ns2, "10/1s");
+    limiter_result r;
+
+    del_keys(ns1);
+    del_keys(ns2);
+    /* alone, a class capped at 50% may use the whole tier (work-conserving) */
+    r = take(&a, "submit", 500, 10);
+    ck_assert_int_eq(r.granted, 10);
+
+    /* contended: status fills the tier, then waits (shows demand) */
+    r = take(&b, "status", 1000, 10);
+    ck_assert_int_eq(r.granted, 10);
+    r = take(&b, "status", 500, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_eq(key_int(ns2, "EXISTS", "limiter:demand:status"), 1);
+    sleep_ms(r.wait_ms + 5);
+
+    /* the window is free again; with status waiting, submit gets its 50% only */
+    r = take(&b, "submit", 500, 10);
+    ck_assert_int_eq(r.granted, 5);
+    ck_assert_int_gt(r.wait_ms, 900);
+    /* the cap binds although the tier itself has room */
+    r = take(&b, "submit", 500, 1);
+    ck_assert_int_eq(r.granted, 0);
+    /* and the waiting class gets the rest (submit now shows demand too) */
+    r = take(&b, "status", 500, 10);
+    ck_assert_int_eq(r.granted, 5);
+    /* a class without a cap (critical) is still bounded by the tier */
+    r = take(&b, "submit", 1000, 1);
+    ck_assert_int_eq(r.granted, 0);
+    ck_assert_int_eq(key_int(ns2, "ZCARD", "limiter:log"), 10); /* the first 10 left the window */
+    ck_assert_int_eq(key_int(ns2, "ZCARD", "limiter:log:submit"), 5);
+    ck_assert_int_eq(key_int(ns2, "ZCARD", "limiter:log:status"), 5);
+
+    close_limiter(&a);
+    close_limiter(&b);
+    del_keys(ns1);
+    del_keys(ns2);
+}
+END_TEST
+
+/* Several "pods": processes with their own connection and limiter. */
+START_TEST(test_two_pods_share_one_limit)
+{
+    const char *ns = test_ns("pods");
+    enum { PODS = 3 };
+    int fds[2];
+    pid_t pids[PODS];
+    long total = 0;
+
+    del_keys(ns);
+    ck_assert_int_eq(pipe(fds), 0);
+    for (int p = 0; p < PODS; p++) {
+        pids[p] = fork();
+        ck_assert_int_ge(pids[p], 0);
+        if (pids[p] == 0) {
+            lim_fixture f = open_limiter(ns, "10/1s,1000000/10s");
+            long granted = 0;
+            long long end = clock_mono_ms() + 2500;
+            close(fds[0]);
+            while (clock_mono_ms() < end) {
+                limiter_result r = take(&f, p == 1 ? "status" : "submit", 1000, 1 + p % 2);
+                granted += r.granted;
+                if (r.granted == 0)
+                    usleep(r.wait_ms > 2 ? 2000 : 500);
+            }
+            ck_assert_int_eq(write(fds[1], &granted, sizeof granted), (int)sizeof granted);
+            close_limiter(&f);
+            _exit(0);
+        }
+    }
+    close(fds[1]);
+    for (int p = 0; p < PODS; p++) {
+        long g = 0;
+        int status;
+        ck_assert_int_eq(read(fds[0], &g, sizeof g), (int)sizeof g);
+        total += g;
+        ck_assert_int_eq(waitpid(pids[p], &status, 0), pids[p]);
+        ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    close(fds[0]);
+    long long *t;
+    size_t n = log_scores(ns, &t);
+    ck_assert_uint_eq(n, (size_t)total);
+    /* 2.5 s at 10/1s: the windows starting at 0, 1 and 2 s */
+    ck_assert_msg(n >= 28 && n <= 30, "%zu permits in 2.5 s at 10/1s", n);
+    assert_any_window(t, n, 10, 1000000, "three pods");
+    free(t);
+    del_keys(ns);
+}
+END_TEST
+
+static Suite *limiter_suite(void)
+{
+    Suite *s = suite_create("limiter");
+    TCase *tc = tcase_create("redis");
+    tcase_set_timeout(tc, 30);
+    tcase_add_unchecked_fixture(tc, NULL, remove_leftovers);
+    tcase_add_test(tc, test_grants_then_refuses_with_wait);
+    tcase_add_test(tc, test_guard_lengthens_window);
+    tcase_add_test(tc, test_any_window_single_process);
+    tcase_add_test(tc, test_multi_tier);
+    tcase_add_test(tc, test_partial_grants);
+    tcase_add_test(tc, test_pause);
+    tcase_add_test(tc, test_record_keys);
+    tcase_add_test(tc, test_class_share);
+    tcase_add_test(tc, test_two_pods_share_one_limit);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    runner_pid = getpid();
+    SRunner *sr = srunner_create(limiter_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
