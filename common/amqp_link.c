@@ -35,7 +35,7 @@ static uint64_t generation_counter;
 
 static json_t *field_to_json(const amqp_field_value_t *v);
 
-static json_t *table_to_json(const amqp_table_t *t)
+json_t *amqp_table_to_json(const amqp_table_t *t)
 {
     json_t *obj = json_object();
     for (int i = 0; i < t->num_entries; i++) {
@@ -92,7 +92,7 @@ static json_t *field_to_json(const amqp_field_value_t *v)
         return arr;
     }
     case AMQP_FIELD_KIND_TABLE:
-        return table_to_json(&v->value.table);
+        return amqp_table_to_json(&v->value.table);
     default:
         return json_null();
     }
@@ -435,7 +435,8 @@ static iw_delivery *delivery_from_message(amqp_link *l, const amqp_message_t *m)
         d->reply_to = bytes_dup(p->reply_to);
     if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
         d->message_id = bytes_dup(p->message_id);
-    d->headers = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? table_to_json(&p->headers) : json_object();
+    d->headers =
+        (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? amqp_table_to_json(&p->headers) : json_object();
     return d;
 }
 

@@ -6,6 +6,7 @@
 #ifndef IW_AMQP_LINK_H
 #define IW_AMQP_LINK_H
 
+#include <amqp.h>
 #include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -32,6 +33,10 @@ typedef struct iw_delivery {
 } iw_delivery;
 
 void delivery_free(iw_delivery *d);
+
+/* An AMQP field table as a JSON object (new reference); binary values that
+ * are not UTF-8 become null. */
+json_t *amqp_table_to_json(const amqp_table_t *t);
 
 /* What to publish; every pointer is borrowed for the duration of the call. */
 typedef struct iw_publish {

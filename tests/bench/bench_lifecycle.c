@@ -25,27 +25,6 @@
 /* Give up when no event arrives for this long. */
 #define IDLE_TIMEOUT_MS 60000
 
-static int cmp_ll(const void *a, const void *b)
-{
-    long long x = *(const long long *)a, y = *(const long long *)b;
-    return x < y ? -1 : x > y;
-}
-
-static long peak_rss_kb(pid_t pid)
-{
-    char path[64], line[256];
-    long kb = -1;
-    snprintf(path, sizeof path, "/proc/%ld/status", (long)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    while (fgets(line, sizeof line, f))
-        if (strncmp(line, "VmHWM:", 6) == 0)
-            kb = atol(line + 6);
-    fclose(f);
-    return kb;
-}
-
 /* "lc-<i>" -> i, or -1. */
 static long job_index(const char *id, long n)
 {
@@ -173,10 +152,10 @@ int main(int argc, char **argv)
     for (long i = 0; i < jobs; i++)
         if (!finals[i])
             missing++;
-    qsort(final_at, (size_t)jobs, sizeof *final_at, cmp_ll);
+    iwt_sort_ll(final_at, (size_t)jobs);
     long rss_max = 0;
     for (long p = 0; p < n_procs; p++) {
-        long kb = peak_rss_kb(procs[p]);
+        long kb = iwt_peak_rss_kb(procs[p]);
         if (kb > rss_max)
             rss_max = kb;
     }

@@ -40,12 +40,6 @@ static long long now_us(void)
     return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-static int cmp_ll(const void *a, const void *b)
-{
-    long long x = *(const long long *)a, y = *(const long long *)b;
-    return x < y ? -1 : x > y;
-}
-
 typedef struct bench {
     iwt_amqp *a;
     char reply_queue[256];
@@ -149,7 +143,7 @@ static void run(bench *b, const options *o, double hit_rate, int run_no)
             n_other++;
     }
     double secs = (double)(now_us() - t0) / 1e6;
-    qsort(lat, (size_t)o->requests, sizeof *lat, cmp_ll);
+    iwt_sort_ll(lat, (size_t)o->requests);
     printf("hit rate %3.0f%%: %ld look-ups in %.2f s = %.0f/s; latency p50 %.2f ms, p99 %.2f ms, "
            "max %.2f ms; replies: %ld cache, %ld provider, %ld other; provider GETs %ld\n",
            hit_rate * 100, o->requests, secs, (double)o->requests / secs,

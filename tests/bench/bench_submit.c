@@ -18,27 +18,6 @@
 
 #include "iwtest.h"
 
-static int cmp_ll(const void *a, const void *b)
-{
-    long long x = *(const long long *)a, y = *(const long long *)b;
-    return x < y ? -1 : x > y;
-}
-
-static long peak_rss_kb(pid_t pid)
-{
-    char path[64], line[256];
-    long kb = -1;
-    snprintf(path, sizeof path, "/proc/%ld/status", (long)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    while (fgets(line, sizeof line, f))
-        if (strncmp(line, "VmHWM:", 6) == 0)
-            kb = atol(line + 6);
-    fclose(f);
-    return kb;
-}
-
 /* Index of a jobId "b-<run>-<i>" -> i, or -1. */
 static long job_index(const char *id)
 {
@@ -169,12 +148,12 @@ int main(int argc, char **argv)
                 lat_ms[n_lat++] = iwt_now_ms() - sent[idx] - latency;
             iwt_msg_free(m);
         }
-        qsort(lat_ms, (size_t)n_lat, sizeof *lat_ms, cmp_ll);
+        iwt_sort_ll(lat_ms, (size_t)n_lat);
     }
 
     long rss_max = 0;
     for (long p = 0; p < procs; p++) {
-        long kb = peak_rss_kb(workers[p]);
+        long kb = iwt_peak_rss_kb(workers[p]);
         if (kb > rss_max)
             rss_max = kb;
     }

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "amqp_link.h"
 #include "topology.h"
 
 extern char **environ;
@@ -42,6 +43,33 @@ long long iwt_now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int cmp_ll(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+    return x < y ? -1 : x > y;
+}
+
+void iwt_sort_ll(long long *v, size_t n)
+{
+    qsort(v, n, sizeof *v, cmp_ll);
+}
+
+long iwt_peak_rss_kb(pid_t pid)
+{
+    char path[64], line[256];
+    long kb = -1;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%ld/status", (long)pid);
+    if (!(f = fopen(path, "r")))
+        return -1;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, "VmHWM:", 6) == 0)
+            kb = atol(line + 6);
+    fclose(f);
+    return kb;
 }
 
 const char *iwt_namespace(const char *name)
@@ -310,57 +338,6 @@ void iwt_msg_free(iwt_msg *m)
     free(m);
 }
 
-static json_t *fv_to_json(const amqp_field_value_t *v);
-
-static json_t *table_json(const amqp_table_t *t)
-{
-    json_t *o = json_object();
-    for (int i = 0; i < t->num_entries; i++) {
-        char k[256];
-        snprintf(k, sizeof k, "%.*s", (int)t->entries[i].key.len, (char *)t->entries[i].key.bytes);
-        json_object_set_new(o, k, fv_to_json(&t->entries[i].value));
-    }
-    return o;
-}
-
-static json_t *fv_to_json(const amqp_field_value_t *v)
-{
-    switch (v->kind) {
-    case AMQP_FIELD_KIND_I8:
-        return json_integer(v->value.i8);
-    case AMQP_FIELD_KIND_U8:
-        return json_integer(v->value.u8);
-    case AMQP_FIELD_KIND_I16:
-        return json_integer(v->value.i16);
-    case AMQP_FIELD_KIND_U16:
-        return json_integer(v->value.u16);
-    case AMQP_FIELD_KIND_I32:
-        return json_integer(v->value.i32);
-    case AMQP_FIELD_KIND_U32:
-        return json_integer(v->value.u32);
-    case AMQP_FIELD_KIND_I64:
-        return json_integer(v->value.i64);
-    case AMQP_FIELD_KIND_U64:
-    case AMQP_FIELD_KIND_TIMESTAMP:
-        return json_integer((json_int_t)v->value.u64);
-    case AMQP_FIELD_KIND_BOOLEAN:
-        return json_boolean(v->value.boolean);
-    case AMQP_FIELD_KIND_UTF8:
-    case AMQP_FIELD_KIND_BYTES:
-        return json_stringn_nocheck(v->value.bytes.bytes, v->value.bytes.len);
-    case AMQP_FIELD_KIND_TABLE:
-        return table_json(&v->value.table);
-    case AMQP_FIELD_KIND_ARRAY: {
-        json_t *arr = json_array();
-        for (int i = 0; i < v->value.array.num_entries; i++)
-            json_array_append_new(arr, fv_to_json(&v->value.array.entries[i]));
-        return arr;
-    }
-    default:
-        return json_null();
-    }
-}
-
 static iwt_msg *msg_from(const amqp_bytes_t *rk, const amqp_message_t *m)
 {
     iwt_msg *r = calloc(1, sizeof *r);
@@ -373,7 +350,8 @@ static iwt_msg *msg_from(const amqp_bytes_t *rk, const amqp_message_t *m)
     if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG)
         snprintf(r->content_type, sizeof r->content_type, "%.*s", (int)p->content_type.len,
                  (char *)p->content_type.bytes);
-    r->headers = (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? table_json(&p->headers) : json_object();
+    r->headers =
+        (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? amqp_table_to_json(&p->headers) : json_object();
     r->raw = malloc(m->body.len + 1);
     memcpy(r->raw, m->body.bytes, m->body.len);
     r->raw[m->body.len] = '\0';

@@ -94,4 +94,9 @@ int iwt_eventually(int (*cond)(void *), void *ud, int timeout_ms);
 
 long long iwt_now_ms(void);
 
+/* Benchmarks: a process's peak resident set (VmHWM) in kB, -1 if unknown;
+ * sorting samples ascending for percentiles. */
+long iwt_peak_rss_kb(pid_t pid);
+void iwt_sort_ll(long long *v, size_t n);
+
 #endif
