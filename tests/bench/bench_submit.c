@@ -71,8 +71,7 @@ int main(int argc, char **argv)
 
     snprintf(conc, sizeof conc, "IW_CONCURRENCY=%ld", concurrency);
     snprintf(lim, sizeof lim, "IW_RATE_LIMITS=%s", limits);
-    const char *env[] = {
-        conc, lim, "IW_LOG_LEVEL=info", "IW_POLL_SCHEDULE=1h", "IW_SUBMIT_SHARE=100", NULL};
+    const char *env[] = {conc, lim, "IW_LOG_LEVEL=info", "IW_POLL_SCHEDULE=1h", NULL};
     pid_t workers[16];
     for (long p = 0; p < procs; p++) {
         char tag[32];
