@@ -35,7 +35,7 @@
 #include <time.h>
 
 #include "clock.h"
-#include "jobheap.h"
+#include "job.h"
 #include "log.h"
 #include "retry.h"
 #include "roles.h"
@@ -64,28 +64,18 @@ static const char *const state_names[] = {"received", "validated",  "deferred", 
                                           "calling",  "classified", "recording", "publishing",
                                           "marking",  "dead"};
 
+/* base.attempts counts the failed attempts of this check before this
+ * delivery. */
 typedef struct pjob {
+    job base; /* first: a job * is a pjob *; base.state is a pjob_state */
     struct poller *p;
-    iw_delivery *d;
-    json_t *doc;
-    const char *job_id;      /* borrowed from doc; NULL when unreadable */
     const char *tracking_id; /* borrowed from doc */
     long long accepted_ms;   /* wall clock */
     int checks;              /* answered checks so far (the body's "checks") */
-    int critical;
-    int attempts; /* failed attempts of this check before this delivery */
-    pjob_state state;
-    jobheap_node node;
-    rt_outcome out;
-    json_t *final;         /* the status.final body being recorded or published */
-    long long recorded_at; /* the record's recordedAt (wall ms) */
-    char *record;          /* P_RECORDING: the record text to SET NX */
-    struct pjob *next;
+    json_t *final;           /* the status.final body being recorded or published */
+    long long recorded_at;   /* the record's recordedAt (wall ms) */
+    char *record;            /* P_RECORDING: the record text to SET NX */
 } pjob;
-
-typedef struct job_fifo {
-    pjob *head, *tail;
-} job_fifo;
 
 struct poller {
     runtime *rt;
@@ -93,8 +83,7 @@ struct poller {
     iw_schema *check_schema;
     iw_schema *resp_schema;
     redis_script record_script;
-    jobheap deferred;
-    job_fifo ready[2];  /* [0] critical first, [1] normal */
+    job_queues waiting;
     job_fifo to_record; /* terminal answers to record in Redis */
     job_fifo to_mark;   /* confirmed status.final to mark published, then ack */
     size_t alive;
@@ -138,50 +127,27 @@ static void breaker_record(struct poller *p, const iw_verdict *v)
 
 /* ---- bookkeeping ---------------------------------------------------------------- */
 
-static void fifo_push(job_fifo *q, pjob *j)
+static pjob *pjob_pop(job_fifo *q)
 {
-    j->next = NULL;
-    if (q->tail)
-        q->tail->next = j;
-    else
-        q->head = j;
-    q->tail = j;
+    return (pjob *)job_fifo_pop(q);
 }
 
-static void fifo_push_front(job_fifo *q, pjob *j)
+static void pjob_free(void *owner)
 {
-    j->next = q->head;
-    q->head = j;
-    if (!q->tail)
-        q->tail = j;
-}
+    pjob *j = owner;
 
-static pjob *fifo_pop(job_fifo *q)
-{
-    pjob *j = q->head;
-    if (j) {
-        q->head = j->next;
-        if (!q->head)
-            q->tail = NULL;
-        j->next = NULL;
-    }
-    return j;
-}
-
-static void job_free(pjob *j)
-{
     j->p->alive--;
-    delivery_free(j->d);
-    json_decref(j->doc);
+    delivery_free(j->base.d);
+    json_decref(j->base.doc);
     json_decref(j->final);
     free(j->record);
     free(j);
 }
 
-static json_t *job_fields(const pjob *j)
+static json_t *pjob_fields(const pjob *j)
 {
-    json_t *f = json_pack("{s:s, s:s}", "requestId", j->job_id ? j->job_id : "", "state",
-                          state_names[j->state]);
+    json_t *f = json_pack("{s:s, s:s}", "requestId", j->base.job_id ? j->base.job_id : "", "state",
+                          state_names[j->base.state]);
     if (j->tracking_id)
         json_object_set_new(f, "externalTrackingId", json_string(j->tracking_id));
     return f;
@@ -189,7 +155,7 @@ static json_t *job_fields(const pjob *j)
 
 static const char *final_key(const pjob *j, char *buf, size_t len)
 {
-    snprintf(buf, len, "%s:final:%s", j->p->cfg->ns, j->job_id);
+    snprintf(buf, len, "%s:final:%s", j->p->cfg->ns, j->base.job_id);
     return buf;
 }
 
@@ -197,16 +163,9 @@ static void after_outcome(void *owner, int ok)
 {
     pjob *j = owner;
 
-    if (ok) {
-        rt_ack(j->p->rt, j->d);
-    } else {
-        log_json(IW_LOG_WARN, json_pack("{s:s, s:s, s:s}", "requestId", j->job_id ? j->job_id : "",
-                                        "state", state_names[j->state], "message",
-                                        "outcome not confirmed by the broker; the check returns "
-                                        "to its queue"));
-        rt_nack(j->p->rt, j->d, 1);
-    }
-    job_free(j);
+    job_settle(&j->base, j->p->rt, ok, state_names[j->base.state],
+               "outcome not confirmed by the broker; the check returns to its queue");
+    pjob_free(j);
 }
 
 /* status.final confirmed: mark it published (tick), then ack. */
@@ -218,16 +177,8 @@ static void after_final(void *owner, int ok)
         after_outcome(owner, ok);
         return;
     }
-    j->state = P_MARKING;
-    fifo_push(&j->p->to_mark, j);
-}
-
-/* A readable jobId of an invalid check, for its submission.failed. */
-static const char *readable_job_id(const json_t *doc)
-{
-    const char *id = json_string_value(json_object_get(doc, "jobId"));
-    size_t n = id ? strlen(id) : 0;
-    return n >= 1 && n <= 128 ? id : NULL;
+    j->base.state = P_MARKING;
+    job_fifo_push(&j->p->to_mark, &j->base);
 }
 
 /* "2024-01-01T00:00:00.123Z" (or with +hh:mm) -> wall ms; -1 if malformed. */
@@ -294,46 +245,33 @@ static char *status_path(const char *id)
 static void fail_job(pjob *j, const char *code, const char *message, long http_status, int attempts)
 {
     poller *p = j->p;
-    json_t *fields = job_fields(j);
+    json_t *fields = pjob_fields(j);
 
-    j->state = P_DEAD;
+    j->base.state = P_DEAD;
     json_object_set_new(fields, "state", json_string("dead"));
     json_object_set_new(fields, "operation", json_string(STATUS_OPERATION));
     json_object_set_new(fields, "error", rt_error_object(code, message, http_status, attempts));
     log_json(IW_LOG_ERROR, fields);
-    rt_outcome_begin(&j->out, after_outcome, j);
-    rt_publish_failure(p->rt, &j->out, j->d, "status", j->job_id, code, message, http_status,
-                       attempts);
-    rt_outcome_seal(&j->out);
+    rt_outcome_begin(&j->base.out, after_outcome, j);
+    rt_publish_failure(p->rt, &j->base.out, j->base.d, "status", j->base.job_id, code, message,
+                       http_status, attempts);
+    rt_outcome_seal(&j->base.out);
 }
 
 /* The same check, unchanged, after delay_ms (a retry or a long wait). */
-static void send_on(pjob *j, long delay_ms, int attempts, const char *last_error)
+static void send_on(void *owner, long delay_ms, int attempts, const char *last_error)
 {
-    json_t *h = rt_onward_headers(j->d, attempts, last_error);
+    pjob *j = owner;
 
-    j->state = P_PUBLISHING;
-    rt_outcome_begin(&j->out, after_outcome, j);
-    rt_publish_delayed(j->p->rt, &j->out, "status", j->d->body, j->d->body_len, j->job_id, h,
-                       delay_ms);
-    json_decref(h);
-    rt_outcome_seal(&j->out);
+    j->base.state = P_PUBLISHING;
+    job_send_on(&j->base, j->p->rt, "status", delay_ms, attempts, last_error, after_outcome);
 }
 
 /* Waits without using an attempt: in memory (delivery unacked) when short,
  * through a delay queue when longer than IW_HOLD_MAX. */
 static void defer(pjob *j, long wait_ms)
 {
-    poller *p = j->p;
-
-    if (wait_ms <= p->cfg->hold_max_ms) {
-        j->state = P_DEFERRED;
-        j->node.due_ms = clock_mono_ms() + wait_ms;
-        j->node.item = j;
-        if (jobheap_push(&p->deferred, &j->node) == 0)
-            return;
-    }
-    send_on(j, wait_ms, j->attempts, NULL);
+    job_defer(&j->p->waiting, &j->base, wait_ms, j->p->cfg->hold_max_ms, P_DEFERRED, send_on);
 }
 
 /* ---- intake ---------------------------------------------------------------------- */
@@ -344,7 +282,7 @@ static void on_delivery(void *self, iw_delivery *d)
     pjob *j = calloc(1, sizeof *j);
     const char *code;
     char msg[512];
-    long long due;
+    long early;
 
     if (!j) {
         rt_nack(p->rt, d, 1);
@@ -352,40 +290,37 @@ static void on_delivery(void *self, iw_delivery *d)
         return;
     }
     j->p = p;
-    j->d = d;
+    j->base.d = d;
     p->alive++;
     if (rt_stopping(p->rt)) {
         rt_nack(p->rt, d, 1);
-        job_free(j);
+        pjob_free(j);
         return;
     }
-    j->attempts = (int)rt_header_int(d, "x-attempts", 0);
-    if (j->attempts < 0)
-        j->attempts = 0;
-    if (rt_intake(p->rt, d, p->check_schema, &j->doc, &code, msg, sizeof msg) != IW_OK) {
-        j->job_id = readable_job_id(j->doc);
-        fail_job(j, code, msg, 0, j->attempts);
+    if (job_intake(&j->base, p->rt, p->check_schema, &code, msg, sizeof msg) != IW_OK) {
+        j->base.job_id = job_readable_id(j->base.doc);
+        fail_job(j, code, msg, 0, j->base.attempts);
         return;
     }
-    j->job_id = json_string_value(json_object_get(j->doc, "jobId"));
-    j->tracking_id = json_string_value(json_object_get(j->doc, "trackingId"));
-    json_int_t checks = json_integer_value(json_object_get(j->doc, "checks"));
+    job_read_ids(&j->base);
+    j->tracking_id = json_string_value(json_object_get(j->base.doc, "trackingId"));
+    json_int_t checks = json_integer_value(json_object_get(j->base.doc, "checks"));
     j->checks = checks > INT_MAX / 2 ? INT_MAX / 2 : (int)checks; /* schema: >= 0 */
-    j->critical =
-        strcmp(json_string_value(json_object_get(j->doc, "priority")) ?: "normal", "critical") == 0;
-    j->accepted_ms = parse_timestamp_ms(json_string_value(json_object_get(j->doc, "acceptedAt")));
+    j->accepted_ms =
+        parse_timestamp_ms(json_string_value(json_object_get(j->base.doc, "acceptedAt")));
     if (j->accepted_ms < 0) {
-        fail_job(j, "SCHEMA_VIOLATION", "acceptedAt is not an RFC 3339 date-time", 0, j->attempts);
+        fail_job(j, "SCHEMA_VIOLATION", "acceptedAt is not an RFC 3339 date-time", 0,
+                 j->base.attempts);
         return;
     }
-    j->state = P_VALIDATED;
-    due = rt_header_int(d, "x-due-at", 0);
-    if (due && due - clock_wall_ms() > IW_DELAY_SLACK_MS) {
+    j->base.state = P_VALIDATED;
+    early = job_early_ms(d);
+    if (early) {
         /* back from a delay tier early: on to the next hop */
-        send_on(j, (long)(due - clock_wall_ms()), j->attempts, NULL);
+        send_on(j, early, j->base.attempts, NULL);
         return;
     }
-    fifo_push(&p->ready[j->critical ? 0 : 1], j);
+    job_queues_ready(&p->waiting, &j->base);
 }
 
 /* ---- outcomes of an answered check ---------------------------------------------- */
@@ -397,13 +332,13 @@ static void reschedule(pjob *j, const char *status, long long now_wall)
 {
     poller *p = j->p;
     const iw_config *cfg = p->cfg;
-    const char *last = json_string_value(json_object_get(j->doc, "lastStatus"));
+    const char *last = json_string_value(json_object_get(j->base.doc, "lastStatus"));
     size_t idx = (size_t)j->checks < cfg->n_poll ? (size_t)j->checks : cfg->n_poll - 1;
     long delay = retry_jitter(cfg->poll_schedule_ms[idx], cfg->poll_jitter_pct,
                               (double)random() / ((double)RAND_MAX + 1.0));
     long long deadline = j->accepted_ms + cfg->poll_max_age_ms;
-    json_t *next = json_deep_copy(j->doc);
-    json_t *h = rt_onward_headers(j->d, 0, NULL);
+    json_t *next = json_deep_copy(j->base.doc);
+    json_t *h = rt_onward_headers(j->base.d, 0, NULL);
     char *text;
 
     if (now_wall + delay > deadline)
@@ -411,19 +346,20 @@ static void reschedule(pjob *j, const char *status, long long now_wall)
     json_object_set_new(next, "checks", json_integer(j->checks));
     json_object_set_new(next, "lastStatus", json_string(status));
     text = json_dumps(next, JSON_COMPACT);
-    j->state = P_PUBLISHING;
-    rt_outcome_begin(&j->out, after_outcome, j);
+    j->base.state = P_PUBLISHING;
+    rt_outcome_begin(&j->base.out, after_outcome, j);
     if (!last || strcmp(last, status) != 0) {
-        json_t *ev = json_pack("{s:s, s:s, s:s, s:i}", "jobId", j->job_id, "trackingId",
+        json_t *ev = json_pack("{s:s, s:s, s:s, s:i}", "jobId", j->base.job_id, "trackingId",
                                j->tracking_id, "status", status, "checks", j->checks);
-        rt_publish_event(p->rt, &j->out, "status.progress", ev, j->job_id);
+        rt_publish_event(p->rt, &j->base.out, "status.progress", ev, j->base.job_id);
         json_decref(ev);
     }
     if (text)
-        rt_publish_delayed(p->rt, &j->out, "status", text, strlen(text), j->job_id, h, delay);
+        rt_publish_delayed(p->rt, &j->base.out, "status", text, strlen(text), j->base.job_id, h,
+                           delay);
     else
-        j->out.failed = 1;
-    rt_outcome_seal(&j->out);
+        j->base.out.failed = 1;
+    rt_outcome_seal(&j->base.out);
     free(text);
     json_decref(h);
     json_decref(next);
@@ -436,34 +372,35 @@ static void record_final(pjob *j, const char *status, json_t *body, long long no
     json_t *rec;
 
     format_timestamp(now_wall, ts, sizeof ts);
-    j->final = json_pack("{s:s, s:s, s:s, s:i, s:O, s:s, s:O}", "jobId", j->job_id, "trackingId",
-                         j->tracking_id, "status", status, "checks", j->checks, "acceptedAt",
-                         json_object_get(j->doc, "acceptedAt"), "finishedAt", ts, "result", body);
+    j->final =
+        json_pack("{s:s, s:s, s:s, s:i, s:O, s:s, s:O}", "jobId", j->base.job_id, "trackingId",
+                  j->tracking_id, "status", status, "checks", j->checks, "acceptedAt",
+                  json_object_get(j->base.doc, "acceptedAt"), "finishedAt", ts, "result", body);
     j->recorded_at = now_wall;
     rec = json_pack("{s:O, s:b, s:I}", "event", j->final, "published", 0, "recordedAt",
                     (json_int_t)now_wall);
     j->record = rec ? json_dumps(rec, JSON_COMPACT) : NULL;
     json_decref(rec);
     if (!j->final || !j->record) {
-        log_msg(IW_LOG_ERROR, job_fields(j), "out of memory building status.final; requeued");
+        log_msg(IW_LOG_ERROR, pjob_fields(j), "out of memory building status.final; requeued");
         after_outcome(j, 0);
         return;
     }
-    j->state = P_RECORDING;
-    fifo_push(&j->p->to_record, j);
+    j->base.state = P_RECORDING;
+    job_fifo_push(&j->p->to_record, &j->base);
 }
 
 static void publish_final(pjob *j)
 {
-    j->state = P_PUBLISHING;
-    log_json(IW_LOG_INFO, json_pack("{s:s, s:s, s:s, s:O, s:O, s:s}", "requestId", j->job_id,
+    j->base.state = P_PUBLISHING;
+    log_json(IW_LOG_INFO, json_pack("{s:s, s:s, s:s, s:O, s:O, s:s}", "requestId", j->base.job_id,
                                     "state", "publishing", "externalTrackingId", j->tracking_id,
                                     "status", json_object_get(j->final, "status"), "checks",
                                     json_object_get(j->final, "checks"), "message",
                                     "terminal status: publishing status.final"));
-    rt_outcome_begin(&j->out, after_final, j);
-    rt_publish_event(j->p->rt, &j->out, "status.final", j->final, j->job_id);
-    rt_outcome_seal(&j->out);
+    rt_outcome_begin(&j->base.out, after_final, j);
+    rt_publish_event(j->p->rt, &j->base.out, "status.final", j->final, j->base.job_id);
+    rt_outcome_seal(&j->base.out);
 }
 
 /* A recorded outcome found before a call (or by losing the record race):
@@ -479,21 +416,21 @@ static void adopt_record(pjob *j, const char *text, size_t len)
     if (!json_is_object(ev)) {
         json_decref(rec);
         fail_job(j, "FINAL_RECORD_CORRUPT", "the Redis record of this job's outcome is not JSON", 0,
-                 j->attempts);
+                 j->base.attempts);
         return;
     }
     if (json_is_true(json_object_get(rec, "published"))) {
-        log_msg(IW_LOG_INFO, job_fields(j),
+        log_msg(IW_LOG_INFO, pjob_fields(j),
                 "status.final of this job was published before; acked without a call");
         json_decref(rec);
-        rt_ack(j->p->rt, j->d);
-        job_free(j);
+        rt_ack(j->p->rt, j->base.d);
+        pjob_free(j);
         return;
     }
     j->recorded_at = json_is_integer(at) ? json_integer_value(at) : 0;
     age = clock_wall_ms() - j->recorded_at;
     if (age < FINAL_LEASE_MS) {
-        log_msg(IW_LOG_INFO, job_fields(j),
+        log_msg(IW_LOG_INFO, pjob_fields(j),
                 "this job's outcome was recorded %lld ms ago by a poller that is publishing "
                 "it; waiting for its lease before taking over",
                 age);
@@ -501,7 +438,7 @@ static void adopt_record(pjob *j, const char *text, size_t len)
         defer(j, (long)(FINAL_LEASE_MS - age));
         return;
     }
-    log_msg(IW_LOG_INFO, job_fields(j),
+    log_msg(IW_LOG_INFO, pjob_fields(j),
             "outcome recorded but not published (a crash?); publishing it without a call");
     json_decref(j->final);
     j->final = json_incref(ev);
@@ -514,31 +451,12 @@ static void adopt_record(pjob *j, const char *text, size_t len)
 static void log_call(const pjob *j, const http_response *r, const iw_verdict *v, int attempt,
                      const char *status)
 {
-    json_t *f = job_fields(j);
+    json_t *f = pjob_fields(j);
 
-    json_object_set_new(f, "operation", json_string(STATUS_OPERATION));
-    json_object_set_new(f, "duration", json_integer(r->duration_us / 1000));
-    json_object_set_new(f, "status",
-                        r->result.status ? json_integer(r->result.status) : json_null());
-    json_object_set_new(f, "attempt", json_integer(attempt));
+    job_call_fields(f, STATUS_OPERATION, r, attempt);
     if (status)
         json_object_set_new(f, "jobStatus", json_string(status));
-    if (v->kind != IW_V_ACCEPT) {
-        char m[300];
-        if (r->result.transport != IW_TRANSPORT_OK)
-            snprintf(m, sizeof m, "External API call failed: %s", r->error);
-        else
-            snprintf(m, sizeof m, "External API returned %ld", r->result.status);
-        json_object_set_new(
-            f, "error",
-            json_pack("{s:s, s:s, s:o, s:i}", "code", v->code, "message", m, "statusCode",
-                      r->result.status ? json_integer(r->result.status) : json_null(),
-                      "retryAttempt", attempt));
-    }
-    log_json(v->kind == IW_V_ACCEPT ? IW_LOG_INFO
-             : v->kind == IW_V_WAIT ? IW_LOG_WARN
-                                    : IW_LOG_ERROR,
-             f);
+    job_log_call(f, r, v, attempt);
 }
 
 static void on_response(void *ud, const http_response *r)
@@ -547,12 +465,12 @@ static void on_response(void *ud, const http_response *r)
     poller *p = j->p;
     const iw_config *cfg = p->cfg;
     iw_verdict v = retry_classify(&r->result);
-    int attempt = j->attempts + 1;
+    int attempt = j->base.attempts + 1;
     json_t *body = NULL;
     const char *status = NULL;
     char msg[300];
 
-    j->state = P_CLASSIFIED;
+    j->base.state = P_CLASSIFIED;
     if (v.kind == IW_V_ACCEPT) {
         iw_error err;
         body = json_loadb(r->body, r->body_len, 0, NULL);
@@ -572,7 +490,7 @@ static void on_response(void *ud, const http_response *r)
         /* fleet-wide, whatever becomes of this check */
         iw_error err;
         if (limiter_pause(rt_limiter(p->rt), v.wait_ms, &err) != IW_OK)
-            log_msg(IW_LOG_WARN, job_fields(j), "could not share the 429 pause: %s", err.msg);
+            log_msg(IW_LOG_WARN, pjob_fields(j), "could not share the 429 pause: %s", err.msg);
     }
     if (r->result.transport != IW_TRANSPORT_OK)
         snprintf(msg, sizeof msg, "External API call failed: %s", r->error);
@@ -585,9 +503,9 @@ static void on_response(void *ud, const http_response *r)
     else
         snprintf(msg, sizeof msg, "External API returned %ld", r->result.status);
 
-    if (!rt_delivery_live(p->rt, j->d)) {
+    if (!rt_delivery_live(p->rt, j->base.d)) {
         /* the broker already requeued it: the redelivery checks again */
-        job_free(j);
+        pjob_free(j);
         goto out;
     }
     switch (v.kind) {
@@ -630,10 +548,10 @@ static void start_call(pjob *j)
     poller *p = j->p;
     char *path = status_path(j->tracking_id);
 
-    j->state = P_CALLING;
+    j->base.state = P_CALLING;
     if (!path ||
         http_client_start(rt_http(p->rt), "GET", path, NULL, 0, NULL, on_response, j) != IW_OK) {
-        log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+        log_msg(IW_LOG_ERROR, pjob_fields(j), "cannot start the provider call; retrying in 1 s");
         defer(j, 1000);
     }
     free(path);
@@ -661,7 +579,7 @@ static void store_finals(poller *p, long long now)
         return;
     }
     snprintf(ttl, sizeof ttl, "%ld", p->cfg->idempotency_ttl_ms);
-    for (pjob *j = p->to_record.head; j; j = j->next) {
+    for (pjob *j = (pjob *)p->to_record.head; j; j = (pjob *)j->base.next) {
         const char *argv[3] = {final_key(j, key, sizeof key), j->record, ttl};
         if (redis_link_append_script(r, &p->record_script, 1, 3, argv, &err) != IW_OK)
             break;
@@ -670,7 +588,7 @@ static void store_finals(poller *p, long long now)
     /* every appended reply is read, even after a bad one, so that the
      * pipeline stays in step (after a connection error reads fail at once) */
     for (size_t i = 0; i < appended; i++) {
-        pjob *j = fifo_pop(&p->to_record);
+        pjob *j = pjob_pop(&p->to_record);
         redisReply *rep = NULL;
 
         if (redis_link_read(r, &rep, &err) != IW_OK || rep->type != REDIS_REPLY_ARRAY ||
@@ -678,17 +596,17 @@ static void store_finals(poller *p, long long now)
             if (rep)
                 freeReplyObject(rep);
             failed = 1;
-            fifo_push(&keep, j);
+            job_fifo_push(&keep, &j->base);
             continue;
         }
-        if (!rt_delivery_live(p->rt, j->d))
-            job_free(j); /* requeued by the broker: its redelivery finds the record */
+        if (!rt_delivery_live(p->rt, j->base.d))
+            pjob_free(j); /* requeued by the broker: its redelivery finds the record */
         else if (rep->element[0]->integer == 1)
             publish_final(j);
         else if (rep->elements >= 2 && rep->element[1]->type == REDIS_REPLY_STRING)
             adopt_record(j, rep->element[1]->str, rep->element[1]->len);
         else
-            fifo_push(&keep, j); /* expired in between: record again */
+            job_fifo_push(&keep, &j->base); /* expired in between: record again */
         freeReplyObject(rep);
     }
     if (failed || appended == 0) {
@@ -698,8 +616,8 @@ static void store_finals(poller *p, long long now)
         p->record_blocked_until = now + REDIS_RETRY_MS;
     }
     /* the ones not appended follow those that failed */
-    for (pjob *j = fifo_pop(&p->to_record); j; j = fifo_pop(&p->to_record))
-        fifo_push(&keep, j);
+    for (job *j = job_fifo_pop(&p->to_record); j; j = job_fifo_pop(&p->to_record))
+        job_fifo_push(&keep, j);
     p->to_record = keep;
 }
 
@@ -716,7 +634,7 @@ static void mark_finals(poller *p)
     if (!p->to_mark.head)
         return;
     if (rt_redis_ready(p->rt)) {
-        for (pjob *j = p->to_mark.head; j; j = j->next) {
+        for (pjob *j = (pjob *)p->to_mark.head; j; j = (pjob *)j->base.next) {
             json_t *rec = json_pack("{s:O, s:b, s:I}", "event", j->final, "published", 1,
                                     "recordedAt", (json_int_t)j->recorded_at);
             char *text = rec ? json_dumps(rec, JSON_COMPACT) : NULL;
@@ -733,17 +651,17 @@ static void mark_finals(poller *p)
     } else {
         iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
     }
-    for (pjob *j = fifo_pop(&p->to_mark); j; j = fifo_pop(&p->to_mark), i++) {
+    for (pjob *j = pjob_pop(&p->to_mark); j; j = pjob_pop(&p->to_mark), i++) {
         redisReply *rep = NULL;
         int marked = i < appended && redis_link_read(r, &rep, &err) == IW_OK;
         if (rep)
             freeReplyObject(rep);
         if (!marked)
-            log_msg(IW_LOG_WARN, job_fields(j),
+            log_msg(IW_LOG_WARN, pjob_fields(j),
                     "status.final published but not marked in Redis (%s); acked anyway",
                     err.msg[0] ? err.msg : "cannot append");
-        rt_ack(p->rt, j->d);
-        job_free(j);
+        rt_ack(p->rt, j->base.d);
+        pjob_free(j);
     }
 }
 
@@ -761,13 +679,13 @@ static void take_batch(poller *p, long long now)
     iw_error err;
 
     /* one priority per batch: critical checks bypass the class cap */
-    int q = p->ready[0].head ? 0 : 1;
+    int q = p->waiting.ready[0].head ? 0 : 1;
     while (n < LIMITER_MAX_RECORDS && (long)n < free_slots) {
-        pjob *j = fifo_pop(&p->ready[q]);
+        pjob *j = pjob_pop(&p->waiting.ready[q]);
         if (!j)
             break;
         batch[n] = j;
-        snprintf(keys[n], sizeof keys[n], "%s:final:%s", cfg->ns, j->job_id);
+        snprintf(keys[n], sizeof keys[n], "%s:final:%s", cfg->ns, j->base.job_id);
         key_ptrs[n] = keys[n];
         n++;
     }
@@ -782,7 +700,7 @@ static void take_batch(poller *p, long long now)
                  json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; checks wait",
                            "error", "code", "LIMITER_UNAVAILABLE", "message", err.msg));
         while (n)
-            fifo_push_front(&p->ready[q], batch[n - 1]), n--;
+            job_fifo_push_front(&p->waiting.ready[q], &batch[n - 1]->base), n--;
         p->blocked_until = now + 1000;
         return;
     }
@@ -802,7 +720,7 @@ static void take_batch(poller *p, long long now)
             adopt_record(j, rec, len);
         } else if (granted > 0) {
             granted--;
-            j->state = P_PERMITTED;
+            j->base.state = P_PERMITTED;
             start_call(j);
         } else {
             defer(j, res.wait_ms);
@@ -814,32 +732,23 @@ static void take_batch(poller *p, long long now)
 static void tick(void *self, long long now)
 {
     poller *p = self;
-    jobheap_node *top;
     long wait;
 
     mark_finals(p);
     store_finals(p, now);
-    while ((top = jobheap_peek(&p->deferred)) && top->due_ms <= now) {
-        pjob *j = jobheap_pop(&p->deferred)->item;
-        j->state = P_VALIDATED;
-        fifo_push(&p->ready[j->critical ? 0 : 1], j);
-    }
+    job_queues_due(&p->waiting, now, P_VALIDATED);
     if (rt_stopping(p->rt)) {
-        for (int q = 0; q < 2; q++)
-            for (pjob *j = fifo_pop(&p->ready[q]); j; j = fifo_pop(&p->ready[q])) {
-                rt_nack(p->rt, j->d, 1);
-                job_free(j);
-            }
+        job_queues_drop_ready(&p->waiting, p->rt, 1, pjob_free);
         return;
     }
-    if ((p->ready[0].head || p->ready[1].head) && !breaker_allow(p, now, &wait)) {
+    if (job_queues_any_ready(&p->waiting) && !breaker_allow(p, now, &wait)) {
         for (int q = 0; q < 2; q++)
-            for (pjob *j = fifo_pop(&p->ready[q]); j; j = fifo_pop(&p->ready[q]))
+            for (pjob *j = pjob_pop(&p->waiting.ready[q]); j; j = pjob_pop(&p->waiting.ready[q]))
                 defer(j, wait);
         return;
     }
     /* every batch takes at least one check off the ready queues, or blocks */
-    while ((p->ready[0].head || p->ready[1].head) &&
+    while (job_queues_any_ready(&p->waiting) &&
            http_client_in_flight(rt_http(p->rt)) < p->cfg->concurrency && now >= p->blocked_until &&
            rt_redis_ready(p->rt))
         take_batch(p, now);
@@ -848,14 +757,13 @@ static void tick(void *self, long long now)
 static long long next_deadline(void *self)
 {
     poller *p = self;
-    jobheap_node *top = jobheap_peek(&p->deferred);
-    long long d = top ? top->due_ms : LLONG_MAX;
+    long long d = job_queues_next_due(&p->waiting);
 
     if (p->to_mark.head)
         return 0;
     if (p->to_record.head && p->record_blocked_until < d)
         d = p->record_blocked_until;
-    if ((p->ready[0].head || p->ready[1].head) &&
+    if (job_queues_any_ready(&p->waiting) &&
         http_client_in_flight(rt_http(p->rt)) < p->cfg->concurrency) {
         long long b = p->blocked_until > clock_mono_ms() ? p->blocked_until : 0;
         if (redis_link_connected(rt_redis(p->rt)) && b < d)
@@ -864,38 +772,22 @@ static long long next_deadline(void *self)
     return d;
 }
 
-static void drop_waiting(poller *p, int nack)
-{
-    jobheap_node *n;
-
-    while ((n = jobheap_pop(&p->deferred))) {
-        pjob *j = n->item;
-        if (nack)
-            rt_nack(p->rt, j->d, 1);
-        job_free(j);
-    }
-    for (int q = 0; q < 2; q++)
-        for (pjob *j = fifo_pop(&p->ready[q]); j; j = fifo_pop(&p->ready[q])) {
-            if (nack)
-                rt_nack(p->rt, j->d, 1);
-            job_free(j);
-        }
-}
-
 static void on_link_lost(void *self)
 {
     poller *p = self;
 
-    drop_waiting(p, 0);
+    job_queues_drop(&p->waiting, p->rt, 0, pjob_free);
     /* not yet recorded: the redelivery checks again */
-    for (pjob *j = fifo_pop(&p->to_record); j; j = fifo_pop(&p->to_record))
-        job_free(j);
+    for (job *j = job_fifo_pop(&p->to_record); j; j = job_fifo_pop(&p->to_record))
+        pjob_free(j);
 }
 
 static void on_stop(void *self)
 {
+    poller *p = self;
+
     /* checks being recorded or marked finish: they are moments from done */
-    drop_waiting(self, 1);
+    job_queues_drop(&p->waiting, p->rt, 1, pjob_free);
 }
 
 static size_t busy(void *self)
@@ -929,12 +821,12 @@ void poller_free(poller *p)
 {
     if (!p)
         return;
-    drop_waiting(p, 0);
-    for (pjob *j = fifo_pop(&p->to_record); j; j = fifo_pop(&p->to_record))
-        job_free(j);
-    for (pjob *j = fifo_pop(&p->to_mark); j; j = fifo_pop(&p->to_mark))
-        job_free(j);
-    jobheap_clear(&p->deferred);
+    job_queues_drop(&p->waiting, p->rt, 0, pjob_free);
+    for (job *j = job_fifo_pop(&p->to_record); j; j = job_fifo_pop(&p->to_record))
+        pjob_free(j);
+    for (job *j = job_fifo_pop(&p->to_mark); j; j = job_fifo_pop(&p->to_mark))
+        pjob_free(j);
+    job_queues_clear(&p->waiting);
     schema_free(p->check_schema);
     schema_free(p->resp_schema);
     free(p);

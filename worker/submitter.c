@@ -5,12 +5,11 @@
  *   received -> validated -> permitted -> calling -> classified -> publishing -> acked
  * with the side states deferred (waiting for a permit in memory, the
  * delivery still unacked) and dead.  Its state name is in every log line. */
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "clock.h"
-#include "jobheap.h"
+#include "job.h"
 #include "log.h"
 #include "metrics.h"
 #include "retry.h"
@@ -33,31 +32,18 @@ static const char *const state_names[] = {"received", "validated",  "deferred", 
                                           "calling",  "classified", "publishing", "dead"};
 
 typedef struct sjob {
+    job base; /* first: a job * is an sjob *; base.state is an sjob_state */
     struct submitter *s;
-    iw_delivery *d;
-    json_t *doc;
-    const char *job_id; /* borrowed from doc; NULL when unreadable */
-    int critical;
-    int attempts; /* provider attempts made before this delivery */
-    sjob_state state;
-    jobheap_node node;
-    rt_outcome out;
     json_t *record; /* classified 201: the accepted record to store and publish */
-    struct sjob *next;
     struct sjob *call_prev, *call_next; /* in submitter.in_call while calling */
 } sjob;
-
-typedef struct job_fifo {
-    sjob *head, *tail;
-} job_fifo;
 
 struct submitter {
     runtime *rt;
     const iw_config *cfg;
     iw_schema *job_schema;
     iw_schema *resp_schema;
-    jobheap deferred;
-    job_fifo ready[2]; /* [0] critical first, [1] normal */
+    job_queues waiting;
     job_fifo to_record;
     sjob *in_call; /* jobs in a provider call: freed at exit if still there */
     int calling;
@@ -68,74 +54,35 @@ struct submitter {
 
 /* ---- bookkeeping ------------------------------------------------------------ */
 
-static void fifo_push(job_fifo *q, sjob *j)
+static sjob *sjob_pop(job_fifo *q)
 {
-    j->next = NULL;
-    if (q->tail)
-        q->tail->next = j;
-    else
-        q->head = j;
-    q->tail = j;
+    return (sjob *)job_fifo_pop(q);
 }
 
-static void fifo_push_front(job_fifo *q, sjob *j)
+static void sjob_free(void *owner)
 {
-    j->next = q->head;
-    q->head = j;
-    if (!q->tail)
-        q->tail = j;
-}
+    sjob *j = owner;
 
-static sjob *fifo_pop(job_fifo *q)
-{
-    sjob *j = q->head;
-    if (j) {
-        q->head = j->next;
-        if (!q->head)
-            q->tail = NULL;
-        j->next = NULL;
-    }
-    return j;
-}
-
-static void job_free(sjob *j)
-{
     j->s->alive--;
-    delivery_free(j->d);
-    json_decref(j->doc);
+    delivery_free(j->base.d);
+    json_decref(j->base.doc);
     json_decref(j->record);
     free(j);
 }
 
-static json_t *job_fields(const sjob *j)
+static json_t *sjob_fields(const sjob *j)
 {
-    return json_pack("{s:s, s:s}", "requestId", j->job_id ? j->job_id : "", "state",
-                     state_names[j->state]);
+    return json_pack("{s:s, s:s}", "requestId", j->base.job_id ? j->base.job_id : "", "state",
+                     state_names[j->base.state]);
 }
 
 static void after_outcome(void *owner, int ok)
 {
     sjob *j = owner;
 
-    if (ok) {
-        rt_ack(j->s->rt, j->d);
-    } else {
-        log_json(IW_LOG_WARN, json_pack("{s:s, s:s, s:s}", "requestId", j->job_id ? j->job_id : "",
-                                        "state", state_names[j->state], "message",
-                                        "outcome not confirmed by the broker; the job returns to "
-                                        "its queue"));
-        rt_nack(j->s->rt, j->d, 1);
-    }
-    job_free(j);
-}
-
-/* A readable jobId of an invalid job, for its submission.failed. */
-static const char *readable_job_id(const json_t *doc)
-{
-    const char *id = json_string_value(json_object_get(doc, "jobId"));
-    /* any length: a job rejected for its jobId still gets its event (and
-     * 128 characters may take up to 512 bytes) */
-    return id && *id ? id : NULL;
+    job_settle(&j->base, j->s->rt, ok, state_names[j->base.state],
+               "outcome not confirmed by the broker; the job returns to its queue");
+    sjob_free(j);
 }
 
 /* Ends a job without success: submission.failed (when the jobId is known)
@@ -143,46 +90,34 @@ static const char *readable_job_id(const json_t *doc)
 static void fail_job(sjob *j, const char *code, const char *message, long http_status, int attempts)
 {
     submitter *s = j->s;
-    json_t *fields = job_fields(j);
+    json_t *fields = sjob_fields(j);
 
-    j->state = S_DEAD;
+    j->base.state = S_DEAD;
     metrics_job("submitter", "failed");
     json_object_set_new(fields, "state", json_string("dead"));
     json_object_set_new(fields, "operation", json_string("POST /external-resource"));
     json_object_set_new(fields, "error", rt_error_object(code, message, http_status, attempts));
     log_json(IW_LOG_ERROR, fields);
-    rt_outcome_begin(&j->out, after_outcome, j);
-    rt_publish_failure(s->rt, &j->out, j->d, "submit", j->job_id, code, message, http_status,
-                       attempts);
-    rt_outcome_seal(&j->out);
+    rt_outcome_begin(&j->base.out, after_outcome, j);
+    rt_publish_failure(s->rt, &j->base.out, j->base.d, "submit", j->base.job_id, code, message,
+                       http_status, attempts);
+    rt_outcome_seal(&j->base.out);
 }
 
-static void send_on(sjob *j, long delay_ms, int attempts, const char *last_error)
+/* The same job, unchanged, after delay_ms (a retry or a long wait). */
+static void send_on(void *owner, long delay_ms, int attempts, const char *last_error)
 {
-    json_t *h = rt_onward_headers(j->d, attempts, last_error);
+    sjob *j = owner;
 
-    j->state = S_PUBLISHING;
-    rt_outcome_begin(&j->out, after_outcome, j);
-    rt_publish_delayed(j->s->rt, &j->out, "submit", j->d->body, j->d->body_len, j->job_id, h,
-                       delay_ms);
-    json_decref(h);
-    rt_outcome_seal(&j->out);
+    j->base.state = S_PUBLISHING;
+    job_send_on(&j->base, j->s->rt, "submit", delay_ms, attempts, last_error, after_outcome);
 }
 
 /* Waits without using an attempt: in memory (delivery unacked) when short,
  * through a delay queue when longer than IW_HOLD_MAX. */
 static void defer(sjob *j, long wait_ms)
 {
-    submitter *s = j->s;
-
-    if (wait_ms <= s->cfg->hold_max_ms) {
-        j->state = S_DEFERRED;
-        j->node.due_ms = clock_mono_ms() + wait_ms;
-        j->node.item = j;
-        if (jobheap_push(&s->deferred, &j->node) == 0)
-            return;
-    }
-    send_on(j, wait_ms, j->attempts, NULL);
+    job_defer(&j->s->waiting, &j->base, wait_ms, j->s->cfg->hold_max_ms, S_DEFERRED, send_on);
 }
 
 /* ---- intake ------------------------------------------------------------------- */
@@ -193,7 +128,7 @@ static void on_delivery(void *self, iw_delivery *d)
     sjob *j = calloc(1, sizeof *j);
     const char *code;
     char msg[512];
-    long long due;
+    long early;
 
     if (!j) {
         rt_nack(s->rt, d, 1);
@@ -201,32 +136,27 @@ static void on_delivery(void *self, iw_delivery *d)
         return;
     }
     j->s = s;
-    j->d = d;
+    j->base.d = d;
     s->alive++;
     if (rt_stopping(s->rt)) {
         rt_nack(s->rt, d, 1);
-        job_free(j);
+        sjob_free(j);
         return;
     }
-    j->attempts = (int)rt_header_int(d, "x-attempts", 0);
-    if (j->attempts < 0)
-        j->attempts = 0;
-    if (rt_intake(s->rt, d, s->job_schema, &j->doc, &code, msg, sizeof msg) != IW_OK) {
-        j->job_id = readable_job_id(j->doc);
-        fail_job(j, code, msg, 0, j->attempts);
+    if (job_intake(&j->base, s->rt, s->job_schema, &code, msg, sizeof msg) != IW_OK) {
+        j->base.job_id = job_readable_id(j->base.doc);
+        fail_job(j, code, msg, 0, j->base.attempts);
         return;
     }
-    j->state = S_VALIDATED;
-    j->job_id = json_string_value(json_object_get(j->doc, "jobId"));
-    j->critical =
-        strcmp(json_string_value(json_object_get(j->doc, "priority")) ?: "normal", "critical") == 0;
-    due = rt_header_int(d, "x-due-at", 0);
-    if (due && due - clock_wall_ms() > IW_DELAY_SLACK_MS) {
+    j->base.state = S_VALIDATED;
+    job_read_ids(&j->base);
+    early = job_early_ms(d);
+    if (early) {
         /* back from a delay tier early: on to the next hop */
-        send_on(j, (long)(due - clock_wall_ms()), j->attempts, NULL);
+        send_on(j, early, j->base.attempts, NULL);
         return;
     }
-    fifo_push(&s->ready[j->critical ? 0 : 1], j);
+    job_queues_ready(&s->waiting, &j->base);
 }
 
 /* ---- provider call ----------------------------------------------------------- */
@@ -234,31 +164,12 @@ static void on_delivery(void *self, iw_delivery *d)
 static void log_call(const sjob *j, const http_response *r, const iw_verdict *v, int attempt,
                      const char *tracking_id)
 {
-    json_t *f = job_fields(j);
+    json_t *f = sjob_fields(j);
 
-    json_object_set_new(f, "operation", json_string("POST /external-resource"));
-    json_object_set_new(f, "duration", json_integer(r->duration_us / 1000));
-    json_object_set_new(f, "status",
-                        r->result.status ? json_integer(r->result.status) : json_null());
-    json_object_set_new(f, "attempt", json_integer(attempt));
+    job_call_fields(f, "POST /external-resource", r, attempt);
     if (tracking_id)
         json_object_set_new(f, "externalTrackingId", json_string(tracking_id));
-    if (v->kind != IW_V_ACCEPT) {
-        char m[300];
-        if (r->result.transport != IW_TRANSPORT_OK)
-            snprintf(m, sizeof m, "External API call failed: %s", r->error);
-        else
-            snprintf(m, sizeof m, "External API returned %ld", r->result.status);
-        json_object_set_new(
-            f, "error",
-            json_pack("{s:s, s:s, s:o, s:i}", "code", v->code, "message", m, "statusCode",
-                      r->result.status ? json_integer(r->result.status) : json_null(),
-                      "retryAttempt", attempt));
-    }
-    log_json(v->kind == IW_V_ACCEPT ? IW_LOG_INFO
-             : v->kind == IW_V_WAIT ? IW_LOG_WARN
-                                    : IW_LOG_ERROR,
-             f);
+    job_log_call(f, r, v, attempt);
 }
 
 static void on_response(void *ud, const http_response *r)
@@ -267,7 +178,7 @@ static void on_response(void *ud, const http_response *r)
     submitter *s = j->s;
     const iw_config *cfg = s->cfg;
     iw_verdict v = retry_classify(&r->result);
-    int attempt = j->attempts + 1;
+    int attempt = j->base.attempts + 1;
     json_t *body = NULL;
     char msg[300];
 
@@ -278,7 +189,7 @@ static void on_response(void *ud, const http_response *r)
         s->in_call = j->call_next;
     if (j->call_next)
         j->call_next->call_prev = j->call_prev;
-    j->state = S_CLASSIFIED;
+    j->base.state = S_CLASSIFIED;
     metrics_provider_call(IW_ROUTE_SUBMIT, r->result.status, r->duration_us, v.breaker_failure);
     if (v.kind == IW_V_ACCEPT) {
         iw_error err;
@@ -302,18 +213,18 @@ static void on_response(void *ud, const http_response *r)
     case IW_V_ACCEPT: {
         char ts[40];
         format_timestamp(clock_wall_ms(), ts, sizeof ts);
-        j->record = json_pack("{s:s, s:O, s:O, s:O, s:s}", "jobId", j->job_id, "externalId",
+        j->record = json_pack("{s:s, s:O, s:O, s:O, s:s}", "jobId", j->base.job_id, "externalId",
                               json_object_get(body, "id"), "trackingId",
                               json_object_get(body, "trackingId"), "status",
                               json_object_get(body, "status"), "acceptedAt", ts);
         /* stored and published in tick(), one Redis round trip for all */
-        fifo_push(&s->to_record, j);
+        job_fifo_push(&s->to_record, &j->base);
         break;
     }
     case IW_V_RETRY: {
         long next = retry_delay_before(cfg->retry_schedule_ms, cfg->n_retry, attempt + 1);
-        if (!rt_delivery_live(s->rt, j->d))
-            job_free(j);
+        if (!rt_delivery_live(s->rt, j->base.d))
+            sjob_free(j);
         else if (next < 0)
             fail_job(j, v.code, msg, r->result.status, attempt);
         else
@@ -323,16 +234,16 @@ static void on_response(void *ud, const http_response *r)
     case IW_V_WAIT: {
         iw_error err;
         if (limiter_pause(rt_limiter(s->rt), v.wait_ms, &err) != IW_OK)
-            log_msg(IW_LOG_WARN, job_fields(j), "could not share the 429 pause: %s", err.msg);
-        if (!rt_delivery_live(s->rt, j->d))
-            job_free(j);
+            log_msg(IW_LOG_WARN, sjob_fields(j), "could not share the 429 pause: %s", err.msg);
+        if (!rt_delivery_live(s->rt, j->base.d))
+            sjob_free(j);
         else
             defer(j, v.wait_ms);
         break;
     }
     case IW_V_FAIL:
-        if (!rt_delivery_live(s->rt, j->d))
-            job_free(j);
+        if (!rt_delivery_live(s->rt, j->base.d))
+            sjob_free(j);
         else
             fail_job(j, v.code, msg, r->result.status, attempt);
         break;
@@ -343,13 +254,13 @@ static void on_response(void *ud, const http_response *r)
 static void start_call(sjob *j)
 {
     submitter *s = j->s;
-    json_t *out = transform_outbound(j->doc, s->cfg->client_id, clock_wall_ms());
+    json_t *out = transform_outbound(j->base.doc, s->cfg->client_id, clock_wall_ms());
     char *body = out ? json_dumps(out, JSON_COMPACT) : NULL;
 
     json_decref(out);
-    j->state = S_CALLING;
+    j->base.state = S_CALLING;
     if (body && http_client_start(rt_http(s->rt), "POST", "/api/v1/external-resource", body,
-                                  strlen(body), j->job_id, on_response, j) == IW_OK) {
+                                  strlen(body), j->base.job_id, on_response, j) == IW_OK) {
         s->calling++;
         j->call_prev = NULL;
         j->call_next = s->in_call;
@@ -357,7 +268,7 @@ static void start_call(sjob *j)
             s->in_call->call_prev = j;
         s->in_call = j;
     } else {
-        log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+        log_msg(IW_LOG_ERROR, sjob_fields(j), "cannot start the provider call; retrying in 1 s");
         defer(j, 1000);
     }
     free(body);
@@ -376,19 +287,20 @@ static void publish_accepted(sjob *j, const json_t *record)
         "trackingId", json_object_get(record, "trackingId"), "externalId",
         json_object_get(record, "externalId"), "acceptedAt", json_object_get(record, "acceptedAt"),
         "checks", 0, "lastStatus", json_object_get(record, "status"), "priority",
-        j->critical ? "critical" : "normal");
+        j->base.critical ? "critical" : "normal");
     char *text = check ? json_dumps(check, JSON_COMPACT) : NULL;
     json_t *h = json_pack("{s:i, s:s}", "x-attempts", 0, "x-original-routing-key", "status.check");
 
-    j->state = S_PUBLISHING;
+    j->base.state = S_PUBLISHING;
     metrics_job("submitter", "accepted");
-    rt_outcome_begin(&j->out, after_outcome, j);
-    rt_publish_event(s->rt, &j->out, "submission.accepted", record, j->job_id);
+    rt_outcome_begin(&j->base.out, after_outcome, j);
+    rt_publish_event(s->rt, &j->base.out, "submission.accepted", record, j->base.job_id);
     if (text)
-        rt_publish_delayed(s->rt, &j->out, "status", text, strlen(text), j->job_id, h, delay);
+        rt_publish_delayed(s->rt, &j->base.out, "status", text, strlen(text), j->base.job_id, h,
+                           delay);
     else
-        j->out.failed = 1;
-    rt_outcome_seal(&j->out);
+        j->base.out.failed = 1;
+    rt_outcome_seal(&j->base.out);
     json_decref(h);
     json_decref(check);
     free(text);
@@ -404,10 +316,10 @@ static void store_records(submitter *s)
     if (!s->to_record.head)
         return;
     if (redis_ok) {
-        for (sjob *j = s->to_record.head; j; j = j->next) {
+        for (sjob *j = (sjob *)s->to_record.head; j; j = (sjob *)j->base.next) {
             char *text = json_dumps(j->record, JSON_COMPACT);
-            if (redis_link_append(r, &err, "SET %s:job:%s %s NX PX %lld", s->cfg->ns, j->job_id,
-                                  text ? text : "{}",
+            if (redis_link_append(r, &err, "SET %s:job:%s %s NX PX %lld", s->cfg->ns,
+                                  j->base.job_id, text ? text : "{}",
                                   (long long)s->cfg->idempotency_ttl_ms) == IW_OK)
                 n++;
             free(text);
@@ -425,11 +337,11 @@ static void store_records(submitter *s)
             IW_LOG_WARN, NULL,
             "could not record accepted jobs in Redis; a redelivery would repeat the call, which "
             "the provider answers from its Idempotency-Key");
-    for (sjob *j = fifo_pop(&s->to_record); j; j = fifo_pop(&s->to_record)) {
-        if (rt_delivery_live(s->rt, j->d))
+    for (sjob *j = sjob_pop(&s->to_record); j; j = sjob_pop(&s->to_record)) {
+        if (rt_delivery_live(s->rt, j->base.d))
             publish_accepted(j, j->record);
         else
-            job_free(j);
+            sjob_free(j);
     }
 }
 
@@ -448,13 +360,13 @@ static void take_batch(submitter *s, long long now)
     iw_error err;
 
     /* one priority per batch: critical jobs bypass the class cap */
-    int q = s->ready[0].head ? 0 : 1;
+    int q = s->waiting.ready[0].head ? 0 : 1;
     while (n < LIMITER_MAX_RECORDS && (long)n < free_slots) {
-        sjob *j = fifo_pop(&s->ready[q]);
+        sjob *j = sjob_pop(&s->waiting.ready[q]);
         if (!j)
             break;
         batch[n] = j;
-        snprintf(keys[n], sizeof keys[n], "%s:job:%s", cfg->ns, j->job_id);
+        snprintf(keys[n], sizeof keys[n], "%s:job:%s", cfg->ns, j->base.job_id);
         key_ptrs[n] = keys[n];
         n++;
     }
@@ -469,7 +381,9 @@ static void take_batch(submitter *s, long long now)
                  json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; jobs wait",
                            "error", "code", "LIMITER_UNAVAILABLE", "message", err.msg));
         while (n)
-            fifo_push_front(&s->ready[batch[n - 1]->critical ? 0 : 1], batch[n - 1]), n--;
+            job_fifo_push_front(&s->waiting.ready[batch[n - 1]->base.critical ? 0 : 1],
+                                &batch[n - 1]->base),
+                n--;
         s->blocked_until = now + 1000;
         return;
     }
@@ -489,18 +403,18 @@ static void take_batch(submitter *s, long long now)
         if (rec) {
             /* accepted before (a redelivery after a crash): no second call */
             json_t *record = json_loadb(rec, len, 0, NULL);
-            log_msg(IW_LOG_INFO, job_fields(j),
+            log_msg(IW_LOG_INFO, sjob_fields(j),
                     "job was accepted before; publishing its recorded outcome without a call");
             if (record) {
                 publish_accepted(j, record);
                 json_decref(record);
             } else {
                 fail_job(j, "IDEMPOTENCY_RECORD_CORRUPT",
-                         "the Redis record of this job is not JSON", 0, j->attempts);
+                         "the Redis record of this job is not JSON", 0, j->base.attempts);
             }
         } else if (granted > 0) {
             granted--;
-            j->state = S_PERMITTED;
+            j->base.state = S_PERMITTED;
             start_call(j);
         } else {
             defer(j, res.wait_ms);
@@ -512,24 +426,15 @@ static void take_batch(submitter *s, long long now)
 static void tick(void *self, long long now)
 {
     submitter *s = self;
-    jobheap_node *top;
 
     store_records(s);
-    while ((top = jobheap_peek(&s->deferred)) && top->due_ms <= now) {
-        sjob *j = jobheap_pop(&s->deferred)->item;
-        j->state = S_VALIDATED;
-        fifo_push(&s->ready[j->critical ? 0 : 1], j);
-    }
+    job_queues_due(&s->waiting, now, S_VALIDATED);
     if (rt_stopping(s->rt)) {
-        for (int q = 0; q < 2; q++)
-            for (sjob *j = fifo_pop(&s->ready[q]); j; j = fifo_pop(&s->ready[q])) {
-                rt_nack(s->rt, j->d, 1);
-                job_free(j);
-            }
+        job_queues_drop_ready(&s->waiting, s->rt, 1, sjob_free);
         return;
     }
     /* every batch takes at least one job off the ready queues, or blocks */
-    while ((s->ready[0].head || s->ready[1].head) && s->calling < s->cfg->concurrency &&
+    while (job_queues_any_ready(&s->waiting) && s->calling < s->cfg->concurrency &&
            now >= s->blocked_until && rt_redis_ready(s->rt))
         take_batch(s, now);
 }
@@ -537,12 +442,11 @@ static void tick(void *self, long long now)
 static long long next_deadline(void *self)
 {
     submitter *s = self;
-    jobheap_node *top = jobheap_peek(&s->deferred);
-    long long d = top ? top->due_ms : LLONG_MAX;
+    long long d = job_queues_next_due(&s->waiting);
 
     if (s->to_record.head)
         return 0;
-    if ((s->ready[0].head || s->ready[1].head) && s->calling < s->cfg->concurrency) {
+    if (job_queues_any_ready(&s->waiting) && s->calling < s->cfg->concurrency) {
         long long b = s->blocked_until > clock_mono_ms() ? s->blocked_until : 0;
         if (redis_link_connected(rt_redis(s->rt)) && b < d)
             d = b;
@@ -550,32 +454,18 @@ static long long next_deadline(void *self)
     return d;
 }
 
-static void drop_waiting(submitter *s, int nack)
-{
-    jobheap_node *n;
-
-    while ((n = jobheap_pop(&s->deferred))) {
-        sjob *j = n->item;
-        if (nack)
-            rt_nack(s->rt, j->d, 1);
-        job_free(j);
-    }
-    for (int q = 0; q < 2; q++)
-        for (sjob *j = fifo_pop(&s->ready[q]); j; j = fifo_pop(&s->ready[q])) {
-            if (nack)
-                rt_nack(s->rt, j->d, 1);
-            job_free(j);
-        }
-}
-
 static void on_link_lost(void *self)
 {
-    drop_waiting(self, 0);
+    submitter *s = self;
+
+    job_queues_drop(&s->waiting, s->rt, 0, sjob_free);
 }
 
 static void on_stop(void *self)
 {
-    drop_waiting(self, 1);
+    submitter *s = self;
+
+    job_queues_drop(&s->waiting, s->rt, 1, sjob_free);
 }
 
 static size_t busy(void *self)
@@ -607,15 +497,15 @@ void submitter_free(submitter *s)
 {
     if (!s)
         return;
-    drop_waiting(s, 0);
+    job_queues_drop(&s->waiting, s->rt, 0, sjob_free);
     /* calls cut short by the end of the shutdown grace: the HTTP client
      * aborts them without a callback (their deliveries return to the queue) */
     while (s->in_call) {
         sjob *j = s->in_call;
         s->in_call = j->call_next;
-        job_free(j);
+        sjob_free(j);
     }
-    jobheap_clear(&s->deferred);
+    job_queues_clear(&s->waiting);
     schema_free(s->job_schema);
     schema_free(s->resp_schema);
     free(s);
