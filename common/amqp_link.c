@@ -587,6 +587,19 @@ int amqp_link_cancel(amqp_link *l, const char *consumer_tag)
                : IW_ERR_AMQP;
 }
 
+/* Sets a short-string property.  AMQP short strings hold at most 255
+ * bytes and librabbitmq fails the whole connection on a longer one, so a
+ * longer value is left out (a jobId of 128 characters may take 512 bytes;
+ * the body still carries it). */
+static void set_short(amqp_basic_properties_t *props, amqp_flags_t flag, amqp_bytes_t *field,
+                      const char *value)
+{
+    if (!value || strlen(value) > 255)
+        return;
+    props->_flags |= flag;
+    *field = amqp_cstring_bytes(value);
+}
+
 int amqp_link_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, void *ud)
 {
     amqp_basic_properties_t props;
@@ -603,22 +616,10 @@ int amqp_link_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, voi
     memset(&props, 0, sizeof props);
     props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
     props.delivery_mode = p->transient ? 1 : 2;
-    if (p->content_type) {
-        props._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
-        props.content_type = amqp_cstring_bytes(p->content_type);
-    }
-    if (p->correlation_id) {
-        props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
-        props.correlation_id = amqp_cstring_bytes(p->correlation_id);
-    }
-    if (p->reply_to) {
-        props._flags |= AMQP_BASIC_REPLY_TO_FLAG;
-        props.reply_to = amqp_cstring_bytes(p->reply_to);
-    }
-    if (p->message_id) {
-        props._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
-        props.message_id = amqp_cstring_bytes(p->message_id);
-    }
+    set_short(&props, AMQP_BASIC_CONTENT_TYPE_FLAG, &props.content_type, p->content_type);
+    set_short(&props, AMQP_BASIC_CORRELATION_ID_FLAG, &props.correlation_id, p->correlation_id);
+    set_short(&props, AMQP_BASIC_REPLY_TO_FLAG, &props.reply_to, p->reply_to);
+    set_short(&props, AMQP_BASIC_MESSAGE_ID_FLAG, &props.message_id, p->message_id);
     if (p->headers && json_object_size(p->headers)) {
         if (json_to_table(&pool, p->headers, &props.headers) != 0) {
             rc = IW_ERR_NOMEM;

@@ -38,7 +38,8 @@ void delivery_free(iw_delivery *d);
  * are not UTF-8 become null. */
 json_t *amqp_table_to_json(const amqp_table_t *t);
 
-/* What to publish; every pointer is borrowed for the duration of the call. */
+/* What to publish; every pointer is borrowed for the duration of the call.
+ * Properties longer than AMQP's 255-byte short strings are left out. */
 typedef struct iw_publish {
     const char *exchange; /* "" for the default exchange */
     const char *routing_key;

@@ -334,9 +334,7 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     p.body = text ? text : "{}";
     p.body_len = strlen(p.body);
     p.content_type = "application/json";
-    /* an AMQP shortstr holds 255 bytes; a longer jobId (128 characters may be
-     * 512 bytes) would break the connection: it is in the body anyway */
-    p.correlation_id = job_id && strlen(job_id) <= 255 ? job_id : NULL;
+    p.correlation_id = job_id; /* left out by the link if over 255 bytes */
     outcome_publish(rt, o, &p);
     free(text);
 }
@@ -474,7 +472,7 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = correlation_id && strlen(correlation_id) <= 255 ? correlation_id : NULL;
+    p.correlation_id = correlation_id;
     p.headers = h;
     outcome_publish(rt, o, &p);
     json_decref(h);
