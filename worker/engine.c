@@ -59,16 +59,6 @@ struct engine {
     unsigned long long seq;
 };
 
-static const char *const state_names[JOB_N_STATES] = {
-    "received",   "validated", "ready",    "held",       "permitted", "calling",
-    "classified", "recording", "adopting", "publishing", "marking",   "sending-on",
-    "failing",    "acked",     "returned", "dropped"};
-
-const char *job_state_name(job_state s)
-{
-    return (unsigned)s < JOB_N_STATES ? state_names[s] : "unknown";
-}
-
 /* ---- FIFOs ---------------------------------------------------------------------- */
 
 static void call_push(call_fifo *q, call *c)
@@ -367,14 +357,26 @@ static json_t *call_fields(const call *c)
     return job_fields((const job *)c);
 }
 
+/* Counts and logs (at debug) that j is in its state now. */
+static void note_state(const job *j)
+{
+    metrics_job_state(j->role->name, job_state_name(j->state));
+    if (log_enabled(IW_LOG_DEBUG))
+        log_json(IW_LOG_DEBUG, json_pack("{s:s, s:s, s:s, s:s}", "message", "job state", "role",
+                                         j->role->name, "requestId", j->job_id ? j->job_id : "",
+                                         "state", job_state_name(j->state)));
+}
+
 void job_set_state(job *j, job_state s)
 {
+    if (!job_state_allowed(j->state, s))
+        log_json(IW_LOG_ERROR,
+                 json_pack("{s:s, s:s, s:s, s:s, s:s}", "message",
+                           "illegal job state transition (a bug)", "role", j->role->name,
+                           "requestId", j->job_id ? j->job_id : "", "from",
+                           job_state_name(j->state), "to", job_state_name(s)));
     j->state = s;
-    metrics_job_state(j->role->name, job_state_name(s));
-    if (log_enabled(IW_LOG_DEBUG))
-        log_json(IW_LOG_DEBUG,
-                 json_pack("{s:s, s:s, s:s, s:s}", "message", "job state", "role", j->role->name,
-                           "requestId", j->job_id ? j->job_id : "", "state", job_state_name(s)));
+    note_state(j);
 }
 
 static void job_free(job *j)
@@ -806,7 +808,8 @@ static void on_delivery(void *self, iw_delivery *d)
     e->alive++;
     snprintf(j->token, sizeof j->token, "%s-%llu", e->proc_token, ++e->seq);
     metrics_job(j->role->name, "consumed");
-    job_set_state(j, JOB_RECEIVED);
+    j->state = JOB_RECEIVED;
+    note_state(j);
     if (rt_stopping(e->rt)) {
         job_end(j, JOB_RETURNED, 1);
         return;
@@ -980,12 +983,11 @@ void engine_link_lost(engine *e)
     for (int q = 0; q < 2; q++) {
         job *j;
         while ((j = job_pop(qs[q])))
-            j->next = NULL, j->state = JOB_DROPPED;
+            job_end(j, JOB_DROPPED, 0);
     }
     for (job *j = e->all, *next; j; j = next) {
         next = j->next_all;
-        if (j->state == JOB_READY || j->state == JOB_HELD || j->state == JOB_DROPPED ||
-            j->state == JOB_VALIDATED || j->state == JOB_RECEIVED)
+        if (j->state == JOB_READY || j->state == JOB_HELD)
             job_end(j, JOB_DROPPED, 0);
     }
 }

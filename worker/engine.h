@@ -36,6 +36,7 @@
 
 #include "errcode.h"
 #include "http_client.h"
+#include "jobstate.h"
 #include "loop.h"
 #include "metrics.h"
 #include "records.h"
@@ -98,29 +99,6 @@ void engine_log_call(const call *c, const http_response *r, const iw_verdict *v,
 void engine_answer_message(const http_response *r, char *buf, size_t len);
 
 /* ---- jobs ---------------------------------------------------------------------- */
-
-typedef enum job_state {
-    JOB_RECEIVED,
-    JOB_VALIDATED,
-    JOB_READY,
-    JOB_HELD,
-    JOB_PERMITTED,
-    JOB_CALLING,
-    JOB_CLASSIFIED,
-    JOB_RECORDING,
-    JOB_ADOPTING,
-    JOB_PUBLISHING,
-    JOB_MARKING,
-    JOB_SENDING_ON,
-    JOB_FAILING,
-    JOB_ACKED,
-    JOB_RETURNED,
-    JOB_DROPPED,
-    JOB_N_STATES
-} job_state;
-
-/* "received", ...; never NULL. */
-const char *job_state_name(job_state s);
 
 typedef struct job job;
 

@@ -135,7 +135,7 @@ typedef struct rreq {
     dlink link;          /* in a flight's waiters, the fallback or the invalidation queue */
     loop_timer deadline; /* IW_RESOLVER_WAIT after it arrived */
     dlink all;
-    const char *fb_code; /* why it falls back: the error if nothing is cached */
+    iw_code fb_code; /* why it falls back: the error if nothing is cached */
     char fb_msg[256];
     rt_outcome out;
 } rreq;
@@ -157,7 +157,7 @@ typedef struct flight {
     flight_result result;
     json_t *data;
     char *data_text;
-    const char *wait_code; /* the error a request gets when its deadline passes now */
+    iw_code wait_code; /* the error a request gets when its deadline passes now */
     char wait_msg[256];
     struct flight *hnext; /* hash chain */
     struct flight *qnext; /* in one of the work queues */
@@ -324,15 +324,16 @@ static void reply_result(rreq *q, int found, const char *source, const json_t *d
     reply(q, body);
 }
 
-static void reply_error(rreq *q, const char *code, const char *message)
+static void reply_error(rreq *q, iw_code code, const char *message)
 {
     json_t *f = req_fields(q);
 
     json_object_set_new(f, "duration", json_integer(clock_mono_ms() - q->received_ms));
-    json_object_set_new(f, "error", json_pack("{s:s, s:s}", "code", code, "message", message));
+    json_object_set_new(f, "error",
+                        json_pack("{s:s, s:s}", "code", iw_code_name(code), "message", message));
     log_json(IW_LOG_ERROR, f);
-    reply(q, json_pack("{s:s, s:{s:s, s:s}}", "id", q->id ? q->id : "", "error", "code", code,
-                       "message", message));
+    reply(q, json_pack("{s:s, s:{s:s, s:s}}", "id", q->id ? q->id : "", "error", "code",
+                       iw_code_name(code), "message", message));
 }
 
 /* Parses a cached OurFormat and checks it against the reply schema, so that
@@ -396,10 +397,10 @@ static void flight_free(flight *f)
     free(f);
 }
 
-static void set_wait(flight *f, const char *code, const char *fmt, ...)
+static void set_wait(flight *f, iw_code code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-static void set_wait(flight *f, const char *code, const char *fmt, ...)
+static void set_wait(flight *f, iw_code code, const char *fmt, ...)
 {
     va_list ap;
 
@@ -438,7 +439,7 @@ static flight *flight_new(resolver *r, const rreq *q)
              ++r->seq);
     f->poll_ms = PEER_POLL_MIN_MS;
     f->state = F_LOOKUP;
-    set_wait(f, "EXTERNAL_API_TIMEOUT", "no answer within IW_RESOLVER_WAIT (%ld ms)",
+    set_wait(f, IW_C_EXTERNAL_API_TIMEOUT, "no answer within IW_RESOLVER_WAIT (%ld ms)",
              r->cfg->resolver_wait_ms);
     b = bucket_of(f->slot.fresh);
     f->hnext = r->buckets[b];
@@ -470,7 +471,7 @@ static void flight_drop(flight *f)
 /* Ends every waiting request of f without an answer from the provider: from
  * the stale copy when `fallback` (the provider is unavailable), with the
  * error otherwise; then drops the flight. */
-static void flight_fail(flight *f, const char *code, const char *message, int fallback)
+static void flight_fail(flight *f, iw_code code, const char *message, int fallback)
 {
     resolver *r = f->r;
 
@@ -493,7 +494,7 @@ static void flight_wait(flight *f, flight_state state, long ms)
 {
     f->state = state;
     if (loop_timer_at(f->r->lp, &f->timer, clock_mono_ms() + (ms > 0 ? ms : 0)) != 0)
-        flight_fail(f, "INTERNAL_ERROR", "out of memory", 1);
+        flight_fail(f, IW_C_INTERNAL_ERROR, "out of memory", 1);
 }
 
 /* A peer's call or a deferral is over: look the slot up again. */
@@ -528,7 +529,7 @@ static void start_call(flight *f)
     f->state = F_CALLING;
     f->attempts++;
     f->call.attempt = f->attempts;
-    set_wait(f, "EXTERNAL_API_TIMEOUT",
+    set_wait(f, IW_C_EXTERNAL_API_TIMEOUT,
              "the External API did not answer within IW_RESOLVER_WAIT "
              "(%ld ms)",
              r->cfg->resolver_wait_ms);
@@ -536,7 +537,7 @@ static void start_call(flight *f)
         r->calling++;
     } else {
         log_msg(IW_LOG_ERROR, flight_fields(f), "cannot start the provider call");
-        flight_fail(f, "EXTERNAL_API_UNAVAILABLE", "cannot start the provider call", 1);
+        flight_fail(f, IW_C_EXTERNAL_API_UNAVAILABLE, "cannot start the provider call", 1);
     }
 }
 
@@ -559,9 +560,9 @@ static void on_permit(call *c, call_permit p, long wait_ms, int paused, const ch
                  paused ? "the External API asked us to pause (429)"
                         : "rate limit reached (IW_RATE_LIMITS)",
                  wait_ms);
-        flight_fail(f, "RATE_LIMITED", m, 1);
+        flight_fail(f, IW_C_RATE_LIMITED, m, 1);
     } else {
-        set_wait(f, "RATE_LIMITED", "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
+        set_wait(f, IW_C_RATE_LIMITED, "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
                  cfg->resolver_wait_ms);
         flight_wait(f, F_DEFERRED, wait_ms);
     }
@@ -583,7 +584,7 @@ static void answer_found(flight *f, const http_response *resp, iw_verdict *v)
         v->code = IW_C_EXTERNAL_API_BAD_RESPONSE;
         engine_log_call(&f->call, resp, v, NULL);
         json_decref(body);
-        flight_fail(f, "EXTERNAL_API_BAD_RESPONSE", msg, 0);
+        flight_fail(f, IW_C_EXTERNAL_API_BAD_RESPONSE, msg, 0);
         return;
     }
     json_decref(body);
@@ -621,26 +622,26 @@ static void on_answer(call *c, const http_response *resp, iw_verdict *v)
         long next =
             retry_delay_before(cfg->resolver_retry_ms, cfg->n_resolver_retry, f->attempts + 1);
         if (next >= 0 && f->n_waiters) {
-            set_wait(f, "EXTERNAL_API_UNAVAILABLE", "%s", msg);
+            set_wait(f, IW_C_EXTERNAL_API_UNAVAILABLE, "%s", msg);
             flight_wait(f, F_DEFERRED, next);
         } else {
-            flight_fail(f, "EXTERNAL_API_UNAVAILABLE", msg, 1);
+            flight_fail(f, IW_C_EXTERNAL_API_UNAVAILABLE, msg, 1);
         }
         break;
     }
     case IW_V_WAIT:
         f->attempts--; /* waiting for a reset uses no attempt */
         if (v->wait_ms <= cfg->resolver_wait_ms && f->n_waiters) {
-            set_wait(f, "RATE_LIMITED", "External API rate limit (429); reset in %ld ms",
+            set_wait(f, IW_C_RATE_LIMITED, "External API rate limit (429); reset in %ld ms",
                      v->wait_ms);
             flight_wait(f, F_DEFERRED, v->wait_ms);
         } else {
             snprintf(msg, sizeof msg, "External API rate limit (429); reset in %ld ms", v->wait_ms);
-            flight_fail(f, "RATE_LIMITED", msg, 1);
+            flight_fail(f, IW_C_RATE_LIMITED, msg, 1);
         }
         break;
     default:
-        flight_fail(f, v->code != IW_C_NONE ? iw_code_name(v->code) : "EXTERNAL_API_ERROR", msg, 0);
+        flight_fail(f, v->code != IW_C_NONE ? v->code : IW_C_EXTERNAL_API_ERROR, msg, 0);
         break;
     }
 }
@@ -663,7 +664,7 @@ static const char *readable_id(const json_t *doc)
 
 /* Dead-letters a request that cannot be served (with an error reply too when
  * it names a reply_to, so that its caller does not wait for a timeout). */
-static void reject(rreq *q, const char *code, const char *message)
+static void reject(rreq *q, iw_code code, const char *message)
 {
     resolver *r = q->r;
     json_t *f;
@@ -671,17 +672,18 @@ static void reject(rreq *q, const char *code, const char *message)
     q->state = Q_DEAD;
     f = req_fields(q);
     json_object_set_new(f, "resourceId", json_string(readable_id(q->doc)));
-    json_object_set_new(f, "error", json_pack("{s:s, s:s}", "code", code, "message", message));
+    json_object_set_new(f, "error",
+                        json_pack("{s:s, s:s}", "code", iw_code_name(code), "message", message));
     log_json(IW_LOG_ERROR, f);
     q->outcome_pending = 1;
     rt_outcome_begin(&q->out, after_outcome, q);
     if (q->d->reply_to && *q->d->reply_to) {
         json_t *body = json_pack("{s:s, s:{s:s, s:s}}", "id", readable_id(q->doc), "error", "code",
-                                 code, "message", message);
+                                 iw_code_name(code), "message", message);
         rt_publish_reply(r->rt, &q->out, q->d->reply_to, q->d->correlation_id, body);
         json_decref(body);
     }
-    rt_publish_dead(r->rt, &q->out, q->d, "resource", code, message, 0, 0);
+    rt_publish_dead(r->rt, &q->out, q->d, "resource", iw_code_name(code), message, 0, 0);
     rt_outcome_seal(&q->out);
 }
 
@@ -693,7 +695,7 @@ static void start_lookup(rreq *q)
     if (!f) {
         f = flight_new(r, q);
         if (!f) {
-            reply_error(q, "INTERNAL_ERROR", "out of memory");
+            reply_error(q, IW_C_INTERNAL_ERROR, "out of memory");
             return;
         }
         fq_push(&r->lookup_q, f);
@@ -723,7 +725,7 @@ static void request_deadline(loop *l, loop_timer *t)
     (void)l;
     req_detach(q);
     q->state = Q_FALLBACK;
-    q->fb_code = f ? f->wait_code : "EXTERNAL_API_TIMEOUT";
+    q->fb_code = f ? f->wait_code : IW_C_EXTERNAL_API_TIMEOUT;
     snprintf(q->fb_msg, sizeof q->fb_msg, "%s", f ? f->wait_msg : "no answer in time");
     dl_push(&q->r->fallback_q, &q->link);
 }
@@ -759,14 +761,14 @@ static void on_delivery(void *self, iw_delivery *d)
                  "routing key '%.100s' is neither resource.get nor "
                  "resource.invalidate",
                  rk);
-        reject(q, "UNKNOWN_ROUTING_KEY", msg);
+        reject(q, IW_C_UNKNOWN_ROUTING_KEY, msg);
         return;
     }
     intake_json(d->body, d->body_len, d->content_type, (size_t)r->cfg->max_message_bytes,
                 q->invalidate ? r->inval_schema : r->get_schema, &in);
     q->doc = in.doc;
     if (in.code != IW_C_NONE) {
-        reject(q, iw_code_name(in.code), in.msg);
+        reject(q, in.code, in.msg);
         return;
     }
     q->state = Q_VALIDATED;
@@ -777,7 +779,7 @@ static void on_delivery(void *self, iw_delivery *d)
         return;
     }
     if (!d->reply_to || !*d->reply_to) {
-        reject(q, "MISSING_REPLY_TO",
+        reject(q, IW_C_MISSING_REPLY_TO,
                "resource.get needs reply_to (and correlation_id): there is "
                "nowhere to send the answer");
         return;
@@ -789,7 +791,7 @@ static void on_delivery(void *self, iw_delivery *d)
     prio = json_string_value(json_object_get(q->doc, "priority"));
     q->critical = !prio || strcmp(prio, "normal") != 0;
     if (cache_slot_init(r->cache, &q->slot, q->id, q->expand) != IW_OK) {
-        reply_error(q, "INTERNAL_ERROR", "out of memory");
+        reply_error(q, IW_C_INTERNAL_ERROR, "out of memory");
         return;
     }
     start_lookup(q);
@@ -861,7 +863,7 @@ static void done_invalidate(resolver *r, rreq *q, const redisReply *rep, const i
         if (!redis_link_connected(rt_redis(r->rt)))
             dl_push(&r->inval_q, &q->link); /* again once Redis is back */
         else
-            reject(q, "CACHE_UNAVAILABLE", m); /* a script error would only repeat */
+            reject(q, IW_C_CACHE_UNAVAILABLE, m); /* a script error would only repeat */
         return;
     }
     unmap_flights_of(r, q->id);
@@ -894,7 +896,7 @@ static void done_lookup(resolver *r, flight *f, const redisReply *rep, const iw_
             fq_push_front(&r->lookup_q, f);
         } else {
             /* Redis answers but the script fails: do not spin on it */
-            flight_fail(f, "CACHE_UNAVAILABLE", m, 1);
+            flight_fail(f, IW_C_CACHE_UNAVAILABLE, m, 1);
         }
         return;
     }
@@ -923,7 +925,7 @@ static void done_lookup(resolver *r, flight *f, const redisReply *rep, const iw_
             flight_drop(f);
         } else {
             f->state = F_PERMIT;
-            set_wait(f, "RATE_LIMITED", "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
+            set_wait(f, IW_C_RATE_LIMITED, "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
                      r->cfg->resolver_wait_ms);
             f->call.critical = f->critical;
             engine_ask(r->e, &f->call);
@@ -935,7 +937,7 @@ static void done_lookup(resolver *r, flight *f, const redisReply *rep, const iw_
         if (pttl >= 0 && pttl + 1 < wait)
             wait = pttl + 1;
         f->poll_ms = f->poll_ms * 2 > PEER_POLL_MAX_MS ? PEER_POLL_MAX_MS : f->poll_ms * 2;
-        set_wait(f, "EXTERNAL_API_TIMEOUT",
+        set_wait(f, IW_C_EXTERNAL_API_TIMEOUT,
                  "another worker's provider call for this resource did not finish within "
                  "IW_RESOLVER_WAIT (%ld ms)",
                  r->cfg->resolver_wait_ms);
@@ -951,8 +953,9 @@ static void done_stale(resolver *r, rreq *q, const redisReply *rep)
         data = cached_data(r, q->id, rep->str, rep->len);
     if (data) {
         json_t *f = req_fields(q);
-        json_object_set_new(f, "error",
-                            json_pack("{s:s, s:s}", "code", q->fb_code, "message", q->fb_msg));
+        json_object_set_new(
+            f, "error",
+            json_pack("{s:s, s:s}", "code", iw_code_name(q->fb_code), "message", q->fb_msg));
         log_msg(IW_LOG_WARN, f, "answered from the stale copy");
         reply_result(q, 1, "stale-cache", data);
         json_decref(data);
@@ -1039,7 +1042,7 @@ static void redis_down(resolver *r)
     }
     while ((f = fq_pop(&r->lookup_q))) {
         f->owns_lock = 0;
-        flight_fail(f, "CACHE_UNAVAILABLE", msg, 0);
+        flight_fail(f, IW_C_CACHE_UNAVAILABLE, msg, 0);
     }
     for (dlink *l = r->flights.next, *next; l != &r->flights; l = next) {
         next = l->next;
@@ -1047,7 +1050,7 @@ static void redis_down(resolver *r)
         if (f->call.queued) { /* waiting for a permit the limiter cannot give */
             engine_unask(r->e, &f->call);
             f->owns_lock = 0;
-            flight_fail(f, "CACHE_UNAVAILABLE", msg, 0);
+            flight_fail(f, IW_C_CACHE_UNAVAILABLE, msg, 0);
         }
     }
     while (!dl_empty(&r->fallback_q)) {
@@ -1058,7 +1061,7 @@ static void redis_down(resolver *r)
         rreq *q = CONTAINER_OF(l, rreq, link);
         next = l->next;
         if (q->d->reply_to && *q->d->reply_to)
-            reply_error(q, "CACHE_UNAVAILABLE", msg);
+            reply_error(q, IW_C_CACHE_UNAVAILABLE, msg);
     }
 }
 

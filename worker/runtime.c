@@ -10,6 +10,7 @@
 
 #include "admin_http.h"
 #include "clock.h"
+#include "errcode.h"
 #include "log.h"
 #include "metrics.h"
 #include "topology.h"
@@ -233,7 +234,8 @@ int rt_redis_ready(runtime *rt)
                  json_pack("{s:s, s:{s:s, s:s}}", "message",
                            "Redis unavailable: the limiter fails closed, no provider calls and no "
                            "new deliveries until it is back",
-                           "error", "code", "REDIS_UNAVAILABLE", "message", err.msg));
+                           "error", "code", iw_code_name(IW_C_REDIS_UNAVAILABLE), "message",
+                           err.msg));
     rt->redis_down = 1;
     return 0;
 }
@@ -270,7 +272,7 @@ static int connect_amqp(runtime *rt)
             log_json(IW_LOG_ERROR,
                      json_pack("{s:s, s:{s:s, s:s}}", "message",
                                "the broker topology differs from this configuration", "error",
-                               "code", "TOPOLOGY_MISMATCH", "message", err.msg));
+                               "code", iw_code_name(IW_C_TOPOLOGY_MISMATCH), "message", err.msg));
             return -2;
         }
         goto transient;
@@ -294,8 +296,8 @@ static int connect_amqp(runtime *rt)
 transient:
     log_json(IW_LOG_ERROR,
              json_pack("{s:s, s:{s:s, s:s}, s:I}", "message", "broker unavailable, will retry",
-                       "error", "code", "BROKER_UNAVAILABLE", "message", err.msg, "retryInMs",
-                       (json_int_t)rt->amqp_backoff));
+                       "error", "code", iw_code_name(IW_C_BROKER_UNAVAILABLE), "message", err.msg,
+                       "retryInMs", (json_int_t)rt->amqp_backoff));
     if (rt->amqp) {
         amqp_link *l = rt->amqp;
         rt->amqp = NULL;
@@ -312,11 +314,11 @@ static void link_lost(runtime *rt)
 {
     amqp_link *l = rt->amqp;
 
-    log_json(IW_LOG_ERROR,
-             json_pack("{s:s, s:{s:s, s:s}}", "message",
-                       "broker connection lost; unacked deliveries return to their "
-                       "queues, reconnecting",
-                       "error", "code", "BROKER_CONNECTION_LOST", "message", amqp_link_error(l)));
+    log_json(IW_LOG_ERROR, json_pack("{s:s, s:{s:s, s:s}}", "message",
+                                     "broker connection lost; unacked deliveries return to their "
+                                     "queues, reconnecting",
+                                     "error", "code", iw_code_name(IW_C_BROKER_CONNECTION_LOST),
+                                     "message", amqp_link_error(l)));
     rt->amqp = NULL;
     loop_watch(rt->lp, rt->amqp_fd, 0, NULL, NULL);
     amqp_link_free(l); /* fails every pending confirm: their jobs are dropped */
