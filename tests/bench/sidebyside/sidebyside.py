@@ -275,6 +275,11 @@ def run_side(side, latency, n, args, ns, run, stack_pids):
                "--without-gossip", "--without-mingle", "--without-heartbeat",
                "--hostname", f"sbs-{os.getpid()}@%h", "--queues", ns + ".celery"]
     tap = Tap(ns)
+    # The shared broker and Redis also serve other clients: their CPU rate in the
+    # second before the worker starts is printed so a busy machine shows.
+    b0 = {k: cpu_s(p) for k, p in stack_pids.items()}
+    time.sleep(1.0)
+    background = sum(cpu_s(p) - b0[k] for k, p in stack_pids.items())
     logpath = os.path.join(args.logdir, f"{side}-{latency}ms.log")
     with open(logpath, "w") as logf:
         worker = subprocess.Popen(cmd, env=env, stdout=logf, stderr=logf, cwd=HERE)
@@ -283,6 +288,7 @@ def run_side(side, latency, n, args, ns, run, stack_pids):
 
     def sample(tag):
         marks[tag] = {k: cpu_s(p) for k, p in pids.items()}
+        marks[tag]["driver"] = sum(os.times()[:2])
 
     tap.wait(n, lambda: sample("first"), lambda: sample("last"), args.timeout)
     rss = peak_rss_mb(worker.pid)
@@ -296,22 +302,25 @@ def run_side(side, latency, n, args, ns, run, stack_pids):
             f"(log: {logpath})")
         return None
     secs = tap.last - tap.first
-    d = {k: marks["last"][k] - marks["first"][k] for k in pids}
+    d = {k: marks["last"][k] - marks["first"][k] for k in marks["first"]}
     per_k = 1000.0 / (n - 1)
     res = {
         "jobs_s": (n - 1) / secs if secs > 0 else float("nan"),
         "worker_cpu": d["worker"] * per_k,
-        "stack_cpu": sum(d.values()) * per_k,
+        "stack_cpu": sum(d[k] for k in pids) * per_k,
         "broker_cpu": d["rabbitmq"] * per_k,
         "rss": rss,
         "created": stats.get("submissions_created"),
         "dups": tap.dups,
         "secs": secs,
+        "background": background,
+        "driver": d["driver"] * per_k,
     }
     log(f"  {side:6} {latency:4} ms: {n} jobs in {secs:.2f} s, {res['jobs_s']:.0f} jobs/s, worker "
         f"{res['worker_cpu']:.2f} s/1k, stack {res['stack_cpu']:.2f} s/1k (rabbitmq "
         f"{res['broker_cpu']:.2f}), peak RSS {rss:.1f} MB, mock created {res['created']}, "
-        f"duplicate events {tap.dups}")
+        f"duplicate events {tap.dups}; this script's tap {res['driver']:.2f} s/1k; RabbitMQ+Redis "
+        f"busy {background:.2f} CPU s/s before the worker started")
     return res
 
 
@@ -447,9 +456,12 @@ def main():
         print(f"Ceilings in the same run: mock alone {fmt(ceil_mock)} POST/s (wrk, "
               f"{args.concurrency} connections); broker alone {fmt(ceil_broker)} jobs/s for the "
               f"job's message mix (bench_broker); at latency L the concurrency bounds either "
-              f"worker to {args.concurrency} / L jobs/s ("
-              + ", ".join(f"{lat} ms: {args.concurrency * 1000 / lat:,.0f}" for lat in latencies
-                          if lat > 0) + ").")
+              f"worker to {args.concurrency} / L jobs/s"
+              + "".join(f"; {lat} ms: {args.concurrency * 1000 / lat:,.0f}" for lat in latencies
+                        if lat > 0) + ".")
+    bg = [f"{s} {lat} ms {r['background']:.2f}" for (s, lat), r in results.items() if r]
+    print("RabbitMQ + Redis CPU s/s in the second before each worker started (other clients of "
+          "the shared servers): " + ", ".join(bg) + ".")
     ok = all(results.get((s, lat)) for s in sides for lat in latencies)
     return 0 if ok else 1
 
