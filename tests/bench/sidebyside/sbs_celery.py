@@ -13,8 +13,8 @@ with its settings in the SBS_* environment variables below.  The task does what
      correlation_id = jobKey, and wait for the publisher confirm;
   4. return, after which Celery acks the delivery (task_acks_late).
 
-It does not do what the C submitter also does per job (the shared rate limiter,
-the breaker and the idempotency record in Redis, the first status check
+It does not do what the C submitter also does per job (a permit from the shared
+rate limiter and the accepted-job record in Redis, the first status check
 published to the delay tiers): the Celery side does less work per job.
 
 Settings (every one stated here and in the README):
@@ -24,7 +24,8 @@ Settings (every one stated here and in the README):
   worker_prefetch_multiplier  1: prefetch = concurrency, one message per thread
   --pool threads --concurrency C   C = the C worker's IW_CONCURRENCY
   task_ignore_result          True, no result backend (the C worker has none)
-  worker_send_task_events     False; --without-gossip --without-mingle
+  worker_send_task_events     False; worker_enable_remote_control False;
+                              --without-gossip --without-mingle
                               --without-heartbeat (no cluster chatter)
   task queue                  <ns>.celery, durable quorum queue (as the C
                               worker's <ns>.submit), direct exchange <ns>.celery
@@ -82,6 +83,7 @@ app.conf.update(
     task_ignore_result=True,
     result_backend=None,
     worker_send_task_events=False,
+    worker_enable_remote_control=False,
     task_serializer="json",
     accept_content=["json"],
     task_default_queue=QUEUE,

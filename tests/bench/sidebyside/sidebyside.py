@@ -262,6 +262,13 @@ def delete_namespace(ns):
 
 def run_side(side, latency, n, args, ns, run, stack_pids):
     mock, port = start_mock(args.build, latency, args.mock_threads)
+    try:
+        return measure_side(side, latency, n, args, ns, run, stack_pids, mock, port)
+    finally:
+        stop(mock)
+
+
+def measure_side(side, latency, n, args, ns, run, stack_pids, mock, port):
     if side == "c":
         prefill_c(ns, run, n)
         cmd = [os.path.join(args.build, "bin", "integration-worker"), "submitter"]
@@ -283,19 +290,20 @@ def run_side(side, latency, n, args, ns, run, stack_pids):
     logpath = os.path.join(args.logdir, f"{side}-{latency}ms.log")
     with open(logpath, "w") as logf:
         worker = subprocess.Popen(cmd, env=env, stdout=logf, stderr=logf, cwd=HERE)
-    pids = {"worker": worker.pid, "mock": mock.pid, **stack_pids}
-    marks = {}
+    try:
+        pids = {"worker": worker.pid, "mock": mock.pid, **stack_pids}
+        marks = {}
 
-    def sample(tag):
-        marks[tag] = {k: cpu_s(p) for k, p in pids.items()}
-        marks[tag]["driver"] = sum(os.times()[:2])
+        def sample(tag):
+            marks[tag] = {k: cpu_s(p) for k, p in pids.items()}
+            marks[tag]["driver"] = sum(os.times()[:2])
 
-    tap.wait(n, lambda: sample("first"), lambda: sample("last"), args.timeout)
-    rss = peak_rss_mb(worker.pid)
-    stats = mock_stats(port)
-    stop(worker)
-    stop(mock)
-    tap.close()
+        tap.wait(n, lambda: sample("first"), lambda: sample("last"), args.timeout)
+        rss = peak_rss_mb(worker.pid)
+        stats = mock_stats(port)
+    finally:
+        stop(worker)
+        tap.close()
     got = len(tap.seen)
     if got < n or "last" not in marks:
         log(f"sidebyside: {side} at {latency} ms: {got} of {n} accepted, {tap.failed} failed "
