@@ -108,11 +108,13 @@ class _Link:
 
     def __init__(self):
         self.http = http.client.HTTPConnection("127.0.0.1", PROVIDER_PORT, timeout=30)
+        # confirm_publish=True makes basic_publish select confirm mode on first use
+        # and wait for each publish's basic.ack (a nack raises MessageNacked);
+        # calling channel.confirm_select() alone would not make it wait.
         self.amqp = amqp.Connection(host="127.0.0.1:5672", userid="guest", password="guest",
-                                    virtual_host="/")
+                                    virtual_host="/", confirm_publish=True)
         self.amqp.connect()
         self.channel = self.amqp.channel()
-        self.channel.confirm_select()
 
     def post(self, path, body, headers):
         try:
