@@ -218,10 +218,10 @@ class Tap:
         if len(self.seen) == self.target:
             self.on_last()
 
-    def wait(self, n, on_first, on_last, timeout):
+    def wait(self, n, on_first, on_last, timeout, alive):
         self.target, self.on_first, self.on_last = n, on_first, on_last
         deadline = time.monotonic() + timeout
-        while len(self.seen) + self.failed < n and time.monotonic() < deadline:
+        while len(self.seen) + self.failed < n and time.monotonic() < deadline and alive():
             try:
                 self.conn.drain_events(timeout=1)
             except TimeoutError:
@@ -298,7 +298,8 @@ def measure_side(side, latency, n, args, ns, run, stack_pids, mock, port):
             marks[tag] = {k: cpu_s(p) for k, p in pids.items()}
             marks[tag]["driver"] = sum(os.times()[:2])
 
-        tap.wait(n, lambda: sample("first"), lambda: sample("last"), args.timeout)
+        tap.wait(n, lambda: sample("first"), lambda: sample("last"), args.timeout,
+                 lambda: worker.poll() is None)
         rss = peak_rss_mb(worker.pid)
         stats = mock_stats(port)
     finally:
