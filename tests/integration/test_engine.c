@@ -22,53 +22,14 @@
 #include "iwtest.h"
 #include "log.h"
 
-#define MAX_PIDS 8
-
-static pid_t pids[MAX_PIDS];
 static char ns[128];
-
-static void kill_children(void)
-{
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] > 0) {
-            kill(pids[i], SIGKILL);
-            waitpid(pids[i], NULL, 0);
-            pids[i] = 0;
-        }
-}
-
-static pid_t track(pid_t pid)
-{
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] <= 0) {
-            pids[i] = pid;
-            return pid;
-        }
-    ck_abort_msg("too many child processes");
-    return pid;
-}
-
-static int stop(pid_t pid, int sig)
-{
-    int rc = iwt_stop(pid, sig);
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] == pid)
-            pids[i] = 0;
-    return rc;
-}
 
 static iwt_amqp *setup(const char *name, const char *const *mock_args, int *port)
 {
-    static int registered;
-
-    if (!registered) {
-        atexit(kill_children);
-        registered = 1;
-    }
     snprintf(ns, sizeof ns, "%s", iwt_namespace(name));
     iwt_cleanup(ns);
     iwt_declare(ns);
-    track(iwt_start_mock(mock_args, port));
+    iwt_track(iwt_start_mock(mock_args, port));
     iwt_amqp *a = iwt_amqp_open();
     iwt_tap_events(a, ns, "#");
     return a;
@@ -76,9 +37,7 @@ static iwt_amqp *setup(const char *name, const char *const *mock_args, int *port
 
 static void teardown(iwt_amqp *a)
 {
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] > 0)
-            ck_assert_int_eq(stop(pids[i], SIGTERM), 0);
+    ck_assert_int_eq(iwt_stop_all(), 0);
     iwt_amqp_close(a);
     iwt_cleanup(ns);
 }
@@ -126,8 +85,8 @@ START_TEST(long_multibyte_job_ids_each_get_their_own_final)
         strcat(x, "\xf0\x9f\x98\x80"); /* U+1F600, 4 bytes */
     snprintf(y, sizeof y, "%sb", x);
     strcat(x, "a");
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    track(iwt_start_worker("poller", ns, port, env, "poller"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
     publish_job(a, x);
     publish_job(a, y);
     long long deadline = iwt_now_ms() + 20000;
@@ -189,8 +148,8 @@ START_TEST(poller_and_resolver_only_processes_export_their_routes)
 
     snprintf(env_p, sizeof env_p, "IW_HTTP_ADDR=127.0.0.1:%d", hp);
     snprintf(env_r, sizeof env_r, "IW_HTTP_ADDR=127.0.0.1:%d", hr);
-    track(iwt_start_worker("poller", ns, port, envp, "poller"));
-    track(iwt_start_worker("resolver", ns, port, envr, "resolver"));
+    iwt_track(iwt_start_worker("poller", ns, port, envp, "poller"));
+    iwt_track(iwt_start_worker("resolver", ns, port, envr, "resolver"));
 
     /* a status check of an unknown tracking id: one GET answered 404 */
     format_timestamp(clock_wall_ms(), ts, sizeof ts);
@@ -246,7 +205,7 @@ START_TEST(all_keeps_calls_in_flight_under_the_concurrency)
     int port, replies = 0, accepted = 0;
     iwt_amqp *a = setup("eng-conc", mock, &port);
 
-    track(iwt_start_worker("all", ns, port, env, "all"));
+    iwt_track(iwt_start_worker("all", ns, port, env, "all"));
     snprintf(reply_q, sizeof reply_q, "%s.replies", ns);
     amqp_queue_declare(a->conn, 1, amqp_cstring_bytes(reply_q), 0, 0, 0, 1, amqp_empty_table);
     snprintf(requests, sizeof requests, "%s.requests", ns);
@@ -291,7 +250,7 @@ START_TEST(sigterm_without_grace_under_load)
     char id[32];
     int port, accepted = 0;
     iwt_amqp *a = setup("eng-term", mock, &port);
-    pid_t w = track(iwt_start_worker("all", ns, port, env, "first"));
+    pid_t w = iwt_track(iwt_start_worker("all", ns, port, env, "first"));
 
     for (int i = 0; i < JOBS; i++) {
         snprintf(id, sizeof id, "term-%03d", i);
@@ -302,10 +261,10 @@ START_TEST(sigterm_without_grace_under_load)
     ck_assert(IWT_EVENTUALLY((json_decref(st), st = iwt_mock_stats(port),
                               json_integer_value(json_object_get(st, "submissions_created")) > 0),
                              10000));
-    ck_assert_int_eq(stop(w, SIGTERM), 0); /* exit 0, and no sanitizer report */
+    ck_assert_int_eq(iwt_stop_tracked(w, SIGTERM), 0); /* exit 0, and no sanitizer report */
 
     /* nothing lost, nothing submitted twice: another worker finishes the rest */
-    track(iwt_start_worker("all", ns, port, env, "second"));
+    iwt_track(iwt_start_worker("all", ns, port, env, "second"));
     ck_assert(
         IWT_EVENTUALLY((json_decref(st), st = iwt_mock_stats(port),
                         json_integer_value(json_object_get(st, "submissions_created")) == JOBS &&
@@ -330,8 +289,6 @@ int main(void)
 {
     Suite *s = suite_create("engine");
     TCase *tc = tcase_create("engine");
-    SRunner *sr;
-    int failed;
 
     tcase_set_timeout(tc, 90);
     tcase_add_test(tc, long_multibyte_job_ids_each_get_their_own_final);
@@ -339,9 +296,5 @@ int main(void)
     tcase_add_test(tc, all_keeps_calls_in_flight_under_the_concurrency);
     tcase_add_test(tc, sigterm_without_grace_under_load);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return iwt_run_suite(s);
 }

@@ -610,6 +610,65 @@ int iwt_free_port(void)
     return port;
 }
 
+#define MAX_TRACKED 16
+static pid_t tracked[MAX_TRACKED];
+
+static void kill_tracked(void)
+{
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] > 0) {
+            kill(tracked[i], SIGKILL);
+            waitpid(tracked[i], NULL, 0);
+            tracked[i] = 0;
+        }
+}
+
+pid_t iwt_track(pid_t pid)
+{
+    static int registered;
+
+    if (!registered) {
+        atexit(kill_tracked);
+        registered = 1;
+    }
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] <= 0) {
+            tracked[i] = pid;
+            return pid;
+        }
+    REQUIRE(!"too many tracked child processes");
+    return pid;
+}
+
+int iwt_stop_tracked(pid_t pid, int sig)
+{
+    int rc = iwt_stop(pid, sig);
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] == pid)
+            tracked[i] = 0;
+    return rc;
+}
+
+int iwt_stop_all(void)
+{
+    int bad = 0;
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] > 0)
+            bad += iwt_stop_tracked(tracked[i], SIGTERM) != 0;
+    return bad;
+}
+
+int iwt_run_suite(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    int failed;
+
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
 void iwt_sleep_ms(long ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};

@@ -6,6 +6,7 @@
 #define IW_TEST_SUPPORT_H
 
 #include <amqp.h>
+#include <check.h>
 #include <jansson.h>
 #include <sys/types.h>
 
@@ -33,6 +34,17 @@ int iwt_run_worker_cmd(const char *const *args, const char *ns, int port, const 
 /* Sends sig and waits (up to 40 s) for the exit; returns the exit status
  * (128+signal when killed by a signal), -1 on timeout (then SIGKILLs). */
 int iwt_stop(pid_t pid, int sig);
+
+/* Children a suite started: a failed assertion exits the test process, and
+ * every tracked child still running is SIGKILLed then (atexit). */
+pid_t iwt_track(pid_t pid);
+/* iwt_stop of a tracked child, which is then forgotten. */
+int iwt_stop_tracked(pid_t pid, int sig);
+/* SIGTERMs every tracked child; returns how many did not exit 0. */
+int iwt_stop_all(void);
+
+/* Runs a Check suite (CK_NORMAL); the process's exit code. */
+int iwt_run_suite(Suite *s);
 
 /* A blocking AMQP connection for the test side. */
 typedef struct iwt_amqp {

@@ -8,6 +8,7 @@
 
 #include "config.h"
 #include "errcode.h"
+#include "iwtest.h"
 
 START_TEST(every_code_has_a_unique_name)
 {
@@ -69,17 +70,11 @@ int main(void)
 {
     Suite *s = suite_create("errcode");
     TCase *tc = tcase_create("table");
-    SRunner *sr;
-    int failed;
 
     tcase_add_test(tc, every_code_has_a_unique_name);
     tcase_add_test(tc, the_contract_names);
     tcase_add_test(tc, retried_are_the_transient_provider_failures);
     tcase_add_test(tc, levels_and_classes);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return iwt_run_suite(s);
 }

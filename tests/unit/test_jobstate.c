@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "jobstate.h"
+#include "iwtest.h"
 
 static void walk(const job_state *path, size_t n)
 {
@@ -91,17 +92,11 @@ int main(void)
 {
     Suite *s = suite_create("jobstate");
     TCase *tc = tcase_create("table");
-    SRunner *sr;
-    int failed;
 
     tcase_add_test(tc, names);
     tcase_add_test(tc, the_paths_jobs_take);
     tcase_add_test(tc, final_states_have_no_exit);
     tcase_add_test(tc, what_never_happens);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return iwt_run_suite(s);
 }

@@ -6,6 +6,7 @@
 
 #include "clock.h"
 #include "loop.h"
+#include "iwtest.h"
 
 #define N 200
 
@@ -171,16 +172,10 @@ int main(void)
 {
     Suite *s = suite_create("loop");
     TCase *tc = tcase_create("loop");
-    SRunner *sr;
-    int failed;
 
     tcase_add_test(tc, timers_fire_in_due_order);
     tcase_add_test(tc, cancel_and_rearm_keep_the_heap_ordered);
     tcase_add_test(tc, file_events_and_hooks);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return iwt_run_suite(s);
 }
