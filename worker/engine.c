@@ -738,6 +738,11 @@ static int record_steps(engine *e, long long now)
             int ok = records_read(e->rec, &rr, &err) == IW_OK;
             if (q == 2) {
                 after_mark(j, &rr, &err, ok);
+            } else if (!ok && err.status == IW_ERR_REDIS_SCRIPT &&
+                       redis_link_connected(rt_redis(e->rt))) {
+                /* Redis answers, the record does not parse: trying again
+                 * cannot help */
+                job_fail(j, IW_C_RECORD_CORRUPT, err.msg, 0, j->attempts);
             } else if (!ok) {
                 failed = 1;
                 job_push(queues[q], j); /* tried again */
