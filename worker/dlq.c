@@ -48,7 +48,6 @@
 #include "parse.h"
 #include "status.h"
 
-#define CHANNEL 1
 #define FRAME_MAX 131072
 #define HEARTBEAT_S 60
 #define MAX_READ 65535u          /* prefetch is a 16-bit field */
@@ -931,6 +930,13 @@ typedef struct pending {
     int returned;
 } pending;
 
+/* How often an id was read and acked in the first pass, and read in a
+ * verification pass (see settle()). */
+typedef struct idcount {
+    char id[40]; /* "" when the slot is free */
+    unsigned seen, acked, vseen;
+} idcount;
+
 typedef struct group {
     char *key;
     size_t count;
@@ -941,6 +947,8 @@ typedef struct dlq {
     const dlq_opts *o;
     iw_config *cfg;
     amqp_connection_state_t conn;
+    amqp_channel_t ch; /* the channel of the current pass */
+    int verify;        /* a verification pass (see settle()) */
     char queue[300], requests[300], lock[300];
     long long now_ms, started_ms, last_progress_ms;
     uint32_t depth, to_read, nread;
@@ -964,7 +972,12 @@ typedef struct dlq {
     FILE *out;
     char *out_path;
     uint64_t *tags;
+    char (*tag_ids)[40];
     size_t n_tags, cap_tags;
+    /* settle() */
+    idcount *idc;
+    size_t idc_cap;
+    size_t reacked;
     /* test hook */
     char kill_phase[32];
     long kill_after;
@@ -991,8 +1004,12 @@ static void progress(dlq *q, int final)
     if (final && now - q->started_ms < PROGRESS_MS && q->o->cmd != C_REPLAY && q->o->cmd != C_PURGE)
         return;
     q->last_progress_ms = now;
-    fprintf(stderr, "integration-worker dlq %s: read %u of %u, %zu selected", cmd_names[q->o->cmd],
-            q->nread, q->to_read, q->matched);
+    if (q->verify)
+        fprintf(stderr, "integration-worker dlq %s: %zu selected", cmd_names[q->o->cmd],
+                q->matched);
+    else
+        fprintf(stderr, "integration-worker dlq %s: read %u of %u, %zu selected",
+                cmd_names[q->o->cmd], q->nread, q->to_read, q->matched);
     if (q->o->cmd == C_REPLAY && !q->o->dry_run)
         fprintf(stderr, ", %zu replayed, %zu waiting for confirms", q->acted, q->pend_n);
     if (q->o->cmd == C_PURGE && q->o->yes)
@@ -1068,7 +1085,7 @@ static int session_connect(dlq *q, iw_error *err)
                                                     ci.password),
                          "AMQP login", err);
         if (rc == IW_OK) {
-            amqp_channel_open(q->conn, CHANNEL);
+            amqp_channel_open(q->conn, q->ch);
             rc = reply_error(amqp_get_rpc_reply(q->conn), "channel.open", err);
         }
         if (rc == IW_OK)
@@ -1090,7 +1107,7 @@ static int session_lock(dlq *q, iw_error *err)
     amqp_table_t args = {1, &e};
     amqp_rpc_reply_t r;
 
-    amqp_queue_declare(q->conn, CHANNEL, amqp_cstring_bytes(q->lock), 0, 0, 1, 1, args);
+    amqp_queue_declare(q->conn, q->ch, amqp_cstring_bytes(q->lock), 0, 0, 1, 1, args);
     r = amqp_get_rpc_reply(q->conn);
     if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD &&
         ((amqp_channel_close_t *)r.reply.decoded)->reply_code == 405)
@@ -1159,6 +1176,45 @@ static int matches(dlq *q, const dl_info *i)
         ok = any;
     }
     return ok;
+}
+
+/* The id's slot in the id table (created when `create`); NULL when absent
+ * or out of memory. Open addressing over a power-of-two table. */
+static idcount *idc_get(dlq *q, const char *id, int create)
+{
+    size_t h = 5381;
+
+    if (!q->idc) {
+        size_t cap = 64;
+        if (!create)
+            return NULL;
+        while (cap < 2 * (size_t)q->to_read + 2)
+            cap *= 2;
+        if (!(q->idc = calloc(cap, sizeof *q->idc)))
+            return NULL;
+        q->idc_cap = cap;
+    }
+    for (const char *p = id; *p; p++)
+        h = h * 33 + (unsigned char)*p;
+    for (size_t k = 0; k < q->idc_cap; k++) {
+        idcount *e = &q->idc[(h + k) & (q->idc_cap - 1)];
+        if (!strcmp(e->id, id))
+            return e;
+        if (!e->id[0]) {
+            if (!create)
+                return NULL;
+            snprintf(e->id, sizeof e->id, "%s", id);
+            return e;
+        }
+    }
+    return NULL;
+}
+
+static void note_acked(dlq *q, const char *id)
+{
+    idcount *e = idc_get(q, id, 0);
+    if (e)
+        e->acked++;
 }
 
 /* ---- replay ------------------------------------------------------------- */
@@ -1245,7 +1301,7 @@ static int republish(dlq *q, const amqp_message_t *m, const dl_info *i, uint64_t
     pe->tag = tag;
     pe->returned = 0;
     memcpy(pe->id, i->id, sizeof pe->id);
-    if (amqp_basic_publish(q->conn, CHANNEL, amqp_cstring_bytes(q->requests),
+    if (amqp_basic_publish(q->conn, q->ch, amqp_cstring_bytes(q->requests),
                            amqp_cstring_bytes(i->routing_key), 1, 0, &p,
                            m->body) != AMQP_STATUS_OK) {
         free(pe->routing_key);
@@ -1295,10 +1351,11 @@ static int on_confirm(dlq *q, uint64_t seq, int multiple, int ack)
             q->failed = 1;
             report(q, pe->id, pe->routing_key, "failed",
                    "unroutable: no queue is bound to this routing key");
-        } else if (amqp_basic_ack(q->conn, CHANNEL, pe->tag, 0) != AMQP_STATUS_OK) {
+        } else if (amqp_basic_ack(q->conn, q->ch, pe->tag, 0) != AMQP_STATUS_OK) {
             rc = IW_ERR_AMQP;
         } else {
             q->acted++;
+            note_acked(q, pe->id);
             test_point(q, "acked");
             report(q, pe->id, pe->routing_key, "replayed", NULL);
         }
@@ -1517,16 +1574,21 @@ out:
 
 /* ---- the read loop ------------------------------------------------------ */
 
-static int push_tag(dlq *q, uint64_t tag)
+static int push_tag(dlq *q, uint64_t tag, const char *id)
 {
     if (q->n_tags == q->cap_tags) {
         size_t cap = q->cap_tags ? q->cap_tags * 2 : 256;
         uint64_t *t = realloc(q->tags, cap * sizeof *t);
+        char(*ids)[40];
         if (!t)
             return IW_ERR_NOMEM;
         q->tags = t;
+        if (!(ids = realloc(q->tag_ids, cap * sizeof *ids)))
+            return IW_ERR_NOMEM;
+        q->tag_ids = ids;
         q->cap_tags = cap;
     }
+    memcpy(q->tag_ids[q->n_tags], id, sizeof q->tag_ids[0]);
     q->tags[q->n_tags++] = tag;
     return IW_OK;
 }
@@ -1542,6 +1604,27 @@ static int on_message(dlq *q, const amqp_message_t *m, amqp_bytes_t key, uint64_
     if ((rc = info_from(&i, m, key, q->cfg->max_message_bytes)) != IW_OK) {
         iw_error_set(err, rc, "out of memory");
         goto out;
+    }
+    if (q->verify) {
+        /* more copies of an id we acked than we left: an ack that was lost */
+        idcount *e = idc_get(q, i.id, 0);
+        if (e && e->acked && ++e->vseen > e->seen - e->acked) {
+            if (amqp_basic_ack(q->conn, q->ch, tag, 0) != AMQP_STATUS_OK) {
+                rc = iw_error_set(err, IW_ERR_AMQP, "ack failed");
+                goto out;
+            }
+            q->reacked++;
+            test_point(q, "acked");
+        }
+        goto out;
+    }
+    if ((q->o->cmd == C_REPLAY && !q->o->dry_run) || (q->o->cmd == C_PURGE && q->o->yes)) {
+        idcount *e = idc_get(q, i.id, 1);
+        if (!e) {
+            rc = iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        e->seen++;
     }
     sel = matches(q, &i);
     if (sel && q->o->cmd != C_LIST && q->o->limit >= 0 && q->matched >= (size_t)q->o->limit)
@@ -1614,7 +1697,7 @@ static int on_message(dlq *q, const amqp_message_t *m, amqp_bytes_t key, uint64_
             iw_error_set(err, rc, "%s: write failed", q->out_path);
             goto out;
         }
-        if ((rc = push_tag(q, tag)) != IW_OK)
+        if ((rc = push_tag(q, tag, i.id)) != IW_OK)
             iw_error_set(err, rc, "out of memory");
         break;
     }
@@ -1638,8 +1721,10 @@ static int pump(dlq *q, iw_error *err)
                             IDLE_TIMEOUT_MS / 1000);
     if (rc != AMQP_STATUS_OK)
         return iw_error_set(err, IW_ERR_AMQP, "connection lost: %s", amqp_error_string2(rc));
-    if (f.frame_type != AMQP_FRAME_METHOD)
-        return IW_OK; /* a stray content frame cannot happen: read_message takes them */
+    /* frames of an earlier pass's channel (queued by librabbitmq while it
+     * waited for an RPC reply) and content frames of those are skipped */
+    if (f.frame_type != AMQP_FRAME_METHOD || (f.channel != q->ch && f.channel != 0))
+        return IW_OK;
     switch (f.payload.method.id) {
     case AMQP_BASIC_DELIVER_METHOD: {
         amqp_basic_deliver_t *d = f.payload.method.decoded;
@@ -1693,7 +1778,7 @@ static int pump(dlq *q, iw_error *err)
         amqp_channel_close_ok_t ok;
         rc = iw_error_set(err, IW_ERR_AMQP, "the broker closed the channel: %d %.*s", c->reply_code,
                           (int)c->reply_text.len, (char *)c->reply_text.bytes);
-        amqp_send_method(q->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        amqp_send_method(q->conn, q->ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
         return rc;
     }
     case AMQP_CONNECTION_CLOSE_METHOD: {
@@ -1821,10 +1906,11 @@ static int finish(dlq *q, iw_error *err)
             break;
         test_point(q, "exported");
         for (size_t k = 0; k < q->n_tags && rc == IW_OK; k++) {
-            if (amqp_basic_ack(q->conn, CHANNEL, q->tags[k], 0) != AMQP_STATUS_OK)
+            if (amqp_basic_ack(q->conn, q->ch, q->tags[k], 0) != AMQP_STATUS_OK)
                 rc = iw_error_set(err, IW_ERR_AMQP, "ack failed");
             else {
                 q->acted++;
+                note_acked(q, q->tag_ids[k]);
                 test_point(q, "acked");
                 progress(q, 0);
             }
@@ -1834,36 +1920,119 @@ static int finish(dlq *q, iw_error *err)
     return rc;
 }
 
-static int run(dlq *q, iw_error *err)
+/* Declares N.dead passively: its depth, and an error if anyone consumes it. */
+static int queue_state(dlq *q, uint32_t *depth, uint32_t *consumers, iw_error *err)
 {
-    const dlq_opts *o = q->o;
-    amqp_queue_declare_ok_t *ok;
+    amqp_queue_declare_ok_t *ok = amqp_queue_declare(q->conn, q->ch, amqp_cstring_bytes(q->queue),
+                                                     1, 0, 0, 0, amqp_empty_table);
+    int rc = reply_error(amqp_get_rpc_reply(q->conn), "queue.declare", err);
+
+    if (rc == IW_ERR_NOT_FOUND)
+        return iw_error_set(err, rc, "queue %s not found (integration-worker declare creates it)",
+                            q->queue);
+    if (rc != IW_OK)
+        return rc;
+    *depth = ok->message_count;
+    *consumers = ok->consumer_count;
+    return IW_OK;
+}
+
+/* One read of N.dead on q->ch: consume up to its depth, act per message. */
+static int read_pass(dlq *q, iw_error *err)
+{
     uint32_t consumers;
     int rc;
 
-    if ((rc = session_connect(q, err)) != IW_OK || (rc = session_lock(q, err)) != IW_OK)
+    if ((rc = queue_state(q, &q->depth, &consumers, err)) != IW_OK)
         return rc;
-    ok = amqp_queue_declare(q->conn, CHANNEL, amqp_cstring_bytes(q->queue), 1, 0, 0, 0,
-                            amqp_empty_table);
-    if ((rc = reply_error(amqp_get_rpc_reply(q->conn), "queue.declare", err)) != IW_OK) {
-        if (rc == IW_ERR_NOT_FOUND)
-            iw_error_set(err, rc, "queue %s not found (integration-worker declare creates it)",
-                         q->queue);
-        return rc;
-    }
-    q->depth = ok->message_count;
-    consumers = ok->consumer_count;
     if (consumers > 0)
         return iw_error_set(err, IW_ERR_AMQP,
                             "%s has %u consumer(s); reading it beside them would reorder it",
                             q->queue, consumers);
+    q->nread = 0;
+    q->stop = 0;
     q->to_read = q->depth < MAX_READ ? q->depth : MAX_READ;
-    if (q->depth > MAX_READ)
+    if (q->depth > MAX_READ && !q->verify)
         fprintf(stderr,
                 "integration-worker dlq %s: %s holds %u messages; this run reads the first %u\n",
-                cmd_names[o->cmd], q->queue, q->depth, MAX_READ);
+                cmd_names[q->o->cmd], q->queue, q->depth, MAX_READ);
+    if (q->to_read == 0)
+        return IW_OK;
+    amqp_basic_qos(q->conn, q->ch, 0, (uint16_t)q->to_read, 0);
+    if ((rc = reply_error(amqp_get_rpc_reply(q->conn), "basic.qos", err)) != IW_OK)
+        return rc;
+    amqp_basic_consume(q->conn, q->ch, amqp_cstring_bytes(q->queue),
+                       amqp_cstring_bytes("integration-worker-dlq"), 0, 0, 1, amqp_empty_table);
+    if ((rc = reply_error(amqp_get_rpc_reply(q->conn), "basic.consume", err)) != IW_OK)
+        return rc;
+    while (rc == IW_OK && q->nread < q->to_read && !q->stop)
+        rc = pump(q, err);
+    return rc;
+}
+
+/* Ends the current pass: closing the channel returns every delivery we did
+ * not ack, in order.  Then waits until the queue has applied that (our
+ * consumer is gone), on a fresh channel, so that the next read sees them. */
+static int end_pass(dlq *q, iw_error *err)
+{
+    uint32_t depth, consumers = 1;
+    long long deadline;
+    int rc;
+
+    amqp_channel_close(q->conn, q->ch, AMQP_REPLY_SUCCESS);
+    q->ch++;
+    amqp_channel_open(q->conn, q->ch);
+    if ((rc = reply_error(amqp_get_rpc_reply(q->conn), "channel.open", err)) != IW_OK)
+        return rc;
+    deadline = clock_mono_ms() + IDLE_TIMEOUT_MS;
+    while ((rc = queue_state(q, &depth, &consumers, err)) == IW_OK && consumers > 0 &&
+           clock_mono_ms() < deadline)
+        usleep(20000);
+    if (rc == IW_OK && consumers > 0)
+        rc = iw_error_set(err, IW_ERR_TIMEOUT, "%s still has a consumer after our channel closed",
+                          q->queue);
+    return rc;
+}
+
+/* Makes sure every ack of the command took effect.  RabbitMQ 3.10's quorum
+ * queue client stashes settlements once 32 commands are unconfirmed and
+ * drops the stash when the channel closes (rabbitmq-server#10327): acks sent
+ * just before the close can come back as unacked.  So after the command's
+ * pass the queue is read again, and any message we acked that is still
+ * there (more copies of its id than we left) is acked again, until a pass
+ * finds none.  Only messages already republished (confirmed) or exported are
+ * acked here, so a kill at any point still loses nothing. */
+static int settle(dlq *q, iw_error *err)
+{
+    int rc = IW_OK;
+
+    q->verify = 1;
+    for (int pass = 0; pass < 20 && rc == IW_OK; pass++) {
+        size_t before = q->reacked;
+        if ((rc = end_pass(q, err)) != IW_OK)
+            break;
+        for (size_t k = 0; k < q->idc_cap; k++)
+            q->idc[k].vseen = 0;
+        if ((rc = read_pass(q, err)) != IW_OK || q->reacked == before)
+            break;
+    }
+    if (rc == IW_OK && q->reacked)
+        fprintf(stderr,
+                "integration-worker dlq %s: %zu acks were dropped by the broker and sent again\n",
+                cmd_names[q->o->cmd], q->reacked);
+    return rc;
+}
+
+static int run(dlq *q, iw_error *err)
+{
+    const dlq_opts *o = q->o;
+    int rc;
+
+    q->ch = 1;
+    if ((rc = session_connect(q, err)) != IW_OK || (rc = session_lock(q, err)) != IW_OK)
+        return rc;
     if (o->cmd == C_REPLAY && !o->dry_run) {
-        amqp_confirm_select(q->conn, CHANNEL);
+        amqp_confirm_select(q->conn, q->ch);
         if ((rc = reply_error(amqp_get_rpc_reply(q->conn), "confirm.select", err)) != IW_OK)
             return rc;
         q->next_seq = 1;
@@ -1886,19 +2055,11 @@ static int run(dlq *q, iw_error *err)
         if (rc != IW_OK)
             return rc;
     }
-    if (q->to_read > 0) {
-        amqp_basic_qos(q->conn, CHANNEL, 0, (uint16_t)q->to_read, 0);
-        if ((rc = reply_error(amqp_get_rpc_reply(q->conn), "basic.qos", err)) != IW_OK)
-            return rc;
-        amqp_basic_consume(q->conn, CHANNEL, amqp_cstring_bytes(q->queue),
-                           amqp_cstring_bytes("integration-worker-dlq"), 0, 0, 1, amqp_empty_table);
-        if ((rc = reply_error(amqp_get_rpc_reply(q->conn), "basic.consume", err)) != IW_OK)
-            return rc;
-    }
-    while (rc == IW_OK && q->nread < q->to_read && !q->stop)
-        rc = pump(q, err);
+    rc = read_pass(q, err);
     if (rc == IW_OK)
         rc = finish(q, err);
+    if (rc == IW_OK && q->acted > 0)
+        rc = settle(q, err);
     if (o->cmd == C_REPLAY || o->cmd == C_PURGE)
         progress(q, 1);
     return rc;
@@ -1910,7 +2071,7 @@ static void session_close(dlq *q)
 {
     if (!q->conn)
         return;
-    amqp_channel_close(q->conn, CHANNEL, AMQP_REPLY_SUCCESS);
+    amqp_channel_close(q->conn, q->ch, AMQP_REPLY_SUCCESS);
     amqp_connection_close(q->conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(q->conn);
     q->conn = NULL;
@@ -2000,6 +2161,8 @@ out:
         free(q.pend[q.pend_head + k].routing_key);
     free(q.pend);
     free(q.tags);
+    free(q.tag_ids);
+    free(q.idc);
     free(q.id_seen);
     strlist_free(&o.codes);
     strlist_free(&o.keys);
