@@ -1940,7 +1940,7 @@ static int queue_state(dlq *q, uint32_t *depth, uint32_t *consumers, iw_error *e
 /* One read of N.dead on q->ch: consume up to its depth, act per message. */
 static int read_pass(dlq *q, iw_error *err)
 {
-    uint32_t consumers;
+    uint32_t consumers = 0;
     int rc;
 
     if ((rc = queue_state(q, &q->depth, &consumers, err)) != IW_OK)
@@ -1975,7 +1975,7 @@ static int read_pass(dlq *q, iw_error *err)
  * consumer is gone), on a fresh channel, so that the next read sees them. */
 static int end_pass(dlq *q, iw_error *err)
 {
-    uint32_t depth, consumers = 1;
+    uint32_t depth = 0, consumers = 1;
     long long deadline;
     int rc;
 
