@@ -1283,7 +1283,8 @@ static int republish(dlq *q, const amqp_message_t *m, const dl_info *i, uint64_t
     }
     if (q->pend_n == q->pend_cap || q->pend_head + q->pend_n == q->pend_cap) {
         /* compact, then grow */
-        memmove(q->pend, q->pend + q->pend_head, q->pend_n * sizeof *q->pend);
+        if (q->pend_n)
+            memmove(q->pend, q->pend + q->pend_head, q->pend_n * sizeof *q->pend);
         q->pend_head = 0;
         if (q->pend_n == q->pend_cap) {
             size_t cap = q->pend_cap ? q->pend_cap * 2 : 64;
