@@ -1045,6 +1045,88 @@ START_TEST(test_purge_killed_at_every_step)
 }
 END_TEST
 
+/* ---- replay through a real worker ------------------------------------------ */
+
+static long posts(json_t *st)
+{
+    const char *k;
+    json_t *v;
+    long n = 0;
+    json_object_foreach(
+        json_object_get(json_object_get(st, "requests"), "POST /api/v1/external-resource"), k, v)
+        n += (long)json_integer_value(v);
+    return n;
+}
+
+/* A job the provider accepted that later sits in N.dead (here: put there by
+ * hand with the worker's headers) and is replayed: the submitter sees its
+ * accepted record and publishes the recorded outcome again without a second
+ * POST. */
+START_TEST(test_replay_of_an_accepted_job_is_not_submitted_twice)
+{
+    static const char job[] =
+        "{\"jobId\":\"acc-1\",\"userId\":\"u\",\"action\":\"transaction\",\"payload\":{}}";
+    char ex[256], id[64], failed_at[40];
+    iwt_amqp *tap = iwt_amqp_open();
+    int port;
+    pid_t mock, worker;
+    iwt_msg *ev;
+    json_t *st;
+
+    ns = iwt_namespace("dlq-e2e");
+    snprintf(dead_q, sizeof dead_q, "%s.dead", ns);
+    A = iwt_amqp_open();
+    iwt_cleanup(ns);
+    iwt_declare(ns);
+    iwt_tap_events(tap, ns, "submission.*");
+    mock = iwt_start_mock(NULL, &port);
+    worker = iwt_start_worker("submitter", ns, port, NULL, "dlq-e2e");
+    iwt_publish_job(A, ns, job);
+    ev = iwt_wait_event(tap, "submission.accepted", "acc-1", 20000);
+    ck_assert_ptr_nonnull(ev);
+    iwt_msg_free(ev);
+
+    /* the same job as a dead letter */
+    amqp_table_entry_t h[] = {
+        s_entry("x-error-code", "EXTERNAL_API_ERROR"), i_entry("x-attempts", 4),
+        s_entry("x-original-routing-key", "submit.transaction"), s_entry("x-failed-at", failed_at)};
+    amqp_basic_properties_t p;
+    format_timestamp(clock_wall_ms(), failed_at, sizeof failed_at);
+    id_of(77, id, sizeof id);
+    memset(&p, 0, sizeof p);
+    p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_HEADERS_FLAG |
+               AMQP_BASIC_MESSAGE_ID_FLAG | AMQP_BASIC_CONTENT_TYPE_FLAG;
+    p.delivery_mode = 2;
+    p.message_id = amqp_cstring_bytes(id);
+    p.content_type = amqp_cstring_bytes("application/json");
+    p.headers.num_entries = 4;
+    p.headers.entries = h;
+    snprintf(ex, sizeof ex, "%s.dlx", ns);
+    ck_assert_int_eq(amqp_basic_publish(A->conn, 1, amqp_cstring_bytes(ex),
+                                        amqp_cstring_bytes("submit.transaction"), 0, 0, &p,
+                                        amqp_cstring_bytes(job)),
+                     AMQP_STATUS_OK);
+    wait_depth(dead_q, 1);
+
+    ck_assert_int_eq(dlq_env(NULL, NULL, (const char *const[]){"replay", id, NULL}), 0);
+    ev = iwt_wait_event(tap, "submission.accepted", "acc-1", 20000);
+    ck_assert_msg(ev != NULL, "the replayed job got no outcome");
+    iwt_msg_free(ev);
+    ck_assert_int_eq(iwt_queue_depth(A, dead_q), 0);
+    st = iwt_mock_stats(port);
+    ck_assert_int_eq(json_integer_value(json_object_get(st, "submissions_created")), 1);
+    ck_assert_int_eq(posts(st), 1);
+    json_decref(st);
+
+    ck_assert_int_eq(iwt_stop(worker, SIGTERM), 0);
+    iwt_stop(mock, SIGTERM);
+    iwt_amqp_close(tap);
+    iwt_amqp_close(A);
+    A = NULL;
+    iwt_cleanup(ns);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("dlq");
@@ -1064,6 +1146,10 @@ int main(void)
     tcase_add_test(tc, test_replay_killed_at_every_step);
     tcase_add_test(tc, test_purge_killed_at_every_step);
     suite_add_tcase(s, tc);
+    TCase *e2e = tcase_create("worker");
+    tcase_set_timeout(e2e, 120);
+    tcase_add_test(e2e, test_replay_of_an_accepted_job_is_not_submitted_twice);
+    suite_add_tcase(s, e2e);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
