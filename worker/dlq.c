@@ -741,6 +741,18 @@ static int field_int(const amqp_field_value_t *v, long long *out)
     case AMQP_FIELD_KIND_TIMESTAMP:
         *out = v->value.u64 > (uint64_t)INT64_MAX ? INT64_MAX : (long long)v->value.u64;
         return 1;
+    case AMQP_FIELD_KIND_UTF8:
+    case AMQP_FIELD_KIND_BYTES: {
+        /* a decimal string, as some tools (amqp-publish -H) send numbers */
+        char buf[24], *end;
+        if (v->value.bytes.len == 0 || v->value.bytes.len >= sizeof buf)
+            return 0;
+        memcpy(buf, v->value.bytes.bytes, v->value.bytes.len);
+        buf[v->value.bytes.len] = '\0';
+        errno = 0;
+        *out = strtoll(buf, &end, 10);
+        return !errno && *end == '\0' && isdigit((unsigned char)buf[0]);
+    }
     default:
         return 0;
     }
