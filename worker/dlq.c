@@ -1274,8 +1274,16 @@ static int republish(dlq *q, const amqp_message_t *m, const dl_info *i, uint64_t
     p.timestamp = src->timestamp;
     p.type = src->type;
     p.app_id = src->app_id;
-    if (is_worker_id(src))
+    if (is_worker_id(src)) {
+        /* the dead letter's own id; the upstream's, if the worker kept it */
+        const amqp_field_value_t *orig = table_get(headers_of(src), "x-original-message-id");
         p._flags &= ~(amqp_flags_t)AMQP_BASIC_MESSAGE_ID_FLAG;
+        if (orig && (orig->kind == AMQP_FIELD_KIND_UTF8 || orig->kind == AMQP_FIELD_KIND_BYTES) &&
+            orig->value.bytes.len > 0 && orig->value.bytes.len <= 255) {
+            p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+            p.message_id = orig->value.bytes;
+        }
+    }
     p._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
     p.delivery_mode = AMQP_DELIVERY_PERSISTENT;
     if (headers_of(src) && src->headers.num_entries > 0) {

@@ -109,6 +109,10 @@ static void publish_dead(int seq, const char *rk_override)
     h[n++] = s_entry("x-failed-at", failed_at);
     h[n++] = s_entry("x-upstream-trace", trace);
     h[n++] = i_entry("x-test-seq", seq);
+    char upstream_id[32];
+    snprintf(upstream_id, sizeof upstream_id, "up-%d", seq);
+    if (seq % 6 == 0) /* the upstream's message_id, kept by the worker */
+        h[n++] = s_entry("x-original-message-id", upstream_id);
     if (seq % 6 == 5) { /* the internal headers a retried job carries */
         h[n++] = s_entry("iw-target", "submit");
         h[n++] = i_entry("x-due-at", 1);
@@ -812,7 +816,11 @@ START_TEST(test_replay_ids_fresh_headers_and_order)
         for (size_t k = 0; k < sizeof stripped / sizeof stripped[0]; k++)
             ck_assert_msg(!json_object_get(m->headers, stripped[k]), "%s kept on %s", stripped[k],
                           labels[i]);
-        ck_assert_int_eq(m->message_id[0], '\0'); /* the dead letter's id is not the job's */
+        /* the dead letter's id is not the job's; the upstream's comes back */
+        if (!strcmp(labels[i], "s0"))
+            ck_assert_str_eq(m->message_id, "up-0");
+        else
+            ck_assert_str_eq(m->message_id, "");
         ck_assert_str_eq(m->routing_key, "submit.transaction");
         if (!strcmp(labels[i], "rej-1")) {
             ck_assert_str_eq(
@@ -1081,6 +1089,30 @@ START_TEST(test_replay_of_an_accepted_job_is_not_submitted_twice)
     iwt_tap_events(tap, ns, "submission.*");
     mock = iwt_start_mock(NULL, &port);
     worker = iwt_start_worker("submitter", ns, port, NULL, "dlq-e2e");
+    /* a job the worker dead-letters itself carries its "dl-" message_id */
+    iwt_publish_job(A, ns, "{\"jobId\":\"bad-1\",\"userId\":\"u\",\"action\":\"a\"}");
+    wait_depth(dead_q, 1);
+    char *out = NULL;
+    ck_assert_int_eq(dlq_env(NULL, &out, (const char *const[]){"list", "--json", NULL}), 0);
+    json_t *rows = json_lines(out);
+    json_t *r = json_array_get(rows, 0);
+    ck_assert_int_eq(json_array_size(rows), 1);
+    const char *wid = json_string_value(json_object_get(r, "id"));
+    ck_assert_int_eq(strlen(wid), 35);
+    ck_assert_int_eq(strncmp(wid, "dl-", 3), 0);
+    ck_assert_int_eq(strspn(wid + 3, "0123456789abcdef"), 32);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "id_source")), "message_id");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "error_code")), "SCHEMA_VIOLATION");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "job_id")), "bad-1");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "routing_key")), "submit.transaction");
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "attempts")), 0);
+    ck_assert_int_eq(
+        dlq_env(NULL, NULL, (const char *const[]){"purge", wid, "--yes", "--no-export", NULL}), 0);
+    json_decref(rows);
+    free(out);
+    ck_assert(iwt_eventually(idle, dead_q, 5000));
+    ck_assert_int_eq(iwt_queue_depth(A, dead_q), 0);
+
     iwt_publish_job(A, ns, job);
     ev = iwt_wait_event(tap, "submission.accepted", "acc-1", 20000);
     ck_assert_ptr_nonnull(ev);
