@@ -812,6 +812,7 @@ START_TEST(test_replay_ids_fresh_headers_and_order)
                                                "x-first-death-reason",
                                                "x-first-death-queue",
                                                "x-first-death-exchange",
+                                               "x-original-message-id",
                                                "x-delivery-count"};
         for (size_t k = 0; k < sizeof stripped / sizeof stripped[0]; k++)
             ck_assert_msg(!json_object_get(m->headers, stripped[k]), "%s kept on %s", stripped[k],
