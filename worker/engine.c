@@ -21,6 +21,9 @@
 /* A recorded outcome belongs to its recorder this much longer than one
  * provider call can take: long enough for a publish and its confirm. */
 #define LEASE_SLACK_MS 5000L
+/* A job that cannot reach Redis for longer than IW_HOLD_MAX waits this long
+ * in the delay tiers before it tries again. */
+#define PARK_MS 10000L
 
 typedef struct call_fifo {
     call *head, *tail;
@@ -129,6 +132,7 @@ void engine_ask(engine *e, call *c)
     if (c->queued)
         return;
     c->queued = 1;
+    c->ready_since = clock_mono_ms();
     call_push(&e->ready[class_index(c->kind->cls)][c->critical ? 0 : 1], c);
     loop_again(e->lp);
 }
@@ -312,8 +316,11 @@ static void decide_batch(engine *e, const batch *x, limiter_result *res)
 }
 
 /* Fail closed: nobody calls the provider unmetered; ask again in a second. */
+static void park_waiting_jobs(engine *e, long long now);
+
 static void limiter_unavailable(engine *e, long long now, const iw_error *err)
 {
+    park_waiting_jobs(e, now);
     log_json(IW_LOG_ERROR,
              json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; calls wait", "error",
                        "code", iw_code_name(IW_C_LIMITER_UNAVAILABLE), "message", err->msg));
@@ -369,6 +376,8 @@ static int permits(engine *e, long long now)
     }
     return any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
 }
+
+static const call_ops job_call_ops;
 
 /* ---- jobs: bookkeeping ---------------------------------------------------------------- */
 
@@ -517,6 +526,32 @@ static void job_send_on(job *j, long delay_ms, int attempts, const char *last_er
     job_outcome_seal(j, 0);
 }
 
+/* Jobs that waited for Redis (the limiter) longer than IW_HOLD_MAX go to the
+ * delay tiers, without using an attempt: a delivery held for long meets the
+ * broker's consumer_timeout, and every requeue counts toward the quorum
+ * queue's x-delivery-limit, which would dead-letter valid jobs. */
+static void park_waiting_jobs(engine *e, long long now)
+{
+    call_fifo park = {0};
+
+    for (int cls = 0; cls < LIMITER_N_CLASSES; cls++)
+        for (int prio = 0; prio < 2; prio++) {
+            call_fifo keep = {0};
+            call *c;
+            while ((c = call_pop(&e->ready[cls][prio]))) {
+                if (c->ops == &job_call_ops && now - c->ready_since > e->cfg->hold_max_ms) {
+                    c->queued = 0;
+                    call_push(&park, c);
+                } else {
+                    call_push(&keep, c);
+                }
+            }
+            e->ready[cls][prio] = keep;
+        }
+    for (call *c; (c = call_pop(&park));)
+        job_send_on((job *)c, PARK_MS, ((job *)c)->attempts, NULL);
+}
+
 void job_fail(job *j, iw_code code, const char *message, long http_status, int attempts)
 {
     json_t *f;
@@ -580,6 +615,7 @@ void job_record(job *j, char *event)
         return;
     }
     job_set_state(j, JOB_RECORDING);
+    j->step_since = clock_mono_ms();
     job_push(&j->e->to_put, j);
 }
 
@@ -606,6 +642,7 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int paused, cons
     case CALL_RECORDED:
         /* done before (a redelivery, or a second delivery of the jobId) */
         job_set_state(j, JOB_ADOPTING);
+        j->step_since = clock_mono_ms();
         job_push(&j->e->to_adopt, j);
         break;
     case CALL_REFUSED:
@@ -642,6 +679,7 @@ static void after_put(job *j, records_reply *rr)
     log_msg(IW_LOG_INFO, job_fields(j),
             "another delivery of this job recorded its outcome first; that one is published");
     job_set_state(j, JOB_ADOPTING);
+    j->step_since = clock_mono_ms();
     job_push(&j->e->to_adopt, j);
 }
 
@@ -699,6 +737,35 @@ static void after_mark(job *j, const records_reply *rr, const iw_error *err, int
     rt_ack(j->e->rt, j->d);
     metrics_job(j->role->name, "acked");
     job_end(j, JOB_ACKED, 0);
+}
+
+/* Jobs whose Redis step has failed for longer than IW_HOLD_MAX stop holding
+ * their deliveries: an outcome not yet recorded is published without its
+ * record (a redelivery would repeat the call, which the provider answers
+ * from its Idempotency-Key); a found record waits in the delay tiers. */
+static void give_up_waiting_steps(engine *e, long long now)
+{
+    job_fifo keep = {0};
+    job *j;
+
+    while ((j = job_pop(&e->to_put))) {
+        if (now - j->step_since <= e->cfg->hold_max_ms) {
+            job_push(&keep, j);
+        } else if (job_live(j)) {
+            log_msg(IW_LOG_WARN, job_fields(j),
+                    "Redis unavailable: publishing the outcome without its record");
+            j->role->publish(j, j->event);
+        }
+    }
+    e->to_put = keep;
+    memset(&keep, 0, sizeof keep);
+    while ((j = job_pop(&e->to_adopt))) {
+        if (now - j->step_since <= e->cfg->hold_max_ms)
+            job_push(&keep, j);
+        else
+            job_send_on(j, PARK_MS, j->attempts, NULL);
+    }
+    e->to_adopt = keep;
 }
 
 /* Appends the Redis steps of the queued jobs, then reads every reply in
@@ -763,6 +830,7 @@ static int record_steps(engine *e, long long now)
     if (failed) {
         log_msg(IW_LOG_WARN, NULL, "could not record outcomes in Redis (%s); retrying in %ld ms",
                 err.msg[0] ? err.msg : "unexpected reply", LIMITER_RETRY_MS);
+        give_up_waiting_steps(e, now);
         e->records_blocked_until = now + LIMITER_RETRY_MS;
         loop_timer_at(e->lp, &e->unblock, e->records_blocked_until);
         return 0;

@@ -80,7 +80,8 @@ struct call {
     const char *record_key; /* checked with the permit; NULL: none */
     call *next;             /* in a ready queue */
     int queued;
-    engine *eng; /* set by engine_ask / engine_call */
+    long long ready_since; /* monotonic ms it was queued (engine_ask) */
+    engine *eng;           /* set by engine_ask / engine_call */
 };
 
 /* Queues c for a permit (critical before normal, oldest first). */
@@ -149,7 +150,8 @@ struct job {
     char *event;    /* the recorded outcome being recorded or published */
     char token[48]; /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
-    loop_timer hold; /* while held */
+    loop_timer hold;      /* while held */
+    long long step_since; /* monotonic ms it began to wait for its Redis step */
     rt_outcome out;
     job *next; /* in one of the engine's record queues */
     job *prev_all, *next_all;
