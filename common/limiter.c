@@ -7,6 +7,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "config.h"
+
 /* Longest key the limiter builds from the namespace (the namespace itself is
  * checked by the configuration; this is the hard cap behind it). */
 #define LIMITER_MAX_KEY 1024
@@ -268,6 +270,21 @@ limiter_policy limiter_policy_default(void)
     p.breaker_open_ms = 60000;
     p.probe_lease_ms = 30000;
     p.max_pause_ms = 3600000L;
+    return p;
+}
+
+limiter_policy limiter_policy_from_config(const iw_config *cfg)
+{
+    limiter_policy p = limiter_policy_default();
+    p.alert_pct = (int)cfg->rate_alert_pct;
+    p.share_permille[0] = (int)cfg->submit_share_pct * 10;
+    p.share_permille[1] = (int)cfg->poll_share_pct * 10;
+    p.share_permille[2] = (int)cfg->resource_share_pct * 10;
+    p.breaker_failures = cfg->breaker_failures;
+    p.breaker_open_ms = cfg->breaker_open_ms;
+    /* a probe is one call: it ends within the HTTP timeout, or its pod died */
+    p.probe_lease_ms = cfg->http_timeout_ms + 5000;
+    p.max_pause_ms = cfg->max_rate_pause_ms;
     return p;
 }
 

@@ -67,6 +67,12 @@ typedef struct limiter_policy {
  * lease 30 s, max pause 1 h. */
 limiter_policy limiter_policy_default(void);
 
+/* The policy the settings ask for: IW_RATE_ALERT, IW_SUBMIT_SHARE /
+ * IW_POLL_SHARE / IW_RESOURCE_SHARE, IW_BREAKER_FAILURES, IW_BREAKER_OPEN,
+ * IW_MAX_RATE_PAUSE, and a probe lease of IW_HTTP_TIMEOUT + 5 s. */
+struct iw_config;
+limiter_policy limiter_policy_from_config(const struct iw_config *cfg);
+
 /* One batch of items of one class and priority asking for permits. */
 typedef struct limiter_ask {
     const char *cls;                /* "submit", "status" or "resource" */

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "limiter.h"
 
 /* Every warning the last config_from_env reported, one per line. */
 static char warnings[4096];
@@ -771,6 +772,15 @@ START_TEST(guard_settings)
     ck_assert_uint_eq(maintenance_count(cfg->maintenance), 2);
     ck_assert_ptr_nonnull(strstr(cfg->maintenance_raw, "America/New_York"));
     ck_assert_int_eq(n_warnings, 0);
+    /* the limiter's policy follows the settings */
+    limiter_policy pol = limiter_policy_from_config(cfg);
+    ck_assert_int_eq(pol.alert_pct, 90);
+    ck_assert_int_eq(pol.max_pause_ms, 600000);
+    ck_assert_int_eq(pol.share_permille[0], 800);
+    ck_assert_int_eq(pol.share_permille[1], 500);
+    ck_assert_int_eq(pol.breaker_failures, 5);
+    ck_assert_int_eq(pol.breaker_open_ms, 60000);
+    ck_assert_int_eq(pol.probe_lease_ms, 15000);
     config_free(cfg);
 
     const char *empty[] = {"IW_MAINTENANCE_WINDOWS=", NULL};
