@@ -1,6 +1,7 @@
 #include "maintenance.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,9 +17,18 @@ typedef struct window {
     char *tz;      /* ":Zone", the TZ value that names the zone's file */
 } window;
 
+/* The last answer and the span over which it holds. */
+typedef struct mcache {
+    int valid;
+    long long from, until; /* [from, until) */
+    int active;
+    long long ends;
+} mcache;
+
 struct maintenance {
     window w[MAINTENANCE_MAX_WINDOWS];
     size_t n;
+    mcache *cache; /* behind a pointer: maintenance_active takes a const set */
 };
 
 static const char *const day_names[7] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
@@ -159,6 +169,10 @@ int maintenance_parse(const char *spec, maintenance **out, iw_error *err)
     if (spec && strlen(spec) > MAINTENANCE_MAX_SPEC)
         return iw_error_set(err, IW_ERR_CONFIG, "longer than %d bytes", MAINTENANCE_MAX_SPEC);
     m = calloc(1, sizeof *m);
+    if (m && !(m->cache = calloc(1, sizeof *m->cache))) {
+        free(m);
+        m = NULL;
+    }
     if (!m)
         return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
     for (const char *p = spec; p;) {
@@ -204,6 +218,7 @@ void maintenance_free(maintenance *m)
         return;
     for (size_t i = 0; i < m->n; i++)
         free(m->w[i].tz);
+    free(m->cache);
     free(m);
 }
 
@@ -301,43 +316,71 @@ static time_t local_first(int year, int mon, int mday, int minutes)
     return lo;
 }
 
+/* The instance of window w that starts on the local date `days` after t's
+ * (TZ must be w's zone): 0 when w does not start on that weekday. */
+static int instance(const window *w, long long t_ms, int days, time_t *start, time_t *end)
+{
+    time_t t = (time_t)(t_ms / 1000 - (t_ms % 1000 < 0));
+    struct tm lt, d = {0};
+
+    if (!localtime_r(&t, &lt))
+        return 0;
+    /* civil-date arithmetic in UTC: no zone involved */
+    d.tm_year = lt.tm_year;
+    d.tm_mon = lt.tm_mon;
+    d.tm_mday = lt.tm_mday + days;
+    d.tm_hour = 12;
+    time_t noon = timegm(&d);
+    gmtime_r(&noon, &d);
+    if (d.tm_wday != w->wday)
+        return 0;
+    *start = local_first(d.tm_year, d.tm_mon, d.tm_mday, w->start_min);
+    if (w->end_min <= w->start_min) {
+        d.tm_mday++;
+        d.tm_hour = 12;
+        noon = timegm(&d);
+        gmtime_r(&noon, &d);
+    }
+    *end = local_first(d.tm_year, d.tm_mon, d.tm_mday, w->end_min);
+    return *start != (time_t)-1 && *end != (time_t)-1;
+}
+
 /* Is t inside window w?  TZ must be w's zone.  Only the windows that start
  * on t's local date or the day before can contain t (a window is shorter
  * than a day of wall time, at most 25 h of real time). */
 static int window_contains(const window *w, long long t_ms, long long *end_ms)
 {
-    time_t t = (time_t)(t_ms / 1000 - (t_ms % 1000 < 0));
-    struct tm lt;
+    time_t start, end;
 
-    if (!localtime_r(&t, &lt))
-        return 0;
-    for (int back = 1; back >= 0; back--) {
-        /* civil-date arithmetic in UTC: no zone involved */
-        struct tm d = {0};
-        d.tm_year = lt.tm_year;
-        d.tm_mon = lt.tm_mon;
-        d.tm_mday = lt.tm_mday - back;
-        d.tm_hour = 12;
-        time_t noon = timegm(&d);
-        gmtime_r(&noon, &d);
-        if (d.tm_wday != w->wday)
-            continue;
-        time_t start = local_first(d.tm_year, d.tm_mon, d.tm_mday, w->start_min);
-        if (w->end_min <= w->start_min) {
-            d.tm_mday++;
-            d.tm_hour = 12;
-            noon = timegm(&d);
-            gmtime_r(&noon, &d);
-        }
-        time_t end = local_first(d.tm_year, d.tm_mon, d.tm_mday, w->end_min);
-        if (start == (time_t)-1 || end == (time_t)-1)
-            continue;
-        if ((long long)start * 1000 <= t_ms && t_ms < (long long)end * 1000) {
+    for (int days = -1; days <= 0; days++) {
+        if (instance(w, t_ms, days, &start, &end) && (long long)start * 1000 <= t_ms &&
+            t_ms < (long long)end * 1000) {
             *end_ms = (long long)end * 1000;
             return 1;
         }
     }
     return 0;
+}
+
+/* The earliest start of a (non-empty) window instance after t; every window
+ * starts within 8 local days of any t.  LLONG_MAX when none is found. */
+static long long next_start(const maintenance *m, long long t_ms)
+{
+    long long best = LLONG_MAX;
+
+    for (size_t i = 0; i < m->n; i++) {
+        tz_saved saved;
+        time_t start, end;
+        if (!tz_enter(m->w[i].tz, &saved))
+            continue;
+        for (int days = -1; days <= 8; days++) {
+            if (instance(&m->w[i], t_ms, days, &start, &end) && end > start &&
+                (long long)start * 1000 > t_ms && (long long)start * 1000 < best)
+                best = (long long)start * 1000;
+        }
+        tz_leave(&saved);
+    }
+    return best;
 }
 
 /* Is t inside any window?  *end_ms: the latest end among those containing t. */
@@ -362,14 +405,34 @@ static int any_contains(const maintenance *m, long long t_ms, long long *end_ms)
 int maintenance_active(const maintenance *m, long long now_wall_ms, long long *ends_at_ms)
 {
     long long end = 0, next;
+    mcache *c = m ? m->cache : NULL;
+    int active;
 
-    if (!m || !m->n || !any_contains(m, now_wall_ms, &end))
+    if (!m || !m->n)
         return 0;
-    /* windows that overlap or abut carry the end on; each step moves it to a
-     * later window's end, so n steps reach the last one */
-    for (size_t i = 0; i < m->n && any_contains(m, end, &next) && next > end; i++)
-        end = next;
-    if (ends_at_ms)
-        *ends_at_ms = end;
-    return 1;
+    /* The answer stays the same until the maintenance ends or the next window
+     * starts: asked again within that span (the common case, once per loop
+     * turn), it comes from the cache without touching TZ. */
+    if (c && c->valid && now_wall_ms >= c->from && now_wall_ms < c->until) {
+        if (c->active && ends_at_ms)
+            *ends_at_ms = c->ends;
+        return c->active;
+    }
+    active = any_contains(m, now_wall_ms, &end);
+    if (active) {
+        /* windows that overlap or abut carry the end on; each step moves it
+         * to a later window's end, so n steps reach the last one */
+        for (size_t i = 0; i < m->n && any_contains(m, end, &next) && next > end; i++)
+            end = next;
+        if (ends_at_ms)
+            *ends_at_ms = end;
+    }
+    if (c) {
+        c->valid = 1;
+        c->from = now_wall_ms;
+        c->until = active ? end : next_start(m, now_wall_ms);
+        c->active = active;
+        c->ends = end;
+    }
+    return active;
 }

@@ -317,6 +317,34 @@ START_TEST(sweep_matches_local_time)
 }
 END_TEST
 
+/* The cached answers of one long-lived set agree with a fresh set's at
+ * times that jump back and forth (a wall clock may step either way). */
+START_TEST(cache_agrees_with_fresh)
+{
+    const char *spec = "Sun 02:00-04:00 America/New_York,Sat 23:00-01:00 UTC,"
+                       "Sun 00:30-02:30 UTC,Wed 09:00-17:00 Asia/Tokyo";
+    maintenance *kept = parse_ok(spec);
+    long long from = utc_ms(2025, 10, 28, 0, 0, 0), span = 12LL * 86400000;
+    unsigned long long x = 88172645463325252ULL;
+
+    for (int i = 0; i < 1500; i++) {
+        long long t;
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        if (i % 3 == 2)
+            t = from + (long long)(x % (unsigned long long)span); /* a jump */
+        else
+            t = from + (i / 3) * (span / 500); /* forward in steps */
+        maintenance *fresh = parse_ok(spec);
+        long long e1 = -1, e2 = -1;
+        int a1 = maintenance_active(kept, t, &e1), a2 = maintenance_active(fresh, t, &e2);
+        ck_assert_msg(a1 == a2 && e1 == e2, "at %lld: cached %d/%lld, fresh %d/%lld", t, a1, e1, a2,
+                      e2);
+        maintenance_free(fresh);
+    }
+    maintenance_free(kept);
+}
+END_TEST
+
 static Suite *maintenance_suite(void)
 {
     Suite *s = suite_create("maintenance");
@@ -337,6 +365,7 @@ static Suite *maintenance_suite(void)
     tcase_add_test(tc, overlapping_windows);
     tcase_add_test(tc, tz_left_unchanged);
     tcase_add_test(tc, sweep_matches_local_time);
+    tcase_add_test(tc, cache_agrees_with_fresh);
     suite_add_tcase(s, tc);
     return s;
 }
