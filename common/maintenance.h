@@ -16,7 +16,10 @@
  * The parser is pure; maintenance_active converts times through the C
  * library's tz code, which means it sets TZ for the length of the call and
  * restores it before returning (the worker calls it from its single loop
- * thread; no other thread of ours reads local time). */
+ * thread; no other thread of ours reads local time).  It remembers its last
+ * answer and the span over which that answer holds (until the maintenance
+ * ends or the next window starts), so calling it every loop turn touches TZ
+ * only around window boundaries. */
 #ifndef IW_MAINTENANCE_H
 #define IW_MAINTENANCE_H
 
@@ -42,6 +45,7 @@ void maintenance_free(maintenance *m);
 size_t maintenance_count(const maintenance *m);
 
 /* 1 if now_wall_ms (Unix epoch milliseconds) falls inside a window, else 0
+ * (not thread-safe: the set keeps a cache of the last answer)
  * (also for NULL or an empty set).  When active and ends_at_ms is not NULL,
  * *ends_at_ms is when the maintenance ends: the end of the window, carried on
  * through windows that overlap or abut it, so that a job deferred to it does
