@@ -45,11 +45,11 @@ void maintenance_free(maintenance *m);
 size_t maintenance_count(const maintenance *m);
 
 /* 1 if now_wall_ms (Unix epoch milliseconds) falls inside a window, else 0
- * (not thread-safe: the set keeps a cache of the last answer)
  * (also for NULL or an empty set).  When active and ends_at_ms is not NULL,
  * *ends_at_ms is when the maintenance ends: the end of the window, carried on
  * through windows that overlap or abut it, so that a job deferred to it does
- * not wake inside the next window.  Leaves TZ as it found it. */
+ * not wake inside the next window.  Leaves TZ as it found it.  Not
+ * thread-safe: the set keeps a cache of its last answer. */
 int maintenance_active(const maintenance *m, long long now_wall_ms, long long *ends_at_ms);
 
 #endif
