@@ -8,43 +8,43 @@
 
 iw_verdict retry_classify(const iw_http_result *r)
 {
-    iw_verdict v = {IW_V_FAIL, NULL, 0, 0};
+    iw_verdict v = {IW_V_FAIL, IW_C_NONE, 0, 0};
 
     switch (r->transport) {
     case IW_TRANSPORT_OK:
         break;
     case IW_TRANSPORT_TIMEOUT:
-        return (iw_verdict){IW_V_RETRY, "EXTERNAL_API_TIMEOUT", 0, 1};
+        return (iw_verdict){IW_V_RETRY, IW_C_EXTERNAL_API_TIMEOUT, 0, 1};
     case IW_TRANSPORT_CONNECT:
-        return (iw_verdict){IW_V_RETRY, "EXTERNAL_API_UNREACHABLE", 0, 1};
+        return (iw_verdict){IW_V_RETRY, IW_C_EXTERNAL_API_UNREACHABLE, 0, 1};
     case IW_TRANSPORT_TOO_LARGE:
-        return (iw_verdict){IW_V_FAIL, "EXTERNAL_API_RESPONSE_TOO_LARGE", 0, 0};
+        return (iw_verdict){IW_V_FAIL, IW_C_EXTERNAL_API_RESPONSE_TOO_LARGE, 0, 0};
     case IW_TRANSPORT_OTHER:
-        return (iw_verdict){IW_V_RETRY, "EXTERNAL_API_UNREACHABLE", 0, 1};
+        return (iw_verdict){IW_V_RETRY, IW_C_EXTERNAL_API_UNREACHABLE, 0, 1};
     }
     if (r->status >= 200 && r->status < 300)
-        return (iw_verdict){IW_V_ACCEPT, NULL, 0, 0};
+        return (iw_verdict){IW_V_ACCEPT, IW_C_NONE, 0, 0};
     if (r->status == 429)
-        return (iw_verdict){IW_V_WAIT, "EXTERNAL_API_RATE_LIMITED",
+        return (iw_verdict){IW_V_WAIT, IW_C_EXTERNAL_API_RATE_LIMITED,
                             r->retry_after_ms >= 0 ? r->retry_after_ms : IW_DEFAULT_429_WAIT_MS, 0};
     if (r->status >= 500 && r->status < 600)
-        return (iw_verdict){IW_V_RETRY, "EXTERNAL_API_ERROR", 0, 1};
+        return (iw_verdict){IW_V_RETRY, IW_C_EXTERNAL_API_ERROR, 0, 1};
     switch (r->status) {
     case 400:
-        v.code = "EXTERNAL_API_BAD_REQUEST";
+        v.code = IW_C_EXTERNAL_API_BAD_REQUEST;
         break;
     case 401:
-        v.code = "EXTERNAL_API_UNAUTHORIZED";
+        v.code = IW_C_EXTERNAL_API_UNAUTHORIZED;
         break;
     case 403:
-        v.code = "EXTERNAL_API_FORBIDDEN";
+        v.code = IW_C_EXTERNAL_API_FORBIDDEN;
         break;
     case 404:
-        v.code = "EXTERNAL_API_NOT_FOUND";
+        v.code = IW_C_EXTERNAL_API_NOT_FOUND;
         break;
     default:
-        v.code = r->status >= 400 && r->status < 500 ? "EXTERNAL_API_CLIENT_ERROR"
-                                                     : "EXTERNAL_API_UNEXPECTED_STATUS";
+        v.code = r->status >= 400 && r->status < 500 ? IW_C_EXTERNAL_API_CLIENT_ERROR
+                                                     : IW_C_EXTERNAL_API_UNEXPECTED_STATUS;
     }
     return v;
 }

@@ -5,6 +5,8 @@
 
 #include <stddef.h>
 
+#include "errcode.h"
+
 typedef enum iw_transport {
     IW_TRANSPORT_OK = 0,    /* an HTTP response arrived */
     IW_TRANSPORT_TIMEOUT,   /* no (complete) response within IW_HTTP_TIMEOUT */
@@ -30,7 +32,7 @@ typedef enum iw_verdict_kind {
 
 typedef struct iw_verdict {
     iw_verdict_kind kind;
-    const char *code;    /* error code for RETRY and FAIL, NULL for ACCEPT */
+    iw_code code;        /* for RETRY, WAIT and FAIL; IW_C_NONE for ACCEPT */
     long wait_ms;        /* WAIT: how long until the provider's reset */
     int breaker_failure; /* 5xx, timeouts and connection errors count; 429 and 4xx never */
 } iw_verdict;

@@ -15,6 +15,7 @@
 #include "clock.h"
 #include "iwtest.h"
 #include "limiter.h"
+#include "iwtest.h"
 #include "redis_link.h"
 
 #define REDIS_URL "redis://127.0.0.1:6379/0"
@@ -30,13 +31,6 @@ static const char *test_ns(const char *name)
 {
     snprintf(ns_buf, sizeof ns_buf, "t-lim-%s-%ld", name, (long)runner_pid);
     return ns_buf;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0)
-        ;
 }
 
 static redisContext *raw(void)
@@ -207,7 +201,7 @@ START_TEST(test_grants_then_refuses_with_wait)
     ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 5); /* a refusal takes nothing */
 
     /* the wait is enough: after it, a permit is granted again */
-    sleep_ms(r.wait_ms);
+    iwt_sleep_ms(r.wait_ms);
     r = take(&f, "submit", 1000, 1);
     ck_assert_int_eq(r.granted, 1);
     /* a grant trims the log to the longest window: at least the oldest permit
@@ -238,11 +232,11 @@ START_TEST(test_guard_lengthens_window)
     /* a 200 ms guard: the wait covers 1.2 s */
     assert_wait_within(r.wait_ms, 1200, first, first_after, at, clock_mono_us());
     /* 1 s later the plain window would be free, the guarded one is not */
-    sleep_ms(1050 - (long)((clock_mono_us() - first) / 1000));
+    iwt_sleep_ms(1050 - (long)((clock_mono_us() - first) / 1000));
     r = take(&f, "submit", 1000, 1);
     ck_assert_int_eq(r.granted, 0);
     ck_assert_int_gt(r.wait_ms, 100);
-    sleep_ms(r.wait_ms);
+    iwt_sleep_ms(r.wait_ms);
     r = take(&f, "submit", 1000, 1);
     ck_assert_int_eq(r.granted, 1);
     long long *t;
@@ -275,7 +269,7 @@ START_TEST(test_any_window_single_process)
         } else {
             ck_assert_int_gt(r.wait_ms, 0);
             ck_assert_int_le(r.wait_ms, 1000);
-            usleep(1000);
+            iwt_sleep_ms(1);
         }
     }
     long long *t;
@@ -309,7 +303,7 @@ START_TEST(test_multi_tier)
     r = take(&f, "submit", 1000, 1);
     ck_assert_int_eq(r.granted, 0);
     ck_assert_msg(r.wait_ms > 900 && r.wait_ms <= 1000, "1 s tier wait %ld", r.wait_ms);
-    sleep_ms(r.wait_ms);
+    iwt_sleep_ms(r.wait_ms);
 
     /* the 1 s tier has room for 5 again, the 10 s tier only for 3 more */
     long long t1 = clock_mono_us();
@@ -383,7 +377,7 @@ START_TEST(test_pause)
     ck_assert_msg(r.wait_ms > 600 && r.wait_ms <= 800, "paused wait %ld", r.wait_ms);
 
     /* permits resume when the pause ends */
-    sleep_ms(r.wait_ms + 5);
+    iwt_sleep_ms(r.wait_ms + 5);
     r = take(&f, "submit", 1000, 2);
     ck_assert_int_eq(r.granted, 2);
     ck_assert_int_eq(r.paused, 0);
@@ -492,7 +486,7 @@ START_TEST(test_class_share)
     r = take(&b, "status", 500, 1);
     ck_assert_int_eq(r.granted, 0);
     ck_assert_int_eq(key_int(ns2, "EXISTS", "limiter:demand:status"), 1);
-    sleep_ms(r.wait_ms + 5);
+    iwt_sleep_ms(r.wait_ms + 5);
 
     /* the window is free again; with status waiting, submit gets its 50% only */
     r = take(&b, "submit", 500, 10);
@@ -541,7 +535,7 @@ START_TEST(test_two_pods_share_one_limit)
                 limiter_result r = take(&f, p == 1 ? "status" : "submit", 1000, 1 + p % 2);
                 granted += r.granted;
                 if (r.granted == 0)
-                    usleep(r.wait_ms > 2 ? 2000 : 500);
+                    iwt_sleep_ms(r.wait_ms > 2 ? 2 : 1);
             }
             ck_assert_int_eq(write(fds[1], &granted, sizeof granted), (int)sizeof granted);
             close_limiter(&f);
