@@ -419,7 +419,7 @@ START_TEST(test_one_probe_across_processes)
                 got[0] += q.granted;
                 got[1] += q.breaker_from == LIMITER_BREAKER_OPEN;
                 limiter_result_release(&q);
-                usleep(500);
+                iwt_sleep_ms(1);
             }
             ck_assert_int_eq(write(fds[1], got, sizeof got), (int)sizeof got);
             pod_close(&me);
@@ -487,9 +487,5 @@ static Suite *breaker_suite(void)
 int main(void)
 {
     runner_pid = getpid();
-    SRunner *sr = srunner_create(breaker_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return iwt_run_suite(breaker_suite());
 }

@@ -774,7 +774,7 @@ START_TEST(test_clock_step_back_scores_forward)
 
     /* one real window later, a log scored by "now" would have room again (its
      * two permits would have left the window): the stepped one must not */
-    sleep_ms(1100);
+    iwt_sleep_ms(1100);
     r = take(&f, "submit", 1000, 1);
     ck_assert_int_eq(r.granted, 0);
     ck_assert_msg(r.wait_ms > 1200 && r.wait_ms <= 1400, "wait %ld", r.wait_ms);
