@@ -131,7 +131,8 @@ typedef struct limiter_result {
 /* The link is borrowed; the limiter registers its scripts on it.  Every
  * window is lengthened by guard_ms: a permit is taken a little before the
  * call reaches the provider, and that delay varies, so the provider's clock
- * must still see at most N in any window of T.  NULL when out of memory. */
+ * must still see at most N in any window of T.  NULL when out of memory or
+ * when the namespace makes a key longer than 1024 bytes. */
 limiter *limiter_new(redis_link *r, const char *ns, const iw_rate_tier *tiers, size_t n,
                      long guard_ms);
 /* NULL is harmless. */
