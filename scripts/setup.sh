@@ -16,7 +16,7 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 # (rabbitmq-server, redis-server) and the tools the scripts and tests use.
 REQUIRED=(
   gcc libc6-dev make cmake pkg-config
-  librabbitmq-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
+  librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
   check json-schema-test-suite
   rabbitmq-server redis-server amqp-tools curl tzdata
 )

@@ -248,22 +248,16 @@ static void requeue(engine *e, batch *b, size_t n)
         }
 }
 
-/* Every queued call that can get a slot, in batches of one class and
- * priority, all asked for in ONE pipelined round trip.  Returns 1 when
- * calls are left that could go at once (more than the batches took). */
-static int permits(engine *e, long long now)
+/* Takes the queued calls that fit the free slots off their queues, in
+ * batches of one class and priority (critical first); returns how many. */
+static size_t take_batches(engine *e, batch *b, size_t cap)
 {
-    batch b[LIMITER_N_CLASSES * 2 * 4];
-    size_t nb = 0, appended = 0;
     long slots = e->cfg->concurrency - http_client_in_flight(rt_http(e->rt));
-    iw_error err = {0};
-    int left = 0;
+    size_t nb = 0;
 
-    if (now < e->blocked_until)
-        return 0;
     for (int prio = 0; prio < 2; prio++)
         for (int cls = 0; cls < LIMITER_N_CLASSES; cls++)
-            while (slots > 0 && e->ready[cls][prio].head && nb < sizeof b / sizeof b[0]) {
+            while (slots > 0 && e->ready[cls][prio].head && nb < cap) {
                 batch *x = &b[nb++];
                 x->cls = cls;
                 x->prio = prio;
@@ -275,73 +269,105 @@ static int permits(engine *e, long long now)
                     slots--;
                 }
             }
-    if (!nb)
-        return 0;
-    if (!rt_redis_ready(e->rt))
-        goto unavailable;
-    for (; appended < nb; appended++) {
-        batch *x = &b[appended];
-        const char *keys[LIMITER_MAX_RECORDS];
-        size_t nk = 0;
-        const call_kind *k = x->calls[0]->kind;
+    return nb;
+}
 
-        for (size_t i = 0; i < x->n; i++)
-            if (x->calls[i]->record_key)
-                keys[nk++] = x->calls[i]->record_key;
-        if (nk != 0 && nk != x->n)
-            nk = 0; /* a class either checks records for every call or for none */
-        if (limiter_append_take(rt_limiter(e->rt), k->cls, x->prio == 0 ? 1000 : k->share_permille,
-                                (int)x->n, nk, keys, &err) != IW_OK)
-            break;
+/* Appends one limiter take for the batch (record keys when its calls have
+ * them: a class checks records for every call or for none). */
+static int append_batch(engine *e, const batch *x, iw_error *err)
+{
+    const char *keys[LIMITER_MAX_RECORDS];
+    const call_kind *k = x->calls[0]->kind;
+    size_t nk = 0;
+
+    for (size_t i = 0; i < x->n; i++)
+        if (x->calls[i]->record_key)
+            keys[nk++] = x->calls[i]->record_key;
+    if (nk != x->n)
+        nk = 0;
+    return limiter_append_take(rt_limiter(e->rt), k->cls, x->prio == 0 ? 1000 : k->share_permille,
+                               (int)x->n, nk, keys, err);
+}
+
+/* Hands each call of the batch its permit decision. */
+static void decide_batch(engine *e, const batch *x, limiter_result *res)
+{
+    int granted = res->granted;
+
+    for (size_t m = 0; m < x->n; m++) {
+        call *c = x->calls[m];
+        size_t len = 0;
+        const char *rec = res->n_records ? limiter_record(res, m, &len) : NULL;
+
+        c->eng = e;
+        if (rec) {
+            c->ops->on_permit(c, CALL_RECORDED, 0, 0, rec, len);
+        } else if (granted > 0) {
+            granted--;
+            c->ops->on_permit(c, CALL_GRANTED, 0, 0, NULL, 0);
+        } else {
+            c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->paused, NULL, 0);
+        }
     }
+}
+
+/* Fail closed: nobody calls the provider unmetered; ask again in a second. */
+static void limiter_unavailable(engine *e, long long now, const iw_error *err)
+{
+    log_json(IW_LOG_ERROR,
+             json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; calls wait", "error",
+                       "code", iw_code_name(IW_C_LIMITER_UNAVAILABLE), "message", err->msg));
+    e->blocked_until = now + LIMITER_RETRY_MS;
+    loop_timer_at(e->lp, &e->unblock, e->blocked_until);
+}
+
+static int any_ready(const engine *e)
+{
+    for (int prio = 0; prio < 2; prio++)
+        for (int cls = 0; cls < LIMITER_N_CLASSES; cls++)
+            if (e->ready[cls][prio].head)
+                return 1;
+    return 0;
+}
+
+/* Every queued call that can get a slot, in batches of one class and
+ * priority, all asked for in ONE pipelined round trip.  Returns 1 when
+ * calls are left that could go at once (more than the batches took). */
+static int permits(engine *e, long long now)
+{
+    batch b[LIMITER_N_CLASSES * 2 * 4];
+    size_t nb, appended = 0;
+    iw_error err = {0};
+
+    if (now < e->blocked_until || !(nb = take_batches(e, b, sizeof b / sizeof b[0])))
+        return 0;
+    if (!rt_redis_ready(e->rt)) {
+        requeue(e, b, nb);
+        iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
+        limiter_unavailable(e, now, &err);
+        return 0;
+    }
+    while (appended < nb && append_batch(e, &b[appended], &err) == IW_OK)
+        appended++;
     for (size_t i = 0; i < appended; i++) {
-        batch *x = &b[i];
         limiter_result res;
-        int granted;
 
         if (limiter_read_take(rt_limiter(e->rt), &res, &err) != IW_OK) {
             /* the rest of the pipeline is lost with the connection */
             requeue(e, b + i, nb - i);
-            goto unavailable_logged;
+            limiter_unavailable(e, now, &err);
+            return 0;
         }
         warn_usage(e, &res, now);
-        granted = res.granted;
-        for (size_t m = 0; m < x->n; m++) {
-            call *c = x->calls[m];
-            size_t len = 0;
-            const char *rec = res.n_records ? limiter_record(&res, m, &len) : NULL;
-            c->eng = e;
-            if (rec)
-                c->ops->on_permit(c, CALL_RECORDED, 0, 0, rec, len);
-            else if (granted > 0) {
-                granted--;
-                c->ops->on_permit(c, CALL_GRANTED, 0, 0, NULL, 0);
-            } else
-                c->ops->on_permit(c, CALL_REFUSED, res.wait_ms, res.paused, NULL, 0);
-        }
+        decide_batch(e, &b[i], &res);
         limiter_result_release(&res);
     }
-    if (appended < nb) {
-        /* could not even append: nothing was sent for these */
+    if (appended < nb) { /* not even appended: nothing was sent for these */
         requeue(e, b + appended, nb - appended);
-        goto unavailable_logged;
+        limiter_unavailable(e, now, &err);
+        return 0;
     }
-    for (int prio = 0; prio < 2; prio++)
-        for (int cls = 0; cls < LIMITER_N_CLASSES; cls++)
-            if (e->ready[cls][prio].head)
-                left = 1;
-    return left && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
-unavailable:
-    requeue(e, b, nb);
-    iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
-unavailable_logged:
-    /* fail closed: nobody calls the provider unmetered */
-    log_json(IW_LOG_ERROR,
-             json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; calls wait", "error",
-                       "code", iw_code_name(IW_C_LIMITER_UNAVAILABLE), "message", err.msg));
-    e->blocked_until = now + LIMITER_RETRY_MS;
-    loop_timer_at(e->lp, &e->unblock, e->blocked_until);
-    return 0;
+    return any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
 }
 
 /* ---- jobs: bookkeeping ---------------------------------------------------------------- */
@@ -712,6 +738,11 @@ static int record_steps(engine *e, long long now)
             int ok = records_read(e->rec, &rr, &err) == IW_OK;
             if (q == 2) {
                 after_mark(j, &rr, &err, ok);
+            } else if (!ok && err.status == IW_ERR_REDIS_SCRIPT &&
+                       redis_link_connected(rt_redis(e->rt))) {
+                /* Redis answers, the record does not parse: trying again
+                 * cannot help */
+                job_fail(j, IW_C_RECORD_CORRUPT, err.msg, 0, j->attempts);
             } else if (!ok) {
                 failed = 1;
                 job_push(queues[q], j); /* tried again */
@@ -778,21 +809,16 @@ static long early_ms(const iw_delivery *d)
     return left > MAX_DELAY_MS ? MAX_DELAY_MS : (long)left;
 }
 
-static void on_delivery(void *self, iw_delivery *d)
+/* A new job for a delivery of role rs, in state received; NULL when out of
+ * memory (the delivery is then returned). */
+static job *job_new(engine *e, role_slot *rs, iw_delivery *d)
 {
-    role_slot *rs = self;
-    engine *e = rs->e;
     job *j = calloc(1, rs->role->job_size);
-    intake_result in;
-    const char *prio;
-    long early;
-    iw_code code;
-    char msg[INTAKE_MSG_LEN];
 
     if (!j) {
         rt_nack(e->rt, d, 1);
         delivery_free(d);
-        return;
+        return NULL;
     }
     j->role = rs->role;
     j->self = rs->self;
@@ -810,48 +836,83 @@ static void on_delivery(void *self, iw_delivery *d)
     metrics_job(j->role->name, "consumed");
     j->state = JOB_RECEIVED;
     note_state(j);
-    if (rt_stopping(e->rt)) {
+    return j;
+}
+
+/* What the headers say about j, believed only when they are ours (a
+ * message back from the delay tiers). */
+static void read_headers(job *j)
+{
+    const iw_config *cfg = j->e->cfg;
+
+    intake_trust_internal_headers(j->d->headers, j->d->exchange, cfg->ns);
+    j->attempts = (int)rt_header_int(j->d, "x-attempts", 0);
+    if (j->attempts < 0)
+        j->attempts = 0;
+    if ((size_t)j->attempts > cfg->n_retry)
+        j->attempts = (int)cfg->n_retry;
+    j->first_attempt_ms = rt_header_int(j->d, "x-first-attempt", 0);
+    if (j->first_attempt_ms < 0)
+        j->first_attempt_ms = 0;
+}
+
+/* Intake, the role's own reading of the job, and its record key: IW_C_NONE,
+ * or the code (msg filled) that fails the job. */
+static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len)
+{
+    intake_result in;
+    const char *prio;
+    iw_code code;
+
+    intake_json(j->d->body, j->d->body_len, j->d->content_type,
+                (size_t)j->e->cfg->max_message_bytes, schema, &in);
+    j->doc = in.doc;
+    j->job_id = json_string_value(json_object_get(j->doc, "jobId"));
+    if (j->job_id && !*j->job_id)
+        j->job_id = NULL;
+    if (in.code != IW_C_NONE) {
+        snprintf(msg, len, "%s", in.msg);
+        return in.code;
+    }
+    job_set_state(j, JOB_VALIDATED);
+    prio = json_string_value(json_object_get(j->doc, "priority"));
+    j->call.critical = prio && strcmp(prio, "critical") == 0;
+    if ((code = j->role->prepare(j, msg, len)) != IW_C_NONE)
+        return code;
+    if (records_key(j->e->rec, j->key, j->role->record_kind, j->job_id) != 0) {
+        snprintf(msg, len, "the record key of this jobId does not fit");
+        return IW_C_INTERNAL_ERROR;
+    }
+    j->call.record_key = j->key;
+    return IW_C_NONE;
+}
+
+static void on_delivery(void *self, iw_delivery *d)
+{
+    role_slot *rs = self;
+    job *j = job_new(rs->e, rs, d);
+    char msg[INTAKE_MSG_LEN];
+    iw_code code;
+    long early;
+
+    if (!j)
+        return;
+    if (rt_stopping(rs->e->rt)) {
         job_end(j, JOB_RETURNED, 1);
         return;
     }
-    intake_trust_internal_headers(d->headers, d->exchange, e->cfg->ns);
-    j->attempts = (int)rt_header_int(d, "x-attempts", 0);
-    if (j->attempts < 0 || (size_t)j->attempts > e->cfg->n_retry)
-        j->attempts = j->attempts < 0 ? 0 : (int)e->cfg->n_retry;
-    j->first_attempt_ms = rt_header_int(d, "x-first-attempt", 0);
-    if (j->first_attempt_ms < 0)
-        j->first_attempt_ms = 0;
-    intake_json(d->body, d->body_len, d->content_type, (size_t)e->cfg->max_message_bytes,
-                rs->schema, &in);
-    j->doc = in.doc;
-    if (in.code != IW_C_NONE) {
-        const char *id = json_string_value(json_object_get(j->doc, "jobId"));
-        j->job_id = id && *id ? id : NULL;
-        job_fail(j, in.code, in.msg, 0, j->attempts);
-        return;
-    }
-    job_set_state(j, JOB_VALIDATED);
-    j->job_id = json_string_value(json_object_get(j->doc, "jobId"));
-    prio = json_string_value(json_object_get(j->doc, "priority"));
-    j->call.critical = prio && strcmp(prio, "critical") == 0;
-    if ((code = j->role->prepare(j, msg, sizeof msg)) != IW_C_NONE) {
+    read_headers(j);
+    if ((code = accept_job(j, rs->schema, msg, sizeof msg)) != IW_C_NONE) {
         job_fail(j, code, msg, 0, j->attempts);
         return;
     }
-    if (records_key(e->rec, j->key, j->role->record_kind, j->job_id) != 0) {
-        job_fail(j, IW_C_INTERNAL_ERROR, "the record key of this jobId does not fit", 0,
-                 j->attempts);
-        return;
-    }
-    j->call.record_key = j->key;
-    early = early_ms(d);
-    if (early) {
+    if ((early = early_ms(d))) {
         /* back from a delay tier early: on to the next hop */
         job_send_on(j, early, j->attempts, rt_header_str(d, "x-last-error"));
         return;
     }
     job_set_state(j, JOB_READY);
-    engine_ask(e, &j->call);
+    engine_ask(rs->e, &j->call);
 }
 
 /* ---- the engine

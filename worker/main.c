@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "dlq.h"
 #include "log.h"
 #include "roles.h"
 #include "runtime.h"
@@ -27,6 +28,8 @@ static const char usage_text[] =
     "Commands:\n"
     "  declare               declare the whole broker topology idempotently and exit 0\n"
     "  cache invalidate ID   delete the cached entries of resource ID\n"
+    "  dlq COMMAND           review the dead letters: list, stats, show, replay, export, purge\n"
+    "                        (integration-worker dlq --help)\n"
     "\n"
     "Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure.\n"
     "SIGTERM/SIGINT stop gracefully within IW_SHUTDOWN_GRACE.\n\n";
@@ -121,6 +124,8 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
+    if (!strcmp(role, "dlq"))
+        return dlq_main(argc - 2, argv + 2, environ);
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);

@@ -730,11 +730,35 @@ static void request_deadline(loop *l, loop_timer *t)
     dl_push(&q->r->fallback_q, &q->link);
 }
 
+/* A validated resource.get: its slot, then the look-up. */
+static void accept_get(rreq *q)
+{
+    const char *prio;
+
+    if (!q->d->reply_to || !*q->d->reply_to) {
+        reject(q, IW_C_MISSING_REPLY_TO,
+               "resource.get needs reply_to (and correlation_id): there is "
+               "nowhere to send the answer");
+        return;
+    }
+    q->expand = json_string_value(json_object_get(q->doc, "expand"));
+    if (q->expand && !*q->expand)
+        q->expand = NULL;
+    /* look-ups are critical unless they say otherwise: a caller is waiting */
+    prio = json_string_value(json_object_get(q->doc, "priority"));
+    q->critical = !prio || strcmp(prio, "normal") != 0;
+    if (cache_slot_init(q->r->cache, &q->slot, q->id, q->expand) != IW_OK) {
+        reply_error(q, IW_C_INTERNAL_ERROR, "out of memory");
+        return;
+    }
+    start_lookup(q);
+}
+
 static void on_delivery(void *self, iw_delivery *d)
 {
     resolver *r = self;
     rreq *q = calloc(1, sizeof *q);
-    const char *prio, *rk = d->routing_key ? d->routing_key : "";
+    const char *rk = d->routing_key ? d->routing_key : "";
     intake_result in;
     char msg[512];
 
@@ -778,23 +802,7 @@ static void on_delivery(void *self, iw_delivery *d)
         dl_push(&r->inval_q, &q->link);
         return;
     }
-    if (!d->reply_to || !*d->reply_to) {
-        reject(q, IW_C_MISSING_REPLY_TO,
-               "resource.get needs reply_to (and correlation_id): there is "
-               "nowhere to send the answer");
-        return;
-    }
-    q->expand = json_string_value(json_object_get(q->doc, "expand"));
-    if (q->expand && !*q->expand)
-        q->expand = NULL;
-    /* look-ups are critical unless they say otherwise: a caller is waiting */
-    prio = json_string_value(json_object_get(q->doc, "priority"));
-    q->critical = !prio || strcmp(prio, "normal") != 0;
-    if (cache_slot_init(r->cache, &q->slot, q->id, q->expand) != IW_OK) {
-        reply_error(q, IW_C_INTERNAL_ERROR, "out of memory");
-        return;
-    }
-    start_lookup(q);
+    accept_get(q);
 }
 
 /* ---- Redis round trips ---------------------------------------------------------- */

@@ -494,6 +494,9 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     json_object_set_new(h, "x-failed-at", json_string(ts));
     json_object_del(h, "x-due-at");
     json_object_del(h, "iw-target");
+    /* the dead letter gets its own id; the upstream's is kept for replay */
+    if (d->message_id && !json_object_get(h, "x-original-message-id"))
+        json_object_set_new(h, "x-original-message-id", json_string(d->message_id));
     p.exchange = rt_name(rt, exchange, sizeof exchange, "dlx");
     p.routing_key = orig_key ? orig_key : d->routing_key ? d->routing_key : "";
     p.body = d->body;

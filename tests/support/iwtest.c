@@ -350,6 +350,9 @@ static iwt_msg *msg_from(const amqp_bytes_t *rk, const amqp_message_t *m)
     if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG)
         snprintf(r->correlation_id, sizeof r->correlation_id, "%.*s", (int)p->correlation_id.len,
                  (char *)p->correlation_id.bytes);
+    if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
+        snprintf(r->message_id, sizeof r->message_id, "%.*s", (int)p->message_id.len,
+                 (char *)p->message_id.bytes);
     if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG)
         snprintf(r->content_type, sizeof r->content_type, "%.*s", (int)p->content_type.len,
                  (char *)p->content_type.bytes);

@@ -70,6 +70,7 @@ typedef struct iwt_msg {
     char routing_key[256];
     char correlation_id[256];
     char content_type[128];
+    char message_id[256];
     json_t *headers; /* AMQP headers as JSON (never NULL) */
     json_t *body;    /* parsed JSON body or NULL */
     char *raw;
