@@ -39,6 +39,7 @@ struct http_client {
     char bearer[2048];
     long long token_expires_ms; /* monotonic */
     long timeout_ms, connect_timeout_ms, max_response_bytes;
+    long max_wait_ms; /* IW_MAX_RATE_PAUSE: caps Retry-After / X-RateLimit-Reset-Ms */
     int in_flight;
     transfer *free_list;
     transfer *active;
@@ -85,6 +86,7 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
     c->timeout_ms = o->timeout_ms;
     c->connect_timeout_ms = o->connect_timeout_ms;
     c->max_response_bytes = o->max_response_bytes;
+    c->max_wait_ms = o->max_wait_ms > 0 ? o->max_wait_ms : IW_DEFAULT_MAX_RATE_PAUSE_MS;
     curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
@@ -418,11 +420,15 @@ static void complete_done(http_client *c)
         memset(&r, 0, sizeof r);
         r.result.status = code == CURLE_OK ? status : 0;
         r.result.transport = transport_of(code, t->too_large);
+        /* bounded parses, capped at IW_MAX_RATE_PAUSE; an unreadable reset
+         * falls back to Retry-After */
         r.result.retry_after_ms = -1;
         if (t->reset_ms[0])
-            r.result.retry_after_ms = strtol(t->reset_ms, NULL, 10);
-        else if (t->retry_after[0])
-            r.result.retry_after_ms = retry_parse_retry_after(t->retry_after, clock_wall_ms());
+            r.result.retry_after_ms =
+                retry_parse_reset_ms(t->reset_ms, c->max_wait_ms, &r.result.wait_capped);
+        if (r.result.retry_after_ms < 0 && t->retry_after[0])
+            r.result.retry_after_ms = retry_parse_retry_after(
+                t->retry_after, clock_wall_ms(), c->max_wait_ms, &r.result.wait_capped);
         r.error = code == CURLE_OK ? "" : curl_easy_strerror(code);
         r.body = t->body && t->len ? t->body : "";
         r.body_len = t->len;

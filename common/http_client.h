@@ -27,6 +27,7 @@ typedef struct http_client_opts {
     long connect_timeout_ms;
     long max_response_bytes;
     long max_connections;
+    long max_wait_ms; /* IW_MAX_RATE_PAUSE; 0: IW_DEFAULT_MAX_RATE_PAUSE_MS */
 } http_client_opts;
 
 typedef struct http_response {

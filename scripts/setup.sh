@@ -18,7 +18,7 @@ REQUIRED=(
   gcc libc6-dev make cmake pkg-config
   librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
   check json-schema-test-suite
-  rabbitmq-server redis-server amqp-tools curl
+  rabbitmq-server redis-server amqp-tools curl tzdata
 )
 # Optional: nice to have (formatting); a failure to install them is only a warning.
 OPTIONAL=(clang-format)
