@@ -278,7 +278,9 @@ rabbit_users_up() {
   local perms
   mapfile -t perms < <(rabbit_test_permissions)
   [ "${#perms[@]}" -eq 3 ] || die "rabbitmq: cannot read integration-worker's permissions from $DEPLOY_DIR/rabbitmq/definitions.json"
-  if rabbitmqctl_q list_users 2>/dev/null | awk '{print $1}' | grep -qx "$TEST_USER"; then
+  local users
+  users="$(rabbitmqctl_q list_users 2>/dev/null | awk '{print $1}')" || true
+  if grep -qx "$TEST_USER" <<<"$users"; then
     rabbitmqctl_q change_password "$TEST_USER" "$TEST_PASSWORD" >/dev/null
   else
     rabbitmqctl_q add_user "$TEST_USER" "$TEST_PASSWORD" >/dev/null
