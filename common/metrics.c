@@ -14,6 +14,10 @@
 #endif
 
 #define HEARTBEAT_STALE_MS 30000
+/* Gauges that mirror shared state (breaker, limiter tiers, consecutive failures) are only
+ * exported while this process's knowledge is at most this old: an idle pod would
+ * otherwise report the last state it saw forever and hold an alert up. */
+#define KNOWLEDGE_STALE_MS 60000
 #define MAX_TIERS 8
 #define TIER_NAME_LEN 32
 #define MAX_STATES 24
@@ -78,12 +82,14 @@ static struct {
     atomic_llong requests[IW_N_ROUTES][N_CODES];
     hist duration[IW_N_ROUTES];
     atomic_int local_failures, fleet_failures, breaker_state, in_flight;
+    atomic_llong last_call_ms, breaker_ms; /* when they were last reported (monotonic) */
     atomic_llong retries[IW_N_ROUTES][IW_N_RETRY_REASONS];
     atomic_llong waits[IW_N_ROLES][IW_N_WAIT_REASONS];
 
     atomic_int n_tiers, legacy_usage, legacy_set, throttling;
     char tier_names[MAX_TIERS][TIER_NAME_LEN];
     atomic_int tier_usage[MAX_TIERS];
+    atomic_llong tier_ms[MAX_TIERS], legacy_ms;
     atomic_llong refusals[IW_N_ROUTES][IW_N_REFUSALS];
     hist limiter_wait[IW_N_ROUTES];
 
@@ -183,6 +189,7 @@ void metrics_provider_request(iw_route route, long http_status, long long durati
         atomic_fetch_add(&m.local_failures, 1);
     else
         atomic_store(&m.local_failures, 0);
+    atomic_store(&m.last_call_ms, clock_mono_ms());
 }
 
 void metrics_breaker(int state, int fleet_failures)
@@ -190,6 +197,7 @@ void metrics_breaker(int state, int fleet_failures)
     if (state >= 0 && state <= 2)
         atomic_store(&m.breaker_state, state);
     atomic_store(&m.fleet_failures, fleet_failures < 0 ? -1 : fleet_failures);
+    atomic_store(&m.breaker_ms, clock_mono_ms());
 }
 
 void metrics_in_flight(int calls)
@@ -229,8 +237,10 @@ void metrics_limiter_tiers(const char *const *names, size_t n)
 
 void metrics_limiter_tier_usage(size_t i, int permille)
 {
-    if (i < MAX_TIERS)
+    if (i < MAX_TIERS) {
         atomic_store(&m.tier_usage[i], permille < 0 ? 0 : permille);
+        atomic_store(&m.tier_ms[i], clock_mono_ms());
+    }
 }
 
 void metrics_throttling(int active)
@@ -384,13 +394,18 @@ void metrics_reset(void)
     atomic_store(&m.local_failures, 0);
     atomic_store(&m.fleet_failures, -1);
     atomic_store(&m.breaker_state, 0);
+    atomic_store(&m.last_call_ms, 0);
+    atomic_store(&m.breaker_ms, 0);
+    atomic_store(&m.legacy_ms, 0);
     atomic_store(&m.in_flight, 0);
     atomic_store(&m.n_tiers, 0);
     atomic_store(&m.legacy_usage, 0);
     atomic_store(&m.legacy_set, 0);
     atomic_store(&m.throttling, 0);
-    for (int i = 0; i < MAX_TIERS; i++)
+    for (int i = 0; i < MAX_TIERS; i++) {
         atomic_store(&m.tier_usage[i], 0);
+        atomic_store(&m.tier_ms[i], 0);
+    }
     atomic_store(&m.states.count, 0);
     atomic_store(&m.codes.count, 0);
     atomic_store(&m.maintenance, 0);
@@ -434,6 +449,7 @@ void metrics_dead_letter(const char *code)
 void metrics_limiter_usage(int permille)
 {
     atomic_store(&m.legacy_usage, permille < 0 ? 0 : permille);
+    atomic_store(&m.legacy_ms, clock_mono_ms());
     atomic_store(&m.legacy_set, 1);
 }
 
@@ -513,7 +529,13 @@ static void render_hist(out *o, const char *name, const char *labels, const hist
     put(o, "%s_count%s%s%s %lld\n", name, labels[0] ? "{" : "", labels, labels[0] ? "}" : "", cum);
 }
 
-static void render_provider(out *o)
+static int fresh(const atomic_llong *at, long long now)
+{
+    long long t = atomic_load(at);
+    return t && now - t <= KNOWLEDGE_STALE_MS;
+}
+
+static void render_provider(out *o, long long now)
 {
     char lab[64];
 
@@ -531,18 +553,26 @@ static void render_provider(out *o)
         render_hist(o, "iw_provider_request_duration_seconds", lab, &m.duration[r], dur_bounds,
                     N_DUR);
     }
-    int local = atomic_load(&m.local_failures), fleet = atomic_load(&m.fleet_failures);
-    int worst = fleet > local ? fleet : local;
+    /* The shared breaker's count (fleet-wide, reset by any pod's success) is the spec's
+     * "consecutive failures" when we have it; else this process's own calls. */
+    int fleet = atomic_load(&m.fleet_failures);
+    int have_fleet = fleet >= 0 && fresh(&m.breaker_ms, now);
+    int have_local = fresh(&m.last_call_ms, now);
+    int failures = have_fleet ? fleet : atomic_load(&m.local_failures);
     head(o, "iw_provider_consecutive_failures", "gauge",
-         "Consecutive failed provider calls (5xx, timeouts, no answer): the larger of this "
-         "process's count and the shared breaker's.");
-    put(o, "iw_provider_consecutive_failures %d\n", worst);
+         "Consecutive failed provider calls (5xx, timeouts, no answer): the shared breaker's "
+         "count, else this process's; absent without a call or breaker read in 60 s.");
+    if (have_fleet || have_local)
+        put(o, "iw_provider_consecutive_failures %d\n", failures);
     head(o, "iw_provider_down", "gauge",
          "1 after 3 or more consecutive failed provider calls (the spec's API down).");
-    put(o, "iw_provider_down %d\n", worst >= IW_PROVIDER_DOWN_AFTER);
+    if (have_fleet || have_local)
+        put(o, "iw_provider_down %d\n", failures >= IW_PROVIDER_DOWN_AFTER);
     head(o, "iw_breaker_state", "gauge",
-         "The shared circuit breaker: 0 closed, 1 open, 2 half-open.");
-    put(o, "iw_breaker_state %d\n", atomic_load(&m.breaker_state));
+         "The shared circuit breaker: 0 closed, 1 open, 2 half-open (absent when not read "
+         "from Redis in 60 s).");
+    if (fresh(&m.breaker_ms, now))
+        put(o, "iw_breaker_state %d\n", atomic_load(&m.breaker_state));
     head(o, "iw_provider_calls_in_flight", "gauge", "Provider calls in flight in this process.");
     put(o, "iw_provider_calls_in_flight %d\n", atomic_load(&m.in_flight));
     head(o, "iw_retries_total", "counter", "Provider calls tried again (an attempt used).");
@@ -558,17 +588,19 @@ static void render_provider(out *o)
                 wait_names[k], atomic_load(&m.waits[r][k]));
 }
 
-static void render_limiter(out *o)
+static void render_limiter(out *o, long long now)
 {
     char lab[64];
     int n = atomic_load(&m.n_tiers);
 
     head(o, "iw_limiter_usage_ratio", "gauge",
-         "Usage of each IW_RATE_LIMITS tier (0..1) at this process's last permit.");
+         "Usage of each IW_RATE_LIMITS tier (0..1) at this process's last permit (absent "
+         "after 60 s without one).");
     for (int i = 0; i < n; i++)
-        put(o, "iw_limiter_usage_ratio{tier=\"%s\"} %.3f\n", m.tier_names[i],
-            atomic_load(&m.tier_usage[i]) / 1000.0);
-    if (n == 0 && atomic_load(&m.legacy_set))
+        if (fresh(&m.tier_ms[i], now))
+            put(o, "iw_limiter_usage_ratio{tier=\"%s\"} %.3f\n", m.tier_names[i],
+                atomic_load(&m.tier_usage[i]) / 1000.0);
+    if (n == 0 && atomic_load(&m.legacy_set) && fresh(&m.legacy_ms, now))
         put(o, "iw_limiter_usage_ratio{tier=\"all\"} %.3f\n",
             atomic_load(&m.legacy_usage) / 1000.0);
     head(o, "iw_limiter_throttling", "gauge",
@@ -649,14 +681,14 @@ static void render_roles(out *o)
     put(o, "iw_maintenance_window_active %d\n", atomic_load(&m.maintenance));
 }
 
-static void render_health(out *o)
+static void render_health(out *o, long long now)
 {
     head(o, "iw_broker_connected", "gauge", "1 while connected to the broker (last probe).");
     put(o, "iw_broker_connected %d\n", atomic_load(&m.amqp_up));
     head(o, "iw_redis_connected", "gauge", "1 while Redis answers (last probe).");
     put(o, "iw_redis_connected %d\n", atomic_load(&m.redis_up));
     head(o, "iw_ready", "gauge", "1 while /readyz answers 200.");
-    put(o, "iw_ready %d\n", metrics_ready(clock_mono_ms(), NULL));
+    put(o, "iw_ready %d\n", metrics_ready(now, NULL));
     head(o, "iw_build_info", "gauge", "Always 1; the version is git describe at configure time.");
     put(o, "iw_build_info{version=\"");
     put_escaped(o, IW_VERSION);
@@ -665,13 +697,18 @@ static void render_health(out *o)
 
 char *metrics_render(void)
 {
+    return metrics_render_at(clock_mono_ms());
+}
+
+char *metrics_render_at(long long now_mono_ms)
+{
     out o = {0};
 
-    render_provider(&o);
-    render_limiter(&o);
+    render_provider(&o, now_mono_ms);
+    render_limiter(&o, now_mono_ms);
     render_jobs(&o);
     render_roles(&o);
-    render_health(&o);
+    render_health(&o, now_mono_ms);
     if (o.failed) {
         free(o.p);
         return NULL;

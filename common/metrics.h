@@ -117,9 +117,11 @@ typedef enum iw_check_outcome {
  * 429, 5xx, timeout, error), the duration histogram, and this process's consecutive
  * failures (5xx, timeout, no answer raise it; any other answer resets it). */
 void metrics_provider_request(iw_route route, long http_status, long long duration_us);
-/* The shared breaker as last read from Redis: state 0 closed, 1 open, 2 half-open;
- * fleet_failures is its consecutive-failure count (-1 when unknown). Call whenever the
- * breaker script answers (every permit) and at least every few seconds. */
+/* The shared breaker as just read from Redis (never a cached copy: the call stamps it as
+ * fresh): state 0 closed, 1 open, 2 half-open; fleet_failures is its consecutive-failure
+ * count (-1 when unknown), which then drives iw_provider_down instead of this process's
+ * own count. Call whenever the breaker script answers; unrefreshed for 60 s, the state
+ * is no longer exported. */
 void metrics_breaker(int state, int fleet_failures);
 /* Calls in flight in this process (curl handles). */
 void metrics_in_flight(int calls);
@@ -133,7 +135,8 @@ void metrics_job_wait(iw_role role, iw_wait_reason reason);
 /* Declares the rate tiers in IW_RATE_LIMITS order, by their settings text ("50/min").
  * Call once at start-up; later calls are ignored. At most 8 tiers are shown. */
 void metrics_limiter_tiers(const char *const *names, size_t n);
-/* Usage of tier i (index into the declared tiers) in permille of its limit. */
+/* Usage of tier i (index into the declared tiers) in permille of its limit, as the
+ * limiter script just returned it (at every permit; unrefreshed for 60 s, not exported). */
 void metrics_limiter_tier_usage(size_t i, int permille);
 /* 1 while normal calls are held back because a tier is above IW_RATE_ALERT. */
 void metrics_throttling(int active);
@@ -177,8 +180,13 @@ void metrics_stopping(int stopping);
 /* The loop calls this every turn; /healthz fails when it stops turning. */
 void metrics_heartbeat(long long mono_ms);
 
-/* Renders the Prometheus text exposition into a malloc'd string (NULL: no memory). */
+/* Renders the Prometheus text exposition into a malloc'd string (NULL: no memory). The
+ * gauges that mirror shared state (iw_breaker_state, iw_limiter_usage_ratio,
+ * iw_provider_consecutive_failures, iw_provider_down) are left out when this process has
+ * not refreshed them for 60 s, so an idle pod's old view cannot hold an alert up. */
 char *metrics_render(void);
+/* metrics_render as of a given monotonic time (tests). */
+char *metrics_render_at(long long now_mono_ms);
 int metrics_live(long long now_mono_ms);
 /* 1 when the last readiness report is fresh, says both links are up, and we are not
  * stopping; otherwise 0 and, if why is non-NULL, a static reason. */

@@ -186,7 +186,9 @@ START_TEST(empty_registry_renders_every_family)
     /* counters with fixed labels exist at 0 so that rate() and increase() see them */
     ck_assert(value_of(t, "iw_provider_requests_total{route=\"submit\",code=\"5xx\"}") == 0);
     ck_assert(value_of(t, "iw_jobs_total{role=\"poller\",outcome=\"final\"}") == 0);
-    ck_assert(value_of(t, "iw_provider_down") == 0);
+    /* no call and no breaker read yet: no knowledge to export */
+    ck_assert(value_of(t, "iw_provider_down") == -1);
+    ck_assert(value_of(t, "iw_breaker_state") == -1);
     ck_assert(strstr(t, "iw_build_info{version=\"") != NULL);
     free(t);
 }
@@ -286,6 +288,40 @@ START_TEST(provider_down_after_three_failures)
 }
 END_TEST
 
+/* An idle pod's view of shared state ages out instead of holding an alert up. */
+START_TEST(shared_state_gauges_age_out)
+{
+    static const char *const tiers[] = {"50/min"};
+    metrics_reset();
+    metrics_limiter_tiers(tiers, 1);
+    for (int i = 0; i < 3; i++)
+        metrics_provider_request(IW_ROUTE_SUBMIT, 503, 1);
+    metrics_limiter_tier_usage(0, 900);
+    long long now = clock_mono_ms();
+    char *t = metrics_render_at(now + 59000);
+    check_exposition(t);
+    ck_assert(value_of(t, "iw_provider_down") == 1);
+    ck_assert(value_of(t, "iw_limiter_usage_ratio{tier=\"50/min\"}") == 0.9);
+    free(t);
+    t = metrics_render_at(now + 61000);
+    check_exposition(t);
+    ck_assert(value_of(t, "iw_provider_down") == -1);
+    ck_assert(value_of(t, "iw_provider_consecutive_failures") == -1);
+    ck_assert(value_of(t, "iw_limiter_usage_ratio{tier=\"50/min\"}") == -1);
+    ck_assert(strstr(t, "# TYPE iw_provider_down gauge") != NULL); /* the family stays */
+    free(t);
+    /* a fresh breaker read wins over this process's own streak: another pod succeeded */
+    metrics_breaker(0, 0);
+    t = render_fresh();
+    ck_assert(value_of(t, "iw_provider_down") == 0);
+    ck_assert(value_of(t, "iw_breaker_state") == 0);
+    free(t);
+    t = metrics_render_at(clock_mono_ms() + 61000);
+    ck_assert(value_of(t, "iw_breaker_state") == -1);
+    free(t);
+}
+END_TEST
+
 START_TEST(dead_letter_codes_are_bounded)
 {
     static const char *const codes[] = {"EXTERNAL_API_ERROR", "INVALID_JSON"};
@@ -375,7 +411,8 @@ START_TEST(limiter_tiers)
     t = render_fresh();
     ck_assert(value_of(t, "iw_limiter_usage_ratio{tier=\"all\"}") == -1);
     ck_assert(value_of(t, "iw_limiter_usage_ratio{tier=\"50/min\"}") == 0.82);
-    ck_assert(value_of(t, "iw_limiter_usage_ratio{tier=\"tier2\"}") == 0);
+    ck_assert(value_of(t, "iw_limiter_usage_ratio{tier=\"tier2\"}") == -1); /* never reported */
+    ck_assert(strstr(t, "tier=\"tier2\"") == NULL);
     ck_assert(value_of(t, "iw_limiter_usage_ratio{tier=\"20000/day\"}") == 0.01);
     ck_assert(value_of(t, "iw_limiter_throttling") == 1);
     ck_assert(value_of(t, "iw_limiter_refusals_total{class=\"status\",reason=\"share\"}") == 1);
@@ -457,6 +494,7 @@ static Suite *suite(void)
     tcase_add_test(tc, status_classes);
     tcase_add_test(tc, histogram_is_cumulative);
     tcase_add_test(tc, provider_down_after_three_failures);
+    tcase_add_test(tc, shared_state_gauges_age_out);
     tcase_add_test(tc, dead_letter_codes_are_bounded);
     tcase_add_test(tc, job_states_and_outcomes);
     tcase_add_test(tc, limiter_tiers);
