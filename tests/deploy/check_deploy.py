@@ -3,10 +3,12 @@
 
   rules      promtool check/test rules; every alert has a unit test firing and not
              firing, a runbook_url whose anchor is a README heading, and uses only
-             metrics the worker exports (or RabbitMQ's plugin)
+             metrics the worker exports (or RabbitMQ's plugin); the tests' input series
+             use only label values the worker exports
   dashboard  every PromQL expression of the Grafana dashboard (variables substituted)
-             parsed by promtool as a recording rule; metric names exist; the panels an
-             on-call engineer needs are there
+             parsed by promtool as a recording rule, then evaluated by promtool over
+             series made from the worker's own exposition (tests/deploy/metrics_sample.c):
+             each must return data; the panels an on-call engineer needs are there
   k8s        every manifest parses; every IW_ variable is a setting that
              `integration-worker --help` lists; roles, queues, ports, probes, grace
              period, security context, PDBs and KEDA targets agree; KEDA's PromQL parses;
@@ -110,6 +112,103 @@ def promtool_check_exprs(exprs, what):
         os.unlink(path)
 
 
+def parse_labels(text):
+    return dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', text or ""))
+
+
+def sample_exposition(args):
+    """(name, labels, value) of every sample of metrics_sample's exposition."""
+    if not args.sample:
+        fail("--sample (the metrics_sample program) is required")
+        return []
+    out = subprocess.run([args.sample], capture_output=True, text=True, check=True).stdout
+    samples = []
+    for line in out.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", line)
+        if not m:
+            fail("metrics_sample printed a malformed line: " + line)
+            continue
+        samples.append((m.group(1), parse_labels(m.group(2)), float(m.group(3))))
+    return samples
+
+
+def check_exprs_return_data(exprs, args, what):
+    """Evaluates each expression with promtool over series made from the worker's own
+    exposition (plus RabbitMQ's queue metrics) and fails those that return nothing: a
+    metric, label or label value the worker does not export shows up here."""
+    import yaml
+
+    promtool = need("promtool")
+    series = []
+    for name, labels, value in sample_exposition(args):
+        labels = dict(labels, job="integration-worker", pod="p1")
+        sel = name + "{" + ",".join('%s="%s"' % kv for kv in sorted(labels.items())) + "}"
+        counter = name.endswith(("_total", "_bucket", "_sum", "_count"))
+        v = value if value > 0 else 0
+        series.append({"series": sel,
+                       "values": ("0+%gx30" % v) if counter else ("%gx30" % v)})
+    for q in ("submit", "status", "resource", "dead"):
+        for n in ("rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked",
+                  "rabbitmq_queue_messages"):
+            series.append({"series": '%s{vhost="/",queue="ext-api.%s"}' % (n, q),
+                           "values": "5x30"})
+    series.append({"series": 'rabbitmq_queue_messages{vhost="/",queue="ext-api.delay.1000"}',
+                   "values": "2x30"})
+    rules = [{"alert": "Empty%d" % i, "expr": "absent(%s)" % e} for i, (_, e) in enumerate(exprs)]
+    tmp = tempfile.mkdtemp(prefix="iw-%s-" % what)
+    try:
+        with open(os.path.join(tmp, "rules.yml"), "w") as f:
+            yaml.safe_dump({"groups": [{"name": what, "rules": rules}]}, f)
+        with open(os.path.join(tmp, "test.yml"), "w") as f:
+            yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m",
+                            "tests": [{"interval": "1m", "input_series": series,
+                                       "alert_rule_test": [
+                                           {"eval_time": "20m", "alertname": "Empty%d" % i,
+                                            "exp_alerts": []} for i in range(len(exprs))]}]}, f)
+        r = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp, capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            empty = sorted({int(n) for n in re.findall(r"alertname: Empty(\d+)", r.stdout + r.stderr)})
+            for i in empty:
+                fail("%s returns no data over the worker's exposition: %s" % exprs[i])
+            if not empty:
+                fail("promtool test rules failed:\n" + r.stdout + r.stderr)
+        else:
+            print("all %d %s expressions return data over the worker's own exposition"
+                  % (len(exprs), what))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_test_series_are_real(tests, args):
+    """Every iw_ series an alert test feeds uses label names and values the worker exports
+    (error codes: any code; pod/job/instance are the scraper's)."""
+    exported = {}
+    for name, labels, _ in sample_exposition(args):
+        for k, v in labels.items():
+            exported.setdefault((name, k), set()).add(v)
+    for t in tests["tests"]:
+        for s in t.get("input_series", []):
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$", s["series"].strip())
+            name, labels = m.group(1), parse_labels(m.group(2))
+            if not name.startswith("iw_"):
+                continue
+            if not any(n == name for n, _ in exported) and not any(
+                    n == name for n, _, _ in sample_exposition(args)):
+                fail("test %r feeds %s, which the worker does not export" % (t["name"], name))
+                continue
+            for k, v in labels.items():
+                if k in ("pod", "job", "instance"):
+                    continue
+                if k == "code" and name == "iw_dead_letters_total" and re.fullmatch(r"[A-Z][A-Z0-9_]*", v):
+                    continue
+                if v not in exported.get((name, k), set()):
+                    fail("test %r feeds %s{%s=%r}: the worker exports no such label value"
+                         % (t["name"], name, k, v))
+
+
 def readme_anchors(src):
     """GitHub's anchors of the README's headings."""
     anchors = set()
@@ -135,6 +234,7 @@ def check_rules(args):
     anchors = readme_anchors(args.source)
     rules = load_yaml_all(os.path.join(d, "rules.yml"))[0]
     tests = load_yaml_all(os.path.join(d, "rules_test.yml"))[0]
+    check_test_series_are_real(tests, args)
     fired, quiet = set(), set()
     for t in tests["tests"]:
         for a in t.get("alert_rule_test", []):
@@ -208,6 +308,7 @@ def check_dashboard(args):
         if v not in var_names:
             fail("dashboard variable $%s is used but not defined" % v)
     promtool_check_exprs(exprs, "dashboard")
+    check_exprs_return_data(exprs, args, "dashboard")
     print("%d panels, %d expressions" % (len(titles), len(exprs)))
 
 
@@ -350,6 +451,7 @@ def check_k8s(args):
             fail("Deployment %s has no ScaledObject" % name)
     if keda_exprs:
         promtool_check_exprs(keda_exprs, "KEDA")
+        check_exprs_return_data(keda_exprs, args, "KEDA")
 
     # scraping: annotations on the Service, or a ServiceMonitor on its port
     for f, svc in by_kind.get("Service", []):
@@ -549,6 +651,7 @@ def main():
     ap.add_argument("check", choices=["rules", "dashboard", "k8s", "rabbitmq", "redis"])
     ap.add_argument("--source", required=True)
     ap.add_argument("--worker", help="path of integration-worker (k8s)")
+    ap.add_argument("--sample", help="path of metrics_sample (rules, dashboard, k8s)")
     args = ap.parse_args()
     {"rules": check_rules, "dashboard": check_dashboard, "k8s": check_k8s,
      "rabbitmq": check_rabbitmq, "redis": check_redis}[args.check](args)
