@@ -297,8 +297,9 @@ redis_users_up() {
   [ -n "$rules" ] || die "redis: no 'user integration-worker' line in $DEPLOY_DIR/redis/users.acl"
   rules="${rules//\~ext-api:\*/\~t-*}"
   rules="${rules//resetpass/resetpass >$TEST_PASSWORD}"
-  # shellcheck disable=SC2086 # the rules are one word each
-  [ "$(redis-cli -h "$HOST" -p "$REDIS_PORT" ACL SETUSER "$TEST_USER" reset $rules)" = OK ] ||
+  local words
+  read -r -a words <<<"$rules" # one rule per word; no glob expansion of ~t-*
+  [ "$(redis-cli -h "$HOST" -p "$REDIS_PORT" ACL SETUSER "$TEST_USER" reset "${words[@]}")" = OK ] ||
     die "redis: ACL SETUSER $TEST_USER failed"
   log "redis: user $TEST_USER: $(redis-cli -h "$HOST" -p "$REDIS_PORT" ACL LIST | grep " $TEST_USER ")"
 }
