@@ -163,7 +163,9 @@ void metrics_delay_returned(long long late_ms);
 
 /* ---- resolver and poller ----------------------------------------------- */
 
+/* One resolver look-up's cache result (a coalesced miss counts MISS and COALESCED). */
 void metrics_cache(iw_cache_event event);
+/* One finished status check of the poller. */
 void metrics_status_check(iw_check_outcome outcome);
 /* 1 while now is inside one of IW_MAINTENANCE_WINDOWS. */
 void metrics_maintenance(int active);
@@ -176,6 +178,7 @@ void metrics_maintenance(int active);
  * least every second, busy or idle. */
 void metrics_connections(int amqp_up, int redis_up);
 #define IW_READY_FRESH_MS 5000
+/* 1 from the moment a graceful stop begins: /readyz turns 503 at once. */
 void metrics_stopping(int stopping);
 /* The loop calls this every turn; /healthz fails when it stops turning. */
 void metrics_heartbeat(long long mono_ms);
@@ -187,6 +190,7 @@ void metrics_heartbeat(long long mono_ms);
 char *metrics_render(void);
 /* metrics_render as of a given monotonic time (tests). */
 char *metrics_render_at(long long now_mono_ms);
+/* 1 while the loop's last heartbeat is less than 30 s old (/healthz). */
 int metrics_live(long long now_mono_ms);
 /* 1 when the last readiness report is fresh, says both links are up, and we are not
  * stopping; otherwise 0 and, if why is non-NULL, a static reason. */
