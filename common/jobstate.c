@@ -2,7 +2,7 @@
 
 static const char *const names[JOB_N_STATES] = {
     "received",   "validated", "ready",    "held",       "permitted", "calling",
-    "classified", "recording", "adopting", "publishing", "marking",   "sending-on",
+    "classified", "recording", "adopting", "publishing", "marking",   "sending_on",
     "failing",    "acked",     "returned", "dropped"};
 
 #define S(x) (1u << JOB_##x)

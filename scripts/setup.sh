@@ -19,6 +19,9 @@ REQUIRED=(
   librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
   check json-schema-test-suite
   rabbitmq-server redis-server amqp-tools curl tzdata
+  # tests/deploy: promtool (check/test the alert rules, the dashboard's queries, /metrics)
+  # and PyYAML for the manifests; the prometheus server it brings is never started
+  prometheus python3 python3-yaml
 )
 # Optional: nice to have (formatting); a failure to install them is only a warning.
 OPTIONAL=(clang-format)

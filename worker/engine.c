@@ -395,7 +395,7 @@ static json_t *call_fields(const call *c)
 /* Counts and logs (at debug) that j is in its state now. */
 static void note_state(const job *j)
 {
-    metrics_job_state(j->role->name, job_state_name(j->state));
+    metrics_job_transition(j->role->metric_role, job_state_name(j->state));
     if (log_enabled(IW_LOG_DEBUG))
         log_json(IW_LOG_DEBUG, json_pack("{s:s, s:s, s:s, s:s}", "message", "job state", "role",
                                          j->role->name, "requestId", j->job_id ? j->job_id : "",

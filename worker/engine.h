@@ -24,7 +24,7 @@
  *   received -> validated -> ready -> permitted -> calling -> classified
  *     -> recording -> publishing -> marking -> acked       (an outcome)
  *     -> publishing -> acked                               (a next check)
- *   side paths: held (a short wait in memory, delivery unacked), sending-on
+ *   side paths: held (a short wait in memory, delivery unacked), sending_on
  *   (a retry or a long wait through the delay tiers), adopting (a record was
  *   found: publish it, or ack), failing (submission.failed + dead letter),
  *   returned (nacked back to its queue), dropped (its broker connection went
@@ -104,7 +104,8 @@ void engine_answer_message(const http_response *r, char *buf, size_t len);
 typedef struct job job;
 
 typedef struct job_role {
-    const char *name;        /* "submitter": logs, metrics, consumer tag */
+    const char *name;        /* "submitter": logs, consumer tag */
+    iw_role metric_role;     /* its metrics label */
     const char *queue;       /* the consumed queue: <ns>.<queue> */
     const char *schema;      /* schemas/<file> of the delivery */
     const char *record_kind; /* outcome records <ns>:<kind>:<jobId> */

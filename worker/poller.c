@@ -262,6 +262,7 @@ static long share(const iw_config *cfg)
 
 static const job_role poller_role = {
     .name = "poller",
+    .metric_role = IW_ROLE_POLLER,
     .queue = "status",
     .schema = "status-check.schema.json",
     .record_kind = "final",

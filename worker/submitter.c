@@ -147,6 +147,7 @@ static long share(const iw_config *cfg)
 
 static const job_role submitter_role = {
     .name = "submitter",
+    .metric_role = IW_ROLE_SUBMITTER,
     .queue = "submit",
     .schema = "submission-job.schema.json",
     .record_kind = "job",

@@ -131,7 +131,12 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
     out[n++] = buf[b++];
     snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
     out[n++] = buf[b++];
-    static const char *const defaults[] = {"IW_API_KEY=test-key-xxxxx",
+    /* Workers log in as the least-privilege test users that scripts/stack.sh derives
+     * from deploy/ (rabbitmq/definitions.json, redis/users.acl), so a permission the
+     * worker needs but those files lack fails a test. */
+    static const char *const defaults[] = {"IW_AMQP_URL=amqp://iw-test:iw-test@127.0.0.1:5672/%2f",
+                                           "IW_REDIS_URL=redis://iw-test:iw-test@127.0.0.1:6379/0",
+                                           "IW_API_KEY=test-key-xxxxx",
                                            "IW_API_SECRET=test-secret-xxxxx",
                                            "IW_HTTP_ADDR=off",
                                            "IW_POLL_SCHEDULE=1s",
