@@ -41,6 +41,8 @@ typedef struct role_slot {
     iw_schema *schema;
 } role_slot;
 
+typedef struct release release;
+
 struct engine {
     runtime *rt;
     const iw_config *cfg;
@@ -50,7 +52,15 @@ struct engine {
     call_fifo ready[LIMITER_N_CLASSES][2];
     loop_timer unblock; /* wakes the loop when the limiter may be asked again */
     long long blocked_until;
-    long long last_usage_warn;
+    /* what the fleet's breaker and limiter said last */
+    int breaker_state, above_alert;
+    long breaker_failures;
+    long long maintenance_until; /* monotonic end of the current window, 0 none */
+    /* breaker outcomes of the calls finished since the last report */
+    release *releases; /* claims to drop at the next round trip */
+    char outcomes[4097];
+    size_t n_outcomes;
+    int probe_outcome;
     /* jobs waiting for a Redis step of the next round trip */
     job_fifo to_put, to_adopt, to_mark;
     long long records_blocked_until;
@@ -193,16 +203,41 @@ void engine_log_call(const call *c, const http_response *r, const iw_verdict *v,
     log_json(level, f);
 }
 
+/* The breaker counts this answer: 'F' for a 5xx, a timeout or no answer,
+ * 'S' for anything the provider answered otherwise (a 429 and 4xx too). */
+static void note_outcome(engine *e, const call *c, int failure)
+{
+    if (e->n_outcomes < sizeof e->outcomes - 1)
+        e->outcomes[e->n_outcomes++] = failure ? 'F' : 'S';
+    if (c->probe)
+        e->probe_outcome = failure ? 0 : 1;
+    loop_again(e->lp);
+}
+
+static long metric_status(const http_response *r)
+{
+    if (r->result.transport == IW_TRANSPORT_OK)
+        return r->result.status;
+    return r->result.transport == IW_TRANSPORT_TIMEOUT ? IW_CALL_TIMED_OUT : IW_CALL_NO_ANSWER;
+}
+
 static void on_http(void *ud, const http_response *r)
 {
     call *c = ud;
+    engine *e = c->eng;
     iw_verdict v = retry_classify(&r->result);
 
-    metrics_provider_call(c->kind->route, r->result.status, r->duration_us, v.breaker_failure);
+    metrics_provider_request(c->kind->route, metric_status(r), r->duration_us);
+    note_outcome(e, c, v.breaker_failure);
+    c->probe = 0;
+    if (r->result.wait_capped)
+        log_msg(IW_LOG_WARN, c->ops->fields(c),
+                "the provider asked for a longer wait than IW_MAX_RATE_PAUSE; waiting %ld ms",
+                v.wait_ms);
     if (v.kind == IW_V_WAIT) {
         /* a 429 pauses the whole fleet, whatever becomes of this call */
         iw_error err;
-        if (limiter_pause(rt_limiter(c->eng->rt), v.wait_ms, &err) != IW_OK)
+        if (limiter_pause(rt_limiter(e->rt), v.wait_ms, &err) != IW_OK)
             log_msg(IW_LOG_WARN, c->ops->fields(c), "could not share the 429 pause: %s", err.msg);
     }
     c->ops->on_answer(c, r, &v);
@@ -222,23 +257,78 @@ static void unblock_fired(loop *l, loop_timer *t)
     (void)t; /* the turn-end hook does the work */
 }
 
-static void warn_usage(engine *e, const limiter_result *res, long long now)
+/* ---- the breaker's view, logged once by the pod that saw it change ---------------------- */
+
+static const char *breaker_name(int state)
 {
-    metrics_limiter_usage(res->usage_permille);
-    if (res->usage_permille >= 800 && now - e->last_usage_warn > USAGE_WARN_MS) {
-        e->last_usage_warn = now;
-        log_json(IW_LOG_WARN, json_pack("{s:s, s:i}", "message",
-                                        "rate limit approaching: a tier of IW_RATE_LIMITS is over "
-                                        "80% used",
-                                        "usagePermille", res->usage_permille));
-    }
+    static const char *const names[] = {"closed", "open", "half-open"};
+    return state >= 0 && state <= 2 ? names[state] : "unknown";
 }
+
+static void log_transition(int from, int to, long failures)
+{
+    log_json(to == LIMITER_BREAKER_OPEN ? IW_LOG_ERROR : IW_LOG_WARN,
+             json_pack("{s:s, s:s, s:s, s:I}", "message",
+                       to == LIMITER_BREAKER_OPEN        ? "circuit breaker open: no provider calls"
+                       : to == LIMITER_BREAKER_HALF_OPEN ? "circuit breaker half-open: one probe"
+                                                         : "circuit breaker closed",
+                       "from", breaker_name(from), "to", breaker_name(to), "consecutiveFailures",
+                       (json_int_t)failures));
+}
+
+static void note_breaker(engine *e, int state, long failures, long failures_before)
+{
+    long long now = clock_mono_ms();
+    int in_window = e->maintenance_until > now;
+
+    metrics_breaker(state, (int)failures);
+    /* the spec's "API down": 3 consecutive failures, once per crossing, and
+     * not for failures inside a maintenance window */
+    if (failures_before < IW_PROVIDER_DOWN_AFTER && failures >= IW_PROVIDER_DOWN_AFTER &&
+        !in_window)
+        log_json(IW_LOG_ERROR,
+                 json_pack("{s:s, s:I, s:{s:s}}", "message",
+                           "External API down: consecutive failures; look-ups fall back to the "
+                           "cache",
+                           "consecutiveFailures", (json_int_t)failures, "error", "code",
+                           iw_code_name(IW_C_EXTERNAL_API_UNAVAILABLE)));
+    e->breaker_state = state;
+    e->breaker_failures = failures;
+}
+
+static void note_usage(engine *e, const limiter_result *res)
+{
+    for (size_t i = 0; i < res->n_tiers; i++)
+        metrics_limiter_tier_usage(i, res->tier_permille[i]);
+    metrics_throttling(res->above_alert);
+    if (res->above_alert && !e->above_alert) {
+        int top = 0;
+        for (size_t i = 0; i < res->n_tiers; i++)
+            if (res->tier_permille[i] > top)
+                top = res->tier_permille[i];
+        log_json(IW_LOG_WARN,
+                 json_pack("{s:s, s:i, s:i}", "message",
+                           "rate limit approaching: a tier of IW_RATE_LIMITS is over "
+                           "IW_RATE_ALERT; normal calls are held back, critical ones "
+                           "go on",
+                           "usagePermille", top, "alertPercent", (int)e->cfg->rate_alert_pct));
+    } else if (!res->above_alert && e->above_alert) {
+        log_msg(IW_LOG_INFO, NULL, "rate limit usage back under IW_RATE_ALERT");
+    }
+    e->above_alert = res->above_alert;
+    if (res->breaker_from >= 0)
+        log_transition(res->breaker_from, res->breaker_to, res->breaker_failures);
+    note_breaker(e, res->breaker_state, res->breaker_failures, res->breaker_failures);
+}
+
+/* ---- permits: one round trip per turn for every batch ------------------------------------- */
 
 /* One batch: the calls of one class and priority, asked for in one script. */
 typedef struct batch {
     int cls, prio;
     call *calls[LIMITER_MAX_RECORDS];
     size_t n;
+    char token[48];
 } batch;
 
 /* Puts the calls of batches back at the front of their queues, in order. */
@@ -252,20 +342,54 @@ static void requeue(engine *e, batch *b, size_t n)
         }
 }
 
+/* The wall ms a maintenance window still runs (0: none), refreshed per turn. */
+static long maintenance_left(engine *e, long long now)
+{
+    long long ends = 0;
+
+    if (!e->cfg->maintenance)
+        return 0;
+    if (maintenance_active(e->cfg->maintenance, clock_wall_ms(), &ends)) {
+        long left = (long)(ends - clock_wall_ms());
+        if (e->maintenance_until <= now)
+            log_msg(IW_LOG_WARN, NULL,
+                    "maintenance window (IW_MAINTENANCE_WINDOWS): normal work waits %ld ms, "
+                    "critical work goes on",
+                    left);
+        e->maintenance_until = now + left;
+        metrics_maintenance(1);
+        return left > 0 ? left : 1;
+    }
+    if (e->maintenance_until > 0) {
+        log_msg(IW_LOG_INFO, NULL, "maintenance window over");
+        e->maintenance_until = 0;
+    }
+    metrics_maintenance(0);
+    return 0;
+}
+
 /* Takes the queued calls that fit the free slots off their queues, in
- * batches of one class and priority (critical first); returns how many. */
-static size_t take_batches(engine *e, batch *b, size_t cap)
+ * batches of one class and priority (critical first); returns how many.
+ * Inside a maintenance window normal calls wait for its end instead. */
+static size_t take_batches(engine *e, batch *b, size_t cap, long window)
 {
     long slots = e->cfg->concurrency - http_client_in_flight(rt_http(e->rt));
     size_t nb = 0;
 
     for (int prio = 0; prio < 2; prio++)
-        for (int cls = 0; cls < LIMITER_N_CLASSES; cls++)
+        for (int cls = 0; cls < LIMITER_N_CLASSES; cls++) {
+            while (window > 0 && prio == 1 && e->ready[cls][prio].head) {
+                call *c = call_pop(&e->ready[cls][prio]);
+                c->queued = 0;
+                c->eng = e;
+                c->ops->on_permit(c, CALL_DEFERRED, window, 0, NULL, 0);
+            }
             while (slots > 0 && e->ready[cls][prio].head && nb < cap) {
                 batch *x = &b[nb++];
                 x->cls = cls;
                 x->prio = prio;
                 x->n = 0;
+                snprintf(x->token, sizeof x->token, "%s-%llu", e->proc_token, ++e->seq);
                 while (x->n < LIMITER_MAX_RECORDS && slots > 0 && e->ready[cls][prio].head) {
                     call *c = call_pop(&e->ready[cls][prio]);
                     c->queued = 0;
@@ -273,51 +397,65 @@ static size_t take_batches(engine *e, batch *b, size_t cap)
                     slots--;
                 }
             }
+        }
     return nb;
 }
 
-/* Appends one limiter take for the batch (record keys when its calls have
- * them: a class checks records for every call or for none). */
+/* Appends one ask for the batch: its record keys and claims when its calls
+ * have them (a class has them for every call or for none). */
 static int append_batch(engine *e, const batch *x, iw_error *err)
 {
-    const char *keys[LIMITER_MAX_RECORDS];
-    const call_kind *k = x->calls[0]->kind;
+    const char *keys[LIMITER_MAX_RECORDS], *claims[LIMITER_MAX_RECORDS];
+    limiter_ask ask = {0};
     size_t nk = 0;
 
     for (size_t i = 0; i < x->n; i++)
-        if (x->calls[i]->record_key)
-            keys[nk++] = x->calls[i]->record_key;
-    if (nk != x->n)
-        nk = 0;
-    return limiter_append_take(rt_limiter(e->rt), k->cls, x->prio == 0 ? 1000 : k->share_permille,
-                               (int)x->n, nk, keys, err);
+        if (x->calls[i]->record_key && x->calls[i]->claim_key) {
+            keys[nk] = x->calls[i]->record_key;
+            claims[nk++] = x->calls[i]->claim_key;
+        }
+    ask.cls = x->calls[0]->kind->cls;
+    ask.critical = x->prio == 0;
+    ask.n = x->n;
+    ask.record_keys = nk == x->n ? keys : NULL;
+    ask.claim_keys = nk == x->n ? claims : NULL;
+    ask.claim_token = x->token;
+    ask.claim_ms = e->cfg->http_timeout_ms + LEASE_SLACK_MS;
+    return limiter_append_ask(rt_limiter(e->rt), &ask, err);
 }
 
 /* Hands each call of the batch its permit decision. */
 static void decide_batch(engine *e, const batch *x, limiter_result *res)
 {
-    int granted = res->granted;
-
     for (size_t m = 0; m < x->n; m++) {
         call *c = x->calls[m];
         size_t len = 0;
-        const char *rec = res->n_records ? limiter_record(res, m, &len) : NULL;
+        const char *rec;
 
         c->eng = e;
-        if (rec) {
-            c->ops->on_permit(c, CALL_RECORDED, 0, 0, rec, len);
-        } else if (granted > 0) {
-            granted--;
+        switch (limiter_item_verdict(res, m)) {
+        case LIMITER_GRANTED:
+            c->probe = res->probe_index == (int)m;
+            snprintf(c->claim_token, sizeof c->claim_token, "%s", x->token);
             c->ops->on_permit(c, CALL_GRANTED, 0, 0, NULL, 0);
-        } else {
-            c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->paused, NULL, 0);
+            break;
+        case LIMITER_RECORDED:
+            rec = limiter_record(res, m, &len);
+            c->ops->on_permit(c, CALL_RECORDED, 0, 0, rec, len);
+            break;
+        case LIMITER_CLAIMED:
+            c->ops->on_permit(c, CALL_CLAIMED, limiter_claim_ttl(res, m) + 1, 0, NULL, 0);
+            break;
+        default:
+            c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->wait_reason, NULL, 0);
+            break;
         }
     }
 }
 
-/* Fail closed: nobody calls the provider unmetered; ask again in a second. */
 static void park_waiting_jobs(engine *e, long long now);
 
+/* Fail closed: nobody calls the provider unmetered; ask again in a second. */
 static void limiter_unavailable(engine *e, long long now, const iw_error *err)
 {
     park_waiting_jobs(e, now);
@@ -337,16 +475,46 @@ static int any_ready(const engine *e)
     return 0;
 }
 
+/* Appends the breaker outcomes of this turn's finished calls, if any. */
+static int append_outcomes(engine *e, iw_error *err)
+{
+    if (!e->n_outcomes)
+        return 0;
+    e->outcomes[e->n_outcomes] = '\0';
+    if (limiter_append_outcomes(rt_limiter(e->rt), e->outcomes, e->probe_outcome, err) != IW_OK)
+        return -1;
+    e->n_outcomes = 0;
+    e->probe_outcome = -1;
+    return 1;
+}
+
+static int read_outcomes(engine *e, iw_error *err)
+{
+    breaker_report rep;
+
+    if (limiter_read_outcomes(rt_limiter(e->rt), &rep, err) != IW_OK)
+        return -1;
+    if (rep.transitions > 0)
+        log_transition(rep.from, rep.to, rep.failures);
+    note_breaker(e, rep.state, rep.failures, rep.failures_before);
+    return 0;
+}
+
 /* Every queued call that can get a slot, in batches of one class and
- * priority, all asked for in ONE pipelined round trip.  Returns 1 when
- * calls are left that could go at once (more than the batches took). */
+ * priority, all asked for in ONE pipelined round trip, together with the
+ * breaker outcomes of the calls that finished.  Returns 1 when calls are
+ * left that could go at once (more than the batches took). */
 static int permits(engine *e, long long now)
 {
     batch b[LIMITER_N_CLASSES * 2 * 4];
-    size_t nb, appended = 0;
+    size_t nb = 0, appended = 0;
     iw_error err = {0};
+    int outcomes = 0;
 
-    if (now < e->blocked_until || !(nb = take_batches(e, b, sizeof b / sizeof b[0])))
+    if (now < e->blocked_until)
+        return 0;
+    nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
+    if (!nb && !e->n_outcomes)
         return 0;
     if (!rt_redis_ready(e->rt)) {
         requeue(e, b, nb);
@@ -354,18 +522,20 @@ static int permits(engine *e, long long now)
         limiter_unavailable(e, now, &err);
         return 0;
     }
-    while (appended < nb && append_batch(e, &b[appended], &err) == IW_OK)
+    outcomes = append_outcomes(e, &err);
+    while (outcomes >= 0 && appended < nb && append_batch(e, &b[appended], &err) == IW_OK)
         appended++;
+    if (outcomes > 0 && read_outcomes(e, &err) != 0)
+        appended = 0; /* the connection is gone: nothing after it can be read */
     for (size_t i = 0; i < appended; i++) {
         limiter_result res;
 
-        if (limiter_read_take(rt_limiter(e->rt), &res, &err) != IW_OK) {
-            /* the rest of the pipeline is lost with the connection */
-            requeue(e, b + i, nb - i);
+        if (limiter_read_ask(rt_limiter(e->rt), &res, &err) != IW_OK) {
+            requeue(e, b + i, nb - i); /* the rest is lost with the connection */
             limiter_unavailable(e, now, &err);
             return 0;
         }
-        warn_usage(e, &res, now);
+        note_usage(e, &res);
         decide_batch(e, &b[i], &res);
         limiter_result_release(&res);
     }
@@ -378,6 +548,29 @@ static int permits(engine *e, long long now)
 }
 
 static const call_ops job_call_ops;
+
+/* A claim to drop at the next Redis round trip (the job may be gone by then). */
+struct release {
+    struct release *next;
+    char token[48];
+    char key[];
+};
+
+static void release_claim(engine *e, const call *c)
+{
+    size_t n;
+    release *r;
+
+    if (!c->claim_key || !c->claim_token[0])
+        return;
+    n = strlen(c->claim_key) + 1;
+    if (!(r = malloc(sizeof *r + n)))
+        return; /* the claim expires after its lease */
+    memcpy(r->key, c->claim_key, n);
+    snprintf(r->token, sizeof r->token, "%s", c->claim_token);
+    r->next = e->releases;
+    e->releases = r;
+}
 
 /* ---- jobs: bookkeeping ---------------------------------------------------------------- */
 
@@ -438,8 +631,10 @@ static void job_free(job *j)
 /* The delivery went back to the broker (or is void): the job ends here. */
 static void job_end(job *j, job_state s, int nack)
 {
-    if (nack)
+    if (nack) {
         rt_nack(j->e->rt, j->d, 1);
+        metrics_delivery(j->role->metric_role, IW_DELIVERY_REQUEUED);
+    }
     job_set_state(j, s);
     job_free(j);
 }
@@ -475,7 +670,7 @@ static void outcome_done(void *owner, int ok)
         return;
     }
     rt_ack(e->rt, j->d);
-    metrics_job(j->role->name, "acked");
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_ACKED);
     job_end(j, JOB_ACKED, 0);
 }
 
@@ -520,6 +715,7 @@ static void job_send_on(job *j, long delay_ms, int attempts, const char *last_er
     if (j->first_attempt_ms)
         json_object_set_new(h, "x-first-attempt", json_integer(j->first_attempt_ms));
     job_set_state(j, JOB_SENDING_ON);
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_DELAYED);
     job_outcome_begin(j);
     job_publish_later(j, j->role->queue, j->d->body, j->d->body_len, h, delay_ms);
     json_decref(h);
@@ -559,16 +755,31 @@ void job_fail(job *j, iw_code code, const char *message, long http_status, int a
     if (!job_live(j))
         return;
     job_set_state(j, JOB_FAILING);
-    metrics_job(j->role->name, "failed");
+    metrics_job_outcome(j->role->metric_role, j->job_id ? IW_OUTCOME_FAILED : IW_OUTCOME_DEAD);
     f = job_fields(j);
     json_object_set_new(f, "operation", json_string(j->role->operation));
     json_object_set_new(f, "error",
                         rt_error_object(iw_code_name(code), message, http_status, attempts));
     log_json(IW_LOG_ERROR, f);
     job_outcome_begin(j);
-    rt_publish_failure(j->e->rt, &j->out, j->d, j->role->queue, j->job_id, iw_code_name(code),
-                       message, http_status, attempts);
+    rt_publish_failure(j->e->rt, &j->out, j->d, j->role->metric_role, j->role->queue, j->job_id,
+                       iw_code_name(code), message, http_status, attempts);
     job_outcome_seal(j, 0);
+}
+
+static void count_retry(const job *j, iw_code code)
+{
+    iw_answer_class a = iw_code_class(code);
+
+    metrics_retry(j->call.kind->route, a == IW_AC_5XX       ? IW_RETRY_SERVER_ERROR
+                                       : a == IW_AC_TIMEOUT ? IW_RETRY_TIMEOUT
+                                                            : IW_RETRY_CONNECTION);
+}
+
+void job_retry_in(job *j, iw_code code, long delay_ms, int attempt)
+{
+    count_retry(j, code);
+    job_send_on(j, delay_ms, attempt, iw_code_name(code));
 }
 
 void job_retry(job *j, iw_code code, const char *message, long http_status, int attempt)
@@ -576,10 +787,11 @@ void job_retry(job *j, iw_code code, const char *message, long http_status, int 
     const iw_config *cfg = j->e->cfg;
     long next = retry_delay_before(cfg->retry_schedule_ms, cfg->n_retry, attempt + 1);
 
-    if (next < 0)
+    if (next < 0) {
         job_fail(j, code, message, http_status, attempt);
-    else
-        job_send_on(j, next, attempt, iw_code_name(code));
+        return;
+    }
+    job_retry_in(j, code, next, attempt);
 }
 
 static void hold_over(loop *l, loop_timer *t)
@@ -591,18 +803,25 @@ static void hold_over(loop *l, loop_timer *t)
     engine_ask(j->e, &j->call);
 }
 
-void job_wait(job *j, long wait_ms)
+/* Waits wait_ms without using an attempt: in memory (delivery unacked) up
+ * to hold_max, else through the delay tiers. */
+static void job_wait_up_to(job *j, long wait_ms, long hold_max)
 {
     engine *e = j->e;
 
     if (!job_live(j))
         return;
-    if (wait_ms <= e->cfg->hold_max_ms && !rt_stopping(e->rt)) {
+    if (wait_ms <= hold_max && !rt_stopping(e->rt)) {
         job_set_state(j, JOB_HELD);
         if (loop_timer_at(e->lp, &j->hold, clock_mono_ms() + (wait_ms > 0 ? wait_ms : 0)) == 0)
             return;
     }
     job_send_on(j, wait_ms, j->attempts, NULL);
+}
+
+void job_wait(job *j, long wait_ms)
+{
+    job_wait_up_to(j, wait_ms, j->e->cfg->hold_max_ms);
 }
 
 void job_record(job *j, char *event)
@@ -621,12 +840,11 @@ void job_record(job *j, char *event)
 
 /* ---- jobs: the call -------------------------------------------------------------------------- */
 
-static void job_on_permit(call *c, call_permit p, long wait_ms, int paused, const char *record,
+static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, const char *record,
                           size_t len)
 {
     job *j = (job *)c;
 
-    (void)paused;
     (void)record;
     (void)len;
     switch (p) {
@@ -636,6 +854,7 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int paused, cons
         job_set_state(j, JOB_CALLING);
         if (j->role->start(j) != IW_OK) {
             log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+            release_claim(j->e, c);
             job_wait(j, START_RETRY_MS);
         }
         break;
@@ -645,7 +864,27 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int paused, cons
         j->step_since = clock_mono_ms();
         job_push(&j->e->to_adopt, j);
         break;
+    case CALL_CLAIMED:
+        /* another delivery of this job is in a provider call right now (a
+         * requeue after a lost connection, a double publish): its outcome,
+         * recorded, answers this one; never a second concurrent POST */
+        log_msg(IW_LOG_INFO, job_fields(j),
+                "another worker is calling the provider for this job; waiting %ld ms for its "
+                "outcome",
+                wait_ms);
+        /* held in memory, whatever IW_HOLD_MAX: the wait is bounded by the
+         * claim's lease, and a job that kills every worker that calls for it
+         * must keep counting its deliveries toward x-delivery-limit */
+        job_wait_up_to(j, wait_ms, j->e->cfg->http_timeout_ms + LEASE_SLACK_MS + 1000);
+        break;
+    case CALL_DEFERRED:
+        metrics_job_wait(j->role->metric_role, IW_WAIT_MAINTENANCE);
+        job_wait(j, wait_ms);
+        break;
     case CALL_REFUSED:
+        metrics_job_wait(j->role->metric_role, reason == LIMITER_WAIT_BREAKER ? IW_WAIT_BREAKER
+                                               : reason == LIMITER_WAIT_PAUSE ? IW_WAIT_PROVIDER_429
+                                                                              : IW_WAIT_RATE_LIMIT);
         job_wait(j, wait_ms);
         break;
     }
@@ -655,9 +894,12 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
 {
     job *j = (job *)c;
 
+    /* the answer (or its record, next) decides now: the claim can go */
+    release_claim(j->e, c);
     job_set_state(j, JOB_CLASSIFIED);
     if (v->kind == IW_V_WAIT) {
         engine_log_call(c, r, v, NULL);
+        metrics_job_wait(j->role->metric_role, IW_WAIT_PROVIDER_429);
         job_wait(j, v->wait_ms); /* the reset: no attempt used */
         return;
     }
@@ -699,7 +941,6 @@ static void after_adopt(job *j, records_reply *rr)
     case REC_PUBLISHED:
         if (!job_live(j))
             return;
-        metrics_job(j->role->name, "duplicate");
         if (j->role->republish) {
             log_msg(IW_LOG_INFO, job_fields(j),
                     "job done before; its recorded outcome is published again without a call");
@@ -735,7 +976,8 @@ static void after_mark(job *j, const records_reply *rr, const iw_error *err, int
                 "outcome published but not marked in Redis (%s); acked anyway",
                 ok ? "record gone" : err->msg);
     rt_ack(j->e->rt, j->d);
-    metrics_job(j->role->name, "acked");
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_ACKED);
+    metrics_job_outcome(j->role->metric_role, j->role->outcome);
     job_end(j, JOB_ACKED, 0);
 }
 
@@ -777,13 +1019,29 @@ static int record_steps(engine *e, long long now)
     iw_error err = {0};
     int failed = 0;
 
-    if (!e->to_put.head && !e->to_adopt.head && !e->to_mark.head)
+    size_t released = 0;
+
+    if (!e->to_put.head && !e->to_adopt.head && !e->to_mark.head && !e->releases)
         return 0;
     if (now < e->records_blocked_until && !e->to_mark.head)
         return 0;
     if (!rt_redis_ready(e->rt)) {
         failed = 1;
         iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
+    }
+    /* claims first: a claim that cannot be dropped expires after its lease */
+    while (!failed && e->releases) {
+        release *r = e->releases;
+        if (records_append_release(e->rec, r->key, r->token, &err) != IW_OK)
+            break;
+        e->releases = r->next;
+        free(r);
+        released++;
+    }
+    for (size_t i = 0; i < released; i++) {
+        records_reply rr;
+        if (records_read(e->rec, &rr, &err) == IW_OK)
+            free(rr.event);
     }
     for (int q = 0; q < 3 && !failed; q++) {
         job *j;
@@ -901,7 +1159,7 @@ static job *job_new(engine *e, role_slot *rs, iw_delivery *d)
     e->all = j;
     e->alive++;
     snprintf(j->token, sizeof j->token, "%s-%llu", e->proc_token, ++e->seq);
-    metrics_job(j->role->name, "consumed");
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_RECEIVED);
     j->state = JOB_RECEIVED;
     note_state(j);
     return j;
@@ -913,7 +1171,11 @@ static void read_headers(job *j)
 {
     const iw_config *cfg = j->e->cfg;
 
-    intake_trust_internal_headers(j->d->headers, j->d->exchange, cfg->ns);
+    if (intake_trust_internal_headers(j->d->headers, j->d->exchange, cfg->ns)) {
+        long long due = rt_header_int(j->d, "x-due-at", 0);
+        if (due > 0)
+            metrics_delay_returned(clock_wall_ms() - due);
+    }
     j->attempts = (int)rt_header_int(j->d, "x-attempts", 0);
     if (j->attempts < 0)
         j->attempts = 0;
@@ -951,7 +1213,12 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
         snprintf(msg, len, "the record key of this jobId does not fit");
         return IW_C_INTERNAL_ERROR;
     }
+    if (records_key(j->e->rec, j->claim, "claim", j->job_id) != 0) {
+        snprintf(msg, len, "the claim key of this jobId does not fit");
+        return IW_C_INTERNAL_ERROR;
+    }
     j->call.record_key = j->key;
+    j->call.claim_key = j->claim;
     return IW_C_NONE;
 }
 
@@ -1009,6 +1276,11 @@ static void svc_exit(void *self)
 
     while (e->all)
         job_free(e->all);
+    while (e->releases) {
+        release *r = e->releases;
+        e->releases = r->next;
+        free(r);
+    }
     loop_timer_cancel(e->lp, &e->unblock);
     e->lp = NULL;
 }
@@ -1028,7 +1300,6 @@ int engine_add_role(engine *e, const job_role *role, void *self)
     rs->kind.cls = role->cls;
     rs->kind.route = role->route;
     rs->kind.operation = role->operation;
-    rs->kind.share_permille = role->share_pct ? (int)(*role->share_pct)(e->cfg) * 10 : 1000;
     rs->schema = rt_load_schema(e->rt, role->schema, &err);
     if (!rs->schema) {
         log_msg(IW_LOG_ERROR, NULL, "cannot load %s: %s", role->schema, err.msg);
@@ -1065,6 +1336,7 @@ engine *engine_new(runtime *rt, iw_error *err)
         return NULL;
     }
     loop_timer_init(&e->unblock, unblock_fired, e);
+    e->probe_outcome = -1;
     snprintf(e->proc_token, sizeof e->proc_token, "%ld-%lx", (long)getpid(),
              (unsigned long)random());
     return e;

@@ -13,6 +13,7 @@
 #include "errcode.h"
 #include "log.h"
 #include "metrics.h"
+#include "parse.h"
 #include "topology.h"
 
 #define MAX_ROLES 4
@@ -89,6 +90,10 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
         goto fail;
     rt->lim =
         limiter_new(rt->redis, cfg->ns, cfg->rate_tiers, cfg->n_rate_tiers, cfg->rate_guard_ms);
+    if (rt->lim) {
+        limiter_policy policy = limiter_policy_from_config(cfg);
+        limiter_set_policy(rt->lim, &policy);
+    }
     memset(&ho, 0, sizeof ho);
     ho.base_url = cfg->provider_url;
     ho.auth_mode = cfg->auth_mode;
@@ -105,6 +110,7 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
     ho.connect_timeout_ms = cfg->http_connect_timeout_ms;
     ho.max_response_bytes = cfg->max_response_bytes;
     ho.max_connections = cfg->concurrency;
+    ho.max_wait_ms = cfg->max_rate_pause_ms;
     rt->http = http_client_new(&ho, err);
     if (!rt->lim || !rt->http)
         goto fail;
@@ -468,8 +474,9 @@ static const char *dead_letter_id(char out[36])
     return out;
 }
 
-void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
-                     const char *code, const char *message, long http_status, int attempts)
+void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                     const char *queue_suffix, const char *code, const char *message,
+                     long http_status, int attempts)
 {
     char exchange[256], queue[256], ts[40], mid[36];
     json_t *h = rt_forward_headers(d);
@@ -477,7 +484,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     iw_publish p = {0};
 
     format_timestamp(clock_wall_ms(), ts, sizeof ts);
-    metrics_dead_letter(code);
+    metrics_dead_letter_role(role, code);
     json_object_set_new(h, "x-error-code", json_string(code));
     json_object_set_new(h, "x-error-message", json_string(message));
     if (http_status > 0)
@@ -517,9 +524,9 @@ json_t *rt_error_object(const char *code, const char *message, long http_status,
                      attempts);
 }
 
-void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
-                        const char *job_id, const char *code, const char *message, long http_status,
-                        int attempts)
+void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                        const char *queue_suffix, const char *job_id, const char *code,
+                        const char *message, long http_status, int attempts)
 {
     if (job_id) {
         json_t *ev = json_pack("{s:s, s:o}", "jobId", job_id, "error",
@@ -527,7 +534,7 @@ void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, const 
         rt_publish_event(rt, o, "submission.failed", ev, job_id);
         json_decref(ev);
     }
-    rt_publish_dead(rt, o, d, queue_suffix, code, message, http_status, attempts);
+    rt_publish_dead(rt, o, d, role, queue_suffix, code, message, http_status, attempts);
 }
 
 json_t *rt_onward_headers(const iw_delivery *d, int attempts, const char *last_error)
@@ -676,6 +683,64 @@ static int amqp_buffered(loop *l, void *ud)
     return 0;
 }
 
+/* "50/min", "1000/hour", "30/10s": a tier as IW_RATE_LIMITS writes it. */
+static void format_rate_tier(const iw_rate_tier *t, char *buf, size_t len)
+{
+    static const struct {
+        long ms;
+        const char *unit;
+    } units[] = {{1000, "s"}, {60000, "min"}, {3600000, "hour"}, {86400000, "day"}};
+    char d[32];
+
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
+        if (t->window_ms == units[i].ms) {
+            snprintf(buf, len, "%ld/%s", t->limit, units[i].unit);
+            return;
+        }
+    snprintf(buf, len, "%ld/%s", t->limit, format_duration(t->window_ms, d, sizeof d));
+}
+
+/* Every label set the metrics can have exists from the start, at 0. */
+static void declare_metrics(runtime *rt)
+{
+    const char *codes[IW_N_CODES];
+    const char *tiers[IW_MAX_TIERS];
+    char names[IW_MAX_TIERS][48];
+    size_t n = 0;
+
+    for (int c = 1; c < IW_N_CODES; c++)
+        codes[n++] = iw_code_name((iw_code)c);
+    metrics_dead_letter_codes(codes, n);
+    for (size_t i = 0; i < rt->cfg->n_rate_tiers; i++) {
+        format_rate_tier(&rt->cfg->rate_tiers[i], names[i], sizeof names[i]);
+        tiers[i] = names[i];
+    }
+    metrics_limiter_tiers(tiers, rt->cfg->n_rate_tiers);
+}
+
+/* Redis must not evict the records, the claims and the permit log: warn, or
+ * refuse to start with IW_REQUIRE_NOEVICTION=1.  Returns nonzero to refuse. */
+static int check_eviction(runtime *rt)
+{
+    limiter_redis_info info;
+    iw_error err = {0};
+
+    if (limiter_check_redis(rt->lim, &info, &err) != IW_OK || !info.can_evict)
+        return 0;
+    if (rt->cfg->require_noeviction) {
+        fprintf(stderr,
+                "integration-worker: IW_REQUIRE_NOEVICTION: Redis maxmemory-policy is %s, "
+                "which can evict the worker's records; set it to noeviction\n",
+                info.policy);
+        return 1;
+    }
+    log_msg(IW_LOG_WARN, NULL,
+            "Redis maxmemory-policy is %s: under memory pressure it can evict the records that "
+            "prevent double submissions and the rate-limit log; use noeviction",
+            info.policy);
+    return 0;
+}
+
 int runtime_run(runtime *rt)
 {
     struct sigaction sa;
@@ -700,7 +765,11 @@ int runtime_run(runtime *rt)
         admin_http_stop(admin);
         return 1;
     }
-    rt_redis_ready(rt);
+    declare_metrics(rt);
+    if (rt_redis_ready(rt) && check_eviction(rt) != 0) {
+        admin_http_stop(admin);
+        return 2;
+    }
     housekeeping(rt->lp, &rt->housekeeping);
 
     for (;;) {
