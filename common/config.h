@@ -23,6 +23,8 @@ typedef enum iw_log_level {
 } iw_log_level;
 
 #define IW_MAX_TERMINAL 16
+/* IW_AMQP_URL: most nodes of one cluster */
+#define IW_MAX_AMQP_NODES 16
 
 typedef struct iw_config {
     char *amqp_url;
@@ -62,6 +64,8 @@ typedef struct iw_config {
     char *terminal[IW_MAX_TERMINAL];
     size_t n_terminal;
     long max_message_bytes;
+    long max_held_bytes;    /* delivery bodies held by one process, all together */
+    long quorum_group_size; /* x-quorum-initial-group-size; 0: the broker's default */
     long max_response_bytes;
     char *client_id;
     long shutdown_grace_ms;

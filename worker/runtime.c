@@ -36,6 +36,7 @@ struct runtime {
     int amqp_ever_connected;
     int redis_down;
     long long redis_retry_at;
+    int topology_stale; /* a publish came back unroutable: re-declare */
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -200,11 +201,52 @@ static void dispatch_delivery(void *ud, iw_delivery *d)
     delivery_free(d);
 }
 
+static void on_amqp_return(void *ud, const char *exchange, const char *routing_key)
+{
+    runtime *rt = ud;
+
+    log_json(IW_LOG_ERROR,
+             json_pack("{s:s, s:{s:s, s:s}, s:s, s:s}", "message",
+                       "the broker returned a publish as unroutable: its outcome fails and the "
+                       "topology is re-declared",
+                       "error", "code", "PUBLISH_RETURNED", "message",
+                       "no queue is bound for this exchange and routing key", "exchange", exchange,
+                       "routingKey", routing_key));
+    rt->topology_stale = 1;
+}
+
+static void on_amqp_rejected(void *ud, const char *routing_key, uint64_t body_size)
+{
+    runtime *rt = ud;
+
+    log_json(IW_LOG_WARN,
+             json_pack("{s:s, s:{s:s, s:s}, s:s, s:I, s:I}", "message",
+                       "delivery too large to hold rejected unread; the broker dead-letters it",
+                       "error", "code", "MESSAGE_TOO_LARGE", "message",
+                       "larger than what is left of IW_MAX_HELD_BYTES", "routingKey", routing_key,
+                       "bodyBytes", (json_int_t)body_size, "maxHeldBytes",
+                       (json_int_t)rt->cfg->max_held_bytes));
+}
+
+static void on_amqp_blocked(void *ud, int blocked, const char *reason)
+{
+    (void)ud;
+    if (blocked)
+        log_json(IW_LOG_WARN,
+                 json_pack("{s:s, s:s}", "message",
+                           "the broker blocks publishing (resource alarm): publishes and acks wait "
+                           "in memory",
+                           "reason", reason));
+    else
+        log_msg(IW_LOG_INFO, NULL, "the broker unblocked publishing");
+}
+
 /* Returns 0 on success, -1 on a transient failure, -2 on a fatal one (the
  * topology exists with other arguments: retrying cannot help). */
 static int connect_amqp(runtime *rt)
 {
-    amqp_link_handlers h = {dispatch_delivery, rt};
+    amqp_link_handlers h = {dispatch_delivery, rt, on_amqp_return, on_amqp_rejected,
+                            on_amqp_blocked};
     iw_error err = {0};
     char queue[256];
     long prefetch = rt->cfg->prefetch ? rt->cfg->prefetch : 2 * rt->cfg->concurrency;
@@ -212,6 +254,9 @@ static int connect_amqp(runtime *rt)
     rt->amqp = amqp_link_connect(rt->cfg->amqp_url, rt->process_name, &h, &err);
     if (!rt->amqp)
         goto transient;
+    amqp_link_set_limits(rt->amqp, (size_t)rt->cfg->max_message_bytes,
+                         (size_t)rt->cfg->max_held_bytes);
+    rt->topology_stale = 0;
     if (topology_declare(rt->amqp, rt->cfg, &err) != IW_OK) {
         if (strstr(err.msg, "PRECONDITION_FAILED")) {
             log_json(IW_LOG_ERROR,
@@ -555,7 +600,8 @@ int runtime_run(runtime *rt)
         if (stop_requested && !rt->stopping)
             begin_stop(rt, now);
         metrics_heartbeat(now);
-        metrics_connections(rt->amqp != NULL, redis_link_connected(rt->redis));
+        metrics_connections(rt->amqp != NULL && !rt->topology_stale,
+                            redis_link_connected(rt->redis));
         metrics_in_flight(http_client_in_flight(rt->http));
         if (rt->stopping) {
             if (busy_jobs(rt) == 0 && (!rt->amqp || amqp_link_unconfirmed(rt->amqp) == 0))
@@ -575,6 +621,17 @@ int runtime_run(runtime *rt)
         }
         if (rt->amqp && amqp_link_pump(rt->amqp) != IW_OK)
             link_lost(rt);
+        if (rt->amqp && rt->topology_stale && !amqp_link_blocked(rt->amqp)) {
+            iw_error terr = {0};
+            if (topology_declare(rt->amqp, rt->cfg, &terr) == IW_OK) {
+                rt->topology_stale = 0;
+                log_msg(IW_LOG_INFO, NULL, "topology re-declared after an unroutable publish");
+            } else if (amqp_link_ok(rt->amqp)) {
+                log_msg(IW_LOG_ERROR, NULL, "re-declaring the topology failed: %s", terr.msg);
+            }
+            if (!amqp_link_ok(rt->amqp))
+                link_lost(rt);
+        }
         http_client_perform(rt->http);
         for (size_t i = 0; i < rt->n_roles; i++)
             rt->roles[i].tick(rt->roles[i].self, now);
@@ -590,7 +647,9 @@ int runtime_run(runtime *rt)
         if (timeout < 0)
             timeout = 0;
         if (rt->amqp) {
-            struct curl_waitfd fd = {amqp_link_fd(rt->amqp), CURL_WAIT_POLLIN, 0};
+            struct curl_waitfd fd = {
+                amqp_link_fd(rt->amqp),
+                CURL_WAIT_POLLIN | (amqp_link_wants_write(rt->amqp) ? CURL_WAIT_POLLOUT : 0), 0};
             http_client_poll(rt->http, &fd, 1, (int)timeout);
         } else {
             http_client_poll(rt->http, NULL, 0, (int)timeout);
