@@ -367,6 +367,14 @@ static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p)
     amqp_link_publish(rt->amqp, p, outcome_confirmed, o);
 }
 
+/* The link refuses a publish with a short-string property over 255 bytes
+ * (IW_ERR_AMQP_ENCODE) instead of leaving it out; a jobId that long goes
+ * without correlation_id, as before, until the contract's jobKey is passed. */
+static const char *short_id(const char *id)
+{
+    return id && strlen(id) <= 255 ? id : NULL;
+}
+
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
                       const char *job_id)
 {
@@ -379,7 +387,7 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     p.body = text ? text : "{}";
     p.body_len = strlen(p.body);
     p.content_type = "application/json";
-    p.correlation_id = job_id; /* left out by the link if over 255 bytes */
+    p.correlation_id = short_id(job_id);
     outcome_publish(rt, o, &p);
     free(text);
 }
@@ -517,7 +525,7 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = correlation_id;
+    p.correlation_id = short_id(correlation_id);
     p.headers = h;
     outcome_publish(rt, o, &p);
     json_decref(h);
