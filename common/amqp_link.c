@@ -296,8 +296,31 @@ static int rpc_check(amqp_link *l, amqp_rpc_reply_t r, const char *what, iw_erro
 /* ---- connection ---------------------------------------------------------- */
 
 /* Connects to one node.  The URL may hold a password: no message quotes it. */
+#define SYSTEM_CA_BUNDLE "/etc/ssl/certs/ca-certificates.crt"
+
+/* Loads the CA, client certificate and verification settings into a TLS
+ * socket.  The file names are settings, not secrets, so errors name them. */
+static int setup_tls(amqp_socket_t *sock, const amqp_link_tls *tls, iw_error *err)
+{
+    const char *ca = tls && tls->ca ? tls->ca : SYSTEM_CA_BUNDLE;
+    int verify = tls ? tls->verify : 1;
+
+    amqp_ssl_socket_set_verify_peer(sock, verify);
+    amqp_ssl_socket_set_verify_hostname(sock, verify);
+    if (amqp_ssl_socket_set_ssl_versions(sock, AMQP_TLSv1_2, AMQP_TLSvLATEST) != AMQP_STATUS_OK)
+        return iw_error_set(err, IW_ERR_AMQP, "cannot select TLS versions");
+    if ((verify || (tls && tls->ca)) && amqp_ssl_socket_set_cacert(sock, ca) != AMQP_STATUS_OK)
+        return iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_CA: cannot load the CA bundle %s", ca);
+    if (tls && tls->cert &&
+        amqp_ssl_socket_set_key(sock, tls->cert, tls->key ? tls->key : tls->cert) != AMQP_STATUS_OK)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_AMQP_CERT: cannot load the client certificate %s and its key %s",
+                            tls->cert, tls->key ? tls->key : tls->cert);
+    return IW_OK;
+}
+
 static int connect_one(amqp_link *l, const char *url, const char *name, int node, int nodes,
-                       iw_error *err)
+                       const amqp_link_tls *tls, iw_error *err)
 {
     struct amqp_connection_info ci;
     char *copy = strdup(url);
@@ -325,6 +348,8 @@ static int connect_one(amqp_link *l, const char *url, const char *name, int node
         rc = iw_error_set(err, IW_ERR_AMQP, "cannot create AMQP socket");
         goto out;
     }
+    if (ci.ssl && (rc = setup_tls(sock, tls, err)) != IW_OK)
+        goto out;
     arc = amqp_socket_open_noblock(sock, ci.host, ci.port, &tv);
     if (arc != AMQP_STATUS_OK) {
         rc = iw_error_set(err, IW_ERR_AMQP, "cannot connect to %s:%d (node %d of %d): %s", ci.host,
@@ -414,6 +439,12 @@ static void close_conn(amqp_link *l)
 amqp_link *amqp_link_connect(const char *urls, const char *name, const amqp_link_handlers *h,
                              iw_error *err)
 {
+    return amqp_link_connect_tls(urls, name, h, NULL, err);
+}
+
+amqp_link *amqp_link_connect_tls(const char *urls, const char *name, const amqp_link_handlers *h,
+                                 const amqp_link_tls *tls, iw_error *err)
+{
     amqp_link *l = calloc(1, sizeof *l);
     char *buf = urls ? strdup(urls) : NULL;
     char *list[MAX_NODES];
@@ -441,7 +472,7 @@ amqp_link *amqp_link_connect(const char *urls, const char *name, const amqp_link
         l->ok = 1;
         l->error[0] = '\0';
         l->node = node;
-        if (connect_one(l, list[node], name, node, n, err) == IW_OK) {
+        if (connect_one(l, list[node], name, node, n, tls, err) == IW_OK) {
             free(buf);
             return l;
         }
@@ -1279,13 +1310,16 @@ static int send_op(amqp_link *l, out_op *op)
     return arc;
 }
 
-static void flush_out(amqp_link *l)
+/* Writes what waits, in order, while the broker does not block us: only as
+ * long as the socket has room, or (through) all of it, waiting for the broker
+ * to take the bytes. */
+static void flush_out_mode(amqp_link *l, int through)
 {
     while (l->ok && l->out_head && !l->blocked) {
         struct pollfd p = {amqp_get_sockfd(l->conn), POLLOUT, 0};
         out_op *op = l->out_head;
 
-        if (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT))
+        if (!through && (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT)))
             break;
         l->out_head = op->next;
         if (!l->out_head)
@@ -1297,6 +1331,11 @@ static void flush_out(amqp_link *l)
         send_op(l, op);
         out_free(op);
     }
+}
+
+static void flush_out(amqp_link *l)
+{
+    flush_out_mode(l, 0);
 }
 
 static char *dup_or_null(const char *s, int *failed)
@@ -1415,8 +1454,23 @@ int amqp_link_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, voi
     if (!must_queue(l))
         return send_publish(l, p, cb, ud);
     if (l->out_bytes + p->body_len + 512 > AMQP_LINK_MAX_BUFFERED) {
-        rc = IW_ERR_AMQP_BLOCKED;
-        goto fail;
+        if (l->blocked) {
+            rc = IW_ERR_AMQP_BLOCKED;
+            goto fail;
+        }
+        /* Only the socket is full and the broker reads: rather than grow the
+         * buffer, write it out (waiting for the broker) and this one after. */
+        flush_out_mode(l, 1);
+        if (!l->ok) {
+            rc = IW_ERR_AMQP_CLOSED;
+            goto fail;
+        }
+        if (!l->out_head && !l->blocked)
+            return send_publish(l, p, cb, ud);
+        if (l->blocked) {
+            rc = IW_ERR_AMQP_BLOCKED;
+            goto fail;
+        }
     }
     op = publish_copy(p, cb, ud);
     if (!op) {

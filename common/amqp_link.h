@@ -26,7 +26,9 @@ typedef struct amqp_link amqp_link;
 /* The longest a write may wait for the broker to take its bytes. */
 #define AMQP_LINK_SEND_TIMEOUT_MS 30000
 /* Bytes of publishes kept in memory while the broker blocks the connection;
- * a publish beyond it fails at once with IW_ERR_AMQP_BLOCKED. */
+ * a publish beyond it fails at once with IW_ERR_AMQP_BLOCKED.  (When only the
+ * socket is full and the broker is not blocking, the buffer is written out
+ * instead: the broker is reading.) */
 #define AMQP_LINK_MAX_BUFFERED (16u * 1024 * 1024)
 /* The default budget of held delivery bodies, for the whole process. */
 #define AMQP_LINK_DEFAULT_MAX_HELD (64u * 1024 * 1024)
@@ -108,6 +110,15 @@ typedef struct amqp_link_handlers {
     void (*on_blocked)(void *ud, int blocked, const char *reason);
 } amqp_link_handlers;
 
+/* TLS for amqps:// URLs (paths of PEM files; every pointer borrowed).  The
+ * broker's certificate and host name are verified unless verify is 0. */
+typedef struct amqp_link_tls {
+    const char *ca;   /* CA bundle; NULL: the system's (/etc/ssl/certs/ca-certificates.crt) */
+    const char *cert; /* client certificate for mutual TLS, with key; NULL: none */
+    const char *key;
+    int verify; /* 1: verify the peer and its host name (the default to pass) */
+} amqp_link_tls;
+
 /* Connects, logs in, opens channel 1 and selects confirm mode.  `urls` is one
  * URL or several comma-separated ones (the nodes of one cluster): they are
  * tried in turn, once each, starting after the node that failed last in this
@@ -115,6 +126,10 @@ typedef struct amqp_link_handlers {
  * in the broker's management UI.  Errors never contain a password. */
 amqp_link *amqp_link_connect(const char *urls, const char *name, const amqp_link_handlers *h,
                              iw_error *err);
+/* amqp_link_connect with TLS settings for amqps:// nodes (NULL: verify
+ * against the system's CA bundle, no client certificate). */
+amqp_link *amqp_link_connect_tls(const char *urls, const char *name, const amqp_link_handlers *h,
+                                 const amqp_link_tls *tls, iw_error *err);
 /* Closes politely when possible and fails every pending and buffered confirm
  * with IW_ERR_AMQP_CLOSED. NULL ok. */
 void amqp_link_free(amqp_link *l);

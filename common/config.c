@@ -31,6 +31,7 @@ typedef struct setting {
 static const char *const auth_choices[] = {"api-key", "oauth2", "basic", "none", NULL};
 static const char *const level_choices[] = {"debug", "info", "warn", "error", NULL};
 static const char *const queue_choices[] = {"quorum", "classic", NULL};
+static const char *const on_off[] = {"on", "off", NULL};
 
 #define F(field) offsetof(iw_config, field)
 #define DAY_MS 86400000L
@@ -39,6 +40,14 @@ static const setting settings[] = {
     {"IW_AMQP_URL", T_URL, "amqp://guest:guest@127.0.0.1:5672/%2f", 0, 0, NULL, F(amqp_url), 0,
      "broker URL (amqps:// for TLS); several comma-separated URLs are the nodes of one cluster, "
      "tried in turn"},
+    {"IW_AMQP_CA", T_STRING, NULL, 0, 0, NULL, F(amqp_ca), 0,
+     "CA bundle (PEM) that signs the broker's certificate, for amqps:// (default: the system's)"},
+    {"IW_AMQP_CERT", T_STRING, NULL, 0, 0, NULL, F(amqp_cert), 0,
+     "client certificate (PEM) for mutual TLS to the broker; with IW_AMQP_KEY"},
+    {"IW_AMQP_KEY", T_STRING, NULL, 0, 0, NULL, F(amqp_key), 0,
+     "client key (PEM) for mutual TLS to the broker"},
+    {"IW_AMQP_TLS_VERIFY", T_ENUM, "on", 0, 0, on_off, F(amqp_tls_no_verify), 0,
+     "on: verify the broker's certificate and host name; off only for tests"},
     {"IW_REDIS_URL", T_URL, "redis://127.0.0.1:6379/0", 0, 0, NULL, F(redis_url), 0,
      "shared state: limiter, breaker, cache, idempotency"},
     {"IW_PROVIDER_URL", T_URL, "http://127.0.0.1:8080", 0, 0, NULL, F(provider_url), 0,
@@ -327,6 +336,9 @@ static int check_combinations(const iw_config *cfg, iw_error *err)
     if (!!cfg->tls_cert != !!cfg->tls_key)
         return iw_error_set(err, IW_ERR_CONFIG,
                             "IW_TLS_CERT: IW_TLS_CERT and IW_TLS_KEY go together");
+    if (!!cfg->amqp_cert != !!cfg->amqp_key)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_AMQP_CERT: IW_AMQP_CERT and IW_AMQP_KEY go together");
     if (check_amqp_urls(cfg->amqp_url, err) != IW_OK)
         return IW_ERR_CONFIG;
     if (strncmp(cfg->redis_url, "redis://", 8))

@@ -28,6 +28,8 @@ typedef enum iw_log_level {
 
 typedef struct iw_config {
     char *amqp_url;
+    char *amqp_ca, *amqp_cert, *amqp_key; /* TLS to the broker (amqps://) */
+    int amqp_tls_no_verify;               /* IW_AMQP_TLS_VERIFY=off */
     char *redis_url;
     char *provider_url;
     char *ns; /* IW_NAMESPACE */

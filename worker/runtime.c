@@ -251,7 +251,10 @@ static int connect_amqp(runtime *rt)
     char queue[256];
     long prefetch = rt->cfg->prefetch ? rt->cfg->prefetch : 2 * rt->cfg->concurrency;
 
-    rt->amqp = amqp_link_connect(rt->cfg->amqp_url, rt->process_name, &h, &err);
+    amqp_link_tls tls = {rt->cfg->amqp_ca, rt->cfg->amqp_cert, rt->cfg->amqp_key,
+                         !rt->cfg->amqp_tls_no_verify};
+
+    rt->amqp = amqp_link_connect_tls(rt->cfg->amqp_url, rt->process_name, &h, &tls, &err);
     if (!rt->amqp)
         goto transient;
     amqp_link_set_limits(rt->amqp, (size_t)rt->cfg->max_message_bytes,

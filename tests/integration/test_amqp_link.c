@@ -662,6 +662,107 @@ START_TEST(test_blocked_connection_buffers_and_flushes)
 }
 END_TEST
 
+/* ---- 6. TLS to the broker, on a private node ----------------------------------------------------
+ */
+
+/* Makes a CA, a server certificate for localhost (only) and a client
+ * certificate signed by it, and an unrelated CA, in dir. */
+static int make_certs(const char *dir)
+{
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd,
+             "set -e; cd '%s'; exec >openssl.log 2>&1;"
+             "printf 'subjectAltName=DNS:localhost\n' > san.ext;"
+             "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 "
+             "  -subj /CN=iwtest-ca;"
+             "openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other.pem -days 2 "
+             "  -subj /CN=iwtest-other-ca;"
+             "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr "
+             "  -subj /CN=localhost;"
+             "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+             "  -out server.pem -days 2 -extfile san.ext;"
+             "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr "
+             "  -subj /CN=iwtest-client;"
+             "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+             "  -out client.pem -days 2;"
+             "chmod 644 *.pem *.key",
+             dir);
+    return system(cmd);
+}
+
+START_TEST(test_tls_to_the_broker)
+{
+    iwt_rabbit r;
+    seen s = {0};
+    char dir[] = "/tmp/iwtest-tls-XXXXXX", conf[2048], url[160], path[5][256];
+    iw_error err = {0};
+    slots all = {0, 1};
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    ck_assert_msg(make_certs(dir) == 0, "openssl failed (see %s/openssl.log)", dir);
+    snprintf(conf, sizeof conf,
+             "ssl_options.cacertfile = %s/ca.pem\nssl_options.certfile = %s/server.pem\n"
+             "ssl_options.keyfile = %s/server.key\nssl_options.verify = verify_peer\n"
+             "ssl_options.fail_if_no_peer_cert = true\n",
+             dir, dir, dir);
+    if (iwt_rabbit_start(&r, "amqptls", 1, conf) != 0) {
+        fprintf(stderr, "SKIP test_tls_to_the_broker: no private node\n");
+        return;
+    }
+    snprintf(url, sizeof url, "amqps://guest:guest@localhost:%d/%%2f", r.tls_port);
+    snprintf(path[0], sizeof path[0], "%s/ca.pem", dir);
+    snprintf(path[1], sizeof path[1], "%s/client.pem", dir);
+    snprintf(path[2], sizeof path[2], "%s/client.key", dir);
+    snprintf(path[3], sizeof path[3], "%s/other.pem", dir);
+    amqp_link_handlers h = {on_delivery, &s, on_return, on_rejected, on_blocked};
+
+    /* the broker's CA and our certificate: connected, verified, publishing */
+    amqp_link_tls tls = {path[0], path[1], path[2], 1};
+    amqp_link *l = amqp_link_connect_tls(url, "tls", &h, &tls, &err);
+    ck_assert_msg(l != NULL, "TLS connect: %s", err.msg);
+    s.l = l;
+    declare(l, "tls-q", "classic", NULL, NULL);
+    reset_calls();
+    publish_raw(l, "tls-q", "over TLS", 8, &calls[0]);
+    ck_assert(pump_until(l, all_called, &all, 10000));
+    ck_assert_int_eq(calls[0], IW_OK);
+    amqp_link_free(l);
+
+    /* verification is on by default: another CA, or the system's, is refused */
+    amqp_link_tls wrong_ca = {path[3], path[1], path[2], 1};
+    ck_assert_ptr_null(amqp_link_connect_tls(url, "tls", &h, &wrong_ca, &err));
+    ck_assert_msg(strstr(err.msg, "verification failed"), "%s", err.msg);
+    amqp_link_tls system_ca = {NULL, path[1], path[2], 1};
+    ck_assert_ptr_null(amqp_link_connect_tls(url, "tls", &h, &system_ca, &err));
+    ck_assert_msg(strstr(err.msg, "verification failed"), "%s", err.msg);
+    /* the host name is checked too: the certificate names localhost only */
+    char other_host[160];
+    snprintf(other_host, sizeof other_host, "amqps://guest:guest@127.0.0.1:%d/%%2f", r.tls_port);
+    ck_assert_ptr_null(amqp_link_connect_tls(other_host, "tls", &h, &tls, &err));
+    ck_assert_msg(strstr(err.msg, "verification failed"), "%s", err.msg);
+    /* ... unless verification is turned off (tests only) */
+    amqp_link_tls unverified = {NULL, path[1], path[2], 0};
+    l = amqp_link_connect_tls(other_host, "tls", &h, &unverified, &err);
+    ck_assert_msg(l != NULL, "%s", err.msg);
+    amqp_link_free(l);
+    /* mutual TLS: without our certificate the broker refuses */
+    amqp_link_tls no_cert = {path[0], NULL, NULL, 1};
+    ck_assert_ptr_null(amqp_link_connect_tls(url, "tls", &h, &no_cert, &err));
+    ck_assert_msg(strstr(err.msg, "SSL"), "%s", err.msg);
+    /* the settings: the files by name, the certificate and key together */
+    char e_ca[300], e_cert[300];
+    snprintf(e_ca, sizeof e_ca, "IW_AMQP_CA=%s", path[0]);
+    snprintf(e_cert, sizeof e_cert, "IW_AMQP_CERT=%s", path[1]);
+    char *env[] = {e_ca, e_cert, NULL};
+    ck_assert_ptr_null(config_from_env(env, NULL, &err));
+    ck_assert_msg(strstr(err.msg, "IW_AMQP_CERT"), "%s", err.msg);
+
+    iwt_rabbit_stop(&r);
+    snprintf(conf, sizeof conf, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(conf), 0);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("amqp_link");
@@ -677,6 +778,7 @@ int main(void)
     tcase_add_test(tc, test_used_up_budget_pauses_consuming);
     tcase_add_test(tc, test_several_urls_skip_a_dead_node);
     tcase_add_test(tc, test_blocked_connection_buffers_and_flushes);
+    tcase_add_test(tc, test_tls_to_the_broker);
     suite_add_tcase(s, tc);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

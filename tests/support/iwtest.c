@@ -749,7 +749,7 @@ int iwt_rabbit_start(iwt_rabbit *r, const char *tag, int tls, const char *extra_
                            "listeners.tcp.default = 127.0.0.1:%d\nloopback_users = none\n",
                            r->port);
     if (tls)
-        len += (size_t)snprintf(conf + len, sizeof conf - len, "listeners.ssl.default = %d\n",
+        len += (size_t)snprintf(conf + len, sizeof conf - len, "listeners.ssl.default = 127.0.0.1:%d\n",
                                 r->tls_port);
     for (const char *p = extra_conf; p && *p && len + 300 < sizeof conf;) {
         if (strncmp(p, "@DIR@", 5) == 0) {
