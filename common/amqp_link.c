@@ -428,7 +428,9 @@ static void close_conn(amqp_link *l)
 {
     if (!l->conn)
         return;
-    if (l->ok) {
+    /* A polite close is two round trips: not while the broker blocks us
+     * (it does not read; they would wait out the RPC timeout). */
+    if (l->ok && !l->blocked) {
         amqp_channel_close(l->conn, CHANNEL, AMQP_REPLY_SUCCESS);
         amqp_connection_close(l->conn, AMQP_REPLY_SUCCESS);
     }

@@ -666,6 +666,15 @@ int runtime_run(runtime *rt)
             http_client_poll(rt->http, NULL, 0, (int)timeout);
         }
     }
+    /* Close the broker link while the roles still exist: it fails the
+     * publishes still unconfirmed (or buffered while the broker blocks us),
+     * and their callbacks reach the roles' jobs.  Their deliveries return to
+     * the queue unacknowledged. */
+    if (rt->amqp) {
+        amqp_link *l = rt->amqp;
+        rt->amqp = NULL;
+        amqp_link_free(l);
+    }
     log_msg(IW_LOG_INFO, NULL, "stopped");
     log_flush();
     admin_http_stop(admin);

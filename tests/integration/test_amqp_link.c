@@ -4,6 +4,7 @@
  * flow control (connection.blocked) on a PRIVATE node started by the test. */
 #include <check.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -763,23 +764,172 @@ START_TEST(test_tls_to_the_broker)
 }
 END_TEST
 
+/* ---- the worker on top of the link ------------------------------------------------------------
+ */
+
+static int file_contains(const char *path, const char *needle)
+{
+    char line[65536];
+    int found = 0;
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    while (!found && fgets(line, sizeof line, f))
+        found = strstr(line, needle) != NULL;
+    fclose(f);
+    return found;
+}
+
+typedef struct log_wait {
+    char path[512];
+    const char *needle;
+} log_wait;
+
+static int log_has(void *ud)
+{
+    log_wait *w = ud;
+    return file_contains(w->path, w->needle);
+}
+
+static int dead_has_one(void *ud)
+{
+    iwt_amqp *a = iwt_amqp_open();
+    int n = iwt_queue_depth(a, ud);
+    iwt_amqp_close(a);
+    return n == 1;
+}
+
+/* A dead letter whose binding is gone comes back as a return: the ERROR log
+ * names the exchange and routing key, the delivery is requeued, the topology
+ * re-declared, and the redelivery's dead letter reaches N.dead.  Before, it
+ * was confirmed into nowhere and the job acked. */
+START_TEST(test_worker_requeues_on_return_and_redeclares)
+{
+    const char *ns = iwt_namespace("amqp-wret");
+    char dead[160], dlx[160], requests[160];
+    int port;
+    log_wait w;
+
+    snprintf(dead, sizeof dead, "%s.dead", ns);
+    snprintf(dlx, sizeof dlx, "%s.dlx", ns);
+    snprintf(requests, sizeof requests, "%s.requests", ns);
+    pid_t mock = iwt_start_mock(NULL, &port);
+    snprintf(w.path, sizeof w.path, "/tmp/iwtest-%s-submitter.log", ns);
+    unlink(w.path);
+    pid_t worker = iwt_start_worker("submitter", ns, port, NULL, NULL);
+    w.needle = "connected to the broker";
+    ck_assert(iwt_eventually(log_has, &w, 15000));
+    /* the binding goes after the worker declared the topology */
+    iwt_amqp *a = iwt_amqp_open();
+    amqp_queue_unbind(a->conn, 1, amqp_cstring_bytes(dead), amqp_cstring_bytes(dlx),
+                      amqp_empty_bytes, amqp_empty_table);
+    ck_assert_int_eq(amqp_get_rpc_reply(a->conn).reply_type, AMQP_RESPONSE_NORMAL);
+
+    iwt_publish(a, requests, "submit.transaction", "not json", "application/json", NULL, NULL);
+    w.needle = "PUBLISH_RETURNED";
+    ck_assert_msg(iwt_eventually(log_has, &w, 15000), "no ERROR for the returned dead letter");
+    ck_assert(file_contains(w.path, dlx));
+    ck_assert(iwt_eventually(dead_has_one, dead, 15000));
+    iwt_msg *m = iwt_get(a, dead, 5000);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_str_eq(json_string_value(json_object_get(m->headers, "x-error-code")),
+                     "INVALID_JSON");
+    iwt_msg_free(m);
+    iwt_amqp_close(a);
+    ck_assert_int_eq(iwt_stop(worker, SIGTERM), 0);
+    iwt_stop(mock, SIGTERM);
+    iwt_cleanup(ns);
+}
+END_TEST
+
+static int mock_calling(void *ud)
+{
+    json_t *st = iwt_mock_stats(*(int *)ud);
+    long n = (long)json_integer_value(json_object_get(st, "in_flight"));
+    json_decref(st);
+    return n >= 1;
+}
+
+/* During a memory alarm the worker's outcome publish waits in memory, the
+ * loop turns, and SIGTERM ends it within IW_SHUTDOWN_GRACE, exit 0. */
+START_TEST(test_worker_honours_sigterm_during_alarm)
+{
+    iwt_rabbit r;
+    const char *ns = iwt_namespace("amqp-walarm");
+    char url[160], env_url[200], requests[160];
+    int port;
+    log_wait w;
+    seen s = {0};
+    slots first = {0, 1};
+    const char *const alarm_on[] = {"-q", "set_vm_memory_high_watermark", "0.0000001", NULL};
+
+    if (iwt_rabbit_start(&r, "amqpw", 0, NULL) != 0) {
+        fprintf(stderr, "SKIP test_worker_honours_sigterm_during_alarm: no private node\n");
+        return;
+    }
+    snprintf(url, sizeof url, "amqp://guest:guest@127.0.0.1:%d/%%2f", r.port);
+    snprintf(env_url, sizeof env_url, "IW_AMQP_URL=%s", url);
+    snprintf(requests, sizeof requests, "%s.requests", ns);
+    const char *const env[] = {env_url, "IW_SHUTDOWN_GRACE=3s", NULL};
+    const char *const slow[] = {"--latency-ms", "3000", NULL};
+    pid_t mock = iwt_start_mock(slow, &port);
+    snprintf(w.path, sizeof w.path, "/tmp/iwtest-%s-submitter.log", ns);
+    unlink(w.path);
+    pid_t worker = iwt_start_worker("submitter", ns, port, env, NULL);
+    w.needle = "connected to the broker";
+    ck_assert(iwt_eventually(log_has, &w, 20000));
+
+    /* a job whose provider call is in flight when the alarm starts */
+    amqp_link *l = open_link(url, &s);
+    reset_calls();
+    const char *job = "{\"jobId\":\"alarm-1\",\"userId\":\"u\",\"action\":\"a\",\"payload\":{}}";
+    iw_publish p = simple_publish(requests, "submit.transaction", job);
+    ck_assert_int_eq(amqp_link_publish(l, &p, confirm_cb, &calls[0]), IW_OK);
+    ck_assert(pump_until(l, all_called, &first, 10000));
+    ck_assert_int_eq(calls[0], IW_OK);
+    ck_assert_msg(iwt_eventually(mock_calling, &port, 20000),
+                  "the worker never called the provider");
+    ck_assert_int_eq(iwt_rabbitmqctl(&r, alarm_on), 0);
+    /* its outcome is the worker's first publish in the alarm: the broker blocks it */
+    w.needle = "blocks publishing";
+    ck_assert_msg(iwt_eventually(log_has, &w, 20000), "the worker was not told it is blocked");
+
+    long long t0 = iwt_now_ms();
+    int rc = iwt_stop(worker, SIGTERM);
+    long long took = iwt_now_ms() - t0;
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(took < 3000 + 3000, "exit took %lld ms with a 3 s grace", took);
+    amqp_link_free(l);
+    iwt_stop(mock, SIGTERM);
+    iwt_rabbit_stop(&r);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("amqp_link");
-    TCase *tc = tcase_create("link");
+    TCase *tc = tcase_create("link");       /* the shared broker */
+    TCase *priv = tcase_create("private");  /* a private node each */
+    TCase *worker = tcase_create("worker"); /* the worker on top of the link */
     SRunner *sr;
     int failed;
 
     tcase_set_timeout(tc, 180);
+    tcase_set_timeout(priv, 240);
+    tcase_set_timeout(worker, 240);
     tcase_add_test(tc, test_return_fails_only_its_publish);
     tcase_add_test(tc, test_unencodable_publish_fails_alone);
     tcase_add_test(tc, test_oversized_delivery_is_flagged);
     tcase_add_test(tc, test_delivery_over_budget_is_rejected_to_dead_letters);
     tcase_add_test(tc, test_used_up_budget_pauses_consuming);
     tcase_add_test(tc, test_several_urls_skip_a_dead_node);
-    tcase_add_test(tc, test_blocked_connection_buffers_and_flushes);
-    tcase_add_test(tc, test_tls_to_the_broker);
+    tcase_add_test(priv, test_blocked_connection_buffers_and_flushes);
+    tcase_add_test(priv, test_tls_to_the_broker);
+    tcase_add_test(worker, test_worker_requeues_on_return_and_redeclares);
+    tcase_add_test(worker, test_worker_honours_sigterm_during_alarm);
     suite_add_tcase(s, tc);
+    suite_add_tcase(s, priv);
+    suite_add_tcase(s, worker);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
