@@ -201,10 +201,33 @@ static void dispatch_delivery(void *ud, iw_delivery *d)
     delivery_free(d);
 }
 
+/* True for a publish into the topology topology_declare makes (the delay
+ * tiers through the default exchange, N.retry, N.dlx), not N.events or a
+ * client's reply queue. */
+static int own_topology(runtime *rt, const char *exchange, const char *routing_key)
+{
+    char events[256];
+    size_t n = strlen(rt->cfg->ns);
+    const char *name = *exchange ? exchange : routing_key;
+
+    if (*exchange && strcmp(exchange, rt_name(rt, events, sizeof events, "events")) == 0)
+        return 0;
+    return strncmp(name, rt->cfg->ns, n) == 0 && name[n] == '.';
+}
+
 static void on_amqp_return(void *ud, const char *exchange, const char *routing_key)
 {
     runtime *rt = ud;
 
+    if (!own_topology(rt, exchange, routing_key)) {
+        log_json(IW_LOG_WARN,
+                 json_pack("{s:s, s:{s:s, s:s}, s:s, s:s}", "message",
+                           "an event or reply reached no queue: nobody is bound for it", "error",
+                           "code", "PUBLISH_UNROUTED", "message",
+                           "no queue is bound for this exchange and routing key", "exchange",
+                           exchange, "routingKey", routing_key));
+        return;
+    }
     log_json(IW_LOG_ERROR,
              json_pack("{s:s, s:{s:s, s:s}, s:s, s:s}", "message",
                        "the broker returned a publish as unroutable: its outcome fails and the "
@@ -360,14 +383,25 @@ void rt_outcome_seal(rt_outcome *o)
         o->done(o->owner, !o->failed);
 }
 
-static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p)
+/* An event or a reply that reached no queue (nobody subscribed to N.events
+ * for that key, the client's reply queue is gone) is not ours to repair:
+ * failing its group would requeue the job for ever.  on_amqp_return logs it. */
+static void outcome_confirmed_routable_or_not(void *ud, int status)
+{
+    outcome_confirmed(ud, status == IW_ERR_AMQP_RETURNED ? IW_OK : status);
+}
+
+/* strict: a return fails the group (a publish into our own topology: delay
+ * tiers, retry exchange, dead letters). */
+static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p, int strict)
 {
     o->pending++;
     if (!rt->amqp) {
         outcome_confirmed(o, IW_ERR_AMQP_CLOSED);
         return;
     }
-    amqp_link_publish(rt->amqp, p, outcome_confirmed, o);
+    amqp_link_publish(rt->amqp, p, strict ? outcome_confirmed : outcome_confirmed_routable_or_not,
+                      o);
 }
 
 /* The link refuses a publish with a short-string property over 255 bytes
@@ -391,7 +425,7 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     p.body_len = strlen(p.body);
     p.content_type = "application/json";
     p.correlation_id = short_id(job_id);
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 0);
     free(text);
 }
 
@@ -408,7 +442,7 @@ void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const ch
     p.content_type = "application/json";
     p.correlation_id = correlation_id;
     p.transient = 1;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 0);
     free(text);
 }
 
@@ -464,7 +498,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     p.reply_to = d->reply_to;
     p.message_id = d->message_id;
     p.headers = h;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 1);
     json_decref(h);
 }
 
@@ -530,7 +564,7 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
     p.content_type = "application/json";
     p.correlation_id = short_id(correlation_id);
     p.headers = h;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 1);
     json_decref(h);
 }
 

@@ -13,6 +13,7 @@
 #include "amqp_link.h"
 #include "config.h"
 #include "iwtest.h"
+#include "topology.h"
 
 #define SHARED_URL "amqp://guest:guest@127.0.0.1:5672/%2f"
 #define MAX_SEEN 256
@@ -582,6 +583,37 @@ START_TEST(test_several_urls_skip_a_dead_node)
 }
 END_TEST
 
+/* Quorum queues carry x-quorum-initial-group-size from IW_QUORUM_GROUP_SIZE;
+ * it is part of a queue's identity, so another value for existing queues is
+ * refused (the runtime's TOPOLOGY_MISMATCH). */
+START_TEST(test_quorum_group_size_is_declared)
+{
+    const char *ns = iwt_namespace("amqp-qgs");
+    char e_ns[200], submit[160];
+    seen s = {0};
+    iw_error err = {0};
+    char *env1[] = {e_ns, "IW_QUORUM_GROUP_SIZE=3", NULL};
+    char *env2[] = {e_ns, "IW_QUORUM_GROUP_SIZE=5", NULL};
+
+    snprintf(e_ns, sizeof e_ns, "IW_NAMESPACE=%s", ns);
+    snprintf(submit, sizeof submit, "%s.submit", ns);
+    iw_config *c1 = config_from_env(env1, NULL, &err), *c2 = config_from_env(env2, NULL, &err);
+    ck_assert(c1 && c2);
+    amqp_link *l = open_link(SHARED_URL, &s);
+    ck_assert_msg(topology_declare(l, c1, &err) == IW_OK, "%s", err.msg);
+    ck_assert_msg(topology_declare(l, c1, &err) == IW_OK, "idempotent: %s", err.msg);
+    amqp_link_free(l);
+    l = open_link(SHARED_URL, &s);
+    ck_assert_int_ne(topology_declare(l, c2, &err), IW_OK);
+    ck_assert_msg(strstr(err.msg, "PRECONDITION_FAILED") && strstr(err.msg, "group-size"), "%s",
+                  err.msg);
+    amqp_link_free(l);
+    config_free(c1);
+    config_free(c2);
+    iwt_cleanup(ns);
+}
+END_TEST
+
 /* ---- 4. broker flow control, on a private node ---------------------------------------------- */
 
 START_TEST(test_blocked_connection_buffers_and_flushes)
@@ -923,6 +955,7 @@ int main(void)
     tcase_add_test(tc, test_delivery_over_budget_is_rejected_to_dead_letters);
     tcase_add_test(tc, test_used_up_budget_pauses_consuming);
     tcase_add_test(tc, test_several_urls_skip_a_dead_node);
+    tcase_add_test(tc, test_quorum_group_size_is_declared);
     tcase_add_test(priv, test_blocked_connection_buffers_and_flushes);
     tcase_add_test(priv, test_tls_to_the_broker);
     tcase_add_test(worker, test_worker_requeues_on_return_and_redeclares);
