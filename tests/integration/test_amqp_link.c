@@ -874,6 +874,53 @@ START_TEST(test_worker_requeues_on_return_and_redeclares)
 }
 END_TEST
 
+static int count_lines(const char *path, const char *needle)
+{
+    char line[65536];
+    int n = 0;
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof line, f))
+        n += strstr(line, needle) != NULL;
+    fclose(f);
+    return n;
+}
+
+/* An event nobody subscribed to reaches no queue: logged once, and the job
+ * is done, not requeued for ever (re-declaring cannot bind a subscriber). */
+START_TEST(test_worker_event_without_subscriber_is_not_retried)
+{
+    const char *ns = iwt_namespace("amqp-wnosub");
+    char requests[160];
+    int port;
+    log_wait w;
+
+    snprintf(requests, sizeof requests, "%s.requests", ns);
+    pid_t mock = iwt_start_mock(NULL, &port);
+    snprintf(w.path, sizeof w.path, "/tmp/iwtest-%s-submitter.log", ns);
+    unlink(w.path);
+    pid_t worker = iwt_start_worker("submitter", ns, port, NULL, NULL);
+    w.needle = "connected to the broker";
+    ck_assert(iwt_eventually(log_has, &w, 15000));
+    iwt_amqp *a = iwt_amqp_open();
+    iwt_publish_job(a, ns,
+                    "{\"jobId\":\"nosub-1\",\"userId\":\"u\",\"action\":\"a\",\"payload\":{}}");
+    w.needle = "PUBLISH_UNROUTED";
+    ck_assert(iwt_eventually(log_has, &w, 15000));
+    w.needle = "\"submission.accepted\"";
+    ck_assert_msg(iwt_eventually(log_has, &w, 5000), "the unrouted event is named in the log");
+    usleep(1500 * 1000); /* a requeue loop would repeat within milliseconds */
+    ck_assert_int_eq(count_lines(w.path, "PUBLISH_UNROUTED"), 1);
+    ck_assert_int_eq(count_lines(w.path, "PUBLISH_RETURNED"), 0);
+    ck_assert_int_eq(count_lines(w.path, "returns to its queue"), 0);
+    iwt_amqp_close(a);
+    ck_assert_int_eq(iwt_stop(worker, SIGTERM), 0);
+    iwt_stop(mock, SIGTERM);
+    iwt_cleanup(ns);
+}
+END_TEST
+
 static int mock_calling(void *ud)
 {
     json_t *st = iwt_mock_stats(*(int *)ud);
@@ -960,6 +1007,7 @@ int main(void)
     tcase_add_test(priv, test_tls_to_the_broker);
     tcase_add_test(worker, test_worker_requeues_on_return_and_redeclares);
     tcase_add_test(worker, test_worker_honours_sigterm_during_alarm);
+    tcase_add_test(worker, test_worker_event_without_subscriber_is_not_retried);
     suite_add_tcase(s, tc);
     suite_add_tcase(s, priv);
     suite_add_tcase(s, worker);
