@@ -855,6 +855,10 @@ static void handle_header(amqp_link *l, const amqp_frame_t *f)
         link_fail(l, "%s", "protocol error: unexpected content header");
         return;
     }
+    if (size >= SIZE_MAX / 2) {
+        link_fail(l, "%s", "protocol error: absurd body size");
+        return;
+    }
     l->ct.have_header = 1;
     l->ct.remaining = size;
     switch (l->ct.kind) {
