@@ -17,7 +17,8 @@ typedef struct redis_script {
     char sha[41];
 } redis_script;
 
-/* Parses redis://[:password@]host[:port][/db]; does not connect yet. */
+/* Parses redis://[[user]:password@]host[:port][/db] (user: a Redis ACL user); does not
+ * connect yet. */
 redis_link *redis_link_new(const char *url, long timeout_ms, iw_error *err);
 void redis_link_free(redis_link *r);
 
