@@ -1000,6 +1000,15 @@ START_TEST(test_worker_honours_sigterm_during_alarm)
 }
 END_TEST
 
+/* Private nodes of a test that failed (its process ended at the failed
+ * assertion, before iwt_rabbit_stop). */
+static void reap_private_nodes(void)
+{
+    iwt_rabbit_reap("amqp");
+    iwt_rabbit_reap("amqptls");
+    iwt_rabbit_reap("amqpw");
+}
+
 int main(void)
 {
     Suite *s = suite_create("amqp_link");
@@ -1022,6 +1031,8 @@ int main(void)
     tcase_add_test(worker, test_worker_requeues_on_return_and_redeclares);
     tcase_add_test(worker, test_worker_honours_sigterm_during_alarm);
     tcase_add_test(worker, test_worker_event_without_subscriber_is_not_retried);
+    tcase_add_unchecked_fixture(priv, NULL, reap_private_nodes);
+    tcase_add_unchecked_fixture(worker, NULL, reap_private_nodes);
     suite_add_tcase(s, tc);
     suite_add_tcase(s, priv);
     suite_add_tcase(s, worker);

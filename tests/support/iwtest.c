@@ -4,6 +4,7 @@
 #include <check.h>
 #include <arpa/inet.h>
 #include <curl/curl.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -889,6 +890,37 @@ int iwt_rabbit_start(iwt_rabbit *r, const char *tag, int tls, const char *extra_
 int iwt_rabbitmqctl(const iwt_rabbit *r, const char *const *args)
 {
     return rabbit_run(r, "rabbitmqctl", args, 1);
+}
+
+void iwt_rabbit_reap(const char *tag)
+{
+    char prefix[64];
+    size_t plen;
+    DIR *dir = opendir("/tmp");
+    struct dirent *e;
+
+    if (!dir)
+        return;
+    plen = (size_t)snprintf(prefix, sizeof prefix, "iwtest-%s-", tag);
+    while ((e = readdir(dir)) != NULL) {
+        iwt_rabbit r;
+        char *end;
+        long pid;
+
+        if (strncmp(e->d_name, prefix, plen) != 0 || strlen(e->d_name) > 100)
+            continue;
+        pid = strtol(e->d_name + plen, &end, 10);
+        /* iwtest-<tag>-<pid>-XXXXXX, made by a process that is gone */
+        if (pid <= 0 || *end != '-' || strlen(end) != 7 ||
+            (kill((pid_t)pid, 0) == 0 || errno != ESRCH))
+            continue;
+        memset(&r, 0, sizeof r);
+        snprintf(r.node, sizeof r.node, "iwtest-%s-%ld@localhost", tag, pid);
+        snprintf(r.dir, sizeof r.dir, "/tmp/%.100s", e->d_name);
+        fprintf(stderr, "private RabbitMQ: stopping %s, left by a failed test\n", r.node);
+        iwt_rabbit_stop(&r);
+    }
+    closedir(dir);
 }
 
 void iwt_rabbit_stop(iwt_rabbit *r)

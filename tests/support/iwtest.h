@@ -153,6 +153,10 @@ int iwt_rabbit_start(iwt_rabbit *r, const char *tag, int tls, const char *extra_
 int iwt_rabbitmqctl(const iwt_rabbit *r, const char *const *args);
 /* Stops the node and removes its directory. */
 void iwt_rabbit_stop(iwt_rabbit *r);
+/* Stops the nodes of `tag` whose test process is gone (a failed Check
+ * assertion ends the test at once): call it from an unchecked teardown, which
+ * runs in the suite's own process. */
+void iwt_rabbit_reap(const char *tag);
 
 /* Benchmarks: a process's peak resident set (VmHWM) in kB, -1 if unknown;
  * sorting samples ascending for percentiles. */
