@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <amqp.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,13 +32,23 @@ typedef struct setting {
 static const char *const auth_choices[] = {"api-key", "oauth2", "basic", "none", NULL};
 static const char *const level_choices[] = {"debug", "info", "warn", "error", NULL};
 static const char *const queue_choices[] = {"quorum", "classic", NULL};
+static const char *const on_off[] = {"on", "off", NULL};
 
 #define F(field) offsetof(iw_config, field)
 #define DAY_MS 86400000L
 
 static const setting settings[] = {
     {"IW_AMQP_URL", T_URL, "amqp://guest:guest@127.0.0.1:5672/%2f", 0, 0, NULL, F(amqp_url), 0,
-     "broker URL (amqps:// for TLS)"},
+     "broker URL (amqps:// for TLS); several comma-separated URLs are the nodes of one cluster, "
+     "tried in turn"},
+    {"IW_AMQP_CA", T_STRING, NULL, 0, 0, NULL, F(amqp_ca), 0,
+     "CA bundle (PEM) that signs the broker's certificate, for amqps:// (default: the system's)"},
+    {"IW_AMQP_CERT", T_STRING, NULL, 0, 0, NULL, F(amqp_cert), 0,
+     "client certificate (PEM) for mutual TLS to the broker; with IW_AMQP_KEY"},
+    {"IW_AMQP_KEY", T_STRING, NULL, 0, 0, NULL, F(amqp_key), 0,
+     "client key (PEM) for mutual TLS to the broker"},
+    {"IW_AMQP_TLS_VERIFY", T_ENUM, "on", 0, 0, on_off, F(amqp_tls_no_verify), 0,
+     "on: verify the broker's certificate and host name; off only for tests"},
     {"IW_REDIS_URL", T_URL, "redis://127.0.0.1:6379/0", 0, 0, NULL, F(redis_url), 0,
      "shared state: limiter, breaker, cache, idempotency"},
     {"IW_PROVIDER_URL", T_URL, "http://127.0.0.1:8080", 0, 0, NULL, F(provider_url), 0,
@@ -114,6 +125,12 @@ static const setting settings[] = {
      F(terminal_statuses_raw), F(n_terminal), "statuses that end polling"},
     {"IW_MAX_MESSAGE_BYTES", T_LONG, "1048576", 64, 134217728L, NULL, F(max_message_bytes), 0,
      "larger jobs are dead-lettered unread (MESSAGE_TOO_LARGE)"},
+    {"IW_MAX_HELD_BYTES", T_LONG, "67108864", 65536, 68719476736L, NULL, F(max_held_bytes), 0,
+     "delivery bodies one process holds, all together; a delivery larger than what is left is "
+     "rejected unread (the broker dead-letters it) and consuming pauses while it is used up"},
+    {"IW_QUORUM_GROUP_SIZE", T_LONG, "0", 0, 99, NULL, F(quorum_group_size), 0,
+     "replicas of each quorum queue (x-quorum-initial-group-size); 0: the broker's default "
+     "(RabbitMQ 3.10: quorum_cluster_size, 3, at most the cluster's nodes)"},
     {"IW_MAX_RESPONSE_BYTES", T_LONG, "1048576", 1024, 134217728L, NULL, F(max_response_bytes), 0,
      "larger provider responses are an error"},
     {"IW_CLIENT_ID", T_STRING, "integration-worker", 0, 0, NULL, F(client_id), 0,
@@ -171,7 +188,8 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
     case T_LIST: {
         char **dst = (char **)(base + s->offset);
         if (s->type == T_URL && !strstr(value, "://"))
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is not a URL", s->name, value);
+            /* never echoed: a URL may carry a password */
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: not a URL (scheme://...)", s->name);
         if (s->type != T_SECRET && s->type != T_URL && !*value)
             return iw_error_set(err, IW_ERR_CONFIG, "%s: must not be empty", s->name);
         free(*dst);
@@ -300,13 +318,50 @@ int config_check_provider(const iw_config *cfg, iw_error *err)
     return IW_OK;
 }
 
+/* IW_AMQP_URL: one URL or several comma-separated ones (the nodes of one
+ * cluster), each amqp:// or amqps:// and parseable.  Errors name the variable
+ * and the URL's position, never its text (it may hold a password). */
+static int check_amqp_urls(const char *value, iw_error *err)
+{
+    char *copy = strdup(value), *save = NULL;
+    int n = 0, rc = IW_OK;
+
+    if (!copy)
+        return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+    for (char *t = strtok_r(copy, ",", &save); t && rc == IW_OK; t = strtok_r(NULL, ",", &save)) {
+        struct amqp_connection_info ci;
+        while (*t == ' ' || *t == '\t')
+            t++;
+        for (char *end = t + strlen(t); end > t && (end[-1] == ' ' || end[-1] == '\t');)
+            *--end = '\0';
+        if (!*t)
+            continue;
+        n++;
+        if (n > IW_MAX_AMQP_NODES)
+            rc =
+                iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: at most %d URLs", IW_MAX_AMQP_NODES);
+        else if (strncmp(t, "amqp://", 7) && strncmp(t, "amqps://", 8))
+            rc = iw_error_set(err, IW_ERR_CONFIG,
+                              "IW_AMQP_URL: URL %d must start with amqp:// or amqps://", n);
+        else if (amqp_parse_url(t, &ci) != AMQP_STATUS_OK) /* parses in place */
+            rc = iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: URL %d cannot be parsed", n);
+    }
+    if (rc == IW_OK && n == 0)
+        rc = iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: must name at least one URL");
+    free(copy);
+    return rc;
+}
+
 static int check_combinations(const iw_config *cfg, iw_error *err)
 {
     if (!!cfg->tls_cert != !!cfg->tls_key)
         return iw_error_set(err, IW_ERR_CONFIG,
                             "IW_TLS_CERT: IW_TLS_CERT and IW_TLS_KEY go together");
-    if (strncmp(cfg->amqp_url, "amqp://", 7) && strncmp(cfg->amqp_url, "amqps://", 8))
-        return iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: must start with amqp:// or amqps://");
+    if (!!cfg->amqp_cert != !!cfg->amqp_key)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_AMQP_CERT: IW_AMQP_CERT and IW_AMQP_KEY go together");
+    if (check_amqp_urls(cfg->amqp_url, err) != IW_OK)
+        return IW_ERR_CONFIG;
     if (strncmp(cfg->redis_url, "redis://", 8))
         return iw_error_set(err, IW_ERR_CONFIG, "IW_REDIS_URL: must start with redis://");
     if (strncmp(cfg->provider_url, "http://", 7) && strncmp(cfg->provider_url, "https://", 8))

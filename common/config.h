@@ -24,9 +24,13 @@ typedef enum iw_log_level {
 } iw_log_level;
 
 #define IW_MAX_TERMINAL 16
+/* IW_AMQP_URL: most nodes of one cluster */
+#define IW_MAX_AMQP_NODES 16
 
 typedef struct iw_config {
     char *amqp_url;
+    char *amqp_ca, *amqp_cert, *amqp_key; /* TLS to the broker (amqps://) */
+    int amqp_tls_no_verify;               /* IW_AMQP_TLS_VERIFY=off */
     char *redis_url;
     char *provider_url;
     char *ns; /* IW_NAMESPACE */
@@ -68,6 +72,8 @@ typedef struct iw_config {
     char *terminal[IW_MAX_TERMINAL];
     size_t n_terminal;
     long max_message_bytes;
+    long max_held_bytes;    /* delivery bodies held by one process, all together */
+    long quorum_group_size; /* x-quorum-initial-group-size; 0: the broker's default */
     long max_response_bytes;
     char *client_id;
     long shutdown_grace_ms;

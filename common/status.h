@@ -29,6 +29,9 @@ typedef enum iw_status {
     IW_ERR_AMQP = -300,
     IW_ERR_AMQP_CLOSED = -301,
     IW_ERR_AMQP_NACK = -302,
+    IW_ERR_AMQP_RETURNED = -303, /* unroutable: basic.return */
+    IW_ERR_AMQP_ENCODE = -304,   /* cannot be encoded (sizes, frame_max) */
+    IW_ERR_AMQP_BLOCKED = -305,  /* broker blocked and the buffer is full */
     /* Redis: -400 .. */
     IW_ERR_REDIS = -400,
     IW_ERR_REDIS_SCRIPT = -401,

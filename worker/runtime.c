@@ -53,6 +53,8 @@ struct runtime {
     int redis_down;
     long long redis_retry_at;
     long long redis_probed_at;
+    int topology_stale; /* a publish into our topology came back: re-declare */
+    int amqp_events;    /* what the loop watches the broker's socket for */
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -261,18 +263,85 @@ static void dispatch_delivery(void *ud, iw_delivery *d)
     delivery_free(d);
 }
 
+/* True for a publish into the topology topology_declare makes (the delay
+ * tiers through the default exchange, N.retry, N.dlx), not N.events or a
+ * client's reply queue. */
+static int own_topology(runtime *rt, const char *exchange, const char *routing_key)
+{
+    char events[256];
+    size_t n = strlen(rt->cfg->ns);
+    const char *name = *exchange ? exchange : routing_key;
+
+    if (*exchange && strcmp(exchange, rt_name(rt, events, sizeof events, "events")) == 0)
+        return 0;
+    return strncmp(name, rt->cfg->ns, n) == 0 && name[n] == '.';
+}
+
+/* A publish came back unroutable (the link fails its confirm with
+ * IW_ERR_AMQP_RETURNED).  Into our own topology: ERROR, /readyz false and a
+ * re-declare.  An event nobody is bound for, or a reply whose client queue is
+ * gone: WARN only (outcome_publish counts it as published). */
+static void on_amqp_return(void *ud, const char *exchange, const char *routing_key)
+{
+    runtime *rt = ud;
+    int ours = own_topology(rt, exchange, routing_key);
+
+    log_json(ours ? IW_LOG_ERROR : IW_LOG_WARN,
+             json_pack("{s:s, s:{s:s, s:s}, s:s, s:s}", "message",
+                       ours ? "the broker returned a publish as unroutable: its outcome fails "
+                              "and the topology is re-declared"
+                            : "an event or reply reached no queue: nobody is bound for it",
+                       "error", "code", iw_code_name(IW_C_BROKER_RETURNED), "message",
+                       "no queue is bound for this exchange and routing key", "exchange", exchange,
+                       "routingKey", routing_key));
+    if (ours)
+        rt->topology_stale = 1;
+}
+
+static void on_amqp_rejected(void *ud, const char *routing_key, uint64_t body_size)
+{
+    runtime *rt = ud;
+
+    log_json(IW_LOG_WARN,
+             json_pack("{s:s, s:{s:s, s:s}, s:s, s:I, s:I}", "message",
+                       "delivery too large to hold rejected unread; the broker dead-letters it",
+                       "error", "code", iw_code_name(IW_C_MESSAGE_TOO_LARGE), "message",
+                       "larger than what is left of IW_MAX_HELD_BYTES", "routingKey", routing_key,
+                       "bodyBytes", (json_int_t)body_size, "maxHeldBytes",
+                       (json_int_t)rt->cfg->max_held_bytes));
+}
+
+static void on_amqp_blocked(void *ud, int blocked, const char *reason)
+{
+    (void)ud;
+    if (blocked)
+        log_json(IW_LOG_WARN,
+                 json_pack("{s:s, s:s}", "message",
+                           "the broker blocks publishing (resource alarm): publishes and acks wait "
+                           "in memory",
+                           "reason", reason));
+    else
+        log_msg(IW_LOG_INFO, NULL, "the broker unblocked publishing");
+}
+
 /* Returns 0 on success, -1 on a transient failure, -2 on a fatal one (the
  * topology exists with other arguments: retrying cannot help). */
 static int connect_amqp(runtime *rt)
 {
-    amqp_link_handlers h = {dispatch_delivery, rt};
+    amqp_link_handlers h = {dispatch_delivery, rt, on_amqp_return, on_amqp_rejected,
+                            on_amqp_blocked};
+    amqp_link_tls tls = {rt->cfg->amqp_ca, rt->cfg->amqp_cert, rt->cfg->amqp_key,
+                         !rt->cfg->amqp_tls_no_verify};
     iw_error err = {0};
     char queue[256];
     long prefetch = rt->cfg->prefetch ? rt->cfg->prefetch : 2 * rt->cfg->concurrency;
 
-    rt->amqp = amqp_link_connect(rt->cfg->amqp_url, rt->process_name, &h, &err);
+    rt->amqp = amqp_link_connect_tls(rt->cfg->amqp_url, rt->process_name, &h, &tls, &err);
     if (!rt->amqp)
         goto transient;
+    amqp_link_set_limits(rt->amqp, (size_t)rt->cfg->max_message_bytes,
+                         (size_t)rt->cfg->max_held_bytes);
+    rt->topology_stale = 0;
     if (topology_declare(rt->amqp, rt->cfg, &err) != IW_OK) {
         if (strstr(err.msg, "PRECONDITION_FAILED")) {
             log_json(IW_LOG_ERROR,
@@ -291,6 +360,7 @@ static int connect_amqp(runtime *rt)
             goto transient;
     }
     rt->amqp_fd = amqp_link_fd(rt->amqp);
+    rt->amqp_events = LOOP_READ;
     if (loop_watch(rt->lp, rt->amqp_fd, LOOP_READ, amqp_readable, rt) != 0) {
         iw_error_set(&err, IW_ERR_IO, "cannot watch the broker socket");
         goto transient;
@@ -379,14 +449,33 @@ void rt_outcome_seal(rt_outcome *o)
         o->done(o->owner, !o->failed);
 }
 
-static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p)
+/* An event or a reply that reached no queue (nobody subscribed to N.events
+ * for that key, the client's reply queue is gone) is not ours to repair:
+ * failing its group would requeue the job for ever.  on_amqp_return logs it. */
+static void outcome_confirmed_routable_or_not(void *ud, int status)
+{
+    outcome_confirmed(ud, status == IW_ERR_AMQP_RETURNED ? IW_OK : status);
+}
+
+/* strict: a return fails the group (a publish into our own topology: delay
+ * tiers, retry exchange, dead letters). */
+static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p, int strict)
 {
     o->pending++;
     if (!rt->amqp) {
         outcome_confirmed(o, IW_ERR_AMQP_CLOSED);
         return;
     }
-    amqp_link_publish(rt->amqp, p, outcome_confirmed, o);
+    amqp_link_publish(rt->amqp, p, strict ? outcome_confirmed : outcome_confirmed_routable_or_not,
+                      o);
+}
+
+/* The link refuses a publish with a short-string property over 255 bytes
+ * (IW_ERR_AMQP_ENCODE) instead of leaving it out; a jobId that long goes
+ * without correlation_id, as before, until the contract's jobKey is passed. */
+static const char *short_id(const char *id)
+{
+    return id && strlen(id) <= 255 ? id : NULL;
 }
 
 void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, const char *body,
@@ -400,8 +489,8 @@ void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, 
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = job_id; /* left out by the link if over 255 bytes */
-    outcome_publish(rt, o, &p);
+    p.correlation_id = short_id(job_id);
+    outcome_publish(rt, o, &p, 0);
 }
 
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
@@ -416,8 +505,8 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     p.body = text ? text : "{}";
     p.body_len = strlen(p.body);
     p.content_type = "application/json";
-    p.correlation_id = job_id; /* left out by the link if over 255 bytes */
-    outcome_publish(rt, o, &p);
+    p.correlation_id = short_id(job_id);
+    outcome_publish(rt, o, &p, 0);
     free(text);
 }
 
@@ -434,7 +523,7 @@ void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const ch
     p.content_type = "application/json";
     p.correlation_id = correlation_id;
     p.transient = 1;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 0);
     free(text);
 }
 
@@ -513,7 +602,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role r
     p.reply_to = d->reply_to;
     p.message_id = dead_letter_id(mid);
     p.headers = h;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 1);
     json_decref(h);
 }
 
@@ -577,9 +666,9 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = correlation_id;
+    p.correlation_id = short_id(correlation_id);
     p.headers = h;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 1);
     json_decref(h);
 }
 
@@ -650,7 +739,7 @@ static void housekeeping(loop *l, loop_timer *t)
     }
     rt_redis_ready(rt);
     metrics_heartbeat(now);
-    metrics_connections(rt->amqp != NULL, redis_link_connected(rt->redis));
+    metrics_connections(rt->amqp != NULL && !rt->topology_stale, redis_link_connected(rt->redis));
     metrics_in_flight(http_client_in_flight(rt->http));
     loop_timer_at(rt->lp, &rt->housekeeping, now + HOUSEKEEPING_MS);
 }
@@ -675,6 +764,24 @@ static int amqp_buffered(loop *l, void *ud)
     runtime *rt = ud;
 
     (void)l;
+    if (rt->amqp && rt->topology_stale && !amqp_link_blocked(rt->amqp)) {
+        iw_error err = {0};
+        if (topology_declare(rt->amqp, rt->cfg, &err) == IW_OK) {
+            rt->topology_stale = 0;
+            log_msg(IW_LOG_INFO, NULL, "topology re-declared after an unroutable publish");
+        } else if (amqp_link_ok(rt->amqp)) {
+            log_msg(IW_LOG_ERROR, NULL, "re-declaring the topology failed: %s", err.msg);
+        }
+        if (!amqp_link_ok(rt->amqp))
+            link_lost(rt);
+    }
+    if (rt->amqp) {
+        /* writes wait in the link (the socket was full): wake when it drains */
+        int want = LOOP_READ | (amqp_link_wants_write(rt->amqp) ? LOOP_WRITE : 0);
+        if (want != rt->amqp_events &&
+            loop_watch(rt->lp, rt->amqp_fd, want, amqp_readable, rt) == 0)
+            rt->amqp_events = want;
+    }
     if (rt->amqp && amqp_link_has_buffered(rt->amqp)) {
         if (amqp_link_pump(rt->amqp) != IW_OK)
             link_lost(rt);
