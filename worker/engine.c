@@ -656,6 +656,24 @@ static void outcome_done(void *owner, int ok)
     job *j = owner;
     engine *e = j->e;
 
+    if (!ok && j->out.status == IW_ERR_AMQP_ENCODE) {
+        /* the outcome cannot be written as AMQP frames (a header or property
+         * over the protocol's limits): requeueing would repeat this for
+         * ever.  Fail the job; if even its failure cannot be encoded, the
+         * broker dead-letters the delivery itself (x-death reason rejected) */
+        if (j->state != JOB_FAILING && job_live(j)) {
+            job_fail(j, IW_C_OUTCOME_NOT_ENCODABLE,
+                     "the outcome of this job cannot be encoded as an AMQP message", 0,
+                     j->attempts);
+            return;
+        }
+        log_msg(IW_LOG_ERROR, job_fields(j),
+                "the dead letter of this job cannot be encoded; rejected to the broker's "
+                "dead-lettering");
+        rt_nack(e->rt, j->d, 0);
+        job_end(j, JOB_ACKED, 0);
+        return;
+    }
     if (!ok) {
         log_json(IW_LOG_WARN,
                  json_pack("{s:s, s:s, s:s}", "requestId", j->job_id ? j->job_id : "", "state",

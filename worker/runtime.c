@@ -426,6 +426,7 @@ void rt_outcome_begin(rt_outcome *o, void (*done)(void *owner, int ok), void *ow
 {
     o->pending = 0;
     o->failed = 0;
+    o->status = IW_OK;
     o->sealed = 0;
     o->done = done;
     o->owner = owner;
@@ -436,8 +437,10 @@ static void outcome_confirmed(void *ud, int status)
     rt_outcome *o = ud;
 
     o->pending--;
-    if (status != IW_OK)
+    if (status != IW_OK && !o->failed) {
         o->failed = 1;
+        o->status = status;
+    }
     if (o->sealed && o->pending == 0)
         o->done(o->owner, !o->failed);
 }

@@ -53,6 +53,7 @@ typedef struct rt_service {
 typedef struct rt_outcome {
     int pending;
     int failed;
+    int status; /* the first failure's status (IW_ERR_AMQP_ENCODE...), IW_OK */
     int sealed;
     void (*done)(void *owner, int ok);
     void *owner;
