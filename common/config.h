@@ -28,7 +28,8 @@ typedef struct iw_config {
     char *amqp_url;
     char *redis_url;
     char *provider_url;
-    char *ns; /* IW_NAMESPACE */
+    long allow_insecure_http; /* IW_ALLOW_INSECURE_HTTP: credentials over http:// off loopback */
+    char *ns;                 /* IW_NAMESPACE */
     int auth_mode;
     char *api_key, *api_secret;
     char *oauth_client_id, *oauth_client_secret;
