@@ -605,6 +605,11 @@ void config_print_help(FILE *out)
     }
 }
 
+const char *config_setting_name(size_t i)
+{
+    return i < N_SETTINGS ? settings[i].name : NULL;
+}
+
 int config_is_terminal(const iw_config *cfg, const char *status)
 {
     for (size_t i = 0; i < cfg->n_terminal; i++)

@@ -90,6 +90,10 @@ int config_check_provider(const iw_config *cfg, iw_error *err);
 /* Prints the settings table (name, default, help) for --help. */
 void config_print_help(FILE *out);
 
+/* The name of the i-th setting of the table, NULL past the last (for the
+ * fuzzer and tests that walk every setting). */
+const char *config_setting_name(size_t i);
+
 /* True if `status` is one of IW_TERMINAL_STATUSES. */
 int config_is_terminal(const iw_config *cfg, const char *status);
 
