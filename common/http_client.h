@@ -1,15 +1,16 @@
 /* Provider calls over one libcurl multi handle: many transfers in flight on
  * one thread, connections reused, responses capped, auth headers added.
  *
- * The client owns no loop: the caller runs http_client_poll (which also
- * waits on the caller's extra file descriptors, e.g. the AMQP socket) and
- * http_client_perform, which calls each finished transfer's callback. */
+ * The client owns no loop: it puts curl's sockets and timeout into the
+ * caller's reactor (CURLMOPT_SOCKETFUNCTION / CURLMOPT_TIMERFUNCTION), and
+ * calls each finished transfer's callback from there. */
 #ifndef IW_HTTP_CLIENT_H
 #define IW_HTTP_CLIENT_H
 
 #include <curl/curl.h>
 #include <stddef.h>
 
+#include "loop.h"
 #include "retry.h"
 #include "status.h"
 
@@ -26,6 +27,7 @@ typedef struct http_client_opts {
     long connect_timeout_ms;
     long max_response_bytes;
     long max_connections;
+    long max_wait_ms; /* IW_MAX_RATE_PAUSE; 0: IW_DEFAULT_MAX_RATE_PAUSE_MS */
 } http_client_opts;
 
 typedef struct http_response {
@@ -52,20 +54,21 @@ void http_client_free(http_client *c);
 
 /* Starts METHOD base_url+path; body (may be NULL) is copied.  idempotency_key
  * (may be NULL) is the jobId, or its jobKey: the header sent is always
- * `Idempotency-Key: <jobKey>` (jobkey.h).  The callback is called exactly
- * once, from http_client_perform, when IW_OK is returned.  Refused with no
- * request and no callback: IW_ERR_URL_INVALID (path not "/..." of printable
- * ASCII; encode input first), IW_ERR_URL_TOO_LONG (base + path past
- * HTTP_URL_MAX: code URL_TOO_LONG), IW_ERR_HEADER_VALUE (a header value with
- * control bytes), IW_ERR_NOMEM, IW_ERR_INVALID (no method or path).  These
- * refusals are permanent for that input: fail the job, do not retry. */
+ * `Idempotency-Key: <jobKey>` (jobkey.h).  When IW_OK is returned the
+ * callback is called exactly once, from a later loop turn (never from inside
+ * this call).  Refused with no request and no callback: IW_ERR_URL_INVALID
+ * (path not "/..." of printable ASCII; encode input first),
+ * IW_ERR_URL_TOO_LONG (base + path past HTTP_URL_MAX: code URL_TOO_LONG),
+ * IW_ERR_HEADER_VALUE (a header value with control bytes), IW_ERR_NOMEM,
+ * IW_ERR_INVALID (no method or path).  These refusals are permanent for that
+ * input: fail the job, do not retry. */
 int http_client_start(http_client *c, const char *method, const char *path, const char *body,
                       size_t body_len, const char *idempotency_key, http_done_fn cb, void *ud);
 
-/* Waits up to timeout_ms for curl's sockets or the extra fds. */
-int http_client_poll(http_client *c, struct curl_waitfd *extra, unsigned n_extra, int timeout_ms);
-/* Drives every transfer and completes the finished ones. */
-void http_client_perform(http_client *c);
+/* Puts the client's sockets and timer into the loop: from then on the loop
+ * drives every transfer, and each finished transfer's callback runs from
+ * inside a loop turn. */
+int http_client_attach(http_client *c, loop *l);
 int http_client_in_flight(const http_client *c);
 
 /* IW_OK when value[0..len) may be sent as a header value (no byte below

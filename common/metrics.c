@@ -33,8 +33,8 @@ static struct {
     struct {
         char a[64], b[64];
         atomic_llong n;
-    } jobs[MAX_LABELS], dead[MAX_LABELS];
-    atomic_int n_jobs, n_dead;
+    } jobs[MAX_LABELS], dead[MAX_LABELS], trans[MAX_LABELS];
+    atomic_int n_jobs, n_dead, n_trans;
 } m = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static size_t status_index(long status)
@@ -96,6 +96,13 @@ static atomic_llong *label_slot(void *table, atomic_int *n, const char *a, const
 void metrics_job(const char *role, const char *outcome)
 {
     atomic_llong *n = label_slot(m.jobs, &m.n_jobs, role, outcome);
+    if (n)
+        atomic_fetch_add(n, 1);
+}
+
+void metrics_job_state(const char *role, const char *state)
+{
+    atomic_llong *n = label_slot(m.trans, &m.n_trans, role, state);
     if (n)
         atomic_fetch_add(n, 1);
 }
@@ -230,6 +237,11 @@ char *metrics_render(void)
         "# HELP iw_limiter_usage_ratio Highest usage of a rate-limit tier at the last permit.\n"
         "# TYPE iw_limiter_usage_ratio gauge\niw_limiter_usage_ratio %.3f\n",
         atomic_load(&m.usage_permille) / 1000.0);
+    put(&o, "# HELP iw_job_transitions_total Jobs entering each state of the job engine.\n"
+            "# TYPE iw_job_transitions_total counter\n");
+    for (int i = 0; i < atomic_load(&m.n_trans); i++)
+        put(&o, "iw_job_transitions_total{role=\"%s\",state=\"%s\"} %lld\n", m.trans[i].a,
+            m.trans[i].b, atomic_load(&m.trans[i].n));
     put(&o, "# HELP iw_jobs_total Outcomes of jobs and requests by role.\n"
             "# TYPE iw_jobs_total counter\n");
     for (int i = 0; i < atomic_load(&m.n_jobs); i++)

@@ -21,6 +21,8 @@ typedef enum iw_route {
 void metrics_provider_call(iw_route route, long status, long long duration_us, int breaker_failure);
 /* A job or request outcome of a role, e.g. ("submitter", "accepted"). */
 void metrics_job(const char *role, const char *outcome);
+/* A job of `role` entered `state` (the engine's state names). */
+void metrics_job_state(const char *role, const char *state);
 void metrics_dead_letter(const char *code);
 void metrics_limiter_usage(int permille);
 void metrics_breaker_state(iw_route route, int state); /* 0 closed, 1 open, 2 half-open */

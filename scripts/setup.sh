@@ -17,11 +17,10 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 # (rabbitmq-server, redis-server) and the tools the scripts and tests use.
 REQUIRED=(
   gcc libc6-dev make cmake pkg-config
-  librabbitmq-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
-  libssl-dev
+  librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
   check json-schema-test-suite
   clang libclang-rt-14-dev
-  rabbitmq-server redis-server amqp-tools curl
+  rabbitmq-server redis-server amqp-tools curl tzdata
 )
 # Optional: nice to have (formatting); a failure to install them is only a warning.
 OPTIONAL=(clang-format)

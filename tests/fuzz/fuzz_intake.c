@@ -1,12 +1,11 @@
-/* Job intake: content type + AMQP headers + body -> JSON parse (duplicate
- * keys rejected) -> schemas/submission-job -> outbound transform, the way
- * worker/runtime.c's rt_intake and the submitter do it today, with the
- * messages built the safe way (text_quote).  Checks: every refusal gives a
- * message that is valid one-line UTF-8 and a submission.failed event that
- * passes its schema; every accepted job gives a jobKey that is a safe header
- * value and an outbound body that passes provider-submit-request, the same
- * bytes every time.  (The lead moves intake into common/ as one pure
- * function; this target then calls it instead of these steps.)
+/* Job intake: content type + AMQP headers + body -> intake_json (size,
+ * content type, JSON parse with duplicate keys rejected, schemas/
+ * submission-job) and intake_trust_internal_headers -> outbound transform,
+ * the functions every role calls.  Checks: every refusal gives a message that
+ * is valid one-line UTF-8 and a submission.failed event that passes its
+ * schema; every accepted job gives a jobKey that is a safe header value and
+ * an outbound body that passes provider-submit-request, the same bytes every
+ * time; upstream's copies of our internal headers are dropped.
  *
  * Input: line 1 the content_type ("-" for none), then header lines
  * "name: value" up to an empty line, then the body. */
@@ -16,17 +15,12 @@
 #include "buf.h"
 #include "fuzz_support.h"
 #include "http_client.h"
+#include "intake.h"
 #include "jobkey.h"
 #include "parse.h"
 #include "transform.h"
 
 #define MAX_MESSAGE_BYTES 1048576 /* IW_MAX_MESSAGE_BYTES' default */
-
-static int is_json_content_type(const char *ct)
-{
-    size_t n = strlen("application/json");
-    return strncasecmp(ct, "application/json", n) == 0 && (ct[n] == '\0' || ct[n] == ';');
-}
 
 /* The failure event the worker would publish for this job. */
 static void check_failed_event(const json_t *doc, const char *code, const char *msg)
@@ -70,62 +64,58 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const char *line;
     size_t len;
     char *ct = NULL;
-    iw_buf msg;
-    json_error_t jerr;
-    json_t *doc = NULL;
-    iw_error err;
+    intake_result r;
+    json_t *headers = json_object();
 
-    buf_init(&msg, 4096);
+    FUZZ_REQUIRE(headers != NULL);
     if (fuzz_line(&data, &size, &line, &len) && !(len == 1 && line[0] == '-'))
         ct = fuzz_strndup(line, len);
-    /* headers: an attempt count as the worker reads x-attempts, and every
-     * value quoted as a dead-letter header would quote it */
+    /* headers as the AMQP link gives them (JSON; names and values that are
+     * not UTF-8 never become JSON strings), from upstream (not the retry
+     * exchange): our internal ones must be dropped */
     while (fuzz_line(&data, &size, &line, &len) && len > 0) {
         const char *colon = memchr(line, ':', len);
         size_t nlen = colon ? (size_t)(colon - line) : len;
-        char *value = colon ? fuzz_strndup(colon + 1, len - nlen - 1) : fuzz_strndup("", 0);
-        char *quoted = text_quote(line, len, 256);
-        long attempts;
-        FUZZ_REQUIRE(quoted != NULL);
-        fuzz_check_message(quoted);
-        if (nlen == 10 && strncasecmp(line, "x-attempts", 10) == 0 &&
-            parse_long(value[0] == ' ' ? value + 1 : value, 0, 100, &attempts, &err) != IW_OK)
-            fuzz_check_message(err.msg);
-        free(quoted);
-        free(value);
+        char *name = fuzz_strndup(line, nlen);
+        json_t *value = colon ? json_stringn(colon + 1, len - nlen - 1) : json_null();
+        if (value && strlen(name) == nlen && utf8_valid(name, nlen))
+            json_object_set_new(headers, name, value);
+        else
+            json_decref(value);
+        free(name);
+    }
+    FUZZ_REQUIRE(intake_trust_internal_headers(headers, "ext-api.requests", "ext-api") == 0);
+    FUZZ_REQUIRE(!json_object_get(headers, "x-attempts") && !json_object_get(headers, "x-due-at"));
+    {
+        const char *key;
+        json_t *v;
+        json_object_foreach(headers, key, v)
+        {
+            (void)v;
+            FUZZ_REQUIRE(strncmp(key, "iw-", 3) != 0);
+        }
     }
 
-    if (size > MAX_MESSAGE_BYTES) {
-        FUZZ_REQUIRE(buf_addf(&msg, "message of %zu bytes exceeds IW_MAX_MESSAGE_BYTES=%d", size,
-                              MAX_MESSAGE_BYTES) == IW_OK);
-        fuzz_check_message(buf_ptr(&msg));
-        goto out;
+    intake_json((const char *)data, size, ct, MAX_MESSAGE_BYTES, fuzz_schema("submission-job"), &r);
+    switch (r.code) {
+    case IW_C_NONE:
+        FUZZ_REQUIRE(r.doc != NULL && r.msg[0] == '\0');
+        accepted(r.doc);
+        break;
+    case IW_C_MESSAGE_TOO_LARGE:
+    case IW_C_INVALID_JSON:
+        FUZZ_REQUIRE(r.code != IW_C_INVALID_JSON || r.doc == NULL);
+        fuzz_check_message(r.msg);
+        break;
+    case IW_C_INVALID_CONTENT_TYPE:
+    case IW_C_SCHEMA_VIOLATION:
+        check_failed_event(r.doc, iw_code_name(r.code), r.msg);
+        break;
+    default:
+        FUZZ_REQUIRE(!"intake_json gave a code it does not document");
     }
-    doc = json_loadb((const char *)data, size, JSON_REJECT_DUPLICATES, &jerr);
-    if (ct && !is_json_content_type(ct)) {
-        char *q = text_quote(ct, strlen(ct), 100);
-        FUZZ_REQUIRE(q && buf_addf(&msg, "content_type '%s' is not application/json", q) == IW_OK);
-        free(q);
-        check_failed_event(doc, "INVALID_CONTENT_TYPE", buf_ptr(&msg));
-        goto out;
-    }
-    if (!doc) {
-        char *q = text_quote(jerr.text, strlen(jerr.text), 200);
-        FUZZ_REQUIRE(q && buf_addf(&msg, "not UTF-8 JSON: %s (line %d, column %d)", q, jerr.line,
-                                   jerr.column) == IW_OK);
-        free(q);
-        fuzz_check_message(buf_ptr(&msg));
-        goto out;
-    }
-    if (schema_validate(fuzz_schema("submission-job"), doc, &err) != IW_OK) {
-        FUZZ_REQUIRE(err.status == IW_ERR_SCHEMA);
-        check_failed_event(doc, "SCHEMA_VIOLATION", err.msg);
-        goto out;
-    }
-    accepted(doc);
-out:
-    json_decref(doc);
-    buf_free(&msg);
+    json_decref(r.doc);
+    json_decref(headers);
     free(ct);
     return 0;
 }

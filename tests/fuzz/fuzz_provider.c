@@ -1,7 +1,8 @@
 /* Provider answers: status + headers + body -> retry_classify, the
  * Retry-After / X-RateLimit-Reset-Ms parsing, the inbound transform and the
  * status-response schema check.  Checks: a verdict is always one of the
- * four, with a code when it is not an acceptance, and never a negative wait;
+ * four, with a code when it is not an acceptance; a wait from the provider is
+ * never negative nor past IW_MAX_RATE_PAUSE;
  * an inbound transform either fails with a safe message or gives an answer
  * that passes resource-reply's data; every message is valid UTF-8.
  *
@@ -16,14 +17,6 @@
 #include "transform.h"
 
 #define NOW_MS 1700000000000LL
-
-static long parse_reset_ms(const char *v)
-{
-    /* what http_client.c does with X-RateLimit-Reset-Ms today (a helper is
-     * bounding it): strtol; here only through parse_long's bounds */
-    long ms;
-    return parse_long(v, 0, 86400000L, &ms, NULL) == IW_OK ? ms : -1;
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -56,12 +49,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             v++, vlen--;
         char *value = fuzz_strndup(v, vlen);
         if (nlen == 11 && strncasecmp(line, "Retry-After", 11) == 0) {
-            long ms = retry_parse_retry_after(value, NOW_MS);
-            FUZZ_REQUIRE(ms >= -1);
-            if (r.retry_after_ms < 0)
+            int capped = 0;
+            long ms = retry_parse_retry_after(value, NOW_MS, 0, &capped);
+            FUZZ_REQUIRE(ms >= -1 && ms <= IW_DEFAULT_MAX_RATE_PAUSE_MS);
+            if (r.retry_after_ms < 0) {
                 r.retry_after_ms = ms;
+                r.wait_capped = capped;
+            }
         } else if (nlen == 20 && strncasecmp(line, "X-RateLimit-Reset-Ms", 20) == 0) {
-            r.retry_after_ms = parse_reset_ms(value);
+            int capped = 0;
+            long ms = retry_parse_reset_ms(value, 0, &capped);
+            FUZZ_REQUIRE(ms >= -1 && ms <= IW_DEFAULT_MAX_RATE_PAUSE_MS);
+            r.retry_after_ms = ms;
+            r.wait_capped = capped;
         }
         free(value);
     }
@@ -71,8 +71,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     iw_verdict v = retry_classify(&r);
     FUZZ_REQUIRE(v.kind == IW_V_ACCEPT || v.kind == IW_V_RETRY || v.kind == IW_V_WAIT ||
                  v.kind == IW_V_FAIL);
-    FUZZ_REQUIRE(v.kind == IW_V_ACCEPT || (v.code && *v.code));
-    FUZZ_REQUIRE(v.kind != IW_V_WAIT || v.wait_ms >= 0);
+    FUZZ_REQUIRE(v.kind == IW_V_ACCEPT || (v.code != IW_C_NONE && iw_code_name(v.code)));
+    FUZZ_REQUIRE(v.kind != IW_V_WAIT ||
+                 (v.wait_ms >= 0 && v.wait_ms <= IW_DEFAULT_MAX_RATE_PAUSE_MS));
 
     json_t *body = json_loadb((const char *)data, size, JSON_REJECT_DUPLICATES, &jerr);
     if (body) {

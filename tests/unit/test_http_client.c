@@ -117,6 +117,8 @@ static int n_captured(void)
     return n;
 }
 
+static loop *lp; /* the reactor the client puts its sockets in */
+
 static http_client *client(int auth_mode, const char *api_key, iw_error *err)
 {
     char url[64];
@@ -131,7 +133,14 @@ static http_client *client(int auth_mode, const char *api_key, iw_error *err)
                           .connect_timeout_ms = 2000,
                           .max_response_bytes = 65536,
                           .max_connections = 4};
-    return http_client_new(&o, err);
+    http_client *c = http_client_new(&o, err);
+    if (c) {
+        if (!lp)
+            lp = loop_new();
+        ck_assert_ptr_nonnull(lp);
+        ck_assert_int_eq(http_client_attach(c, lp), IW_OK);
+    }
+    return c;
 }
 
 static int done;
@@ -151,8 +160,7 @@ static int call(http_client *c, const char *path, const char *idem)
     if (rc != IW_OK)
         return rc;
     for (int i = 0; i < 500 && done == before; i++) {
-        http_client_poll(c, NULL, 0, 20);
-        http_client_perform(c);
+        loop_turn(lp, 20);
     }
     ck_assert_int_eq(done, before + 1);
     return rc;
@@ -199,6 +207,8 @@ START_TEST(idempotency_key_is_jobkey)
     ck_assert_str_eq(header_value(cap.heads[0], "Idempotency-Key", v, sizeof v), "j-1");
     ck_assert_str_eq(header_value(cap.heads[0], "X-API-Key", v, sizeof v), "key");
     http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
 }
 END_TEST
 
@@ -225,6 +235,8 @@ START_TEST(crlf_job_id_never_adds_a_header)
     ck_assert_str_eq(header_value(cap.heads[1], "Idempotency-Key", v, sizeof v),
                      "sha256:3998882e99d572b18950f6f28b2e155fa27a9da5137b27473d76609b9484d344");
     http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
 }
 END_TEST
 
@@ -274,6 +286,8 @@ START_TEST(url_too_long_refused_whole_or_nothing)
     usleep(100000);
     ck_assert_int_eq(n_captured(), 1);
     http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
 }
 END_TEST
 
@@ -290,6 +304,8 @@ START_TEST(token_with_crlf_never_sent)
     ck_assert_int_eq(count_headers(cap.heads[1], "Authorization"), 0);
     ck_assert_ptr_null(strstr(cap.heads[1], "X-Injected"));
     http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
 }
 END_TEST
 
@@ -305,6 +321,8 @@ START_TEST(good_token_sent)
     ck_assert_int_eq(n_captured(), 2);
     ck_assert_str_eq(header_value(cap.heads[1], "Authorization", v, sizeof v), "Bearer abc.def");
     http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
 }
 END_TEST
 
