@@ -1,9 +1,21 @@
 #include "config.h"
 
 #include <amqp.h>
+#include <curl/curl.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "buf.h"
+#include "redis_link.h"
+
+/* The longest IW_NAMESPACE.  Names made from it: AMQP queues and exchanges
+ * (at most 255 bytes; the longest is "<ns>.delay.65536000", 15 more) and
+ * Redis keys ("<ns>:limiter:demand:resource", "<ns>:job:<jobKey>"...).  100
+ * bytes leave every one of them far inside its limit. */
+#define NS_MAX 100
+/* The longest secret read from NAME_FILE (a longer file is refused, not cut). */
+#define SECRET_FILE_MAX 65536
 
 typedef enum setting_type {
     T_STRING,
@@ -53,6 +65,9 @@ static const setting settings[] = {
      "shared state: limiter, breaker, cache, idempotency"},
     {"IW_PROVIDER_URL", T_URL, "http://127.0.0.1:8080", 0, 0, NULL, F(provider_url), 0,
      "provider base URL; /api/v1/... and /oauth/token are appended"},
+    {"IW_ALLOW_INSECURE_HTTP", T_LONG, "0", 0, 1, NULL, F(allow_insecure_http), 0,
+     "1 lets provider credentials go over plain http:// to a host that is not loopback "
+     "(warned about at start-up); otherwise such a setting is refused"},
     {"IW_NAMESPACE", T_STRING, "ext-api", 0, 0, NULL, F(ns), 0,
      "prefix of every exchange, queue and Redis key"},
     {"IW_AUTH_MODE", T_ENUM, "api-key", 0, 0, auth_choices, F(auth_mode), 0,
@@ -157,22 +172,54 @@ static const setting settings[] = {
 
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
 
+/* The file's content without trailing newlines, whole: a file past
+ * SECRET_FILE_MAX or holding a NUL is refused, never cut short. */
 static char *read_secret_file(const char *path, iw_error *err)
 {
     FILE *f = fopen(path, "rb");
-    char buf[4096];
+    iw_buf b;
+    char chunk[4096];
     size_t n;
+    char *out = NULL;
 
+    buf_init(&b, SECRET_FILE_MAX);
     if (!f) {
         iw_error_set(err, IW_ERR_CONFIG, "cannot read %s", path);
         return NULL;
     }
-    n = fread(buf, 1, sizeof buf - 1, f);
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (buf_add(&b, chunk, n) != IW_OK) {
+            iw_error_set(err, IW_ERR_CONFIG, "the file is larger than %d bytes", SECRET_FILE_MAX);
+            goto out;
+        }
+    }
+    if (ferror(f)) {
+        iw_error_set(err, IW_ERR_CONFIG, "cannot read the file");
+        goto out;
+    }
+    if (memchr(buf_ptr(&b), '\0', buf_len(&b))) {
+        iw_error_set(err, IW_ERR_CONFIG, "the file holds a NUL byte");
+        goto out;
+    }
+    n = buf_len(&b);
+    out = buf_steal(&b);
+    while (out && n && (out[n - 1] == '\n' || out[n - 1] == '\r'))
+        out[--n] = '\0';
+    if (!out)
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+out:
     fclose(f);
-    buf[n] = '\0';
-    while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-        buf[--n] = '\0';
-    return strdup(buf);
+    buf_free(&b);
+    return out;
+}
+
+/* 1 when s holds no byte below 0x20 and no DEL. */
+static int no_controls(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7F)
+            return 0;
+    return 1;
 }
 
 static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *err)
@@ -187,11 +234,18 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
     case T_URL:
     case T_LIST: {
         char **dst = (char **)(base + s->offset);
+        /* URLs may hold passwords: never echoed (check_urls says what is wrong) */
         if (s->type == T_URL && !strstr(value, "://"))
-            /* never echoed: a URL may carry a password */
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: not a URL (scheme://...)", s->name);
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "%s: not a URL (scheme://...); the value is not shown, it may "
+                                "hold a password",
+                                s->name);
         if (s->type != T_SECRET && s->type != T_URL && !*value)
             return iw_error_set(err, IW_ERR_CONFIG, "%s: must not be empty", s->name);
+        /* Values go into JSON bodies, headers, names and logs: text only */
+        if (s->type != T_SECRET && (!utf8_valid(value, strlen(value)) || !no_controls(value)))
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "%s: must be UTF-8 text without control characters", s->name);
         free(*dst);
         *dst = strdup(value);
         if (s->type == T_LIST) {
@@ -318,61 +372,191 @@ int config_check_provider(const iw_config *cfg, iw_error *err)
     return IW_OK;
 }
 
-/* IW_AMQP_URL: one URL or several comma-separated ones (the nodes of one
- * cluster), each amqp:// or amqps:// and parseable.  Errors name the variable
- * and the URL's position, never its text (it may hold a password). */
-static int check_amqp_urls(const char *value, iw_error *err)
+/* Each comma-separated node of IW_AMQP_URL, parsed by librabbitmq exactly as
+ * amqp_link will.  The value is never echoed: it holds the broker password. */
+static int check_amqp_url(const char *url, iw_error *err)
 {
-    char *copy = strdup(value), *save = NULL;
-    int n = 0, rc = IW_OK;
+    char *copy = strdup(url), *rest = copy, *node;
+    int rc = IW_OK, i = 0;
 
     if (!copy)
         return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
-    for (char *t = strtok_r(copy, ",", &save); t && rc == IW_OK; t = strtok_r(NULL, ",", &save)) {
+    while ((node = strsep(&rest, ",")) != NULL) {
         struct amqp_connection_info ci;
-        while (*t == ' ' || *t == '\t')
-            t++;
-        for (char *end = t + strlen(t); end > t && (end[-1] == ' ' || end[-1] == '\t');)
+        if (++i > IW_MAX_AMQP_NODES) {
+            rc = iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: at most %d URLs",
+                              IW_MAX_AMQP_NODES);
+            break;
+        }
+        while (*node == ' ')
+            node++;
+        for (char *end = node + strlen(node); end > node && end[-1] == ' ';)
             *--end = '\0';
-        if (!*t)
-            continue;
-        n++;
-        if (n > IW_MAX_AMQP_NODES)
-            rc =
-                iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: at most %d URLs", IW_MAX_AMQP_NODES);
-        else if (strncmp(t, "amqp://", 7) && strncmp(t, "amqps://", 8))
+        if (strncmp(node, "amqp://", 7) && strncmp(node, "amqps://", 8)) {
             rc = iw_error_set(err, IW_ERR_CONFIG,
-                              "IW_AMQP_URL: URL %d must start with amqp:// or amqps://", n);
-        else if (amqp_parse_url(t, &ci) != AMQP_STATUS_OK) /* parses in place */
-            rc = iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: URL %d cannot be parsed", n);
+                              "IW_AMQP_URL: node %d must start with amqp:// or amqps:// (the value "
+                              "is not shown: it may hold a password)",
+                              i);
+            break;
+        }
+        /* librabbitmq takes an empty host for "localhost": that is a typo here */
+        const char *auth = strstr(node, "://") + 3;
+        size_t auth_len = strcspn(auth, "/");
+        const char *host = auth;
+        for (const char *p = auth; p < auth + auth_len; p++)
+            if (*p == '@')
+                host = p + 1;
+        int empty_host = host == auth + auth_len || *host == ':';
+        amqp_default_connection_info(&ci);
+        if (empty_host || amqp_parse_url(node, &ci) != AMQP_STATUS_OK || !ci.host || !*ci.host) {
+            rc = iw_error_set(err, IW_ERR_CONFIG,
+                              "IW_AMQP_URL: node %d is not amqp[s]://[user:password@]host[:port]"
+                              "[/vhost] (the value is not shown: it may hold a password)",
+                              i);
+            break;
+        }
     }
-    if (rc == IW_OK && n == 0)
-        rc = iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: must name at least one URL");
     free(copy);
     return rc;
 }
 
-static int check_combinations(const iw_config *cfg, iw_error *err)
+/* The host of a provider URL is loopback: localhost, 127.0.0.0/8 or ::1. */
+static int is_loopback_host(const char *host)
 {
+    if (strcasecmp(host, "localhost") == 0 || strcmp(host, "[::1]") == 0 ||
+        strcmp(host, "::1") == 0)
+        return 1;
+    if (strncmp(host, "127.", 4) != 0)
+        return 0;
+    for (const char *p = host + 4; *p; p++)
+        if (!(*p == '.' || (*p >= '0' && *p <= '9')))
+            return 0;
+    return 1;
+}
+
+/* IW_PROVIDER_URL parsed by libcurl (as the calls will be); credentials over
+ * plain http:// only to loopback unless IW_ALLOW_INSECURE_HTTP=1. */
+static int check_provider_url(const iw_config *cfg, void (*warn)(const char *msg), iw_error *err)
+{
+    CURLU *u = curl_url();
+    char *scheme = NULL, *host = NULL, *query = NULL, *fragment = NULL;
+    int rc = IW_OK;
+
+    if (!u)
+        return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+    if (curl_url_set(u, CURLUPART_URL, cfg->provider_url, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !*host) {
+        rc = iw_error_set(err, IW_ERR_CONFIG,
+                          "IW_PROVIDER_URL: not a valid http:// or https:// URL (the value is not "
+                          "shown: it may hold a password)");
+        goto out;
+    }
+    if (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0) {
+        rc = iw_error_set(err, IW_ERR_CONFIG,
+                          "IW_PROVIDER_URL: must start with http:// or https://");
+        goto out;
+    }
+    if (curl_url_get(u, CURLUPART_QUERY, &query, 0) == CURLUE_OK ||
+        curl_url_get(u, CURLUPART_FRAGMENT, &fragment, 0) == CURLUE_OK) {
+        rc = iw_error_set(err, IW_ERR_CONFIG,
+                          "IW_PROVIDER_URL: must not have a query or fragment (the API paths are "
+                          "appended to it)");
+        goto out;
+    }
+    if (strcmp(scheme, "http") == 0 && cfg->auth_mode != IW_AUTH_NONE && !is_loopback_host(host)) {
+        if (!cfg->allow_insecure_http) {
+            rc = iw_error_set(err, IW_ERR_CONFIG,
+                              "IW_PROVIDER_URL: provider credentials would go over plain http:// "
+                              "to a host that is not loopback; use https:// or set "
+                              "IW_ALLOW_INSECURE_HTTP=1");
+            goto out;
+        }
+        if (warn)
+            warn("IW_ALLOW_INSECURE_HTTP=1: provider credentials go over plain http:// to a host "
+                 "that is not loopback");
+    }
+out:
+    curl_free(scheme);
+    curl_free(host);
+    curl_free(query);
+    curl_free(fragment);
+    curl_url_cleanup(u);
+    return rc;
+}
+
+static int check_namespace(const char *ns, iw_error *err)
+{
+    if (strlen(ns) > NS_MAX)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_NAMESPACE: at most %d bytes (it prefixes every queue name, at most "
+                            "255 bytes, and Redis key)",
+                            NS_MAX);
+    for (const char *p = ns; *p; p++)
+        if (!(*p == '-' || *p == '_' || *p == '.' || (*p >= 'a' && *p <= 'z') ||
+              (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9')))
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "IW_NAMESPACE: only letters, digits, '-', '_' and '.' are allowed");
+    /* RabbitMQ refuses to declare names starting with "amq." */
+    if (strncmp(ns, "amq.", 4) == 0 || strcmp(ns, "amq") == 0)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_NAMESPACE: names starting with 'amq.' are reserved by RabbitMQ");
+    return IW_OK;
+}
+
+/* Credentials that go into header lines: a CR or LF would start a line of its
+ * own, so they are refused here, by name and without the value. */
+static int check_secrets(const iw_config *cfg, iw_error *err)
+{
+    static const struct {
+        const char *name;
+        size_t offset;
+    } header_secrets[] = {{"IW_API_KEY", F(api_key)}, {"IW_API_SECRET", F(api_secret)}};
+
+    for (size_t i = 0; i < sizeof header_secrets / sizeof header_secrets[0]; i++) {
+        const char *v = *(char *const *)((const char *)cfg + header_secrets[i].offset);
+        if (v && !no_controls(v))
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "%s: holds control characters (CR, LF, ...); it is sent as an "
+                                "HTTP header",
+                                header_secrets[i].name);
+    }
+    if (cfg->basic_user && strchr(cfg->basic_user, ':'))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_BASIC_USER: must not hold ':' (HTTP basic auth splits on it)");
+    return IW_OK;
+}
+
+static int check_combinations(const iw_config *cfg, void (*warn)(const char *msg), iw_error *err)
+{
+    iw_error e = {0};
+    int rc;
+
     if (!!cfg->tls_cert != !!cfg->tls_key)
         return iw_error_set(err, IW_ERR_CONFIG,
                             "IW_TLS_CERT: IW_TLS_CERT and IW_TLS_KEY go together");
     if (!!cfg->amqp_cert != !!cfg->amqp_key)
         return iw_error_set(err, IW_ERR_CONFIG,
                             "IW_AMQP_CERT: IW_AMQP_CERT and IW_AMQP_KEY go together");
-    if (check_amqp_urls(cfg->amqp_url, err) != IW_OK)
-        return IW_ERR_CONFIG;
+    if ((rc = check_amqp_url(cfg->amqp_url, err)) != IW_OK)
+        return rc;
     if (strncmp(cfg->redis_url, "redis://", 8))
         return iw_error_set(err, IW_ERR_CONFIG, "IW_REDIS_URL: must start with redis://");
+    /* parsed by redis_link exactly as the roles will (no connection made) */
+    redis_link *r = redis_link_new(cfg->redis_url, 1000, &e);
+    if (!r)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_REDIS_URL: expected redis://[:password@]host[:port][/db] (the "
+                            "value is not shown: it may hold a password)");
+    redis_link_free(r);
     if (strncmp(cfg->provider_url, "http://", 7) && strncmp(cfg->provider_url, "https://", 8))
         return iw_error_set(err, IW_ERR_CONFIG,
                             "IW_PROVIDER_URL: must start with http:// or https://");
-    for (const char *p = cfg->ns; *p; p++)
-        if (!(*p == '-' || *p == '_' || *p == '.' || (*p >= 'a' && *p <= 'z') ||
-              (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9')))
-            return iw_error_set(err, IW_ERR_CONFIG,
-                                "IW_NAMESPACE: only letters, digits, '-', '_' and '.' are allowed");
-    return IW_OK;
+    if ((rc = check_namespace(cfg->ns, err)) != IW_OK)
+        return rc;
+    if ((rc = check_secrets(cfg, err)) != IW_OK)
+        return rc;
+    return check_provider_url(cfg, warn, err); /* last: it may warn */
 }
 
 iw_config *config_from_env(char **envp, void (*warn)(const char *msg), iw_error *err)
@@ -417,16 +601,21 @@ iw_config *config_from_env(char **envp, void (*warn)(const char *msg), iw_error 
         if (rc != IW_OK)
             goto fail;
     }
-    if (check_combinations(cfg, err) != IW_OK)
+    if (check_combinations(cfg, warn, err) != IW_OK)
         goto fail;
     if (warn) {
         for (char **e = envp; e && *e; e++) {
             if (strncmp(*e, "IW_", 3) == 0 && !known_variable(*e)) {
-                char msg[160];
+                /* the name is outside bytes: quoted safely and capped */
                 const char *eq = strchr(*e, '=');
-                snprintf(msg, sizeof msg, "unknown setting %.*s ignored",
-                         (int)(eq ? eq - *e : (long)strlen(*e)), *e);
-                warn(msg);
+                size_t len = eq ? (size_t)(eq - *e) : strlen(*e);
+                iw_buf msg;
+                buf_init(&msg, 512);
+                if (buf_adds(&msg, "unknown setting ") == IW_OK &&
+                    buf_add_text(&msg, *e, len, 200) == IW_OK &&
+                    buf_adds(&msg, " ignored") == IW_OK)
+                    warn(buf_ptr(&msg));
+                buf_free(&msg);
             }
         }
     }
@@ -460,6 +649,11 @@ void config_print_help(FILE *out)
         fprintf(out, "  %-24s %s\n  %-24s   default: %s\n", s->name, s->help, "",
                 s->def ? s->def : "(none)");
     }
+}
+
+const char *config_setting_name(size_t i)
+{
+    return i < N_SETTINGS ? settings[i].name : NULL;
 }
 
 int config_is_terminal(const iw_config *cfg, const char *status)

@@ -33,7 +33,8 @@ typedef struct iw_config {
     int amqp_tls_no_verify;               /* IW_AMQP_TLS_VERIFY=off */
     char *redis_url;
     char *provider_url;
-    char *ns; /* IW_NAMESPACE */
+    long allow_insecure_http; /* IW_ALLOW_INSECURE_HTTP: credentials over http:// off loopback */
+    char *ns;                 /* IW_NAMESPACE */
     int auth_mode;
     char *api_key, *api_secret;
     char *oauth_client_id, *oauth_client_secret;
@@ -100,6 +101,10 @@ int config_check_provider(const iw_config *cfg, iw_error *err);
 
 /* Prints the settings table (name, default, help) for --help. */
 void config_print_help(FILE *out);
+
+/* The name of the i-th setting of the table, NULL past the last (for the
+ * fuzzer and tests that walk every setting). */
+const char *config_setting_name(size_t i);
 
 /* True if `status` is one of IW_TERMINAL_STATUSES. */
 int config_is_terminal(const iw_config *cfg, const char *status);

@@ -11,6 +11,7 @@
 #include "admin_http.h"
 #include "clock.h"
 #include "errcode.h"
+#include "jobkey.h"
 #include "log.h"
 #include "metrics.h"
 #include "parse.h"
@@ -473,18 +474,22 @@ static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p, int
                       o);
 }
 
-/* The link refuses a publish with a short-string property over 255 bytes
- * (IW_ERR_AMQP_ENCODE) instead of leaving it out; a jobId that long goes
- * without correlation_id, as before, until the contract's jobKey is passed. */
-static const char *short_id(const char *id)
+/* The correlation_id of a job's messages (contract): its jobId, or its
+ * jobKey (sha256:...) when the jobId is longer than an AMQP short string
+ * holds (255 bytes).  NULL when there is no jobId. */
+static const char *correlation_of(const char *id, char key[JOBKEY_SIZE])
 {
-    return id && strlen(id) <= 255 ? id : NULL;
+    if (!id)
+        return NULL;
+    if (strlen(id) <= 255)
+        return id;
+    return jobkey(id, strlen(id), key) == IW_OK ? key : NULL;
 }
 
 void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, const char *body,
                            size_t len, const char *job_id)
 {
-    char exchange[256];
+    char exchange[256], key[JOBKEY_SIZE];
     iw_publish p = {0};
 
     p.exchange = rt_name(rt, exchange, sizeof exchange, "events");
@@ -492,14 +497,14 @@ void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, 
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = short_id(job_id);
+    p.correlation_id = correlation_of(job_id, key);
     outcome_publish(rt, o, &p, 0);
 }
 
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
                       const char *job_id)
 {
-    char exchange[256];
+    char exchange[256], key[JOBKEY_SIZE];
     char *text = json_dumps(body, JSON_COMPACT);
     iw_publish p = {0};
 
@@ -508,7 +513,7 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     p.body = text ? text : "{}";
     p.body_len = strlen(p.body);
     p.content_type = "application/json";
-    p.correlation_id = short_id(job_id);
+    p.correlation_id = correlation_of(job_id, key);
     outcome_publish(rt, o, &p, 0);
     free(text);
 }
@@ -650,14 +655,14 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
                         size_t len, const char *correlation_id, const json_t *headers,
                         long delay_ms)
 {
-    char exchange[256], queue[256], suffix[64];
+    char exchange[256], queue[256], suffix[64], key[JOBKEY_SIZE];
     json_t *h = headers ? json_deep_copy(headers) : json_object();
     int tier = topology_pick_tier(delay_ms);
     iw_publish p = {0};
 
     json_object_set_new(h, "iw-target", json_string(target));
     json_object_set_new(h, "x-due-at",
-                        json_integer(clock_wall_ms() + (delay_ms > 0 ? delay_ms : 0)));
+                        json_integer(iw_add_ms(clock_wall_ms(), delay_ms > 0 ? delay_ms : 0)));
     if (tier < 0) {
         p.exchange = rt_name(rt, exchange, sizeof exchange, "retry");
         p.routing_key = "";
@@ -669,7 +674,7 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = short_id(correlation_id);
+    p.correlation_id = correlation_of(correlation_id, key);
     p.headers = h;
     outcome_publish(rt, o, &p, 1);
     json_decref(h);
