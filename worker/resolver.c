@@ -1452,7 +1452,7 @@ int resolver_cache_invalidate_cmd(const iw_config *cfg, const char *id)
 {
     iw_error err = {0};
     redis_script script = {invalidate_source, ""};
-    redis_link *link = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, &err);
+    redis_link *link = redis_link_from_config(cfg, &err);
     redisReply *rep = NULL;
     int rc = 1;
 

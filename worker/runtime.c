@@ -58,7 +58,7 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
     rt->cfg = cfg;
     snprintf(rt->process_name, sizeof rt->process_name, "%s", process_name);
     rt->amqp_backoff = AMQP_BACKOFF_MIN_MS;
-    rt->redis = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, err);
+    rt->redis = redis_link_from_config(cfg, err);
     if (!rt->redis)
         goto fail;
     rt->lim =
