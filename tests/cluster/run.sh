@@ -220,7 +220,7 @@ cleanup() {
   cluster_down
   wait 2>/dev/null
   # the workers' logs (named after the driver's namespace) are kept with the rest
-  mv /tmp/iwtest-t-cj*-"$$"*.log "$TMP/" 2>/dev/null
+  mv /tmp/iwtest-t-cj?"$$"-*.log "$TMP/" 2>/dev/null
   if [ $KEEP -eq 1 ] || [ $rc -ne 0 ] || [ $FAILED -ne 0 ]; then
     log "logs kept in $TMP"
   else
@@ -256,7 +256,7 @@ phase_rabbit() {
       "it connects to node 1 and node 3 is stopped (quorum leaders move; the worker's connection stays)"
   fi
   local half=$((JOBS / 5)) late=$((JOBS * 3 / 5))
-  "$DRIVE" --tag cjr --nodes "127.0.0.1:${AMQP_PORTS[1]},127.0.0.1:${AMQP_PORTS[2]},127.0.0.1:${AMQP_PORTS[3]}" \
+  "$DRIVE" --tag "cjr$$" --nodes "127.0.0.1:${AMQP_PORTS[1]},127.0.0.1:${AMQP_PORTS[2]},127.0.0.1:${AMQP_PORTS[3]}" \
     --tap-node "$tap_node" --jobs "$JOBS" --rate 150 --timeout 900 "${allow[@]}" \
     --mock-arg --checks-to-complete --mock-arg 3 --mock-arg --rate-limits --mock-arg off \
     --env "IW_AMQP_URL=$url" --env "IW_REDIS_URL=redis://127.0.0.1:1/0" \
@@ -270,7 +270,7 @@ phase_redis() {
   local master_pid
   master_pid=$(cat "$TMP/redis/pid-$REDIS_MASTER")
   log "phase redis: IW_RATE_LIMITS=20/s, mock enforcing 20/s, kill -9 of the Redis master mid-run"
-  "$DRIVE" --tag cjs --nodes "127.0.0.1:${AMQP_PORTS[1]}" --tap-node 0 \
+  "$DRIVE" --tag "cjs$$" --nodes "127.0.0.1:${AMQP_PORTS[1]}" --tap-node 0 \
     --jobs "$REDIS_JOBS" --rate 10 --timeout 600 \
     --mock-arg --checks-to-complete --mock-arg 1 --mock-arg --rate-limits --mock-arg 20/s \
     --env "IW_AMQP_URL=$(amqp_url "${AMQP_PORTS[1]}")" --env "IW_REDIS_URL=redis://127.0.0.1:1/0" \
@@ -279,6 +279,14 @@ phase_redis() {
     --at $((REDIS_JOBS / 3)) "kill -9 $master_pid; t=\$(date +%s%N); \
       until [ \"\$(redis-cli -p ${SENTINEL_PORTS[0]} sentinel get-master-addr-by-name mymaster | tail -1)\" = $REDIS_REPLICA ]; do sleep 0.05; done; \
       echo \"sentinels named the new master \$(( (\$(date +%s%N) - t) / 1000000 )) ms after kill -9\"" || return 1
+  # The worker wrote to the new master after the failover, and what the old one
+  # took with it: accepted-job records that never reached the replica.
+  local records finals
+  records=$(redis-cli -p "$REDIS_REPLICA" --scan --pattern "t-cjs$$-*:job:*" | wc -l)
+  finals=$(redis-cli -p "$REDIS_REPLICA" --scan --pattern "t-cjs$$-*:final:*" | wc -l)
+  log "new master (:$REDIS_REPLICA) holds $records of $REDIS_JOBS job records and $finals final records"
+  [ "$(redis-cli -p "$REDIS_REPLICA" role | head -1)" = master ] || { log "FAIL: :$REDIS_REPLICA is not the master"; return 1; }
+  [ "$records" -gt 0 ] || { log "FAIL: the worker never wrote to the new master"; return 1; }
 }
 
 log "temp dir $TMP"
