@@ -86,7 +86,7 @@ int redis_link_read(redis_link *r, redisReply **out, iw_error *err);
  * passed) with the number that did.  Returns the number of replies the caller
  * must read: 0 when replicas is 0 (nothing appended), else 1; or a negative
  * status.  Pipelined after a group of records it costs one replication round
- * trip per group, not per record (see tests/cluster/README.md). */
+ * trip per group, not per record (README, Scale-out: measured). */
 int redis_link_append_wait(redis_link *r, long replicas, long timeout_ms, iw_error *err);
 /* Checks a WAIT reply: IW_OK when at least `replicas` acknowledged,
  * IW_ERR_TIMEOUT (with the count in err) when fewer did, IW_ERR_REDIS when the
