@@ -141,8 +141,7 @@ EOF
     rmqctl "$i" -q start_app >/dev/null
   done
   local running
-  running=$(rmqctl 1 -q cluster_status --formatter json |
-    python3 -c 'import json,sys; print(len(json.load(sys.stdin)["running_nodes"]))')
+  running=$(rmqctl 1 -q eval 'length(rabbit_nodes:all_running()).')
   [ "$running" = 3 ] || { log "cluster has $running running nodes, not 3"; return 1; }
   log "RabbitMQ cluster up: ${RMQ_NODES[*]:1} on 127.0.0.1:${AMQP_PORTS[1]},${AMQP_PORTS[2]},${AMQP_PORTS[3]}"
 }
@@ -165,6 +164,7 @@ redis_start() { # $1: port, rest: extra arguments
     --dbfilename "dump-$port.rdb" "$@" >"$TMP/redis/redis-$port.log" 2>&1 &
   REDIS_PIDS+=($!)
   echo $! >"$TMP/redis/pid-$port"
+  disown $! # the master is killed on purpose: no "Killed" notice from bash
 }
 
 redis_up() {
@@ -295,10 +295,9 @@ cluster_up
 # the worker's quorum queues are replicated on all three nodes
 env -i PATH="$PATH" IW_AMQP_URL="$(amqp_url "${AMQP_PORTS[1]}")" IW_HTTP_ADDR=off \
   IW_NAMESPACE="iwc-members-$$" IW_SCHEMA_DIR="$ROOT/schemas" "$WORKER" declare >/dev/null
-members=$(rmqctl 1 -q list_queues name type members --formatter json | python3 -c '
-import json, sys
-qs = [q for q in json.load(sys.stdin) if q["name"] == "iwc-members-'$$'.submit"]
-print(len(qs[0]["members"]) if qs and qs[0]["type"] == "quorum" else 0)')
+# (list_queues prints "name<TAB>type<TAB>[node1, node2, node3]": count the node names)
+members=$(rmqctl 1 -q list_queues name type members |
+  awk -F'\t' -v q="iwc-members-$$.submit" '$1 == q && $2 == "quorum" { print gsub(/@/, "@", $3) }')
 [ "$members" = 3 ] || { log "FAIL: N.submit is not a quorum queue on 3 nodes ($members)"; exit 1; }
 log "N.submit is a quorum queue with 3 members"
 
