@@ -473,11 +473,13 @@ int redis_link_append(redis_link *r, iw_error *err, const char *fmt, ...)
 /* Errors after which this connection is useless: NOSCRIPT (the server lost
  * its script cache: reconnecting reloads the scripts), READONLY (the node was
  * demoted by a failover: reconnecting asks the sentinels for the new master),
- * MASTERDOWN (a replica that lost its master). */
+ * MASTERDOWN (a replica that lost its master), NOREPLICAS (a master cut off
+ * from its replicas by min-replicas-to-write: during a partition the
+ * sentinels may have promoted another node meanwhile). */
 static int must_reconnect(const char *msg)
 {
     return strncmp(msg, "NOSCRIPT", 8) == 0 || strncmp(msg, "READONLY", 8) == 0 ||
-           strncmp(msg, "MASTERDOWN", 10) == 0;
+           strncmp(msg, "MASTERDOWN", 10) == 0 || strncmp(msg, "NOREPLICAS", 10) == 0;
 }
 
 int redis_link_read(redis_link *r, redisReply **out, iw_error *err)

@@ -248,6 +248,21 @@ static int set_once(redis_link *r, const char *key)
     return IW_OK;
 }
 
+static char last_error[IW_ERRMSG_LEN];
+
+/* True once a SET through the link fails (the message in last_error). */
+static int write_refused(void *ud)
+{
+    iw_error err = {0};
+    redisReply *rep = redis_link_command(ud, &err, "SET iwt:nr 1");
+    if (rep) {
+        freeReplyObject(rep);
+        return 0;
+    }
+    snprintf(last_error, sizeof last_error, "%s", err.msg);
+    return 1;
+}
+
 typedef struct follow {
     redis_link *r;
     int port;
@@ -377,6 +392,35 @@ START_TEST(readonly_drops_the_link)
 }
 END_TEST
 
+/* A master that lost its replicas refuses writes under min-replicas-to-write
+ * (NOREPLICAS, e.g. the old side of a partition): the link drops, so that the
+ * next ensure asks the sentinels again instead of writing there forever. */
+START_TEST(noreplicas_drops_the_link)
+{
+    cluster c;
+    iw_error err = {0};
+    redisReply *rep = NULL;
+    cluster_start(&c);
+    redis_link *r = sentinel_link(&c);
+
+    ck_assert_int_eq(redis_link_ensure(r, &err), IW_OK);
+    rep = redis_link_command(r, &err, "CONFIG SET min-replicas-to-write 1");
+    ck_assert_ptr_nonnull(rep);
+    freeReplyObject(rep);
+    rep = redis_link_command(r, &err, "CONFIG SET min-replicas-max-lag 1");
+    ck_assert_ptr_nonnull(rep);
+    freeReplyObject(rep);
+    iwt_stop(c.replica, SIGKILL);
+    c.replica = 0;
+    /* the master notices the replica's silence after min-replicas-max-lag */
+    ck_assert_msg(iwt_eventually(write_refused, r, 10000), "writes still accepted");
+    ck_assert_msg(strstr(last_error, "NOREPLICAS") != NULL, "%s", last_error);
+    ck_assert(!redis_link_connected(r));
+    redis_link_free(r);
+    cluster_stop(&c);
+}
+END_TEST
+
 START_TEST(follows_killed_master)
 {
     cluster c;
@@ -439,6 +483,7 @@ static Suite *sentinel_suite(void)
     tcase_add_test(tc, finds_master_through_sentinels);
     tcase_add_test(tc, follows_manual_failover);
     tcase_add_test(tc, readonly_drops_the_link);
+    tcase_add_test(tc, noreplicas_drops_the_link);
     tcase_add_test(tc, follows_killed_master);
     tcase_add_test(tc, wait_counts_replicas);
     suite_add_tcase(s, tc);
