@@ -12,6 +12,7 @@ struct redis_link {
     char host[REDIS_HOST_MAX];
     int port;
     int db;
+    char user[256]; /* ACL user (Redis 6+); empty: the default user */
     char password[256];
     long timeout_ms;
     redisContext *ctx;
@@ -43,7 +44,14 @@ redis_link *redis_link_new(const char *url, long timeout_ms, iw_error *err)
     p = url + 8;
     at = strchr(p, '@');
     if (at) {
+        /* user:password@ or :password@ (or a bare password@, as before). The user name
+         * must reach AUTH: a password alone authenticates as the default user. */
         const char *pw = memchr(p, ':', (size_t)(at - p));
+        if (pw && pw > p) {
+            if ((size_t)(pw - p) >= sizeof r->user)
+                goto bad;
+            memcpy(r->user, p, (size_t)(pw - p));
+        }
         pw = pw ? pw + 1 : p;
         if ((size_t)(at - pw) >= sizeof r->password)
             goto bad;
@@ -73,7 +81,8 @@ redis_link *redis_link_new(const char *url, long timeout_ms, iw_error *err)
     return r;
 bad:
     free(r);
-    iw_error_set(err, IW_ERR_CONFIG, "IW_REDIS_URL: expected redis://[:password@]host[:port][/db]");
+    iw_error_set(err, IW_ERR_CONFIG,
+                 "IW_REDIS_URL: expected redis://[[user]:password@]host[:port][/db]");
     return NULL;
 }
 
@@ -395,7 +404,10 @@ int redis_link_ensure(redis_link *r, iw_error *err)
     r->ctx = connect_to(r->host, r->port, r->timeout_ms, err);
     if (!r->ctx)
         return IW_ERR_REDIS;
-    if (r->password[0] &&
+    if (r->user[0] && expect_ok(r, redisCommand(r->ctx, "AUTH %s %s", r->user, r->password), "AUTH",
+                                err) != IW_OK)
+        goto fail;
+    if (!r->user[0] && r->password[0] &&
         expect_ok(r, redisCommand(r->ctx, "AUTH %s", r->password), "AUTH", err) != IW_OK)
         goto fail;
     if (r->n_sentinels) {

@@ -32,7 +32,8 @@ typedef struct redis_endpoint {
     int port;
 } redis_endpoint;
 
-/* Parses redis://[:password@]host[:port][/db]; does not connect yet. */
+/* Parses redis://[[user]:password@]host[:port][/db] (user: a Redis ACL user); does not
+ * connect yet. */
 redis_link *redis_link_new(const char *url, long timeout_ms, iw_error *err);
 /* The link the settings describe: IW_REDIS_URL, IW_REDIS_TIMEOUT,
  * IW_REDIS_PASSWORD (overrides the URL's) and, when IW_REDIS_SENTINELS is set,
