@@ -15,6 +15,7 @@ typedef enum setting_type {
     T_SCHEDULE,
     T_ENUM,
     T_LIST,
+    T_WINDOWS, /* IW_MAINTENANCE_WINDOWS: kept as text, parsed into cfg->maintenance */
 } setting_type;
 
 typedef struct setting {
@@ -83,6 +84,16 @@ static const setting settings[] = {
      "consecutive failures that open the circuit breaker"},
     {"IW_BREAKER_OPEN", T_DURATION, "60s", 1000, DAY_MS, NULL, F(breaker_open_ms), 0,
      "how long the breaker stays open"},
+    {"IW_RATE_ALERT", T_LONG, "80", 1, 100, NULL, F(rate_alert_pct), 0,
+     "percent of any rate tier normal calls may use; the rest is kept for critical ones; "
+     "crossing it logs a warning (100: no throttle)"},
+    {"IW_MAX_RATE_PAUSE", T_DURATION, "1h", 1000, 7 * DAY_MS, NULL, F(max_rate_pause_ms), 0,
+     "the longest wait a provider's Retry-After or reset header can impose"},
+    {"IW_MAINTENANCE_WINDOWS", T_WINDOWS, NULL, 0, 0, NULL, F(maintenance_raw), 0,
+     "comma-separated 'Day HH:MM-HH:MM Zone' (e.g. Sun 02:00-04:00 America/New_York): normal "
+     "calls wait for the window's end, critical ones are tried"},
+    {"IW_REQUIRE_NOEVICTION", T_LONG, "0", 0, 1, NULL, F(require_noeviction), 0,
+     "1: refuse to start when Redis's maxmemory-policy may evict keys (0: warn)"},
     {"IW_POLL_SCHEDULE", T_SCHEDULE, "5s,10s,30s,1m,5m", 0, 0, NULL, F(poll_schedule_ms), F(n_poll),
      "waits between status checks; the last one repeats"},
     {"IW_POLL_MAX_AGE", T_DURATION, "24h", 1000, 30 * DAY_MS, NULL, F(poll_max_age_ms), 0,
@@ -232,6 +243,16 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
                            &e) != IW_OK)
             return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
         return IW_OK;
+    case T_WINDOWS: {
+        maintenance *m = NULL;
+        if (maintenance_parse(value, &m, &e) != IW_OK)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+        maintenance_free(cfg->maintenance);
+        cfg->maintenance = m;
+        free(*(char **)(base + s->offset));
+        *(char **)(base + s->offset) = strdup(value);
+        return IW_OK;
+    }
     case T_ENUM:
         for (int i = 0; s->choices[i]; i++) {
             if (strcmp(value, s->choices[i]) == 0) {
@@ -390,9 +411,11 @@ void config_free(iw_config *cfg)
         return;
     for (size_t i = 0; i < N_SETTINGS; i++) {
         const setting *s = &settings[i];
-        if (s->type == T_STRING || s->type == T_SECRET || s->type == T_URL || s->type == T_LIST)
+        if (s->type == T_STRING || s->type == T_SECRET || s->type == T_URL || s->type == T_LIST ||
+            s->type == T_WINDOWS)
             free(*(char **)((char *)cfg + s->offset));
     }
+    maintenance_free(cfg->maintenance);
     for (size_t i = 0; i < cfg->n_terminal; i++)
         free(cfg->terminal[i]);
     free(cfg);

@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 
+#include "maintenance.h"
 #include "parse.h"
 #include "status.h"
 
@@ -48,6 +49,11 @@ typedef struct iw_config {
     size_t n_retry;
     long breaker_failures;
     long breaker_open_ms;
+    long rate_alert_pct;      /* IW_RATE_ALERT: normal calls' share of any tier */
+    long max_rate_pause_ms;   /* IW_MAX_RATE_PAUSE: cap of waits the provider imposes */
+    long require_noeviction;  /* IW_REQUIRE_NOEVICTION: 1 refuses an evicting Redis */
+    char *maintenance_raw;    /* IW_MAINTENANCE_WINDOWS as given (NULL: none) */
+    maintenance *maintenance; /* ... parsed; NULL when none (maintenance_active: 0) */
     long poll_schedule_ms[IW_MAX_SCHEDULE];
     size_t n_poll;
     long poll_max_age_ms;

@@ -6,6 +6,7 @@
 
 #include "clock.h"
 #include "config.h"
+#include "loop.h"
 
 typedef struct transfer {
     http_client *client;
@@ -38,9 +39,12 @@ struct http_client {
     char bearer[2048];
     long long token_expires_ms; /* monotonic */
     long timeout_ms, connect_timeout_ms, max_response_bytes;
+    long max_wait_ms; /* IW_MAX_RATE_PAUSE: caps Retry-After / X-RateLimit-Reset-Ms */
     int in_flight;
     transfer *free_list;
     transfer *active;
+    loop *lp;         /* the reactor curl's sockets and timer live in */
+    loop_timer timer; /* curl's one timeout */
 };
 
 static char *dup_or_null(const char *s)
@@ -82,6 +86,7 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
     c->timeout_ms = o->timeout_ms;
     c->connect_timeout_ms = o->connect_timeout_ms;
     c->max_response_bytes = o->max_response_bytes;
+    c->max_wait_ms = o->max_wait_ms > 0 ? o->max_wait_ms : IW_DEFAULT_MAX_RATE_PAUSE_MS;
     curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
@@ -115,6 +120,8 @@ void http_client_free(http_client *c)
         transfer_destroy(t);
     }
     curl_multi_cleanup(c->multi);
+    if (c->lp)
+        loop_timer_cancel(c->lp, &c->timer);
     free(c->base_url);
     free(c->api_key_header);
     free(c->api_secret_header);
@@ -346,12 +353,6 @@ int http_client_start(http_client *c, const char *method, const char *path, cons
     return IW_OK;
 }
 
-int http_client_poll(http_client *c, struct curl_waitfd *extra, unsigned n_extra, int timeout_ms)
-{
-    int numfds = 0;
-    return curl_multi_poll(c->multi, extra, n_extra, timeout_ms, &numfds) == CURLM_OK ? numfds : -1;
-}
-
 static iw_transport transport_of(CURLcode code, int too_large)
 {
     if (code == CURLE_OK)
@@ -391,12 +392,12 @@ static void recycle(http_client *c, transfer *t)
     c->free_list = t;
 }
 
-void http_client_perform(http_client *c)
+/* Completes the transfers curl has finished: each one's callback, once. */
+static void complete_done(http_client *c)
 {
-    int running, left;
+    int left;
     CURLMsg *m;
 
-    curl_multi_perform(c->multi, &running);
     while ((m = curl_multi_info_read(c->multi, &left))) {
         transfer *t;
         http_response r;
@@ -419,11 +420,15 @@ void http_client_perform(http_client *c)
         memset(&r, 0, sizeof r);
         r.result.status = code == CURLE_OK ? status : 0;
         r.result.transport = transport_of(code, t->too_large);
+        /* bounded parses, capped at IW_MAX_RATE_PAUSE; an unreadable reset
+         * falls back to Retry-After */
         r.result.retry_after_ms = -1;
         if (t->reset_ms[0])
-            r.result.retry_after_ms = strtol(t->reset_ms, NULL, 10);
-        else if (t->retry_after[0])
-            r.result.retry_after_ms = retry_parse_retry_after(t->retry_after, clock_wall_ms());
+            r.result.retry_after_ms =
+                retry_parse_reset_ms(t->reset_ms, c->max_wait_ms, &r.result.wait_capped);
+        if (r.result.retry_after_ms < 0 && t->retry_after[0])
+            r.result.retry_after_ms = retry_parse_retry_after(
+                t->retry_after, clock_wall_ms(), c->max_wait_ms, &r.result.wait_capped);
         r.error = code == CURLE_OK ? "" : curl_easy_strerror(code);
         r.body = t->body && t->len ? t->body : "";
         r.body_len = t->len;
@@ -437,4 +442,66 @@ void http_client_perform(http_client *c)
 int http_client_in_flight(const http_client *c)
 {
     return c ? c->in_flight : 0;
+}
+
+/* ---- the reactor: curl's sockets and its timer in the loop ----------------------------- */
+
+static void on_socket_event(loop *l, int fd, int events, void *ud)
+{
+    http_client *c = ud;
+    int running, mask = (events & LOOP_READ ? CURL_CSELECT_IN : 0) |
+                        (events & LOOP_WRITE ? CURL_CSELECT_OUT : 0);
+
+    (void)l;
+    curl_multi_socket_action(c->multi, fd, mask, &running);
+    complete_done(c);
+}
+
+static void on_timer(loop *l, loop_timer *t)
+{
+    http_client *c = t->ud;
+    int running;
+
+    (void)l;
+    curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    complete_done(c);
+}
+
+/* CURLMOPT_SOCKETFUNCTION: watch what curl wants watched. */
+static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    http_client *c = userp;
+    int events = what == CURL_POLL_IN      ? LOOP_READ
+                 : what == CURL_POLL_OUT   ? LOOP_WRITE
+                 : what == CURL_POLL_INOUT ? LOOP_READ | LOOP_WRITE
+                                           : 0;
+
+    (void)easy;
+    (void)socketp;
+    return loop_watch(c->lp, s, events, on_socket_event, c) == 0 || !events ? 0 : -1;
+}
+
+/* CURLMOPT_TIMERFUNCTION: one timer, re-armed or cancelled. */
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
+{
+    http_client *c = userp;
+
+    (void)multi;
+    if (timeout_ms < 0) {
+        loop_timer_cancel(c->lp, &c->timer);
+        return 0;
+    }
+    return loop_timer_at(c->lp, &c->timer, clock_mono_ms() + timeout_ms) == 0 ? 0 : -1;
+}
+
+int http_client_attach(http_client *c, loop *l)
+{
+    c->lp = l;
+    loop_timer_init(&c->timer, on_timer, c);
+    if (curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, socket_cb) != CURLM_OK ||
+        curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c) != CURLM_OK ||
+        curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, timer_cb) != CURLM_OK ||
+        curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c) != CURLM_OK)
+        return IW_ERR_INVALID;
+    return IW_OK;
 }

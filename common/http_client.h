@@ -1,15 +1,16 @@
 /* Provider calls over one libcurl multi handle: many transfers in flight on
  * one thread, connections reused, responses capped, auth headers added.
  *
- * The client owns no loop: the caller runs http_client_poll (which also
- * waits on the caller's extra file descriptors, e.g. the AMQP socket) and
- * http_client_perform, which calls each finished transfer's callback. */
+ * The client owns no loop: it puts curl's sockets and timeout into the
+ * caller's reactor (CURLMOPT_SOCKETFUNCTION / CURLMOPT_TIMERFUNCTION), and
+ * calls each finished transfer's callback from there. */
 #ifndef IW_HTTP_CLIENT_H
 #define IW_HTTP_CLIENT_H
 
 #include <curl/curl.h>
 #include <stddef.h>
 
+#include "loop.h"
 #include "retry.h"
 #include "status.h"
 
@@ -26,6 +27,7 @@ typedef struct http_client_opts {
     long connect_timeout_ms;
     long max_response_bytes;
     long max_connections;
+    long max_wait_ms; /* IW_MAX_RATE_PAUSE; 0: IW_DEFAULT_MAX_RATE_PAUSE_MS */
 } http_client_opts;
 
 typedef struct http_response {
@@ -44,14 +46,14 @@ http_client *http_client_new(const http_client_opts *opts, iw_error *err);
 void http_client_free(http_client *c);
 
 /* Starts METHOD base_url+path; body (may be NULL) is copied.  The callback is
- * called exactly once, from http_client_perform. */
+ * called exactly once, from a later loop turn (never from inside this call). */
 int http_client_start(http_client *c, const char *method, const char *path, const char *body,
                       size_t body_len, const char *idempotency_key, http_done_fn cb, void *ud);
 
-/* Waits up to timeout_ms for curl's sockets or the extra fds. */
-int http_client_poll(http_client *c, struct curl_waitfd *extra, unsigned n_extra, int timeout_ms);
-/* Drives every transfer and completes the finished ones. */
-void http_client_perform(http_client *c);
+/* Puts the client's sockets and timer into the loop: from then on the loop
+ * drives every transfer, and each finished transfer's callback runs from
+ * inside a loop turn. */
+int http_client_attach(http_client *c, loop *l);
 int http_client_in_flight(const http_client *c);
 
 #endif

@@ -16,9 +16,12 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 # (rabbitmq-server, redis-server) and the tools the scripts and tests use.
 REQUIRED=(
   gcc libc6-dev make cmake pkg-config
-  librabbitmq-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
+  librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
   check json-schema-test-suite
-  rabbitmq-server redis-server amqp-tools curl
+  rabbitmq-server redis-server amqp-tools curl tzdata
+  # tests/deploy: promtool (check/test the alert rules, the dashboard's queries, /metrics)
+  # and PyYAML for the manifests; the prometheus server it brings is never started
+  prometheus python3 python3-yaml
 )
 # Optional: nice to have (formatting); a failure to install them is only a warning.
 OPTIONAL=(clang-format)

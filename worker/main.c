@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "dlq.h"
 #include "log.h"
 #include "roles.h"
 #include "runtime.h"
@@ -27,6 +28,8 @@ static const char usage_text[] =
     "Commands:\n"
     "  declare               declare the whole broker topology idempotently and exit 0\n"
     "  cache invalidate ID   delete the cached entries of resource ID\n"
+    "  dlq COMMAND           review the dead letters: list, stats, show, replay, export, purge\n"
+    "                        (integration-worker dlq --help)\n"
     "\n"
     "Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure.\n"
     "SIGTERM/SIGINT stop gracefully within IW_SHUTDOWN_GRACE.\n\n";
@@ -68,6 +71,7 @@ static int run_roles(iw_config *cfg, const char *role)
     iw_error err = {0};
     char name[128];
     runtime *rt;
+    engine *eng = NULL;
     submitter *sub = NULL;
     poller *pol = NULL;
     resolver *res = NULL;
@@ -75,34 +79,32 @@ static int run_roles(iw_config *cfg, const char *role)
 
     snprintf(name, sizeof name, "integration-worker %s pid %ld", role, (long)getpid());
     rt = runtime_new(cfg, name, &err);
-    if (!rt)
+    if (!rt || !(eng = engine_new(rt, &err)))
         goto out;
-    if (all || strcmp(role, "submitter") == 0) {
-        if (!(sub = submitter_new(rt, &err)) || submitter_register(sub) != IW_OK)
-            goto out;
-    }
-    if (all || strcmp(role, "poller") == 0) {
-        if (!(pol = poller_new(rt, &err)) || poller_register(pol) != IW_OK)
-            goto out;
-    }
-    if (all || strcmp(role, "resolver") == 0) {
-        if (!(res = resolver_new(rt, &err)) || resolver_register(res) != IW_OK)
-            goto out;
-    }
+    if ((all || strcmp(role, "submitter") == 0) && !(sub = submitter_new(rt, eng, &err)))
+        goto out;
+    if ((all || strcmp(role, "poller") == 0) && !(pol = poller_new(rt, eng, &err)))
+        goto out;
+    if ((all || strcmp(role, "resolver") == 0) && !(res = resolver_new(rt, eng, &err)))
+        goto out;
     log_msg(IW_LOG_INFO, NULL, "starting role %s (namespace %s, concurrency %ld)", role, cfg->ns,
             cfg->concurrency);
     rc = runtime_run(rt);
 out:
     if (rc && err.msg[0]) {
-        log_json(IW_LOG_ERROR, json_pack("{s:s, s:{s:s, s:s}}", "message", "cannot start", "error",
-                                         "code", "STARTUP_FAILED", "message", err.msg));
+        log_json(IW_LOG_ERROR,
+                 json_pack("{s:s, s:{s:s, s:s}}", "message", "cannot start", "error", "code",
+                           iw_code_name(IW_C_STARTUP_FAILED), "message", err.msg));
         fprintf(stderr, "integration-worker %s: %s\n", role, err.msg);
     }
     log_flush();
+    /* the runtime first: failing its pending confirms completes the jobs
+     * that wait for them, while the engine and the roles still exist */
+    runtime_free(rt);
+    resolver_free(res);
+    engine_free(eng);
     submitter_free(sub);
     poller_free(pol);
-    resolver_free(res);
-    runtime_free(rt);
     return rc;
 }
 
@@ -122,6 +124,8 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
+    if (!strcmp(role, "dlq"))
+        return dlq_main(argc - 2, argv + 2, environ);
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);

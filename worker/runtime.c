@@ -5,37 +5,53 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
-#include "clock.h"
 #include "admin_http.h"
+#include "clock.h"
+#include "errcode.h"
 #include "log.h"
 #include "metrics.h"
 #include "topology.h"
 
 #define MAX_ROLES 4
-#define LOOP_MAX_WAIT_MS 250
+#define MAX_SERVICES 4
+#define HOUSEKEEPING_MS 1000
+#define STOP_POLL_MS 100
 #define AMQP_BACKOFF_MIN_MS 500
 #define AMQP_BACKOFF_MAX_MS 30000
 #define REDIS_RETRY_MS 1000
 
+typedef struct rt_consumer {
+    const char *queue_suffix;
+    void (*on_delivery)(void *self, iw_delivery *d);
+    void *self;
+} rt_consumer;
+
 struct runtime {
     iw_config *cfg;
     char process_name[128];
+    loop *lp;
     amqp_link *amqp;
     redis_link *redis;
     limiter *lim;
     http_client *http;
-    rt_role roles[MAX_ROLES];
+    rt_consumer roles[MAX_ROLES];
     char tags[MAX_ROLES][96];
     size_t n_roles;
+    rt_service services[MAX_SERVICES];
+    size_t n_services;
+    loop_timer housekeeping;
     int stopping;
+    int fatal;
     long long stop_deadline;
     long long amqp_retry_at;
     long amqp_backoff;
-    int amqp_ever_connected;
+    int amqp_fd;
     int redis_down;
     long long redis_retry_at;
+    long long redis_probed_at;
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -45,6 +61,9 @@ static void on_signal(int sig)
     (void)sig;
     stop_requested = 1;
 }
+
+static void housekeeping(loop *l, loop_timer *t);
+static void amqp_readable(loop *l, int fd, int events, void *ud);
 
 runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
 {
@@ -56,8 +75,15 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
         return NULL;
     }
     rt->cfg = cfg;
+    rt->amqp_fd = -1;
     snprintf(rt->process_name, sizeof rt->process_name, "%s", process_name);
     rt->amqp_backoff = AMQP_BACKOFF_MIN_MS;
+    rt->lp = loop_new();
+    if (!rt->lp) {
+        iw_error_set(err, IW_ERR_NOMEM, "cannot create the event loop");
+        goto fail;
+    }
+    loop_timer_init(&rt->housekeeping, housekeeping, rt);
     rt->redis = redis_link_from_config(cfg, err);
     if (!rt->redis)
         goto fail;
@@ -82,12 +108,20 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
     rt->http = http_client_new(&ho, err);
     if (!rt->lim || !rt->http)
         goto fail;
+    if (http_client_attach(rt->http, rt->lp) != IW_OK) {
+        iw_error_set(err, IW_ERR_NOMEM, "cannot attach the HTTP client to the loop");
+        goto fail;
+    }
     return rt;
 fail:
     runtime_free(rt);
     return NULL;
 }
 
+/* Frees the broker link first: failing its pending confirms completes (and
+ * frees) the jobs still waiting for them, while the services and roles they
+ * call back into are still alive.  The services are freed by their owners
+ * after this returns. */
 void runtime_free(runtime *rt)
 {
     if (!rt)
@@ -95,11 +129,18 @@ void runtime_free(runtime *rt)
     if (rt->amqp) {
         amqp_link *l = rt->amqp;
         rt->amqp = NULL;
+        loop_watch(rt->lp, rt->amqp_fd, 0, NULL, NULL);
         amqp_link_free(l);
     }
+    for (size_t i = 0; i < rt->n_services; i++)
+        if (rt->services[i].on_exit)
+            rt->services[i].on_exit(rt->services[i].self);
     http_client_free(rt->http);
     limiter_free(rt->lim);
     redis_link_free(rt->redis);
+    if (rt->lp)
+        loop_timer_cancel(rt->lp, &rt->housekeeping);
+    loop_free(rt->lp);
     free(rt);
 }
 
@@ -107,11 +148,24 @@ int runtime_add_role(runtime *rt, const rt_role *role)
 {
     if (rt->n_roles == MAX_ROLES)
         return IW_ERR_INVALID;
-    rt->roles[rt->n_roles] = *role;
+    rt->roles[rt->n_roles] = (rt_consumer){role->queue_suffix, role->on_delivery, role->self};
     snprintf(rt->tags[rt->n_roles], sizeof rt->tags[0], "%s-%ld-%zu", role->name, (long)getpid(),
              rt->n_roles);
     rt->n_roles++;
     return IW_OK;
+}
+
+int runtime_add_service(runtime *rt, const rt_service *svc)
+{
+    if (rt->n_services == MAX_SERVICES)
+        return IW_ERR_INVALID;
+    rt->services[rt->n_services++] = *svc;
+    return IW_OK;
+}
+
+loop *rt_loop(runtime *rt)
+{
+    return rt->lp;
 }
 
 const iw_config *rt_config(const runtime *rt)
@@ -180,7 +234,8 @@ int rt_redis_ready(runtime *rt)
                  json_pack("{s:s, s:{s:s, s:s}}", "message",
                            "Redis unavailable: the limiter fails closed, no provider calls and no "
                            "new deliveries until it is back",
-                           "error", "code", "REDIS_UNAVAILABLE", "message", err.msg));
+                           "error", "code", iw_code_name(IW_C_REDIS_UNAVAILABLE), "message",
+                           err.msg));
     rt->redis_down = 1;
     return 0;
 }
@@ -217,7 +272,7 @@ static int connect_amqp(runtime *rt)
             log_json(IW_LOG_ERROR,
                      json_pack("{s:s, s:{s:s, s:s}}", "message",
                                "the broker topology differs from this configuration", "error",
-                               "code", "TOPOLOGY_MISMATCH", "message", err.msg));
+                               "code", iw_code_name(IW_C_TOPOLOGY_MISMATCH), "message", err.msg));
             return -2;
         }
         goto transient;
@@ -229,19 +284,24 @@ static int connect_amqp(runtime *rt)
                               rt->tags[i], &err) != IW_OK)
             goto transient;
     }
+    rt->amqp_fd = amqp_link_fd(rt->amqp);
+    if (loop_watch(rt->lp, rt->amqp_fd, LOOP_READ, amqp_readable, rt) != 0) {
+        iw_error_set(&err, IW_ERR_IO, "cannot watch the broker socket");
+        goto transient;
+    }
     log_msg(IW_LOG_INFO, NULL, "connected to the broker; consuming %zu queue(s), prefetch %ld",
             rt->n_roles, prefetch);
-    rt->amqp_ever_connected = 1;
     rt->amqp_backoff = AMQP_BACKOFF_MIN_MS;
     return 0;
 transient:
     log_json(IW_LOG_ERROR,
              json_pack("{s:s, s:{s:s, s:s}, s:I}", "message", "broker unavailable, will retry",
-                       "error", "code", "BROKER_UNAVAILABLE", "message", err.msg, "retryInMs",
-                       (json_int_t)rt->amqp_backoff));
+                       "error", "code", iw_code_name(IW_C_BROKER_UNAVAILABLE), "message", err.msg,
+                       "retryInMs", (json_int_t)rt->amqp_backoff));
     if (rt->amqp) {
         amqp_link *l = rt->amqp;
         rt->amqp = NULL;
+        loop_watch(rt->lp, rt->amqp_fd, 0, NULL, NULL);
         amqp_link_free(l);
     }
     rt->amqp_retry_at = clock_mono_ms() + rt->amqp_backoff;
@@ -254,15 +314,16 @@ static void link_lost(runtime *rt)
 {
     amqp_link *l = rt->amqp;
 
-    log_json(IW_LOG_ERROR,
-             json_pack("{s:s, s:{s:s, s:s}}", "message",
-                       "broker connection lost; unacked deliveries return to their "
-                       "queues, reconnecting",
-                       "error", "code", "BROKER_CONNECTION_LOST", "message", amqp_link_error(l)));
+    log_json(IW_LOG_ERROR, json_pack("{s:s, s:{s:s, s:s}}", "message",
+                                     "broker connection lost; unacked deliveries return to their "
+                                     "queues, reconnecting",
+                                     "error", "code", iw_code_name(IW_C_BROKER_CONNECTION_LOST),
+                                     "message", amqp_link_error(l)));
     rt->amqp = NULL;
+    loop_watch(rt->lp, rt->amqp_fd, 0, NULL, NULL);
     amqp_link_free(l); /* fails every pending confirm: their jobs are dropped */
-    for (size_t i = 0; i < rt->n_roles; i++)
-        rt->roles[i].on_link_lost(rt->roles[i].self);
+    for (size_t i = 0; i < rt->n_services; i++)
+        rt->services[i].on_link_lost(rt->services[i].self);
     rt->amqp_retry_at = clock_mono_ms() + rt->amqp_backoff;
 }
 
@@ -322,6 +383,21 @@ static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p)
     amqp_link_publish(rt->amqp, p, outcome_confirmed, o);
 }
 
+void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, const char *body,
+                           size_t len, const char *job_id)
+{
+    char exchange[256];
+    iw_publish p = {0};
+
+    p.exchange = rt_name(rt, exchange, sizeof exchange, "events");
+    p.routing_key = routing_key;
+    p.body = body;
+    p.body_len = len;
+    p.content_type = "application/json";
+    p.correlation_id = job_id; /* left out by the link if over 255 bytes */
+    outcome_publish(rt, o, &p);
+}
+
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
                       const char *job_id)
 {
@@ -373,10 +449,29 @@ json_t *rt_forward_headers(const iw_delivery *d)
     return h;
 }
 
+/* A dead letter's stable id for the dlq commands: "dl-" and 32 random hex
+ * digits, made once, when the dead letter is made. */
+static const char *dead_letter_id(char out[36])
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char b[16];
+
+    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b)
+        for (size_t i = 0; i < sizeof b; i++)
+            b[i] = (unsigned char)random();
+    memcpy(out, "dl-", 3);
+    for (size_t i = 0; i < sizeof b; i++) {
+        out[3 + 2 * i] = hex[b[i] >> 4];
+        out[4 + 2 * i] = hex[b[i] & 15];
+    }
+    out[35] = '\0';
+    return out;
+}
+
 void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
                      const char *code, const char *message, long http_status, int attempts)
 {
-    char exchange[256], queue[256], ts[40];
+    char exchange[256], queue[256], ts[40], mid[36];
     json_t *h = rt_forward_headers(d);
     const char *orig_key = rt_header_str(d, "x-original-routing-key");
     iw_publish p = {0};
@@ -399,6 +494,9 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     json_object_set_new(h, "x-failed-at", json_string(ts));
     json_object_del(h, "x-due-at");
     json_object_del(h, "iw-target");
+    /* the dead letter gets its own id; the upstream's is kept for replay */
+    if (d->message_id && !json_object_get(h, "x-original-message-id"))
+        json_object_set_new(h, "x-original-message-id", json_string(d->message_id));
     p.exchange = rt_name(rt, exchange, sizeof exchange, "dlx");
     p.routing_key = orig_key ? orig_key : d->routing_key ? d->routing_key : "";
     p.body = d->body;
@@ -406,7 +504,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     p.content_type = d->content_type;
     p.correlation_id = d->correlation_id;
     p.reply_to = d->reply_to;
-    p.message_id = d->message_id;
+    p.message_id = dead_letter_id(mid);
     p.headers = h;
     outcome_publish(rt, o, &p);
     json_decref(h);
@@ -504,8 +602,8 @@ const char *rt_header_str(const iw_delivery *d, const char *name)
 static size_t busy_jobs(runtime *rt)
 {
     size_t n = 0;
-    for (size_t i = 0; i < rt->n_roles; i++)
-        n += rt->roles[i].busy(rt->roles[i].self);
+    for (size_t i = 0; i < rt->n_services; i++)
+        n += rt->services[i].busy(rt->services[i].self);
     return n;
 }
 
@@ -516,17 +614,74 @@ static void begin_stop(runtime *rt, long long now)
     rt->stop_deadline = now + rt->cfg->shutdown_grace_ms;
     log_msg(IW_LOG_INFO, NULL, "stopping: no new deliveries, finishing %zu job(s) within %ld ms",
             busy_jobs(rt), rt->cfg->shutdown_grace_ms);
-    for (size_t i = 0; i < rt->n_roles; i++) {
+    for (size_t i = 0; i < rt->n_roles; i++)
         if (rt->amqp)
             amqp_link_cancel(rt->amqp, rt->tags[i]);
-        rt->roles[i].on_stop(rt->roles[i].self);
+    for (size_t i = 0; i < rt->n_services; i++)
+        rt->services[i].on_stop(rt->services[i].self);
+}
+
+/* Once a second, whatever else happens: connections, heartbeats, the
+ * readiness probes behind /readyz and /healthz.  An idle process still finds
+ * out within a second or two that Redis or the broker went away. */
+static void housekeeping(loop *l, loop_timer *t)
+{
+    runtime *rt = t->ud;
+    long long now = clock_mono_ms();
+
+    (void)l;
+    if (!rt->amqp && !rt->stopping && now >= rt->amqp_retry_at && connect_amqp(rt) == -2)
+        rt->fatal = 1;
+    if (rt->amqp && amqp_link_pump(rt->amqp) != IW_OK) /* also sends heartbeats */
+        link_lost(rt);
+    if (redis_link_connected(rt->redis) && now - rt->redis_probed_at >= HOUSEKEEPING_MS) {
+        iw_error err;
+        redisReply *rep = redis_link_command(rt->redis, &err, "PING");
+        if (rep)
+            freeReplyObject(rep);
+        rt->redis_probed_at = now;
     }
+    rt_redis_ready(rt);
+    metrics_heartbeat(now);
+    metrics_connections(rt->amqp != NULL, redis_link_connected(rt->redis));
+    metrics_in_flight(http_client_in_flight(rt->http));
+    loop_timer_at(rt->lp, &rt->housekeeping, now + HOUSEKEEPING_MS);
+}
+
+/* The broker's socket is readable: every frame available, including those
+ * librabbitmq already buffered. */
+static void amqp_readable(loop *l, int fd, int events, void *ud)
+{
+    runtime *rt = ud;
+
+    (void)l;
+    (void)fd;
+    (void)events;
+    if (rt->amqp && amqp_link_pump(rt->amqp) != IW_OK)
+        link_lost(rt);
+}
+
+/* The last hook of a turn: frames librabbitmq holds in user space are not
+ * seen by epoll, so ask for another turn at once while there are any. */
+static int amqp_buffered(loop *l, void *ud)
+{
+    runtime *rt = ud;
+
+    (void)l;
+    if (rt->amqp && amqp_link_has_buffered(rt->amqp)) {
+        if (amqp_link_pump(rt->amqp) != IW_OK)
+            link_lost(rt);
+        return rt->amqp && amqp_link_has_buffered(rt->amqp);
+    }
+    return 0;
 }
 
 int runtime_run(runtime *rt)
 {
     struct sigaction sa;
-    int rc;
+    iw_error err = {0};
+    admin_http *admin;
+    int rc = 0;
 
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
@@ -534,29 +689,29 @@ int runtime_run(runtime *rt)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    iw_error err = {0};
-    admin_http *admin = admin_http_start(rt->cfg->http_addr, &err);
+    admin = admin_http_start(rt->cfg->http_addr, &err);
     if (!admin && err.msg[0]) {
         fprintf(stderr, "integration-worker: %s\n", err.msg);
         return err.status == IW_ERR_CONFIG ? 2 : 1;
     }
+    loop_add_hook(rt->lp, amqp_buffered, rt);
     metrics_heartbeat(clock_mono_ms());
-    rc = connect_amqp(rt);
-    if (rc == -2) {
+    if (connect_amqp(rt) == -2) {
         admin_http_stop(admin);
         return 1;
     }
     rt_redis_ready(rt);
+    housekeeping(rt->lp, &rt->housekeeping);
 
     for (;;) {
         long long now = clock_mono_ms();
-        long long timeout = LOOP_MAX_WAIT_MS;
 
         if (stop_requested && !rt->stopping)
             begin_stop(rt, now);
-        metrics_heartbeat(now);
-        metrics_connections(rt->amqp != NULL, redis_link_connected(rt->redis));
-        metrics_in_flight(http_client_in_flight(rt->http));
+        if (rt->fatal) {
+            rc = 1;
+            break;
+        }
         if (rt->stopping) {
             if (busy_jobs(rt) == 0 && (!rt->amqp || amqp_link_unconfirmed(rt->amqp) == 0))
                 break;
@@ -567,76 +722,13 @@ int runtime_run(runtime *rt)
                 break;
             }
         }
-        if (!rt->amqp && !rt->stopping && now >= rt->amqp_retry_at) {
-            if (connect_amqp(rt) == -2) {
-                admin_http_stop(admin);
-                return 1;
-            }
-        }
-        if (rt->amqp && amqp_link_pump(rt->amqp) != IW_OK)
-            link_lost(rt);
-        http_client_perform(rt->http);
-        for (size_t i = 0; i < rt->n_roles; i++)
-            rt->roles[i].tick(rt->roles[i].self, now);
+        /* a signal interrupts the wait; one that lands just before it is
+         * seen at the next timer (housekeeping runs every second) */
+        loop_turn(rt->lp, rt->stopping ? STOP_POLL_MS : -1);
         log_flush();
-
-        for (size_t i = 0; i < rt->n_roles; i++) {
-            long long d = rt->roles[i].next_deadline(rt->roles[i].self);
-            if (d - now < timeout)
-                timeout = d - now;
-        }
-        if (rt->amqp && amqp_link_has_buffered(rt->amqp))
-            timeout = 0;
-        if (timeout < 0)
-            timeout = 0;
-        if (rt->amqp) {
-            struct curl_waitfd fd = {amqp_link_fd(rt->amqp), CURL_WAIT_POLLIN, 0};
-            http_client_poll(rt->http, &fd, 1, (int)timeout);
-        } else {
-            http_client_poll(rt->http, NULL, 0, (int)timeout);
-        }
     }
     log_msg(IW_LOG_INFO, NULL, "stopped");
     log_flush();
     admin_http_stop(admin);
-    return 0;
-}
-
-static int is_json_content_type(const char *ct)
-{
-    size_t n = strlen("application/json");
-    return strncasecmp(ct, "application/json", n) == 0 && (ct[n] == '\0' || ct[n] == ';');
-}
-
-int rt_intake(const runtime *rt, const iw_delivery *d, const iw_schema *schema, json_t **doc,
-              const char **code, char *msg, size_t msg_len)
-{
-    json_error_t jerr;
-    iw_error err;
-
-    *doc = NULL;
-    if (d->body_len > (size_t)rt->cfg->max_message_bytes) {
-        *code = "MESSAGE_TOO_LARGE";
-        snprintf(msg, msg_len, "message of %zu bytes exceeds IW_MAX_MESSAGE_BYTES=%ld", d->body_len,
-                 rt->cfg->max_message_bytes);
-        return IW_ERR_TOO_LARGE;
-    }
-    *doc = json_loadb(d->body, d->body_len, JSON_REJECT_DUPLICATES, &jerr);
-    if (d->content_type && !is_json_content_type(d->content_type)) {
-        *code = "INVALID_CONTENT_TYPE";
-        snprintf(msg, msg_len, "content_type '%.100s' is not application/json", d->content_type);
-        return IW_ERR_INVALID;
-    }
-    if (!*doc) {
-        *code = "INVALID_JSON";
-        snprintf(msg, msg_len, "not UTF-8 JSON: %s (line %d, column %d)", jerr.text, jerr.line,
-                 jerr.column);
-        return IW_ERR_JSON;
-    }
-    if (schema_validate(schema, *doc, &err) != IW_OK) {
-        *code = "SCHEMA_VIOLATION";
-        snprintf(msg, msg_len, "%s", err.msg);
-        return IW_ERR_SCHEMA;
-    }
-    return IW_OK;
+    return rc;
 }

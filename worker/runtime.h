@@ -15,29 +15,36 @@
 #include "config.h"
 #include "http_client.h"
 #include "limiter.h"
+#include "loop.h"
 #include "redis_link.h"
 #include "schema.h"
 
 typedef struct runtime runtime;
 
+/* A queue the process consumes. */
 typedef struct rt_role {
     const char *name;         /* "submitter", also the consumer tag prefix */
     const char *queue_suffix; /* consumed queue: <ns>.<suffix> */
     void *self;
-    /* A delivery of this role's queue; the role takes ownership. */
+    /* A delivery of this queue; the callee takes ownership. */
     void (*on_delivery)(void *self, iw_delivery *d);
-    /* Once per loop turn: start work that became possible. */
-    void (*tick)(void *self, long long now_ms);
-    /* Earliest monotonic ms at which tick has something to do (LLONG_MAX: none). */
-    long long (*next_deadline)(void *self);
-    /* The broker connection was lost: every delivery held is void (the broker
-     * requeues them); drop jobs that are not in a provider call. */
-    void (*on_link_lost)(void *self);
-    /* Shutdown began: return jobs that have not started (nack, requeue). */
-    void (*on_stop)(void *self);
-    /* Jobs alive (received but not yet acked or dropped). */
-    size_t (*busy)(void *self);
 } rt_role;
+
+/* Something that holds deliveries (the job engine, the resolver): what the
+ * runtime tells it about the broker connection and the shutdown. */
+typedef struct rt_service {
+    void *self;
+    /* The broker connection was lost: every delivery held is void (the
+     * broker requeues them); drop the work that is not in a provider call. */
+    void (*on_link_lost)(void *self);
+    /* Shutdown began: return work that has not started (nack, requeue). */
+    void (*on_stop)(void *self);
+    /* Deliveries alive (received but not yet acked or dropped). */
+    size_t (*busy)(void *self);
+    /* The runtime is being freed (after the broker link): free what is left.
+     * May be NULL. */
+    void (*on_exit)(void *self);
+} rt_service;
 
 /* A group of publishes whose confirms gate one decision (usually: ack the
  * delivery).  `done` runs once, after the group is sealed and every publish
@@ -53,10 +60,12 @@ typedef struct rt_outcome {
 runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err);
 void runtime_free(runtime *rt);
 int runtime_add_role(runtime *rt, const rt_role *role);
+int runtime_add_service(runtime *rt, const rt_service *svc);
 /* Runs until SIGTERM/SIGINT and a graceful drain; returns the exit code. */
 int runtime_run(runtime *rt);
 
 const iw_config *rt_config(const runtime *rt);
+loop *rt_loop(runtime *rt);
 http_client *rt_http(runtime *rt);
 limiter *rt_limiter(runtime *rt);
 redis_link *rt_redis(runtime *rt);
@@ -79,6 +88,9 @@ void rt_outcome_begin(rt_outcome *o, void (*done)(void *owner, int ok), void *ow
  * correlation_id. */
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
                       const char *job_id);
+/* The same with the body already serialized (borrowed). */
+void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, const char *body,
+                           size_t len, const char *job_id);
 /* Publishes an RPC reply: body (borrowed) to the default exchange with
  * routing key reply_to and the request's correlation_id (NULL omits it);
  * transient, since the caller waits for it now or not at all. */
@@ -117,11 +129,4 @@ json_t *rt_forward_headers(const iw_delivery *d);
 long long rt_header_int(const iw_delivery *d, const char *name, long long def);
 const char *rt_header_str(const iw_delivery *d, const char *name);
 
-/* Intake of a JSON delivery: size cap, content type, UTF-8 JSON, schema.
- * IW_OK with *doc (new reference), or an error with *code one of
- * MESSAGE_TOO_LARGE, INVALID_CONTENT_TYPE, INVALID_JSON, SCHEMA_VIOLATION and
- * msg the reason; *doc is then still set when the body was JSON (NULL
- * otherwise), so that a readable jobId can be reported. */
-int rt_intake(const runtime *rt, const iw_delivery *d, const iw_schema *schema, json_t **doc,
-              const char **code, char *msg, size_t msg_len);
 #endif

@@ -100,7 +100,7 @@ int main(int argc, char **argv)
     iwt_amqp *pub = iwt_amqp_open();
     iwt_amqp *tap = iwt_amqp_open();
     iwt_tap_events(tap, ns, "#");
-    usleep(500000); /* let the workers connect and consume */
+    iwt_sleep_ms(500); /* let the workers connect and consume */
 
     int *finals = calloc((size_t)jobs, sizeof *finals);
     long long *final_at = calloc((size_t)jobs, sizeof *final_at);

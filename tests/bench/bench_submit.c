@@ -81,7 +81,7 @@ int main(int argc, char **argv)
     iwt_amqp *pub = iwt_amqp_open();
     iwt_amqp *tap = iwt_amqp_open();
     iwt_tap_events(tap, ns, "submission.*");
-    usleep(500000); /* let the workers connect and consume */
+    iwt_sleep_ms(500); /* let the workers connect and consume */
 
     /* ---- phase 1: throughput ---- */
     long long *accepted_at = calloc((size_t)jobs, sizeof *accepted_at);

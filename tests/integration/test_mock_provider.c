@@ -20,6 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "iwtest.h"
+
 #define MOCK_BIN IW_BIN_DIR "/mock-provider"
 #define MAX_ARGS 32
 
@@ -51,12 +53,6 @@ static int64_t now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
 }
 
 /* Starts mock-provider with the given flags (NULL-terminated) plus
@@ -125,7 +121,7 @@ static void stop_mock(void)
     kill(mock_pid, SIGTERM);
     int status = 0;
     pid_t got = 0;
-    for (int64_t deadline = now_ms() + 5000; now_ms() < deadline; sleep_ms(5)) {
+    for (int64_t deadline = now_ms() + 5000; now_ms() < deadline; iwt_sleep_ms(5)) {
         got = waitpid(mock_pid, &status, WNOHANG);
         if (got != 0)
             break;
@@ -542,7 +538,7 @@ START_TEST(test_status_by_age)
         http_free(&r);
         if (done)
             break;
-        sleep_ms(20);
+        iwt_sleep_ms(20);
     }
     ck_assert(saw_processing);
     stop_mock();
@@ -597,7 +593,7 @@ START_TEST(test_rate_limit)
         }
         ck_assert_int_eq(status, 429);
         ck_assert_msg(waited < wait_ms + 500, "no slot %lld ms after the 429", (long long)waited);
-        sleep_ms(10);
+        iwt_sleep_ms(10);
     }
     stop_mock();
 }
@@ -917,7 +913,7 @@ START_TEST(test_oauth2_flow)
             break;
         ck_assert_int_eq(status, 200);
         ck_assert_msg(now_ms() < deadline, "token never expired");
-        sleep_ms(50);
+        iwt_sleep_ms(50);
     }
     stop_mock();
 }
@@ -965,7 +961,7 @@ START_TEST(test_latency_concurrency)
     json_decref(stats);
     /* A request leaves in_flight once MHD has finished with it, which may be
      * just after the client has read its answer. */
-    for (int64_t deadline = now_ms() + 3000;; sleep_ms(10)) {
+    for (int64_t deadline = now_ms() + 3000;; iwt_sleep_ms(10)) {
         stats = get_stats();
         long long in_flight = stat_int(stats, "in_flight");
         json_decref(stats);
@@ -983,7 +979,7 @@ START_TEST(test_latency_concurrency)
         http(&r, "GET", "/api/v1/external-resource/late", NULL, NULL);
         _exit(r.status == 200 ? 0 : 1);
     }
-    for (int64_t deadline = now_ms() + 3000;; sleep_ms(10)) {
+    for (int64_t deadline = now_ms() + 3000;; iwt_sleep_ms(10)) {
         ck_assert(now_ms() < deadline);
         stats = get_stats();
         long long in_flight = stat_int(stats, "in_flight");

@@ -21,60 +21,15 @@
 #include "log.h"
 #include "schema.h"
 
-#define MAX_PIDS 8
-
-static pid_t pids[MAX_PIDS];
 static char ns[128];
-
-/* A failed assertion exits the test process: never leave children behind. */
-static void kill_children(void)
-{
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] > 0) {
-            kill(pids[i], SIGKILL);
-            waitpid(pids[i], NULL, 0);
-            pids[i] = 0;
-        }
-}
-
-static pid_t track(pid_t pid)
-{
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] <= 0) {
-            pids[i] = pid;
-            return pid;
-        }
-    ck_abort_msg("too many child processes");
-    return pid;
-}
-
-static void untrack(pid_t pid)
-{
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] == pid)
-            pids[i] = 0;
-}
-
-static int stop(pid_t pid, int sig)
-{
-    int rc = iwt_stop(pid, sig);
-    untrack(pid);
-    return rc;
-}
 
 /* Fresh namespace with its topology, a mock with `mock_args`, and a tap. */
 static iwt_amqp *setup(const char *name, const char *const *mock_args, int *port)
 {
-    static int registered;
-
-    if (!registered) {
-        atexit(kill_children);
-        registered = 1;
-    }
     snprintf(ns, sizeof ns, "%s", iwt_namespace(name));
     iwt_cleanup(ns);
     iwt_declare(ns);
-    track(iwt_start_mock(mock_args, port));
+    iwt_track(iwt_start_mock(mock_args, port));
     iwt_amqp *a = iwt_amqp_open();
     iwt_tap_events(a, ns, "#");
     return a;
@@ -82,9 +37,7 @@ static iwt_amqp *setup(const char *name, const char *const *mock_args, int *port
 
 static void teardown_all(iwt_amqp *a)
 {
-    for (int i = 0; i < MAX_PIDS; i++)
-        if (pids[i] > 0)
-            ck_assert_int_eq(stop(pids[i], SIGTERM), 0);
+    ck_assert_int_eq(iwt_stop_all(), 0);
     iwt_amqp_close(a);
     iwt_cleanup(ns);
 }
@@ -172,8 +125,8 @@ START_TEST(completed_after_three_checks)
     int port;
     iwt_amqp *a = setup("poll-life", mock, &port);
 
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    track(iwt_start_worker("poller", ns, port, env, "poller"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
     publish_job(a, "life-1", NULL);
 
     iwt_msg *acc = iwt_wait_event(a, "submission.accepted", "life-1", 15000);
@@ -202,9 +155,13 @@ START_TEST(completed_after_three_checks)
     /* no second final, and the outcome is recorded as published */
     ck_assert_int_eq(iwt_count_events(a, "status.final", "life-1", 1500), 0);
     ck_assert(record_published("life-1"));
+    /* the record keeps the event as the exact text that was published */
     char *rec = iwt_redis_str("GET %s:final:life-1", ns);
     json_t *r = json_loads(rec, 0, NULL);
-    ck_assert(json_equal(json_object_get(r, "event"), fin->body));
+    const char *ev_text = json_string_value(json_object_get(r, "event"));
+    ck_assert_ptr_nonnull(ev_text);
+    ck_assert_int_eq(strlen(ev_text), fin->raw_len);
+    ck_assert(memcmp(ev_text, fin->raw, fin->raw_len) == 0);
     json_decref(r);
     free(rec);
     json_t *stats = iwt_mock_stats(port);
@@ -225,8 +182,8 @@ START_TEST(every_terminal_status_is_final)
     int port;
     iwt_amqp *a = setup("poll-term", mock, &port);
 
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    track(iwt_start_worker("poller", ns, port, env, "poller"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
     for (int i = 0; i < 4; i++) {
         char id[64], hooks[128];
         snprintf(id, sizeof id, "term-%s", terminal[i]);
@@ -260,8 +217,8 @@ START_TEST(expiry_fails_with_poll_expired)
     int port;
     iwt_amqp *a = setup("poll-exp", mock, &port);
 
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    track(iwt_start_worker("poller", ns, port, env, "poller"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
     publish_job(a, "exp-1", "{\"checks\":1000}");
     iwt_msg *acc = iwt_wait_event(a, "submission.accepted", "exp-1", 15000);
     ck_assert_ptr_nonnull(acc);
@@ -302,7 +259,7 @@ START_TEST(unknown_tracking_id_and_bad_messages)
     iwt_amqp *a = setup("poll-404", mock, &port);
 
     snprintf(queue, sizeof queue, "%s.status", ns);
-    track(iwt_start_worker("poller", ns, port, NULL, "poller"));
+    iwt_track(iwt_start_worker("poller", ns, port, NULL, "poller"));
     /* garbage first: dead-lettered, and the poller keeps serving */
     iwt_publish(a, "", queue, "{not json", "application/json", NULL, NULL);
     iwt_msg *d = get_dead(10000);
@@ -354,8 +311,8 @@ START_TEST(server_errors_are_retried_then_fail)
     int port;
     iwt_amqp *a = setup("poll-5xx", mock, &port);
 
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    track(iwt_start_worker("poller", ns, port, env, "poller"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
     /* two 503s, then answers: the check is retried and the job completes */
     ck_assert_int_eq(
         iwt_mock_post(port, "/__admin/faults", "{\"script\":{\"GET /api/v1/status\":[503,503]}}"),
@@ -406,8 +363,8 @@ START_TEST(poller_killed_mid_check)
     int port;
     iwt_amqp *a = setup("poll-kill", mock, &port);
 
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    pid_t pol = track(iwt_start_worker("poller", ns, port, env, "poller-1"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    pid_t pol = iwt_track(iwt_start_worker("poller", ns, port, env, "poller-1"));
     publish_job(a, "kill-1", NULL);
     iwt_msg *acc = iwt_wait_event(a, "submission.accepted", "kill-1", 15000);
     ck_assert_ptr_nonnull(acc);
@@ -415,9 +372,9 @@ START_TEST(poller_killed_mid_check)
     ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", "{\"latency_ms\":3000}"), 200);
     port_for_cond = port;
     ck_assert_msg(iwt_eventually(check_in_flight, NULL, 10000), "no check in flight");
-    ck_assert_int_eq(stop(pol, SIGKILL), 128 + SIGKILL);
+    ck_assert_int_eq(iwt_stop_tracked(pol, SIGKILL), 128 + SIGKILL);
     ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", "{\"latency_ms\":0}"), 200);
-    track(iwt_start_worker("poller", ns, port, env, "poller-2"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller-2"));
 
     iwt_msg *fin = iwt_wait_event(a, "status.final", "kill-1", 20000);
     ck_assert_ptr_nonnull(fin);
@@ -441,9 +398,9 @@ START_TEST(two_pollers_one_final_per_job)
     int port, total = 0;
     iwt_amqp *a = setup("poll-two", mock, &port);
 
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    track(iwt_start_worker("poller", ns, port, env, "poller-a"));
-    track(iwt_start_worker("poller", ns, port, env, "poller-b"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller-a"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller-b"));
     for (int i = 0; i < N_TWO; i++) {
         char id[32];
         snprintf(id, sizeof id, "two-%d", i);
@@ -500,13 +457,17 @@ START_TEST(recorded_outcome_wins_over_a_call)
     json_t *ev = json_pack("{s:s, s:s, s:s, s:i, s:s, s:s, s:{s:s}}", "jobId", "rec-1",
                            "trackingId", "track-gone", "status", "completed", "checks", 4,
                            "acceptedAt", ts, "finishedAt", ts, "result", "status", "completed");
-    json_t *rec = json_pack("{s:O, s:b, s:i}", "event", ev, "published", 0, "recordedAt", 0);
+    /* recorded by a poller that died before publishing: its lease is over */
+    char *ev_text = json_dumps(ev, JSON_COMPACT);
+    json_t *rec = json_pack("{s:s, s:b, s:i, s:s, s:i}", "event", ev_text, "published", 0,
+                            "recordedAt", 0, "owner", "a-dead-poller", "leaseUntil", 0);
     char *text = json_dumps(rec, JSON_COMPACT);
+    free(ev_text);
     free(iwt_redis_str("SET %s:final:rec-1 %s PX 600000", ns, text));
     free(text);
     json_decref(rec);
 
-    track(iwt_start_worker("poller", ns, port, NULL, "poller"));
+    iwt_track(iwt_start_worker("poller", ns, port, NULL, "poller"));
     /* the tracking id is unknown to the mock: a call would end in a 404 */
     publish_check(a, "rec-1", "track-gone", ts, 3, "processing");
     iwt_msg *fin = iwt_wait_event(a, "status.final", "rec-1", 10000);
@@ -541,8 +502,8 @@ START_TEST(submitting_and_polling_share_a_tight_limit)
     long checks_when_all_accepted = -1;
     iwt_amqp *a = setup("poll-fair", mock, &port);
 
-    track(iwt_start_worker("submitter", ns, port, env, "submitter"));
-    track(iwt_start_worker("poller", ns, port, env, "poller"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
     long long start = iwt_now_ms();
     for (int i = 0; i < N_FAIR; i++) {
         char id[32];

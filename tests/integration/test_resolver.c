@@ -320,10 +320,26 @@ START_TEST(test_miss_then_hit)
     assert_found(m, "abc123", "provider");
     iwt_msg_free(m);
     ck_assert_int_eq(exists("resource@details:abc123"), 1);
+    ck_assert_int_eq(exists("resource:abc123"), 1);
     m = lookup("{\"id\":\"abc123\",\"expand\":\"details\",\"priority\":\"normal\"}", "c-4");
     assert_found(m, "abc123", "cache");
     iwt_msg_free(m);
     ck_assert_int_eq(resource_gets("abc123"), 2);
+
+    /* the contract's key holds the id's OurFormat after a look-up of any
+     * variant, and deleting it (as a system that follows the spec does when
+     * the resource changes) sends every variant back to the provider */
+    iwt_redis_int("DEL %s:resource:abc123", ns);
+    m = lookup("{\"id\":\"abc123\",\"expand\":\"details\"}", "c-5");
+    assert_found(m, "abc123", "provider");
+    iwt_msg_free(m);
+    ck_assert_int_eq(resource_gets("abc123"), 3);
+    ck_assert_int_eq(exists("resource:abc123"), 1);
+    iwt_redis_int("DEL %s:resource:abc123", ns);
+    m = lookup_id("abc123", "c-6");
+    assert_found(m, "abc123", "provider");
+    iwt_msg_free(m);
+    ck_assert_int_eq(resource_gets("abc123"), 4);
     json_decref(want);
     finish();
 }
@@ -443,22 +459,17 @@ END_TEST
 
 static int consumers(const char *queue)
 {
-    amqp_queue_declare_ok_t *ok =
-        amqp_queue_declare(amqp->conn, 1, amqp_cstring_bytes(queue), 1, 0, 0, 0, amqp_empty_table);
-    ck_assert_ptr_nonnull(ok);
-    return (int)ok->consumer_count;
+    return iwt_queue_consumers(amqp, queue);
 }
 
 START_TEST(test_coalescing_two_processes)
 {
     char queue[256];
-    long long deadline = iwt_now_ms() + 10000;
     char *log;
 
     start("res-coal2", 2, NULL);
     snprintf(queue, sizeof queue, "%s.resource", ns);
-    while (consumers(queue) < 2 && iwt_now_ms() < deadline)
-        usleep(20000);
+    IWT_EVENTUALLY(consumers(queue) >= 2, 10000);
     ck_assert_int_eq(consumers(queue), 2);
     set_faults("{\"latency_ms\":300}");
     burst("hot-2", 100);
@@ -638,9 +649,7 @@ START_TEST(test_invalidate_message)
     iwt_publish(amqp, requests_exchange, "resource.invalidate", "{\"id\":\"missing-2\"}",
                 "application/json", NULL, NULL);
     snprintf(key, sizeof key, "resource-missing:missing-2");
-    long long deadline = iwt_now_ms() + 5000;
-    while (exists(key) && iwt_now_ms() < deadline)
-        usleep(20000);
+    IWT_EVENTUALLY(!exists(key), 5000);
     ck_assert_int_eq(exists(key), 0);
     ck_assert_ptr_null(iwt_get(amqp, reply_queue, 300));
     finish();

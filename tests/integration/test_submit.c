@@ -134,13 +134,6 @@ static void scen_finish(scen *s)
     }
 }
 
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0)
-        ;
-}
-
 /* ---- jobs ---------------------------------------------------------------------- */
 
 /* A valid job; hooks (JSON text, may be NULL) become payload.mock. */
@@ -208,7 +201,7 @@ static void assert_settled(const scen *s, long posts)
     long long deadline = iwt_now_ms() + 3000;
     int n;
     while ((n = pending_submit_path(s)) > 0 && iwt_now_ms() < deadline)
-        sleep_ms(50);
+        iwt_sleep_ms(50);
     ck_assert_msg(n == 0, "%d message(s) still waiting on the submit path of %s", n, s->ns);
     ck_assert_int_eq(mock_posts(s), posts);
 }
@@ -252,7 +245,7 @@ static void wait_in_flight(const scen *s, long n, int timeout_ms)
     long long deadline = iwt_now_ms() + timeout_ms;
     long cur;
     while ((cur = mock_in_flight(s)) < n && iwt_now_ms() < deadline)
-        sleep_ms(20);
+        iwt_sleep_ms(20);
     ck_assert_msg(cur >= n, "mock in_flight %ld, waited for %ld", cur, n);
 }
 
@@ -277,17 +270,13 @@ static int log_contains(const scen *s, const char *tag, const char *needle)
     return found;
 }
 
-static void wait_log(const scen *s, const char *tag, const char *needle, int timeout_ms)
+/* Waits until the broker counts n consumers on the scenario's submit queue. */
+static void wait_consumers(const scen *s, int n)
 {
-    long long deadline = iwt_now_ms() + timeout_ms;
-    while (!log_contains(s, tag, needle) && iwt_now_ms() < deadline)
-        sleep_ms(20);
-    ck_assert_msg(log_contains(s, tag, needle), "worker log %s never showed \"%s\"", s->ns, needle);
-}
-
-static void wait_connected(const scen *s, const char *tag)
-{
-    wait_log(s, tag, "connected to the broker", 10000);
+    char q[256];
+    queue_name(s, "submit", q, sizeof q);
+    ck_assert_msg(IWT_EVENTUALLY(iwt_queue_consumers(ctl, q) >= n, 10000),
+                  "%d consumer(s) of %s, want %d", iwt_queue_consumers(ctl, q), q, n);
 }
 
 static long long parse_ts(const char *ts)
@@ -341,7 +330,7 @@ static int wait_calls(const scen *s, const char *tag, const char *job_id, call_r
     long long deadline = iwt_now_ms() + 2000;
     int n;
     while ((n = read_calls(s, tag, job_id, out)) < want && iwt_now_ms() < deadline)
-        sleep_ms(20);
+        iwt_sleep_ms(20);
     return n;
 }
 
@@ -650,9 +639,7 @@ START_TEST(test_accepted)
     /* the first status check waits IW_POLL_SCHEDULE (1 s) in a delay tier, then
      * lands in <ns>.status (no poller runs here) */
     ck_assert_int_eq(depth(&a, "status"), 0);
-    long long deadline = iwt_now_ms() + 5000;
-    while (depth(&a, "status") < 1 && iwt_now_ms() < deadline)
-        sleep_ms(20);
+    IWT_EVENTUALLY(depth(&a, "status") >= 1, 5000);
     ck_assert_int_eq(depth(&a, "status"), 1);
     ck_assert_msg(iwt_now_ms() - accepted_at >= 800, "status check after %lld ms",
                   iwt_now_ms() - accepted_at);
@@ -1168,8 +1155,7 @@ START_TEST(test_shared_rate_limit)
     scen_init(&a, "sub-limit", mock_args);
     for (int i = 0; i < WORKERS; i++)
         w[i] = start_submitter(&a, env, tags[i]);
-    for (int i = 0; i < WORKERS; i++)
-        wait_connected(&a, tags[i]);
+    wait_consumers(&a, WORKERS);
     for (int i = 0; i < JOBS; i++) {
         snprintf(id[i], sizeof id[i], "lim-%02d", i);
         free(publish_job(&a, id[i], NULL));
@@ -1187,7 +1173,7 @@ START_TEST(test_shared_rate_limit)
             total = 0;
             for (int k = 0; k < WORKERS; k++)
                 total += read_calls(&a, tags[k], id[i], c);
-        } while (total < 1 && iwt_now_ms() < deadline && (sleep_ms(20), 1));
+        } while (total < 1 && iwt_now_ms() < deadline && (iwt_sleep_ms(20), 1));
         ck_assert_int_eq(total, 1);
     }
     /* first and last provider calls, from the three logs */
@@ -1339,7 +1325,7 @@ static void wait_exits(const pid_t *pids, int n, long long t0, long long *at, in
                 left--;
             }
         }
-        sleep_ms(5);
+        iwt_sleep_ms(5);
     }
     ck_assert_msg(left == 0, "%d worker(s) did not exit within %d ms", left, timeout_ms);
 }
@@ -1361,7 +1347,7 @@ START_TEST(test_graceful_sigterm)
     pid_t w[2];
     w[0] = start_submitter(&a, env_a, "first");
     w[1] = start_submitter(&b, env_b, "first");
-    wait_connected(&a, "first");
+    wait_consumers(&a, 1);
     for (int i = 0; i < JOBS; i++) {
         snprintf(id[i], sizeof id[i], "term-%d", i);
         free(publish_job(&a, id[i], NULL));
@@ -1370,9 +1356,7 @@ START_TEST(test_graceful_sigterm)
     /* a: three calls in flight (IW_CONCURRENCY=3), three held unstarted */
     wait_in_flight(&a, 3, 10000);
     wait_in_flight(&b, 1, 10000);
-    long long deadline = iwt_now_ms() + 5000;
-    while (depth(&a, "submit") > 0 && iwt_now_ms() < deadline)
-        sleep_ms(20);
+    IWT_EVENTUALLY(depth(&a, "submit") == 0, 5000);
     ck_assert_int_eq(depth(&a, "submit"), 0);
 
     long long t0 = iwt_now_ms(), at[2];
@@ -1400,10 +1384,7 @@ START_TEST(test_graceful_sigterm)
             break;
     }
     ck_assert_int_eq(accepted, 3);
-    deadline = iwt_now_ms() + 5000;
-    while ((depth(&a, "submit") < JOBS - accepted || depth(&b, "submit") < 1) &&
-           iwt_now_ms() < deadline)
-        sleep_ms(20);
+    IWT_EVENTUALLY(depth(&a, "submit") >= JOBS - accepted && depth(&b, "submit") >= 1, 5000);
     ck_assert_int_eq(depth(&a, "submit"), JOBS - accepted);
     ck_assert_int_eq(depth(&b, "submit"), 1);
 
@@ -1460,8 +1441,8 @@ START_TEST(test_submit_share)
     iwt_redis_int("SET %s:limiter:demand:status 1 PX 60000", b.ns);
     pid_t wa = start_submitter(&a, env, NULL);
     pid_t wb = start_submitter(&b, env, NULL);
-    wait_connected(&a, NULL);
-    wait_connected(&b, NULL);
+    wait_consumers(&a, 1);
+    wait_consumers(&b, 1);
     for (int i = 0; i < JOBS; i++) {
         char id[32];
         snprintf(id, sizeof id, "share-%d", i);

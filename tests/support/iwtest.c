@@ -2,15 +2,18 @@
 
 #include <amqp_tcp_socket.h>
 #include <check.h>
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <signal.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -128,7 +131,12 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
     out[n++] = buf[b++];
     snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
     out[n++] = buf[b++];
-    static const char *const defaults[] = {"IW_API_KEY=test-key-xxxxx",
+    /* Workers log in as the least-privilege test users that scripts/stack.sh derives
+     * from deploy/ (rabbitmq/definitions.json, redis/users.acl), so a permission the
+     * worker needs but those files lack fails a test. */
+    static const char *const defaults[] = {"IW_AMQP_URL=amqp://iw-test:iw-test@127.0.0.1:5672/%2f",
+                                           "IW_REDIS_URL=redis://iw-test:iw-test@127.0.0.1:6379/0",
+                                           "IW_API_KEY=test-key-xxxxx",
                                            "IW_API_SECRET=test-secret-xxxxx",
                                            "IW_HTTP_ADDR=off",
                                            "IW_POLL_SCHEDULE=1s",
@@ -235,7 +243,7 @@ int iwt_stop(pid_t pid, int sig)
         pid_t r = waitpid(pid, &status, WNOHANG);
         if (r == pid)
             return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        usleep(10000);
+        iwt_sleep_ms(10);
     }
     kill(pid, SIGKILL);
     waitpid(pid, &status, 0);
@@ -347,6 +355,9 @@ static iwt_msg *msg_from(const amqp_bytes_t *rk, const amqp_message_t *m)
     if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG)
         snprintf(r->correlation_id, sizeof r->correlation_id, "%.*s", (int)p->correlation_id.len,
                  (char *)p->correlation_id.bytes);
+    if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
+        snprintf(r->message_id, sizeof r->message_id, "%.*s", (int)p->message_id.len,
+                 (char *)p->message_id.bytes);
     if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG)
         snprintf(r->content_type, sizeof r->content_type, "%.*s", (int)p->content_type.len,
                  (char *)p->content_type.bytes);
@@ -453,7 +464,7 @@ iwt_msg *iwt_get(iwt_amqp *a, const char *queue, int timeout_ms)
             amqp_bytes_free(rk);
             return msg;
         }
-        usleep(50000);
+        iwt_sleep_ms(50);
     } while (iwt_now_ms() < deadline);
     return NULL;
 }
@@ -464,6 +475,14 @@ int iwt_queue_depth(iwt_amqp *a, const char *queue)
         amqp_queue_declare(a->conn, 1, amqp_cstring_bytes(queue), 1, 0, 0, 0, amqp_empty_table);
     die_on_amqp_error(amqp_get_rpc_reply(a->conn), "passive queue.declare");
     return (int)ok->message_count;
+}
+
+int iwt_queue_consumers(iwt_amqp *a, const char *queue)
+{
+    amqp_queue_declare_ok_t *ok =
+        amqp_queue_declare(a->conn, 1, amqp_cstring_bytes(queue), 1, 0, 0, 0, amqp_empty_table);
+    die_on_amqp_error(amqp_get_rpc_reply(a->conn), "passive queue.declare");
+    return (int)ok->consumer_count;
 }
 
 void iwt_cleanup(const char *ns)
@@ -566,6 +585,105 @@ json_t *iwt_mock_stats(int port)
     return j;
 }
 
+long iwt_http_get(int port, const char *path, char **body)
+{
+    return http(port, "GET", path, NULL, body);
+}
+
+double iwt_metric(const char *text, const char *series)
+{
+    size_t n = strlen(series);
+
+    for (const char *p = text; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+        if (strncmp(p, series, n) == 0 && p[n] == ' ')
+            return strtod(p + n + 1, NULL);
+    }
+    return -1;
+}
+
+int iwt_free_port(void)
+{
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+    REQUIRE(fd >= 0);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(bind(fd, (struct sockaddr *)&a, sizeof a) == 0);
+    REQUIRE(getsockname(fd, (struct sockaddr *)&a, &len) == 0);
+    port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+#define MAX_TRACKED 16
+static pid_t tracked[MAX_TRACKED];
+
+static void kill_tracked(void)
+{
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] > 0) {
+            kill(tracked[i], SIGKILL);
+            waitpid(tracked[i], NULL, 0);
+            tracked[i] = 0;
+        }
+}
+
+pid_t iwt_track(pid_t pid)
+{
+    static int registered;
+
+    if (!registered) {
+        atexit(kill_tracked);
+        registered = 1;
+    }
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] <= 0) {
+            tracked[i] = pid;
+            return pid;
+        }
+    REQUIRE(!"too many tracked child processes");
+    return pid;
+}
+
+int iwt_stop_tracked(pid_t pid, int sig)
+{
+    int rc = iwt_stop(pid, sig);
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] == pid)
+            tracked[i] = 0;
+    return rc;
+}
+
+int iwt_stop_all(void)
+{
+    int bad = 0;
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (tracked[i] > 0)
+            bad += iwt_stop_tracked(tracked[i], SIGTERM) != 0;
+    return bad;
+}
+
+int iwt_run_suite(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    int failed;
+
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+void iwt_sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
 long iwt_mock_post(int port, const char *path, const char *json_body)
 {
     return http(port, "POST", path, json_body, NULL);
@@ -620,6 +738,6 @@ int iwt_eventually(int (*cond)(void *), void *ud, int timeout_ms)
     long long deadline = iwt_now_ms() + timeout_ms;
     int v;
     while (!(v = cond(ud)) && iwt_now_ms() < deadline)
-        usleep(20000);
+        iwt_sleep_ms(20);
     return v;
 }

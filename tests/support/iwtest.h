@@ -6,6 +6,7 @@
 #define IW_TEST_SUPPORT_H
 
 #include <amqp.h>
+#include <check.h>
 #include <jansson.h>
 #include <sys/types.h>
 
@@ -34,6 +35,17 @@ int iwt_run_worker_cmd(const char *const *args, const char *ns, int port, const 
  * (128+signal when killed by a signal), -1 on timeout (then SIGKILLs). */
 int iwt_stop(pid_t pid, int sig);
 
+/* Children a suite started: a failed assertion exits the test process, and
+ * every tracked child still running is SIGKILLed then (atexit). */
+pid_t iwt_track(pid_t pid);
+/* iwt_stop of a tracked child, which is then forgotten. */
+int iwt_stop_tracked(pid_t pid, int sig);
+/* SIGTERMs every tracked child; returns how many did not exit 0. */
+int iwt_stop_all(void);
+
+/* Runs a Check suite (CK_NORMAL); the process's exit code. */
+int iwt_run_suite(Suite *s);
+
 /* A blocking AMQP connection for the test side. */
 typedef struct iwt_amqp {
     amqp_connection_state_t conn;
@@ -58,6 +70,7 @@ typedef struct iwt_msg {
     char routing_key[256];
     char correlation_id[256];
     char content_type[128];
+    char message_id[256];
     json_t *headers; /* AMQP headers as JSON (never NULL) */
     json_t *body;    /* parsed JSON body or NULL */
     char *raw;
@@ -76,6 +89,8 @@ int iwt_count_events(iwt_amqp *a, const char *routing_key, const char *job_id, i
 iwt_msg *iwt_get(iwt_amqp *a, const char *queue, int timeout_ms);
 /* Message count of a queue (passive declare). */
 int iwt_queue_depth(iwt_amqp *a, const char *queue);
+/* Consumers of a queue (passive declare): a worker is consuming once it counts. */
+int iwt_queue_consumers(iwt_amqp *a, const char *queue);
 /* Deletes every queue and exchange of ns and its Redis keys. */
 void iwt_cleanup(const char *ns);
 
@@ -89,8 +104,31 @@ long iwt_stat(json_t *stats, const char *route, const char *status);
 long long iwt_redis_int(const char *fmt, ...);
 char *iwt_redis_str(const char *fmt, ...);
 
+/* Sleeps ms milliseconds (the one sleep of the test code: prefer waiting for
+ * an event or iwt_eventually). */
+void iwt_sleep_ms(long ms);
+/* A free TCP port on 127.0.0.1 (bound once and released). */
+int iwt_free_port(void);
+/* GET http://127.0.0.1:port/path: the status (0 when unreachable); the body
+ * (malloc'd) in *body when not NULL. */
+long iwt_http_get(int port, const char *path, char **body);
+/* The value of the Prometheus sample `series` (name with its labels exactly
+ * as rendered, e.g. iw_jobs_total{role="poller",outcome="acked"}) in a
+ * /metrics text; -1 when absent. */
+double iwt_metric(const char *text, const char *series);
+
 /* Polls cond() every 20 ms until true or timeout; returns its last value. */
 int iwt_eventually(int (*cond)(void *), void *ud, int timeout_ms);
+/* The same for an expression: re-evaluated every 20 ms until it is true or
+ * timeout_ms passed; the statement's value is the expression's last value. */
+#define IWT_EVENTUALLY(expr, timeout_ms)                                                           \
+    ({                                                                                             \
+        long long iwt_until_ = iwt_now_ms() + (timeout_ms);                                        \
+        int iwt_ok_;                                                                               \
+        while (!(iwt_ok_ = !!(expr)) && iwt_now_ms() < iwt_until_)                                 \
+            iwt_sleep_ms(20);                                                                      \
+        iwt_ok_;                                                                                   \
+    })
 
 long long iwt_now_ms(void);
 

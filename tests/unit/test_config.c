@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "limiter.h"
 
 /* Every warning the last config_from_env reported, one per line. */
 static char warnings[4096];
@@ -740,6 +741,83 @@ START_TEST(help_lists_settings)
 }
 END_TEST
 
+/* ---------------------------------------------------------------------------
+ * The provider-trouble settings (issue 10): IW_RATE_ALERT, IW_MAX_RATE_PAUSE,
+ * IW_MAINTENANCE_WINDOWS, IW_REQUIRE_NOEVICTION
+ * ------------------------------------------------------------------------ */
+
+START_TEST(guard_settings)
+{
+    iw_error err;
+    const char *none[] = {NULL};
+    iw_config *cfg = load(none, &err);
+
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert_int_eq(cfg->rate_alert_pct, 80);
+    ck_assert_int_eq(cfg->max_rate_pause_ms, 3600000L);
+    ck_assert_int_eq(cfg->require_noeviction, 0);
+    ck_assert_ptr_null(cfg->maintenance_raw);
+    ck_assert_uint_eq(maintenance_count(cfg->maintenance), 0);
+    config_free(cfg);
+
+    const char *set[] = {"IW_RATE_ALERT=90", "IW_MAX_RATE_PAUSE=10m", "IW_REQUIRE_NOEVICTION=1",
+                         "IW_MAINTENANCE_WINDOWS=Sun 02:00-04:00 America/New_York,"
+                         "Sat 23:00-01:00 UTC",
+                         NULL};
+    cfg = load(set, &err);
+    ck_assert_msg(cfg != NULL, "refused: %s", err.msg);
+    ck_assert_int_eq(cfg->rate_alert_pct, 90);
+    ck_assert_int_eq(cfg->max_rate_pause_ms, 600000);
+    ck_assert_int_eq(cfg->require_noeviction, 1);
+    ck_assert_uint_eq(maintenance_count(cfg->maintenance), 2);
+    ck_assert_ptr_nonnull(strstr(cfg->maintenance_raw, "America/New_York"));
+    ck_assert_int_eq(n_warnings, 0);
+    /* the limiter's policy follows the settings */
+    limiter_policy pol = limiter_policy_from_config(cfg);
+    ck_assert_int_eq(pol.alert_pct, 90);
+    ck_assert_int_eq(pol.max_pause_ms, 600000);
+    ck_assert_int_eq(pol.share_permille[0], 800);
+    ck_assert_int_eq(pol.share_permille[1], 500);
+    ck_assert_int_eq(pol.breaker_failures, 5);
+    ck_assert_int_eq(pol.breaker_open_ms, 60000);
+    ck_assert_int_eq(pol.probe_lease_ms, 15000);
+    config_free(cfg);
+
+    const char *empty[] = {"IW_MAINTENANCE_WINDOWS=", NULL};
+    cfg = load(empty, &err);
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert_uint_eq(maintenance_count(cfg->maintenance), 0);
+    config_free(cfg);
+
+    static const char *const bad[][2] = {
+        {"IW_RATE_ALERT=0", "IW_RATE_ALERT"},
+        {"IW_RATE_ALERT=101", "IW_RATE_ALERT"},
+        {"IW_MAX_RATE_PAUSE=100ms", "IW_MAX_RATE_PAUSE"},
+        {"IW_MAX_RATE_PAUSE=30d", "IW_MAX_RATE_PAUSE"},
+        {"IW_REQUIRE_NOEVICTION=yes", "IW_REQUIRE_NOEVICTION"},
+        {"IW_MAINTENANCE_WINDOWS=Sun 02:00-04:00 Mars/Base", "IW_MAINTENANCE_WINDOWS"},
+        {"IW_MAINTENANCE_WINDOWS=Sunday 02:00-04:00 UTC", "IW_MAINTENANCE_WINDOWS"},
+        {"IW_MAINTENANCE_WINDOWS=Sun 02:00-04:00 UTC,", "IW_MAINTENANCE_WINDOWS"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *env[] = {bad[i][0], NULL};
+        assert_refused(env, bad[i][1]);
+    }
+
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    config_print_help(f);
+    fclose(f);
+    static const char *const names[] = {"IW_RATE_ALERT",          "IW_MAX_RATE_PAUSE",
+                                        "IW_MAINTENANCE_WINDOWS", "IW_REQUIRE_NOEVICTION",
+                                        "IW_BREAKER_FAILURES",    "IW_BREAKER_OPEN"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        ck_assert_msg(strstr(text, names[i]) != NULL, "--help lacks %s", names[i]);
+    free(text);
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -750,6 +828,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, null_envp_is_defaults);
     tcase_add_test(tc, settings_override_defaults);
     tcase_add_test(tc, enum_values);
+    tcase_add_test(tc, guard_settings);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("refusals");

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "intake.h"
 #include "schema.h"
 
 #define JOBS_DIR IW_TEST_DATA_DIR "/jobs"
@@ -43,16 +44,21 @@ out:
     return buf;
 }
 
-/* Parses and validates one input as the worker would.  Returns IW_OK, or a
- * failure with the message in err ("JSON: ..." when it does not parse). */
+/* Intake of one input exactly as the worker does it (common/intake.c):
+ * IW_OK, IW_ERR_JSON or IW_ERR_SCHEMA, with the reason in err. */
 static int check_job(const iw_schema *s, const char *input, size_t len, iw_error *err)
 {
-    json_error_t jerr;
-    json_t *job = json_loadb(input, len, JSON_REJECT_DUPLICATES, &jerr);
-    if (!job)
-        return iw_error_set(err, IW_ERR_JSON, "JSON: %d:%d: %s", jerr.line, jerr.column, jerr.text);
-    int rc = schema_validate(s, job, err);
-    json_decref(job);
+    intake_result in;
+    int rc;
+
+    intake_json(input, len, "application/json", FIXTURE_MAX_BYTES, s, &in);
+    json_decref(in.doc);
+    rc = in.code == IW_C_NONE               ? IW_OK
+         : in.code == IW_C_INVALID_JSON     ? IW_ERR_JSON
+         : in.code == IW_C_SCHEMA_VIOLATION ? IW_ERR_SCHEMA
+                                            : IW_ERR_INVALID;
+    if (rc != IW_OK)
+        iw_error_set(err, rc, "%s", in.msg);
     return rc;
 }
 

@@ -1,0 +1,181 @@
+/* The reactor: the timer heap's order under arming, re-arming and
+ * cancelling; file events; turn-end hooks and loop_again. */
+#include <check.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "loop.h"
+#include "iwtest.h"
+
+#define N 200
+
+static int fired[N], order[N], n_fired;
+
+static void on_timer(loop *l, loop_timer *t)
+{
+    int i = (int)(long)t->ud;
+    (void)l;
+    fired[i]++;
+    order[n_fired++] = i;
+}
+
+/* Runs turns until no timer is left (bounded). */
+static void drain(loop *l)
+{
+    for (int turns = 0; loop_timers(l) && turns < 10000; turns++)
+        loop_turn(l, 10);
+}
+
+START_TEST(timers_fire_in_due_order)
+{
+    loop *l = loop_new();
+    loop_timer t[N];
+    long long now = clock_mono_ms();
+
+    n_fired = 0;
+    for (int i = 0; i < N; i++) {
+        fired[i] = 0;
+        loop_timer_init(&t[i], on_timer, (void *)(long)i);
+        /* a scrambled order of due times, all in the past or now */
+        ck_assert_int_eq(loop_timer_at(l, &t[i], now - ((i * 7919) % N)), 0);
+    }
+    ck_assert_int_eq(loop_timers(l), N);
+    drain(l);
+    ck_assert_int_eq(n_fired, N);
+    for (int k = 1; k < N; k++)
+        ck_assert_int_le(t[order[k - 1]].due_ms, t[order[k]].due_ms);
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(fired[i], 1);
+        ck_assert(!loop_timer_armed(&t[i]));
+    }
+    loop_free(l);
+}
+END_TEST
+
+START_TEST(cancel_and_rearm_keep_the_heap_ordered)
+{
+    loop *l = loop_new();
+    loop_timer t[N];
+    long long now = clock_mono_ms();
+
+    n_fired = 0;
+    for (int i = 0; i < N; i++) {
+        fired[i] = 0;
+        loop_timer_init(&t[i], on_timer, (void *)(long)i);
+        loop_timer_at(l, &t[i], now + 100000 + i);
+    }
+    /* cancel every third, move every fifth to the past, cancel one twice */
+    for (int i = 0; i < N; i += 3)
+        loop_timer_cancel(l, &t[i]);
+    loop_timer_cancel(l, &t[0]);
+    for (int i = 1; i < N; i += 5)
+        loop_timer_at(l, &t[i], now - i);
+    ck_assert_int_eq(loop_next_due(l), now - 196); /* i = 196 moved furthest back */
+    /* only the moved ones are due */
+    loop_turn(l, 0);
+    for (int i = 0; i < N; i++) {
+        int moved = i % 5 == 1;
+        ck_assert_int_eq(fired[i], moved ? 1 : 0);
+    }
+    for (int k = 1; k < n_fired; k++)
+        ck_assert_int_le(t[order[k - 1]].due_ms, t[order[k]].due_ms);
+    /* the rest are still armed and ordered */
+    long long prev = -1;
+    int left = 0;
+    while (loop_timers(l)) {
+        long long due = loop_next_due(l);
+        ck_assert_int_ge(due, prev);
+        prev = due;
+        for (int i = 0; i < N; i++)
+            if (loop_timer_armed(&t[i]) && t[i].due_ms == due) {
+                loop_timer_cancel(l, &t[i]);
+                left++;
+                break;
+            }
+    }
+    /* N minus the cancelled (every third) minus the moved-and-fired ones */
+    int expect = 0;
+    for (int i = 0; i < N; i++)
+        if (i % 3 != 0 && i % 5 != 1)
+            expect++;
+    ck_assert_int_eq(left, expect);
+    loop_free(l);
+}
+END_TEST
+
+static int readable;
+
+static void on_read(loop *l, int fd, int events, void *ud)
+{
+    char c;
+    (void)l;
+    (void)ud;
+    ck_assert(events & LOOP_READ);
+    ck_assert_int_eq(read(fd, &c, 1), 1);
+    readable++;
+}
+
+static int hooks_run, want_again;
+
+static int hook(loop *l, void *ud)
+{
+    (void)l;
+    (void)ud;
+    hooks_run++;
+    return want_again-- > 0;
+}
+
+START_TEST(file_events_and_hooks)
+{
+    loop *l = loop_new();
+    int p[2];
+    long long t0;
+
+    ck_assert_int_eq(pipe(p), 0);
+    ck_assert_int_eq(loop_watch(l, p[0], LOOP_READ, on_read, NULL), 0);
+    ck_assert_int_eq(loop_add_hook(l, hook, NULL), 0);
+    readable = hooks_run = 0;
+    want_again = 0;
+    ck_assert_int_eq(write(p[1], "x", 1), 1);
+    loop_turn(l, 1000);
+    ck_assert_int_eq(readable, 1);
+    ck_assert_int_eq(hooks_run, 1);
+    /* nothing ready: waits the whole timeout, the hook still runs */
+    t0 = clock_mono_ms();
+    loop_turn(l, 50);
+    ck_assert_int_ge(clock_mono_ms() - t0, 40);
+    ck_assert_int_eq(hooks_run, 2);
+    /* a hook that asks for another turn makes the next one not wait */
+    want_again = 1;
+    loop_turn(l, 0);
+    t0 = clock_mono_ms();
+    loop_turn(l, 2000);
+    ck_assert_int_lt(clock_mono_ms() - t0, 1000);
+    /* loop_again does the same from anywhere */
+    loop_again(l);
+    t0 = clock_mono_ms();
+    loop_turn(l, 2000);
+    ck_assert_int_lt(clock_mono_ms() - t0, 1000);
+    /* unwatched: no more events */
+    ck_assert_int_eq(loop_watch(l, p[0], 0, NULL, NULL), 0);
+    ck_assert_int_eq(write(p[1], "y", 1), 1);
+    loop_turn(l, 20);
+    ck_assert_int_eq(readable, 1);
+    close(p[0]);
+    close(p[1]);
+    loop_free(l);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("loop");
+    TCase *tc = tcase_create("loop");
+
+    tcase_add_test(tc, timers_fire_in_due_order);
+    tcase_add_test(tc, cancel_and_rearm_keep_the_heap_ordered);
+    tcase_add_test(tc, file_events_and_hooks);
+    suite_add_tcase(s, tc);
+    return iwt_run_suite(s);
+}
