@@ -1,4 +1,5 @@
 #include "config.h"
+#include "redis_link.h"
 
 #include <amqp.h>
 #include <curl/curl.h>
@@ -166,6 +167,20 @@ static const setting settings[] = {
      "how long an accepted jobId is remembered in Redis"},
     {"IW_REDIS_TIMEOUT", T_DURATION, "2s", 10, 60000, NULL, F(redis_timeout_ms), 0,
      "connect and command timeout for Redis"},
+    {"IW_REDIS_PASSWORD", T_SECRET, NULL, 0, 0, NULL, F(redis_password), 0,
+     "password of the Redis data nodes (overrides one in IW_REDIS_URL)"},
+    {"IW_REDIS_SENTINELS", T_STRING, NULL, 0, 0, NULL, F(redis_sentinels), 0,
+     "Sentinel host:port list; when set, every (re)connect asks them for the master "
+     "(IW_REDIS_URL then only gives the db number)"},
+    {"IW_REDIS_MASTER", T_STRING, "mymaster", 0, 0, NULL, F(redis_master), 0,
+     "the master name the sentinels monitor"},
+    {"IW_REDIS_SENTINEL_PASSWORD", T_SECRET, NULL, 0, 0, NULL, F(redis_sentinel_password), 0,
+     "password of the sentinels (requirepass in sentinel.conf)"},
+    {"IW_REDIS_WAIT_REPLICAS", T_LONG, "0", 0, 16, NULL, F(redis_wait_replicas), 0,
+     "replicas that must acknowledge the records guarding against double submission before "
+     "the job's events are published (WAIT); 0 skips"},
+    {"IW_REDIS_WAIT_TIMEOUT", T_DURATION, "100ms", 1, 60000, NULL, F(redis_wait_timeout_ms), 0,
+     "longest a WAIT for IW_REDIS_WAIT_REPLICAS waits"},
     {"IW_SCHEMA_DIR", T_STRING, IW_SCHEMA_DIR_DEFAULT, 0, 0, NULL, F(schema_dir), 0,
      "directory of the JSON Schemas"},
 };
@@ -384,8 +399,8 @@ static int check_amqp_url(const char *url, iw_error *err)
     while ((node = strsep(&rest, ",")) != NULL) {
         struct amqp_connection_info ci;
         if (++i > IW_MAX_AMQP_NODES) {
-            rc = iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: at most %d URLs",
-                              IW_MAX_AMQP_NODES);
+            rc =
+                iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: at most %d URLs", IW_MAX_AMQP_NODES);
             break;
         }
         while (*node == ' ')
@@ -542,6 +557,15 @@ static int check_combinations(const iw_config *cfg, void (*warn)(const char *msg
         return rc;
     if (strncmp(cfg->redis_url, "redis://", 8))
         return iw_error_set(err, IW_ERR_CONFIG, "IW_REDIS_URL: must start with redis://");
+    if (cfg->redis_sentinels) {
+        size_t n;
+        if (redis_parse_sentinels(cfg->redis_sentinels, NULL, REDIS_MAX_SENTINELS, &n, err) !=
+            IW_OK)
+            return IW_ERR_CONFIG;
+    }
+    if (!redis_master_name_ok(cfg->redis_master))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_REDIS_MASTER: 1..128 letters, digits, '-', '_' or '.'");
     /* parsed by redis_link exactly as the roles will (no connection made) */
     redis_link *r = redis_link_new(cfg->redis_url, 1000, &e);
     if (!r)

@@ -85,6 +85,12 @@ typedef struct iw_config {
     long hold_max_ms;
     long idempotency_ttl_ms;
     long redis_timeout_ms;
+    char *redis_password;          /* IW_REDIS_PASSWORD: the data nodes' (overrides the URL's) */
+    char *redis_sentinels;         /* IW_REDIS_SENTINELS: host:port,...; NULL: no Sentinel */
+    char *redis_master;            /* IW_REDIS_MASTER: the master name the sentinels watch */
+    char *redis_sentinel_password; /* IW_REDIS_SENTINEL_PASSWORD */
+    long redis_wait_replicas;      /* IW_REDIS_WAIT_REPLICAS: WAIT after guarding records */
+    long redis_wait_timeout_ms;    /* IW_REDIS_WAIT_TIMEOUT */
     char *schema_dir;
 } iw_config;
 

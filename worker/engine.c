@@ -1028,27 +1028,14 @@ static void give_up_waiting_steps(engine *e, long long now)
     e->to_adopt = keep;
 }
 
-/* Appends the Redis steps of the queued jobs, then reads every reply in
- * order.  Jobs whose step failed wait for the next try (1 s). */
-static int record_steps(engine *e, long long now)
+/* Drops the claims queued for release (a claim that cannot be dropped
+ * expires after its lease). */
+static void drop_claims(engine *e)
 {
-    job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
-    job_fifo taken[3] = {{0}};
-    iw_error err = {0};
-    int failed = 0;
-
     size_t released = 0;
+    iw_error err;
 
-    if (!e->to_put.head && !e->to_adopt.head && !e->to_mark.head && !e->releases)
-        return 0;
-    if (now < e->records_blocked_until && !e->to_mark.head)
-        return 0;
-    if (!rt_redis_ready(e->rt)) {
-        failed = 1;
-        iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
-    }
-    /* claims first: a claim that cannot be dropped expires after its lease */
-    while (!failed && e->releases) {
+    while (e->releases) {
         release *r = e->releases;
         if (records_append_release(e->rec, r->key, r->token, &err) != IW_OK)
             break;
@@ -1061,41 +1048,126 @@ static int record_steps(engine *e, long long now)
         if (records_read(e->rec, &rr, &err) == IW_OK)
             free(rr.event);
     }
-    for (int q = 0; q < 3 && !failed; q++) {
+}
+
+/* Appends the put, adopt and mark of every queued job, moving them to
+ * taken[]; returns 0, or -1 when the pipeline broke (err says why). */
+static int append_steps(engine *e, job_fifo taken[3], iw_error *err)
+{
+    job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+
+    for (int q = 0; q < 3; q++) {
         job *j;
-        while (!failed && (j = queues[q]->head)) {
-            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token, &err)
-                     : q == 1 ? records_append_adopt(e->rec, j->key, j->token, &err)
-                              : records_append_mark(e->rec, j->key, &err);
-            if (rc != IW_OK) {
-                failed = 1;
-                break;
-            }
+        while ((j = queues[q]->head)) {
+            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token, err)
+                     : q == 1 ? records_append_adopt(e->rec, j->key, j->token, err)
+                              : records_append_mark(e->rec, j->key, err);
+            if (rc != IW_OK)
+                return -1;
             job_push(&taken[q], job_pop(queues[q]));
         }
     }
+    return 0;
+}
+
+/* With IW_REDIS_WAIT_REPLICAS, the records just written must reach that many
+ * replicas before they are acted on (a failover then cannot lose them); too
+ * few in IW_REDIS_WAIT_TIMEOUT is logged, not fatal: a replica outage must not
+ * become an outage of the worker. */
+static void wait_replicas(engine *e, int appended)
+{
+    redisReply *rep = NULL;
+    iw_error err = {0};
+
+    if (appended <= 0)
+        return;
+    if (redis_link_read(rt_redis(e->rt), &rep, &err) != IW_OK ||
+        redis_wait_check(rep, e->cfg->redis_wait_replicas, &err) != IW_OK)
+        log_msg(IW_LOG_WARN, NULL, "records not confirmed by IW_REDIS_WAIT_REPLICAS replicas: %s",
+                err.msg);
+    if (rep)
+        freeReplyObject(rep);
+}
+
+/* Acts on each job's reply; returns 1 when a put or adopt must be tried
+ * again (the connection broke). */
+static int dispatch_steps(engine *e, job_fifo taken[3], records_reply *rr, int *ok, size_t n,
+                          iw_error *err)
+{
+    job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+    int failed = 0;
+    size_t i = 0;
+
     for (int q = 0; q < 3; q++) {
         job *j;
-        while ((j = job_pop(&taken[q]))) {
-            records_reply rr;
-            int ok = records_read(e->rec, &rr, &err) == IW_OK;
+        while (i < n && (j = job_pop(&taken[q]))) {
+            records_reply *r = &rr[i];
+            int good = ok[i++];
             if (q == 2) {
-                after_mark(j, &rr, &err, ok);
-            } else if (!ok && err.status == IW_ERR_REDIS_SCRIPT &&
+                after_mark(j, r, err, good);
+            } else if (!good && err->status == IW_ERR_REDIS_SCRIPT &&
                        redis_link_connected(rt_redis(e->rt))) {
                 /* Redis answers, the record does not parse: trying again
                  * cannot help */
-                job_fail(j, IW_C_RECORD_CORRUPT, err.msg, 0, j->attempts);
-            } else if (!ok) {
+                job_fail(j, IW_C_RECORD_CORRUPT, err->msg, 0, j->attempts);
+            } else if (!good) {
                 failed = 1;
                 job_push(queues[q], j); /* tried again */
             } else if (q == 0) {
-                after_put(j, &rr);
+                after_put(j, r);
             } else {
-                after_adopt(j, &rr);
+                after_adopt(j, r);
             }
-            free(rr.event);
+            free(r->event);
         }
+    }
+    return failed;
+}
+
+/* One round trip for every Redis step queued this turn: claims dropped,
+ * outcomes recorded, records adopted, published outcomes marked.  Every reply
+ * is read before any job acts on its own, so that WAIT (when configured)
+ * covers them all.  Jobs whose step failed wait for the next try (1 s). */
+static int record_steps(engine *e, long long now)
+{
+    job_fifo taken[3] = {{0}};
+    iw_error err = {0};
+    records_reply *rr = NULL;
+    int failed = 0, waiting = 0, *ok = NULL;
+    size_t n = 0;
+
+    if (!e->to_put.head && !e->to_adopt.head && !e->to_mark.head && !e->releases)
+        return 0;
+    if (now < e->records_blocked_until && !e->to_mark.head)
+        return 0;
+    if (!rt_redis_ready(e->rt)) {
+        failed = 1;
+        iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
+    } else {
+        drop_claims(e);
+        failed = append_steps(e, taken, &err) != 0;
+        for (int q = 0; q < 3; q++)
+            for (job *j = taken[q].head; j; j = j->next)
+                n++;
+        if (taken[0].head)
+            waiting = redis_link_append_wait(rt_redis(e->rt), e->cfg->redis_wait_replicas,
+                                             e->cfg->redis_wait_timeout_ms, &err);
+        rr = calloc(n ? n : 1, sizeof *rr);
+        ok = calloc(n ? n : 1, sizeof *ok);
+        for (size_t i = 0; i < n && rr && ok; i++)
+            ok[i] = records_read(e->rec, &rr[i], &err) == IW_OK;
+        wait_replicas(e, waiting);
+        if (rr && ok) {
+            failed |= dispatch_steps(e, taken, rr, ok, n, &err);
+        } else { /* out of memory: the replies are lost, the steps tried again */
+            job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+            for (int q = 0; q < 3; q++)
+                for (job *j; (j = job_pop(&taken[q]));)
+                    job_push(queues[q], j);
+            failed = 1;
+        }
+        free(rr);
+        free(ok);
     }
     /* a mark that cannot be written is logged and the job acked (the event
      * is out): only the put and adopt steps wait for Redis */

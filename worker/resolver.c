@@ -1251,7 +1251,7 @@ void resolver_free(resolver *r)
 int resolver_cache_invalidate_cmd(const iw_config *cfg, const char *id)
 {
     iw_error err = {0};
-    redis_link *link = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, &err);
+    redis_link *link = redis_link_from_config(cfg, &err);
     cache_ttls ttls = {cfg->cache_ttl_ms, cfg->cache_stale_ttl_ms, cfg->cache_negative_ttl_ms,
                        cfg->http_timeout_ms + LOCK_SLACK_MS};
     cache *c = link ? cache_new(link, cfg->ns, &ttls) : NULL;

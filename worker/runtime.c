@@ -88,7 +88,7 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
         goto fail;
     }
     loop_timer_init(&rt->housekeeping, housekeeping, rt);
-    rt->redis = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, err);
+    rt->redis = redis_link_from_config(cfg, err);
     if (!rt->redis)
         goto fail;
     rt->lim =

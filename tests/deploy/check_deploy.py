@@ -567,6 +567,9 @@ def check_redis(args):
         fail("integration-worker must start from -@all")
     granted = {r[1:].lower() for r in rules if r.startswith("+")}
     used = source_redis_commands(args.source)
+    # SENTINEL goes to the sentinels (IW_REDIS_SENTINELS), whose users live in sentinel.conf;
+    # a data node does not even know the command, so users.acl cannot grant it.
+    used.discard("sentinel")
     if len(used) < 10:
         fail("found only %d Redis commands in the source: the scan is broken" % len(used))
     for c in sorted(used - granted):
