@@ -409,7 +409,7 @@ static int check_amqp_url(const char *url, iw_error *err)
             *--end = '\0';
         if (strncmp(node, "amqp://", 7) && strncmp(node, "amqps://", 8)) {
             rc = iw_error_set(err, IW_ERR_CONFIG,
-                              "IW_AMQP_URL: node %d must start with amqp:// or amqps:// (the value "
+                              "IW_AMQP_URL: URL %d must start with amqp:// or amqps:// (the value "
                               "is not shown: it may hold a password)",
                               i);
             break;
@@ -425,7 +425,7 @@ static int check_amqp_url(const char *url, iw_error *err)
         amqp_default_connection_info(&ci);
         if (empty_host || amqp_parse_url(node, &ci) != AMQP_STATUS_OK || !ci.host || !*ci.host) {
             rc = iw_error_set(err, IW_ERR_CONFIG,
-                              "IW_AMQP_URL: node %d is not amqp[s]://[user:password@]host[:port]"
+                              "IW_AMQP_URL: URL %d is not amqp[s]://[user:password@]host[:port]"
                               "[/vhost] (the value is not shown: it may hold a password)",
                               i);
             break;
