@@ -863,6 +863,7 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
                           size_t len)
 {
     job *j = (job *)c;
+    int rc;
 
     (void)record;
     (void)len;
@@ -871,9 +872,17 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
         job_set_state(j, JOB_PERMITTED);
         c->attempt = j->attempts + 1;
         job_set_state(j, JOB_CALLING);
-        if (j->role->start(j) != IW_OK) {
-            log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+        if ((rc = j->role->start(j)) != IW_OK) {
             release_claim(j->e, c);
+            if (rc == IW_ERR_URL_TOO_LONG || rc == IW_ERR_HEADER_VALUE ||
+                rc == IW_ERR_URL_INVALID) {
+                /* the request built from this job can never be sent as it is:
+                 * trying again would loop for ever */
+                job_fail(j, IW_C_REQUEST_NOT_SENT, iw_strerror(rc), 0, j->attempts);
+                break;
+            }
+            log_msg(IW_LOG_ERROR, job_fields(j),
+                    "cannot start the provider call (%s); retrying in 1 s", iw_strerror(rc));
             job_wait(j, START_RETRY_MS);
         }
         break;

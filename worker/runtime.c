@@ -209,9 +209,16 @@ const char *rt_name(const runtime *rt, char *buf, size_t len, const char *suffix
 
 iw_schema *rt_load_schema(const runtime *rt, const char *file, iw_error *err)
 {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/%s", rt->cfg->schema_dir, file);
-    return schema_load_file(path, err);
+    char *path = NULL;
+    iw_schema *s;
+
+    if (asprintf(&path, "%s/%s", rt->cfg->schema_dir, file) < 0) {
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    s = schema_load_file(path, err);
+    free(path);
+    return s;
 }
 
 /* ---- connections --------------------------------------------------------- */
