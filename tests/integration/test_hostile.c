@@ -183,10 +183,14 @@ static void check_event(const iwt_msg *m)
     ck_assert_str_eq(m->content_type, "application/json");
     validate(schema, m->body, m->routing_key);
     /* a failure message quotes input: it must be text, never empty */
-    if (strcmp(m->routing_key, "submission.failed") == 0)
-        ck_assert_msg(
-            json_string_length(json_object_get(json_object_get(m->body, "error"), "message")) > 0,
-            "submission.failed without a message: %.300s", m->raw);
+    if (strcmp(m->routing_key, "submission.failed") == 0) {
+        const char *msg =
+            json_string_value(json_object_get(json_object_get(m->body, "error"), "message"));
+        ck_assert_msg(msg && *msg, "submission.failed without a message: %.300s", m->raw);
+        for (const unsigned char *c = (const unsigned char *)msg; *c; c++)
+            ck_assert_msg(*c >= 0x20 && *c != 0x7f,
+                          "a control byte 0x%02x in a failure message: %.300s", *c, msg);
+    }
 }
 
 #define MAX_EVENTS 1024
@@ -242,13 +246,33 @@ static const iwt_msg *expect_event(const char *rk, const char *job_id, int timeo
     return m;
 }
 
+static void sha256_key(const char *s, size_t len, char out[260]);
+
+/* The correlation_id of a job's events: its jobId, or its jobKey when the
+ * jobId is longer than 255 bytes. */
+static void assert_correlation(const iwt_msg *m, const char *job_id)
+{
+    char key[260];
+    size_t len = strlen(job_id);
+    if (len > 255)
+        sha256_key(job_id, len, key);
+    else
+        snprintf(key, sizeof key, "%s", job_id);
+    ck_assert_msg(strcmp(m->correlation_id, key) == 0,
+                  "%s of jobId '%.60s': correlation_id '%.80s'", m->routing_key, job_id,
+                  m->correlation_id);
+}
+
 /* submission.failed of job_id with this code and attempts. */
 static const iwt_msg *expect_failed(const char *job_id, const char *code, int attempts)
 {
     const iwt_msg *m = expect_event("submission.failed", job_id, EVENT_WAIT_MS);
     json_t *e = json_object_get(m->body, "error");
-    ck_assert_str_eq(json_string_value(json_object_get(e, "code")), code);
+    ck_assert_msg(strcmp(json_string_value(json_object_get(e, "code")), code) == 0,
+                  "submission.failed of '%.60s': code %s, want %s", job_id,
+                  json_string_value(json_object_get(e, "code")), code);
     ck_assert_int_eq(json_integer_value(json_object_get(e, "retryAttempt")), attempts);
+    assert_correlation(m, job_id);
     return m;
 }
 
@@ -389,8 +413,8 @@ static const char *hdr_str(const iwt_msg *m, const char *name)
 
 /* The dead letter whose body is exactly body[0..len), with x-error-code
  * `code` and a non-empty x-error-message. */
-static const iwt_msg *expect_dead(const dead_set *d, const char *what, const void *body, size_t len,
-                                  const char *code)
+static const iwt_msg *expect_dead_rk(const dead_set *d, const char *what, const void *body,
+                                     size_t len, const char *code, const char *routing_key)
 {
     const iwt_msg *m = NULL;
     for (int i = 0; i < d->n && !m; i++)
@@ -404,8 +428,14 @@ static const iwt_msg *expect_dead(const dead_set *d, const char *what, const voi
                   what, hdr_str(m, "x-error-code"), code);
     ck_assert_msg(json_string_length(json_object_get(m->headers, "x-error-message")) > 0,
                   "%s: x-error-message missing", what);
-    ck_assert_str_eq(hdr_str(m, "x-original-routing-key"), "submit.transaction");
+    ck_assert_str_eq(hdr_str(m, "x-original-routing-key"), routing_key);
     return m;
+}
+
+static const iwt_msg *expect_dead(const dead_set *d, const char *what, const void *body, size_t len,
+                                  const char *code)
+{
+    return expect_dead_rk(d, what, body, len, code, "submit.transaction");
 }
 
 /* ---- the jobKey, computed here independently of common/jobkey.c --------------------- */
@@ -445,7 +475,7 @@ typedef struct provider {
     int not_found;                /* 404s answered */
     int sent_429;                 /* 429s answered */
     char *track_mid, *track_huge; /* trackingIds answered for mode track-mid / track-huge */
-    char *resource_id;            /* the one resource id served (200) */
+    char *resource_ids[2];        /* the resource ids served (200) */
     int mode_seen[4];             /* POSTs seen per 429 mode */
 } provider;
 
@@ -555,7 +585,8 @@ static void answer(provider *p, int conn, const prov_req *r, int n)
     if (strcmp(r->method, "GET") == 0 &&
         strncmp(r->path, resource_prefix, sizeof resource_prefix - 1) == 0) {
         const char *id = r->path + sizeof resource_prefix - 1;
-        if (p->resource_id && strcmp(id, p->resource_id) == 0) {
+        if ((p->resource_ids[0] && strcmp(id, p->resource_ids[0]) == 0) ||
+            (p->resource_ids[1] && strcmp(id, p->resource_ids[1]) == 0)) {
             respond_json(conn, 200, NULL,
                          json_pack("{s:s, s:s, s:s, s:{s:s, s:i}}", "id", id, "ext_name",
                                    "\xe5\x90\x8d\xe5\x89\x8d", "ext_status", "ACTIVE", "ext_data",
@@ -673,7 +704,8 @@ static void provider_stop(provider *p)
     }
     free(p->track_mid);
     free(p->track_huge);
-    free(p->resource_id);
+    free(p->resource_ids[0]);
+    free(p->resource_ids[1]);
     pthread_mutex_destroy(&p->lock);
 }
 
@@ -740,7 +772,7 @@ static void assert_no_injected_lines(provider *p)
     for (int i = 0; i < p->n; i++) {
         const char *h = p->reqs[i].head;
         const char *line = strstr(h, "\r\n");
-        ck_assert_msg(strcasestr(h, "X-Injected") == NULL,
+        ck_assert_msg(line && strcasestr(line, "X-Injected") == NULL,
                       "an injected header reached the provider:\n%s", h);
         while (line && line[2] != '\r' && line[2] != '\0') {
             line += 2;
@@ -750,6 +782,18 @@ static void assert_no_injected_lines(provider *p)
         }
     }
     pthread_mutex_unlock(&p->lock);
+}
+
+/* `count` copies of the UTF-8 character c. */
+static char *repeat(const char *c, int count, const char *prefix)
+{
+    size_t cl = strlen(c), pl = strlen(prefix);
+    char *s = malloc(pl + cl * (size_t)count + 1);
+    memcpy(s, prefix, pl);
+    for (int i = 0; i < count; i++)
+        memcpy(s + pl + cl * (size_t)i, c, cl);
+    s[pl + cl * (size_t)count] = '\0';
+    return s;
 }
 
 /* ---- 1. upstream messages: odd headers, bodies and bytes (the real mock) -------------- */
@@ -981,6 +1025,21 @@ START_TEST(test_upstream_messages)
                                "}}");
     ADDS("30,000 nested arrays", deep, aj, "INVALID_JSON", NULL);
     free(deep);
+    /* invalid jobs (no payload) with long non-ASCII jobIds: 128 CJK characters
+     * (384 bytes) and 129 (too long for the schema); their events'
+     * correlation_id is the jobKey */
+    char *cjk128 = repeat("\xe7\x84\xa1", 128, ""), *cjk129 = repeat("\xe7\x84\xa1", 129, "");
+    char *cjk_body[2];
+    for (int i = 0; i < 2; i++) {
+        json_t *j = json_pack("{s:s, s:s, s:s}", "jobId", i ? cjk129 : cjk128, "userId", "u",
+                              "action", "a");
+        cjk_body[i] = json_dumps(j, JSON_COMPACT);
+        json_decref(j);
+        ADDS(i ? "an invalid job with a 129-character CJK jobId"
+               : "an invalid job with a 128-character CJK jobId",
+             cjk_body[i], aj, "SCHEMA_VIOLATION", i ? cjk129 : cjk128);
+        free(cjk_body[i]);
+    }
     /* over IW_MAX_MESSAGE_BYTES (65536): dead-lettered unread */
     char *huge = nested_arrays(0,
                                "{\"jobId\":\"too-big\",\"userId\":\"u\",\"action\":\"a\","
@@ -1051,8 +1110,16 @@ START_TEST(test_upstream_messages)
     /* the dead letters: one per hostile message, each with its reason */
     dead_set d = {0};
     dead_fetch(&d, &s, n + 1, 10000);
-    for (int i = 0; i < n; i++)
-        expect_dead(&d, h[i].what, h[i].body, h[i].len, h[i].code);
+    for (int i = 0; i < n; i++) {
+        const iwt_msg *dl = expect_dead(&d, h[i].what, h[i].body, h[i].len, h[i].code);
+        /* the dead letter says what the event says */
+        const iwt_msg *ev =
+            h[i].job_id && h[i].job_id[0] ? seen_event("submission.failed", h[i].job_id) : NULL;
+        if (ev)
+            ck_assert_str_eq(
+                hdr_str(dl, "x-error-message"),
+                json_string_value(json_object_get(json_object_get(ev->body, "error"), "message")));
+    }
     const iwt_msg *m =
         expect_dead(&d, "odd headers, invalid job", odd_bad, strlen(odd_bad), "SCHEMA_VIOLATION");
     char q[200];
@@ -1112,6 +1179,8 @@ START_TEST(test_upstream_messages)
     dead_free(&d);
     for (int i = 0; i < n; i++)
         free(h[i].body);
+    free(cjk128);
+    free(cjk129);
     free(odd_job);
     free(odd_bad);
     free(nest_job);
@@ -1126,34 +1195,34 @@ END_TEST
 
 /* ---- 2. the provider's side: headers from jobIds, long ids, long trackingIds ---------- */
 
-/* `count` copies of the UTF-8 character c. */
-static char *repeat(const char *c, int count, const char *prefix)
-{
-    size_t cl = strlen(c), pl = strlen(prefix);
-    char *s = malloc(pl + cl * (size_t)count + 1);
-    memcpy(s, prefix, pl);
-    for (int i = 0; i < count; i++)
-        memcpy(s + pl + cl * (size_t)i, c, cl);
-    s[pl + cl * (size_t)count] = '\0';
-    return s;
-}
+/* Replies to look-ups, each checked against resource-reply.schema.json as
+ * it arrives and kept until asked for. */
+static iwt_msg *replies[64];
+static int n_replies;
 
-/* The reply to a look-up with correlation_id corr (every reply is checked
- * against resource-reply.schema.json). */
+/* The reply with correlation_id corr, NULL on timeout (the caller frees). */
 static iwt_msg *wait_reply(const char *corr, int timeout_ms)
 {
     long long deadline = iwt_now_ms() + timeout_ms;
-    while (iwt_now_ms() < deadline) {
-        iwt_msg *m = iwt_get(rpc, reply_queue, (int)(deadline - iwt_now_ms()));
+    for (;;) {
+        for (int i = 0; i < n_replies; i++)
+            if (strcmp(replies[i]->correlation_id, corr) == 0) {
+                iwt_msg *m = replies[i];
+                replies[i] = replies[--n_replies];
+                return m;
+            }
+        long long left = deadline - iwt_now_ms();
+        if (left <= 0)
+            return NULL;
+        iwt_msg *m = iwt_get(rpc, reply_queue, (int)(left < 200 ? left : 200));
         if (!m)
-            break;
+            continue;
         ck_assert_msg(m->body != NULL, "a reply that is not JSON: %.300s", m->raw);
+        ck_assert_str_eq(m->content_type, "application/json");
         validate("resource-reply.schema.json", m->body, "a resource reply");
-        if (strcmp(m->correlation_id, corr) == 0)
-            return m;
-        iwt_msg_free(m);
+        ck_assert_int_lt(n_replies, 64);
+        replies[n_replies++] = m;
     }
-    return NULL;
 }
 
 START_TEST(test_provider_side)
@@ -1172,7 +1241,9 @@ START_TEST(test_provider_side)
     p.track_mid = repeat("\xe8\xbf\xbd", 600, "t-"); /* 追 */
     p.track_huge = repeat("\xe8\xbf\xbd", 3000, "t-");
     /* a resource id of 256 CJK characters, the schema's longest */
-    p.resource_id = repeat("\xe8\xb3\x87", 256, ""); /* 資 */
+    p.resource_ids[0] = repeat("\xe8\xb3\x87", 256, ""); /* 資 */
+    /* and one with every character a URL or a key line could stumble on */
+    p.resource_ids[1] = strdup("r/../x?y=1&z=2#frag %25%00 \r\nX-Injected: yes;:@\"'<>\\");
     scen_start(&s, NULL);
 
     /* jobIds: CR/LF (must never become a header line), a space (0x20 is not
@@ -1195,12 +1266,35 @@ START_TEST(test_provider_side)
     char *jh = job_json("track-huge", "\"mode\":\"track-huge\"");
     publish_job(&s, jm, "application/json", NULL);
     publish_job(&s, jh, "application/json", NULL);
-    /* the look-up of the long CJK id */
-    json_t *lk = json_pack("{s:s}", "id", p.resource_id);
-    char *lookup = json_dumps(lk, JSON_COMPACT);
+    /* look-ups: the long CJK id and the URL-hostile one, served whole; then
+     * requests the resolver must refuse by name, each with an error reply */
+    static const char *const look_corr[] = {"look-cjk", "look-chars"};
+    char *lookups[2];
+    for (int i = 0; i < 2; i++) {
+        json_t *lk = json_pack("{s:s}", "id", p.resource_ids[i]);
+        lookups[i] = json_dumps(lk, JSON_COMPACT);
+        json_decref(lk);
+        publish_raw(s.requests, "resource.get", lookups[i], strlen(lookups[i]), "application/json",
+                    NULL, reply_queue, look_corr[i]);
+    }
+    char *cjk257 = repeat("\xe8\xb3\x87", 257, "");
+    json_t *lk = json_pack("{s:s}", "id", cjk257);
+    char *look257 = json_dumps(lk, JSON_COMPACT);
     json_decref(lk);
-    publish_raw(s.requests, "resource.get", lookup, strlen(lookup), "application/json", NULL,
-                reply_queue, "look-cjk");
+    free(cjk257);
+    const struct {
+        const char *corr, *body, *content_type, *code;
+    } bad_looks[] = {
+        {"look-257", look257, "application/json", "SCHEMA_VIOLATION"},
+        {"look-empty", "", "application/json", "INVALID_JSON"},
+        {"look-dup", "{\"id\":\"a\",\"id\":\"b\"}", NULL, "INVALID_JSON"},
+        {"look-bytes", "{\"id\":\"\xff\xfe\"}", "application/json", "INVALID_JSON"},
+        {"look-ct", "{\"id\":\"res-ct\"}", "text/\xff\r\nX-Injected: yes", "INVALID_CONTENT_TYPE"},
+        {"look-type", "{\"id\":[\"a\"]}", "application/json", "SCHEMA_VIOLATION"}};
+    enum { N_BAD_LOOKS = sizeof bad_looks / sizeof bad_looks[0] };
+    for (int i = 0; i < N_BAD_LOOKS; i++)
+        publish_raw(s.requests, "resource.get", bad_looks[i].body, strlen(bad_looks[i].body),
+                    bad_looks[i].content_type, NULL, reply_queue, bad_looks[i].corr);
 
     for (int i = 0; i < N_IDS; i++) {
         const iwt_msg *m = expect_event("submission.accepted", ids[i], EVENT_WAIT_MS);
@@ -1251,41 +1345,73 @@ START_TEST(test_provider_side)
     if (!hf && !hfin)
         finding("a 9,002-byte trackingId (27,000 bytes percent-encoded): no outcome within 8 s "
                 "after its acceptance");
+    const char *huge_code =
+        hf ? json_string_value(json_object_get(json_object_get(hf->body, "error"), "code")) : NULL;
     if (hf) {
-        const char *code =
-            json_string_value(json_object_get(json_object_get(hf->body, "error"), "code"));
-        ck_assert_msg(strcmp(code, "TRACKING_NOT_FOUND") != 0,
+        ck_assert_msg(strcmp(huge_code, "TRACKING_NOT_FOUND") != 0,
                       "a trackingId too long for a URL ended as TRACKING_NOT_FOUND");
-        dead_set d = {0};
-        dead_fetch(&d, &s, 1, 10000);
-        ck_assert_str_eq(hdr_str(d.m[0], "x-error-code"), code);
-        dead_free(&d);
     } else if (hfin) {
         ck_assert_str_eq(body_str(hfin, "trackingId"), p.track_huge);
     }
 
-    /* the long CJK resource id: the provider saw all of it, the reply and the
-     * cache hold its answer */
-    iwt_msg *r = wait_reply("look-cjk", EVENT_WAIT_MS);
-    ck_assert_msg(r != NULL, "no reply to the look-up of a 768-byte id");
-    ck_assert_msg(
-        json_object_get(r->body, "error") == NULL ||
-            strcmp(json_string_value(json_object_get(json_object_get(r->body, "error"), "code")),
-                   "EXTERNAL_API_NOT_FOUND") != 0,
-        "a long id answered as not found: %s", r->raw);
-    if (json_object_get(r->body, "error") == NULL) {
+    /* the look-ups: the provider saw each id whole, the reply and the cache
+     * (N:resource:<id>) hold its answer; never found:false for a cut id */
+    for (int i = 0; i < 2; i++) {
+        iwt_msg *r = wait_reply(look_corr[i], EVENT_WAIT_MS);
+        ck_assert_msg(r != NULL, "no reply to %s", look_corr[i]);
+        ck_assert_msg(json_object_get(r->body, "error") == NULL, "%s: an error reply %s",
+                      look_corr[i], r->raw);
         ck_assert_msg(json_is_true(json_object_get(r->body, "found")),
-                      "the 768-byte id answered found:false (a 404 for a prefix?): %s", r->raw);
-        ck_assert_str_eq(body_str(r, "id"), p.resource_id);
+                      "%s answered found:false (a 404 for a cut id?): %s", look_corr[i], r->raw);
+        ck_assert_str_eq(body_str(r, "id"), p.resource_ids[i]);
         ck_assert_str_eq(body_str(r, "source"), "provider");
-        char *cached = iwt_redis_str("GET %s:resource:%s", s.ns, p.resource_id);
-        ck_assert_msg(cached != NULL, "%s:resource:<the long id> is empty", s.ns);
+        ck_assert_str_eq(
+            json_string_value(json_object_get(json_object_get(r->body, "data"), "name")),
+            "\xe5\x90\x8d\xe5\x89\x8d");
+        char *cached = iwt_redis_str("GET %s:resource:%s", s.ns, p.resource_ids[i]);
+        ck_assert_msg(cached != NULL, "%s:resource:<the id of %s> is empty", s.ns, look_corr[i]);
         json_t *cj = json_loads(cached, 0, NULL);
         ck_assert_msg(json_equal(cj, json_object_get(r->body, "data")), "cached %s", cached);
         json_decref(cj);
         free(cached);
+        iwt_msg_free(r);
     }
-    iwt_msg_free(r);
+    /* the refused ones: an error reply each (valid against the schema, as
+     * every reply is), and a dead letter with the reason */
+    for (int i = 0; i < N_BAD_LOOKS; i++) {
+        iwt_msg *r = wait_reply(bad_looks[i].corr, EVENT_WAIT_MS);
+        ck_assert_msg(r != NULL, "no reply to %s", bad_looks[i].corr);
+        const char *code =
+            json_string_value(json_object_get(json_object_get(r->body, "error"), "code"));
+        ck_assert_msg(code && strcmp(code, bad_looks[i].code) == 0, "%s: reply %s, want %s",
+                      bad_looks[i].corr, r->raw, bad_looks[i].code);
+        iwt_msg_free(r);
+    }
+    {
+        dead_set d = {0};
+        char dq[200];
+        snprintf(dq, sizeof dq, "%s.dead", s.ns);
+        int want = N_BAD_LOOKS + (hf != NULL);
+        IWT_EVENTUALLY(iwt_queue_depth(ctl, dq) >= want, 5000);
+        dead_fetch(&d, &s, want, 5000);
+        for (int i = 0; i < N_BAD_LOOKS; i++)
+            expect_dead_rk(&d, bad_looks[i].corr, bad_looks[i].body, strlen(bad_looks[i].body),
+                           bad_looks[i].code, "resource.get");
+        /* the failed status check of the long trackingId, with its reason */
+        if (hf) {
+            int found = 0;
+            snprintf(dq, sizeof dq, "%s.status", s.ns);
+            for (int i = 0; i < d.n; i++)
+                found |= hdr_str(d.m[i], "x-original-queue") &&
+                         strcmp(hdr_str(d.m[i], "x-original-queue"), dq) == 0 &&
+                         hdr_str(d.m[i], "x-error-code") &&
+                         strcmp(hdr_str(d.m[i], "x-error-code"), huge_code) == 0;
+            ck_assert_msg(found, "no dead letter of the long trackingId's check with code %s",
+                          huge_code);
+        }
+        ck_assert_int_eq(d.n, want);
+        dead_free(&d);
+    }
     pthread_mutex_lock(&p.lock);
     int nf = p.not_found;
     pthread_mutex_unlock(&p.lock);
@@ -1298,7 +1424,9 @@ START_TEST(test_provider_side)
     free(cjk128);
     free(jm);
     free(jh);
-    free(lookup);
+    free(lookups[0]);
+    free(lookups[1]);
+    free(look257);
     free_events();
     scen_finish(&s);
     provider_stop(&p);
