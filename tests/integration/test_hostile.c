@@ -426,8 +426,12 @@ static const iwt_msg *expect_dead_rk(const dead_set *d, const char *what, const 
                   json_dumps(m->headers, JSON_COMPACT));
     ck_assert_msg(strcmp(hdr_str(m, "x-error-code"), code) == 0, "%s: x-error-code %s, want %s",
                   what, hdr_str(m, "x-error-code"), code);
-    ck_assert_msg(json_string_length(json_object_get(m->headers, "x-error-message")) > 0,
-                  "%s: x-error-message missing", what);
+    /* text (a non-UTF-8 value would have come back as null), no control bytes */
+    const char *msg = hdr_str(m, "x-error-message");
+    ck_assert_msg(msg && *msg, "%s: x-error-message missing or not UTF-8", what);
+    for (const unsigned char *c = (const unsigned char *)msg; *c; c++)
+        ck_assert_msg(*c >= 0x20 && *c != 0x7f, "%s: a control byte in x-error-message %s", what,
+                      msg);
     ck_assert_str_eq(hdr_str(m, "x-original-routing-key"), routing_key);
     return m;
 }
@@ -528,7 +532,31 @@ static void respond_json(int conn, int status, const char *extra_headers, json_t
     json_decref(body);
 }
 
-static const char *const modes_429[] = {"429-date", "429-huge"};
+/* 429 answers with absurd waits: a date in 2100, numbers past any integer,
+ * an epoch in milliseconds sent where a delta is meant */
+static const char *const modes_429[] = {"429-date", "429-huge", "429-epoch"};
+static const char *const headers_429[] = {
+    "Retry-After: Fri, 01 Jan 2100 00:00:00 GMT\r\n",
+    "Retry-After: 99999999999999999999\r\nX-RateLimit-Reset-Ms: 9223372036854775807\r\n",
+    "X-RateLimit-Reset-Ms: 4102444800000\r\n"};
+#define N_MODES_429 3
+
+/* A status answer with hostile content: 1,000 nested arrays, and text with
+ * CR/LF, quotes, a line separator and CJK. */
+static char *deep_status(const char *id)
+{
+    char *s = NULL, *nest = malloc(2001);
+    memset(nest, '[', 1000);
+    memset(nest + 1000, ']', 1000);
+    nest[2000] = '\0';
+    if (asprintf(&s,
+                 "{\"trackingId\":\"%s\",\"status\":\"completed\",\"note\":\"a\\r\\nX-Injected: "
+                 "yes \\\"q\\\" \\u2028 \xe5\xae\x8c\",\"detail\":%s}",
+                 id, nest) < 0)
+        s = NULL;
+    free(nest);
+    return s;
+}
 
 /* Answers one request (called with p->lock held for the bookkeeping). */
 static void answer(provider *p, int conn, const prov_req *r, int n)
@@ -541,16 +569,13 @@ static void answer(provider *p, int conn, const prov_req *r, int n)
         const char *mode =
             json_string_value(json_object_get(json_object_get(in, "request_data"), "mode"));
         const char *track = NULL;
-        char tbuf[64];
+        char tbuf[64], idbuf[64];
         mode = mode ? mode : "";
-        for (int i = 0; i < 2; i++) {
+        snprintf(idbuf, sizeof idbuf, "cap-%d", n);
+        for (int i = 0; i < N_MODES_429; i++) {
             if (strcmp(mode, modes_429[i]) == 0 && p->mode_seen[i]++ == 0) {
                 p->sent_429++;
-                respond(conn, 429,
-                        i == 0 ? "Retry-After: Fri, 01 Jan 2100 00:00:00 GMT\r\n"
-                               : "Retry-After: 99999999999999999999\r\n"
-                                 "X-RateLimit-Reset-Ms: 9223372036854775807\r\n",
-                        "{\"error\":\"slow down\"}");
+                respond(conn, 429, headers_429[i], "{\"error\":\"slow down\"}");
                 json_decref(in);
                 return;
             }
@@ -559,19 +584,28 @@ static void answer(provider *p, int conn, const prov_req *r, int n)
             track = p->track_mid;
         else if (strcmp(mode, "track-huge") == 0)
             track = p->track_huge;
-        else {
+        else if (strcmp(mode, "track-deep") == 0) {
+            snprintf(tbuf, sizeof tbuf, "deep-track-%d", n);
+            track = tbuf;
+        } else {
             snprintf(tbuf, sizeof tbuf, "cap-track-%d", n);
             track = tbuf;
         }
         respond_json(conn, 201, NULL,
-                     json_pack("{s:s+, s:s, s:s, s:s}", "id", "cap-", tbuf, "status", "pending",
-                               "message", "queued", "trackingId", track));
+                     json_pack("{s:s, s:s, s:s, s:s}", "id", idbuf, "status", "pending", "message",
+                               "queued", "trackingId", track));
         json_decref(in);
         return;
     }
     if (strcmp(r->method, "GET") == 0 &&
         strncmp(r->path, status_prefix, sizeof status_prefix - 1) == 0) {
         const char *id = r->path + sizeof status_prefix - 1;
+        if (strncmp(id, "deep-track-", 11) == 0 && strlen(id) < 40) {
+            char *text = deep_status(id);
+            respond(conn, 200, NULL, text ? text : "{}");
+            free(text);
+            return;
+        }
         if (strncmp(id, "cap-track-", 10) == 0 || (p->track_mid && strcmp(id, p->track_mid) == 0) ||
             (p->track_huge && strcmp(id, p->track_huge) == 0)) {
             respond_json(conn, 200, NULL,
@@ -1186,6 +1220,7 @@ START_TEST(test_upstream_messages)
     free(nest_job);
     free(deep_ok);
     free(deep_bad);
+    pump_events(500); /* late events are checked against their schemas too */
     free_events();
     scen_finish(&s);
     close_links();
@@ -1266,6 +1301,8 @@ START_TEST(test_provider_side)
     char *jh = job_json("track-huge", "\"mode\":\"track-huge\"");
     publish_job(&s, jm, "application/json", NULL);
     publish_job(&s, jh, "application/json", NULL);
+    char *jd = job_json("track-deep", "\"mode\":\"track-deep\"");
+    publish_job(&s, jd, "application/json", NULL);
     /* look-ups: the long CJK id and the URL-hostile one, served whole; then
      * requests the resolver must refuse by name, each with an error reply */
     static const char *const look_corr[] = {"look-cjk", "look-chars"};
@@ -1327,6 +1364,20 @@ START_TEST(test_provider_side)
     const iwt_msg *fm = expect_event("status.final", "track-mid", EVENT_WAIT_MS);
     ck_assert_str_eq(body_str(fm, "trackingId"), p.track_mid);
     ck_assert_str_eq(body_str(fm, "status"), "completed");
+
+    /* a status answer with 1,000 nested arrays and hostile text: status.final
+     * carries it as its result, valid JSON that passes its schema */
+    const iwt_msg *dm = expect_event("status.final", "track-deep", EVENT_WAIT_MS);
+    json_t *result = json_object_get(dm->body, "result");
+    ck_assert_str_eq(json_string_value(json_object_get(result, "note")),
+                     "a\r\nX-Injected: yes \"q\" \xe2\x80\xa8 \xe5\xae\x8c");
+    json_t *nest = json_object_get(result, "detail");
+    int depth = 0;
+    while (json_is_array(nest) && depth < 2000) {
+        depth++;
+        nest = json_array_get(nest, 0);
+    }
+    ck_assert_int_eq(depth, 1000);
 
     /* one past any URL cap: accepted (the provider answered), then refused by
      * name, never checked under a prefix (a 404 here) */
@@ -1424,9 +1475,11 @@ START_TEST(test_provider_side)
     free(cjk128);
     free(jm);
     free(jh);
+    free(jd);
     free(lookups[0]);
     free(lookups[1]);
     free(look257);
+    pump_events(500); /* late events are checked against their schemas too */
     free_events();
     scen_finish(&s);
     provider_stop(&p);
@@ -1449,34 +1502,34 @@ START_TEST(test_absurd_waits)
     s.port = p.port;
     scen_start(&s, env);
 
-    static const char *const modes[] = {"429-date", "429-huge"};
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < N_MODES_429; i++) {
         char id[32], extra[64];
         snprintf(id, sizeof id, "wait-%d", i);
-        snprintf(extra, sizeof extra, "\"mode\":\"%s\"", modes[i]);
+        snprintf(extra, sizeof extra, "\"mode\":\"%s\"", modes_429[i]);
         char *b = job_json(id, extra);
         long long t0 = iwt_now_ms();
         publish_job(&s, b, "application/json", NULL);
         free(b);
         /* the pause appears, and is never longer than the cap */
         ck_assert_msg(IWT_EVENTUALLY(iwt_redis_int("EXISTS %s:limiter:pause", s.ns) == 1, 10000),
-                      "no %s:limiter:pause after the 429 (%s)", s.ns, modes[i]);
+                      "no %s:limiter:pause after the 429 (%s)", s.ns, modes_429[i]);
         long long pttl = iwt_redis_int("PTTL %s:limiter:pause", s.ns);
-        ck_assert_msg(pttl <= 2000, "%s: pause PTTL %lld ms, cap 2000", modes[i], pttl);
+        ck_assert_msg(pttl <= 2000, "%s: pause PTTL %lld ms, cap 2000", modes_429[i], pttl);
         /* the job waits out the (capped) pause without an attempt, then goes */
         const iwt_msg *m = expect_event("submission.accepted", id, 15000);
         ck_assert_str_eq(m->correlation_id, id);
-        ck_assert_msg(iwt_now_ms() - t0 < 12000, "%s: accepted after %lld ms", modes[i],
+        ck_assert_msg(iwt_now_ms() - t0 < 12000, "%s: accepted after %lld ms", modes_429[i],
                       iwt_now_ms() - t0);
         ck_assert_int_le(iwt_redis_int("PTTL %s:limiter:pause", s.ns), 2000);
     }
     pthread_mutex_lock(&p.lock);
-    ck_assert_int_eq(p.sent_429, 2);
+    ck_assert_int_eq(p.sent_429, N_MODES_429);
     pthread_mutex_unlock(&p.lock);
     expect_serving(&s, "wait-still-serving");
     ck_assert_int_eq(count_events("submission.failed", "wait-0"), 0);
     ck_assert_int_eq(count_events("submission.failed", "wait-1"), 0);
 
+    pump_events(500); /* late events are checked against their schemas too */
     free_events();
     scen_finish(&s);
     provider_stop(&p);
