@@ -1109,14 +1109,33 @@ START_TEST(test_upstream_messages)
     char *nest_job = job_json("nested-1000", nest_member);
     free(nest_member);
     publish_job(&s, nest_job, aj, NULL);
-    /* a header table nested 40 levels: on a valid job (its status check
-     * carries the upstream headers on) and on an invalid one (its dead letter
-     * does) */
+    /* headers the broker carries but the worker cannot publish again: a table
+     * nested 40 levels (its own limit is 32), and 130,000 bytes of headers
+     * (with the worker's own dead-letter headers, past frame_max).  On a
+     * valid job (its status check carries the upstream headers on) and on an
+     * invalid one (its dead letter does). */
     amqp_table_t dh = deep_headers(40);
-    char *deep_ok = job_json("deep-headers", NULL);
-    publish_job(&s, deep_ok, aj, &dh);
-    char *deep_bad = strdup("{\"jobId\":\"deep-headers-bad\",\"userId\":\"u\",\"action\":\"a\"}");
-    publish_job(&s, deep_bad, aj, &dh);
+    char *fat_value = malloc(130001);
+    memset(fat_value, 'f', 130000);
+    fat_value[130000] = '\0';
+    amqp_table_entry_t fat_entry = entry("fat", f_utf8(fat_value));
+    amqp_table_t fh = {1, &fat_entry};
+    struct {
+        const char *what, *ok_id, *bad_id;
+        const amqp_table_t *headers;
+        char *bad_body;
+    } hc[] = {{"a 40-level header table", "deep-headers", "deep-headers-bad", &dh, NULL},
+              {"130,000 bytes of headers", "fat-headers", "fat-headers-bad", &fh, NULL}};
+    for (int i = 0; i < 2; i++) {
+        char *ok = job_json(hc[i].ok_id, NULL);
+        publish_job(&s, ok, aj, hc[i].headers);
+        free(ok);
+        if (asprintf(&hc[i].bad_body, "{\"jobId\":\"%s\",\"userId\":\"u\",\"action\":\"a\"}",
+                     hc[i].bad_id) < 0)
+            ck_abort_msg("asprintf");
+        publish_job(&s, hc[i].bad_body, aj, hc[i].headers);
+    }
+    free(fat_value);
 
     for (int i = 0; i < n; i++) {
         char id[32];
@@ -1145,15 +1164,17 @@ START_TEST(test_upstream_messages)
     dead_set d = {0};
     char dq[200];
     snprintf(dq, sizeof dq, "%s.dead", s.ns);
-    /* n hostile messages, the invalid odd-headers job and the invalid
-     * deep-headers job: all taken at once, matched by their bodies */
-    IWT_EVENTUALLY(iwt_queue_depth(ctl, dq) >= n + 2, 10000);
+    /* n hostile messages, the invalid odd-headers job and the two invalid
+     * jobs with unpublishable headers: all taken at once, matched by body */
+    IWT_EVENTUALLY(iwt_queue_depth(ctl, dq) >= n + 3, 10000);
     dead_fetch(&d, &s, iwt_queue_depth(ctl, dq) > n + 1 ? iwt_queue_depth(ctl, dq) : n + 1, 10000);
     for (int i = 0; i < d.n; i++) {
         int known = (d.m[i]->raw_len == strlen(odd_bad) &&
                      memcmp(d.m[i]->raw, odd_bad, d.m[i]->raw_len) == 0) ||
-                    (d.m[i]->raw_len == strlen(deep_bad) &&
-                     memcmp(d.m[i]->raw, deep_bad, d.m[i]->raw_len) == 0);
+                    (d.m[i]->raw_len == strlen(hc[0].bad_body) &&
+                     memcmp(d.m[i]->raw, hc[0].bad_body, d.m[i]->raw_len) == 0) ||
+                    (d.m[i]->raw_len == strlen(hc[1].bad_body) &&
+                     memcmp(d.m[i]->raw, hc[1].bad_body, d.m[i]->raw_len) == 0);
         for (int k = 0; k < n && !known; k++)
             known = d.m[i]->raw_len == h[k].len && memcmp(d.m[i]->raw, h[k].body, h[k].len) == 0;
         ck_assert_msg(known, "an unexpected dead letter: x-error-code %s, body %.100s",
@@ -1184,34 +1205,36 @@ START_TEST(test_upstream_messages)
     ck_assert_int_eq(count_events(NULL, "too-big"), 0);
     ck_assert_int_eq(count_events(NULL, "deep-30000"), 0);
 
-    /* FINDING: a header table nested deeper than the 32 levels the worker
-     * allows in what it publishes.  The upstream headers are carried on into
-     * the status check (valid job) and the dead letter (invalid job): the
-     * valid job must still be accepted, and the invalid one must get its
-     * submission.failed and a dead letter with its x-error-code. */
-    if (!wait_event("status.final", "deep-headers", EVENT_WAIT_MS))
-        finding("a valid job with a 40-level header table: no status.final (%d "
-                "submission.accepted, %d submission.failed)",
-                count_events("submission.accepted", "deep-headers"),
-                count_events("submission.failed", "deep-headers"));
-    if (!wait_event("submission.failed", "deep-headers-bad", 5000))
-        finding("an invalid job with a 40-level header table: no submission.failed");
-    {
+    /* FINDING: upstream headers the worker cannot publish again (nested
+     * deeper than its 32 levels, or too large for frame_max with its own
+     * headers added).  They are carried on into the status check (valid job)
+     * and the dead letter (invalid job): the valid job must still complete,
+     * and the invalid one must get its submission.failed and a dead letter
+     * with its x-error-code. */
+    for (int c = 0; c < 2; c++) {
         const iwt_msg *dm = NULL;
+        if (!wait_event("status.final", hc[c].ok_id, EVENT_WAIT_MS))
+            finding("a valid job with %s: no status.final (%d submission.accepted, %d "
+                    "submission.failed)",
+                    hc[c].what, count_events("submission.accepted", hc[c].ok_id),
+                    count_events("submission.failed", hc[c].ok_id));
+        if (!wait_event("submission.failed", hc[c].bad_id, 5000))
+            finding("an invalid job with %s: no submission.failed", hc[c].what);
         for (int i = 0; i < d.n; i++)
-            if (d.m[i]->raw_len == strlen(deep_bad) &&
-                memcmp(d.m[i]->raw, deep_bad, d.m[i]->raw_len) == 0)
+            if (d.m[i]->raw_len == strlen(hc[c].bad_body) &&
+                memcmp(d.m[i]->raw, hc[c].bad_body, d.m[i]->raw_len) == 0)
                 dm = d.m[i];
         if (!dm)
-            finding("an invalid job with a 40-level header table: not in %s", dq);
+            finding("an invalid job with %s: not in %s", hc[c].what, dq);
         else if (!hdr_str(dm, "x-error-code"))
-            finding("an invalid job with a 40-level header table: dead letter without "
-                    "x-error-code or x-error-message (x-death reason '%s': the broker "
-                    "dead-lettered it after the worker rejected it)",
+            finding("an invalid job with %s: dead letter without x-error-code or "
+                    "x-error-message (x-death reason '%s': the broker dead-lettered it after the "
+                    "worker rejected it)",
+                    hc[c].what,
                     json_string_value(json_object_get(
                         json_array_get(json_object_get(dm->headers, "x-death"), 0), "reason")));
         else if (strcmp(hdr_str(dm, "x-error-code"), "SCHEMA_VIOLATION") != 0)
-            finding("an invalid job with a 40-level header table: x-error-code %s",
+            finding("an invalid job with %s: x-error-code %s", hc[c].what,
                     hdr_str(dm, "x-error-code"));
     }
 
@@ -1224,8 +1247,8 @@ START_TEST(test_upstream_messages)
     free(odd_job);
     free(odd_bad);
     free(nest_job);
-    free(deep_ok);
-    free(deep_bad);
+    free(hc[0].bad_body);
+    free(hc[1].bad_body);
     pump_events(500); /* late events are checked against their schemas too */
     free_events();
     scen_finish(&s);
