@@ -582,8 +582,15 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role r
                      const char *queue_suffix, const char *code, const char *message,
                      long http_status, int attempts)
 {
+    rt_publish_dead_headers(rt, o, d, role, queue_suffix, code, message, http_status, attempts, 1);
+}
+
+void rt_publish_dead_headers(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                             const char *queue_suffix, const char *code, const char *message,
+                             long http_status, int attempts, int forward)
+{
     char exchange[256], queue[256], ts[40], mid[36];
-    json_t *h = rt_forward_headers(d);
+    json_t *h = forward ? rt_forward_headers(d) : json_object();
     const char *orig_key = rt_header_str(d, "x-original-routing-key");
     iw_publish p = {0};
 

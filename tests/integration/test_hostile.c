@@ -1150,9 +1150,9 @@ START_TEST(test_upstream_messages)
     for (int i = 0; i < n; i++)
         if (h[i].job_id && h[i].job_id[0])
             expect_failed(h[i].job_id, h[i].code, 0);
-    /* FINDING: a jobId that can be read but is empty ("") breaks the schema
-     * like any other jobId, and the contract gives every job whose jobId can
-     * be read its submission.failed (submission-failed.schema.json: "a job
+    /* (a finding of this suite, fixed) a jobId that can be read but is empty
+     * ("") breaks the schema like any other jobId, and the contract gives every
+     * job whose jobId can be read its submission.failed (submission-failed.schema.json: "a job
      * rejected for its jobId still gets its event"). */
     for (int i = 0; i < n; i++)
         if (h[i].job_id && !h[i].job_id[0] && !wait_event("submission.failed", "", 3000))
@@ -1205,7 +1205,8 @@ START_TEST(test_upstream_messages)
     ck_assert_int_eq(count_events(NULL, "too-big"), 0);
     ck_assert_int_eq(count_events(NULL, "deep-30000"), 0);
 
-    /* FINDING: upstream headers the worker cannot publish again (nested
+    /* (a finding of this suite, fixed) upstream headers the worker cannot
+     * publish again (nested
      * deeper than its 32 levels, or too large for frame_max with its own
      * headers added).  They are carried on into the status check (valid job)
      * and the dead letter (invalid job): the valid job must still complete,
@@ -1418,7 +1419,8 @@ START_TEST(test_provider_side)
         pump_events(100);
     const iwt_msg *hf = seen_event("submission.failed", "track-huge");
     const iwt_msg *hfin = seen_event("status.final", "track-huge");
-    /* FINDING: a trackingId whose status URL is past HTTP_URL_MAX must end its
+    /* (a finding of this suite, fixed) a trackingId whose status URL is past
+     * HTTP_URL_MAX must end its
      * job with a named error (submission.failed + dead letter); the worker
      * instead retries "cannot start the provider call" every second until
      * IW_POLL_MAX_AGE. */
