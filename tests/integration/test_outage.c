@@ -567,6 +567,61 @@ START_TEST(test_breaker_two_submitters)
 }
 END_TEST
 
+/* The answer of a call granted before the breaker opened may come after the
+ * open period ended, before any pod asked for a permit.  The transition to
+ * half-open is still made once and logged once. */
+START_TEST(test_breaker_late_answer)
+{
+    scen s;
+    wk a;
+    const wk *pods[1] = {&a};
+    char id[32];
+    /* no ask between the end of the 1 s period and the slow answer (at 3 s):
+     * the fast jobs' retries come 5 s after their failure */
+    static const char *const env[] = {"IW_BREAKER_OPEN=1s", "IW_RETRY_SCHEDULE=0s,5s,5s,5s", NULL};
+
+    open_links();
+    scen_init(&s, "out-late", NULL);
+    wk_start(&a, &s, "submitter", "sub", env);
+    wait_consumers(&s, "submit", 1);
+
+    publish_job(&s, "late-slow", "{\"fail\":[503],\"latency_ms\":3000}", 0);
+    ck_assert(IWT_EVENTUALLY(mock_num(&s, "in_flight") == 1, 10000));
+    for (int i = 1; i <= 5; i++) {
+        snprintf(id, sizeof id, "late-%d", i);
+        publish_job(&s, id, "{\"fail\":[503]}", 0);
+    }
+    ck_assert_msg(IWT_EVENTUALLY(key_exists(&s, "breaker:open") == 1, 15000), "not open");
+    ck_assert_msg(mock_num(&s, "in_flight") == 1, "the slow call ended before the breaker opened");
+    /* the period ends while the slow call is still out, and then it fails */
+    ck_assert(IWT_EVENTUALLY(key_exists(&s, "breaker:open") == 0, 5000));
+    ck_assert_msg(mock_num(&s, "in_flight") == 1, "the slow call ended within the open period");
+
+    /* the retries: one probe, it succeeds (the hooks fail only the first
+     * attempt), closed, every job accepted */
+    expect_event("submission.accepted", "late-slow", 30000);
+    for (int i = 1; i <= 5; i++) {
+        snprintf(id, sizeof id, "late-%d", i);
+        expect_event("submission.accepted", id, 30000);
+    }
+    expect_nothing_failed(&s);
+    ck_assert_int_eq(breaker_field(&s, "state"), 0);
+    ck_assert_int_eq(count_transitions(pods, 1, "closed", "open"), 1);
+    ck_assert_int_eq(count_transitions(pods, 1, "half-open", "closed"), 1);
+    /* KNOWN DEFECT (common/limiter.c, outcomes_source): the late answer's
+     * outcome report finds the open period over and stores state 2
+     * (half-open) with `changes` 0, so no pod logs open -> half-open; the
+     * next ask then finds state 2 stored and reports no transition either. */
+    ck_assert_msg(count_transitions(pods, 1, "open", "half-open") == 1,
+                  "open -> half-open logged %d times (want 1)",
+                  count_transitions(pods, 1, "open", "half-open"));
+
+    wk_stop(&a);
+    scen_finish(&s);
+    close_links();
+}
+END_TEST
+
 /* ---- 2. a poller and a resolver under the same outage --------------------------------------- */
 
 static iwt_msg *lookup(const scen *s, const char *reply_queue, const char *rid, const char *cid,
@@ -777,8 +832,9 @@ START_TEST(test_throttle_keeps_room_for_critical)
     call_rec c[MAX_CALLS];
     char id[32];
     long long first = 0, last_normal_early = 0;
-    static const char *const env[] = {"IW_RATE_LIMITS=10/10s", "IW_RATE_ALERT=50", NULL};
+    static const char *const env[] = {"IW_RATE_LIMITS=10/10s,1000/hour", "IW_RATE_ALERT=50", NULL};
     const char *usage = "iw_limiter_usage_ratio{tier=\"10/10s\"}";
+    const char *usage_hour = "iw_limiter_usage_ratio{tier=\"1000/hour\"}";
 
     open_links();
     scen_init(&s, "out-thr", NULL);
@@ -801,6 +857,8 @@ START_TEST(test_throttle_keeps_room_for_critical)
     ck_assert_msg(wk_metric(&w, "iw_limiter_throttling") == 1, "iw_limiter_throttling %g",
                   wk_metric(&w, "iw_limiter_throttling"));
     ck_assert_msg(wk_metric(&w, usage) == 0.5, "%s %g", usage, wk_metric(&w, usage));
+    ck_assert_msg(wk_metric(&w, usage_hour) == 0.005, "%s %g", usage_hour,
+                  wk_metric(&w, usage_hour));
 
     /* critical jobs still pass, within the same window */
     for (int i = 1; i <= 3; i++) {
@@ -812,6 +870,8 @@ START_TEST(test_throttle_keeps_room_for_critical)
         expect_event("submission.accepted", id, 8000);
     }
     ck_assert_msg(wk_metric(&w, usage) == 0.8, "%s %g", usage, wk_metric(&w, usage));
+    ck_assert_msg(wk_metric(&w, usage_hour) == 0.008, "%s %g", usage_hour,
+                  wk_metric(&w, usage_hour));
 
     /* and the normal ones after the window, with no attempt used */
     for (int i = 1; i <= 8; i++) {
@@ -854,11 +914,12 @@ START_TEST(test_throttle_keeps_room_for_critical)
     /* one warning per crossing: never two without going back under between */
     json_t *all = log_lines(&w), *j;
     size_t k;
-    int above = 0, crossings = 0;
+    int above = 0, crossings = 0, in_first_window = 0;
     json_array_foreach(all, k, j)
     {
         const char *msg = str_of(j, "message");
         if (json_is_integer(json_object_get(j, "alertPercent"))) {
+            in_first_window += ts_of(j) < sorted[5];
             ck_assert_msg(!above, "a second rate-limit warning without a way back under");
             ck_assert_str_eq(str_of(j, "level"), "WARN");
             above = 1;
@@ -869,6 +930,8 @@ START_TEST(test_throttle_keeps_room_for_critical)
     }
     json_decref(all);
     ck_assert_int_ge(crossings, 1);
+    /* the first window crossed once (at the fifth normal call) and stayed above */
+    ck_assert_int_eq(in_first_window, 1);
 
     wk_stop(&w);
     scen_finish(&s);
@@ -992,6 +1055,7 @@ static Suite *outage_suite(void)
 {
     Suite *s = suite_create("outage");
     add(s, "breaker", test_breaker_two_submitters);
+    add(s, "breaker_late_answer", test_breaker_late_answer);
     add(s, "poll_res", test_poller_and_resolver);
     add(s, "pause_429", test_429_pauses_other_pod);
     add(s, "throttle", test_throttle_keeps_room_for_critical);
