@@ -1041,6 +1041,71 @@ START_TEST(test_maintenance_window)
 }
 END_TEST
 
+/* Inside a maintenance window, failures of the critical calls that are still
+ * made do not raise the API-down signal (issue 10, item 4). */
+START_TEST(test_maintenance_no_api_down)
+{
+    scen s;
+    wk w;
+    char win[128], id[32];
+    long long end_ms;
+    double fails = -1, down = -1;
+    static const char *const down_line = "External API down";
+    const char *env[] = {win, "IW_RETRY_SCHEDULE=0s,3s,3s,3s", NULL};
+
+    window_around_now(0, 2, win, sizeof win, &end_ms);
+    open_links();
+    scen_init(&s, "out-mw-down", NULL);
+    wk_start(&w, &s, "submitter", "sub", env);
+    wait_consumers(&s, "submit", 1);
+
+    /* three critical calls fail: three consecutive failures */
+    for (int i = 1; i <= 3; i++) {
+        snprintf(id, sizeof id, "mwd-%d", i);
+        publish_job(&s, id, "{\"fail\":[503]}", 1);
+    }
+    ck_assert(IWT_EVENTUALLY(mock_count(&s, ROUTE_SUBMIT, "503") == 3, 15000));
+    /* one scrape for both: the count reached 3 (before the retries, 3 s
+     * later, reset it) */
+    ck_assert_msg(IWT_EVENTUALLY(({
+                                     char *body = NULL;
+                                     if (iwt_http_get(w.http, "/metrics", &body) == 200) {
+                                         fails =
+                                             iwt_metric(body, "iw_provider_consecutive_failures");
+                                         down = iwt_metric(body, "iw_provider_down");
+                                     }
+                                     free(body);
+                                     fails >= 3;
+                                 }),
+                                 2500),
+                  "iw_provider_consecutive_failures %g", fails);
+    ck_assert_int_eq(wk_metric(&w, "iw_maintenance_window_active"), 1);
+    /* the log line is held back inside the window */
+    json_t *all = log_lines(&w), *j;
+    size_t k;
+    json_array_foreach(all, k, j)
+    {
+        const char *m = str_of(j, "message");
+        ck_assert_msg(!m || strncmp(m, down_line, strlen(down_line)) != 0,
+                      "API-down logged inside a maintenance window");
+    }
+    json_decref(all);
+    /* KNOWN DEFECT (common/metrics.c, the iw_provider_down gauge): the gauge
+     * is `failures >= 3` whatever the window, so IntegrationWorkerProviderDown
+     * (max(iw_provider_down) == 1) fires inside a maintenance window. */
+    ck_assert_msg(down == 0, "iw_provider_down %g inside a maintenance window (%g failures)", down,
+                  fails);
+
+    for (int i = 1; i <= 3; i++) {
+        snprintf(id, sizeof id, "mwd-%d", i);
+        expect_event("submission.accepted", id, 20000);
+    }
+    wk_stop(&w);
+    scen_finish(&s);
+    close_links();
+}
+END_TEST
+
 /* One case per TCase, so that CK_RUN_CASE=<name> runs one of them. */
 static void add(Suite *s, const char *name, const TTest *t)
 {
@@ -1060,6 +1125,7 @@ static Suite *outage_suite(void)
     add(s, "pause_429", test_429_pauses_other_pod);
     add(s, "throttle", test_throttle_keeps_room_for_critical);
     add(s, "maintenance", test_maintenance_window);
+    add(s, "maintenance_api_down", test_maintenance_no_api_down);
     return s;
 }
 
