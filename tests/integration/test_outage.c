@@ -241,10 +241,11 @@ static long breaker_field(const scen *s, const char *field)
  * a larger PTTL is a new period, set again), the provider answers no more
  * requests on route than `expect`.  The count is read first, then the
  * PTTL: a count read while the same period still runs was read inside it.
- * Samples iw_breaker_state of the pods (may be NULL) into saw_open.
+ * Samples iw_breaker_state (== 1: saw_open) and iw_provider_down (== 1:
+ * saw_down) of the two pods (may be NULL).
  * Returns when the period is over; fails after timeout_ms. */
 static void no_call_while(const scen *s, const char *key, const char *route, long expect,
-                          int timeout_ms, const wk *const *pods, int *saw_open)
+                          int timeout_ms, const wk *const *pods, int *saw_open, int *saw_down)
 {
     long long deadline = iwt_now_ms() + timeout_ms, prev = -1;
 
@@ -258,8 +259,10 @@ static void no_call_while(const scen *s, const char *key, const char *route, lon
                       route, s->ns, key, expect);
         ck_assert_msg(iwt_now_ms() < deadline, "%s:%s still exists after %d ms", s->ns, key,
                       timeout_ms);
-        for (int p = 0; pods && p < 2; p++)
+        for (int p = 0; pods && p < 2; p++) {
             saw_open[p] |= wk_metric(pods[p], "iw_breaker_state") == 1;
+            saw_down[p] |= wk_metric(pods[p], "iw_provider_down") == 1;
+        }
         iwt_sleep_ms(20);
     }
 }
@@ -437,7 +440,7 @@ START_TEST(test_breaker_two_submitters)
     wk a, b;
     const wk *pods[2] = {&a, &b};
     char id[32];
-    int saw_open[2] = {0, 0};
+    int saw_open[2] = {0, 0}, saw_down[2] = {0, 0};
     /* retries 6 s apart: no retry of the first four jobs can come before
      * the breaker opened, so the calls before it are exactly the five */
     static const char *const env[] = {"IW_BREAKER_OPEN=3s", "IW_BREAKER_FAILURES=5",
@@ -476,7 +479,7 @@ START_TEST(test_breaker_two_submitters)
         snprintf(id, sizeof id, "brk-%d", i);
         publish_job(&s, id, NULL, 0);
     }
-    no_call_while(&s, "breaker:open", ROUTE_SUBMIT, 5, 30000, pods, saw_open);
+    no_call_while(&s, "breaker:open", ROUTE_SUBMIT, 5, 30000, pods, saw_open, saw_down);
 
     /* half-open: exactly one probe, fleet-wide; it fails (the outage goes on)
      * and the breaker re-opens for another period */
@@ -491,7 +494,7 @@ START_TEST(test_breaker_two_submitters)
     /* the provider is back, slowly: the next probe takes 1.5 s, and while it
      * is out nobody else calls */
     set_faults(&s, "{\"outage\":false,\"latency_ms\":1500}");
-    no_call_while(&s, "breaker:open", ROUTE_SUBMIT, 6, 30000, pods, saw_open);
+    no_call_while(&s, "breaker:open", ROUTE_SUBMIT, 6, 30000, pods, saw_open, saw_down);
     for (long long until = iwt_now_ms() + 15000; breaker_field(&s, "state") != 0;) {
         /* the mock counts a request when it decides its answer, before the
          * latency: the probe is counted while it is still in flight */
@@ -550,6 +553,20 @@ START_TEST(test_breaker_two_submitters)
     /* the metric: both pods showed it open, and both show it closed again */
     ck_assert_msg(saw_open[0] && saw_open[1], "iw_breaker_state 1 seen by pod a %d, pod b %d",
                   saw_open[0], saw_open[1]);
+    ck_assert_msg(saw_down[0] && saw_down[1], "iw_provider_down 1 seen by pod a %d, pod b %d",
+                  saw_down[0], saw_down[1]);
+    /* the API-down line: once, by the pod whose report crossed 3 */
+    int down_lines = 0;
+    for (int p = 0; p < 2; p++) {
+        json_t *all = log_lines(pods[p]), *j;
+        size_t k;
+        json_array_foreach(all, k, j) down_lines +=
+            !str_of(j, "from") && json_is_integer(json_object_get(j, "consecutiveFailures")) &&
+            str_of(json_object_get(j, "error"), "code") &&
+            !strcmp(str_of(json_object_get(j, "error"), "code"), "EXTERNAL_API_UNAVAILABLE");
+        json_decref(all);
+    }
+    ck_assert_int_eq(down_lines, 1);
     for (int p = 0; p < 2; p++) {
         ck_assert_msg(IWT_EVENTUALLY(wk_metric(pods[p], "iw_breaker_state") == 0, 10000),
                       "pod %d: iw_breaker_state %g", p, wk_metric(pods[p], "iw_breaker_state"));
@@ -772,7 +789,7 @@ START_TEST(test_429_pauses_other_pod)
         snprintf(id, sizeof id, "after-%d", i);
         publish_job(&s, id, NULL, 0);
     }
-    no_call_while(&s, "limiter:pause", ROUTE_SUBMIT, 1, 15000, NULL, NULL);
+    no_call_while(&s, "limiter:pause", ROUTE_SUBMIT, 1, 15000, NULL, NULL, NULL);
 
     expect_event("submission.accepted", "p429", 20000);
     for (int i = 1; i <= 6; i++) {
