@@ -752,6 +752,62 @@ START_TEST(test_poller_and_resolver)
 }
 END_TEST
 
+/* "API down" (3 consecutive failures, the breaker still closed): the resolver
+ * prefers the cache from then on (issue 10, item 2): a look-up with a stale
+ * copy answers from it without calling the provider. */
+START_TEST(test_api_down_resolver_prefers_cache)
+{
+    scen s;
+    wk res;
+    char reply_queue[256];
+    long long took;
+    iwt_msg *m;
+    /* the breaker must not open here: only the API-down signal */
+    static const char *const env[] = {"IW_BREAKER_FAILURES=50", "IW_CACHE_TTL=1s", NULL};
+
+    open_links();
+    scen_init(&s, "out-down", NULL);
+    amqp_queue_declare_ok_t *q =
+        amqp_queue_declare(ctl->conn, 1, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    ck_assert_ptr_nonnull(q);
+    snprintf(reply_queue, sizeof reply_queue, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    wk_start(&res, &s, "resolver", "res", env);
+    wait_consumers(&s, "resource", 1);
+    m = lookup(&s, reply_queue, "dn-a", "c-1", &took);
+    ck_assert_str_eq(str_of(m->body, "source"), "provider");
+    iwt_msg_free(m);
+    ck_assert(IWT_EVENTUALLY(key_exists(&s, "resource:dn-a") == 0, 5000));
+
+    /* look-ups of ids never cached fail at the provider: API down */
+    set_faults(&s, "{\"outage\":true}");
+    m = lookup(&s, reply_queue, "dn-x", "c-2", &took);
+    ck_assert_str_eq(reply_error_code(m), "EXTERNAL_API_UNAVAILABLE");
+    iwt_msg_free(m);
+    m = lookup(&s, reply_queue, "dn-y", "c-3", &took);
+    iwt_msg_free(m);
+    ck_assert_msg(IWT_EVENTUALLY(wk_metric(&res, "iw_provider_down") == 1, 5000),
+                  "iw_provider_down %g after %ld failed calls", wk_metric(&res, "iw_provider_down"),
+                  mock_count(&s, "GET /api/v1/external-resource", "503"));
+    ck_assert_int_eq(breaker_field(&s, "state"), 0);
+
+    long gets = resource_gets(&s, "dn-a");
+    m = lookup(&s, reply_queue, "dn-a", "c-4", &took);
+    ck_assert_str_eq(str_of(m->body, "source"), "stale-cache");
+    /* KNOWN DEFECT (worker/resolver.c): nothing reads the API-down signal;
+     * the resolver calls the provider (and its quick retry) first and falls
+     * back to the stale copy only after they fail. */
+    ck_assert_msg(resource_gets(&s, "dn-a") == gets,
+                  "API down, yet the look-up called the provider %ld time(s) before the stale "
+                  "copy (%lld ms)",
+                  resource_gets(&s, "dn-a") - gets, took);
+    iwt_msg_free(m);
+
+    wk_stop(&res);
+    scen_finish(&s);
+    close_links();
+}
+END_TEST
+
 /* ---- 3. a 429 seen by one pod pauses the other ------------------------------------------------
  */
 
@@ -1229,6 +1285,7 @@ static Suite *outage_suite(void)
     add(s, "breaker", test_breaker_two_submitters);
     add(s, "breaker_late_answer", test_breaker_late_answer);
     add(s, "poll_res", test_poller_and_resolver);
+    add(s, "api_down_cache", test_api_down_resolver_prefers_cache);
     add(s, "pause_429", test_429_pauses_other_pod);
     add(s, "throttle", test_throttle_keeps_room_for_critical);
     add(s, "throttle_refusals", test_throttle_refusals_counted);
