@@ -367,8 +367,9 @@ static int count_transitions(const wk *const *ws, size_t n, const char *from, co
 }
 
 typedef struct call_rec {
-    long long at_ms; /* wall clock of the log line (the answer) */
-    long status;     /* 0: no HTTP answer */
+    long long at_ms;    /* wall clock of the log line (the answer) */
+    long long start_ms; /* at_ms - duration: when the call began */
+    long status;        /* 0: no HTTP answer */
     int attempt;
 } call_rec;
 
@@ -385,6 +386,8 @@ static int calls_of(const wk *w, const char *job_id, const char *op, call_rec *o
         if (n < cap && rid && o && !strcmp(rid, job_id) && !strcmp(o, op) &&
             json_is_integer(json_object_get(j, "attempt"))) {
             out[n].at_ms = ts_of(j);
+            out[n].start_ms =
+                out[n].at_ms - (long long)json_integer_value(json_object_get(j, "duration"));
             out[n].status = (long)json_integer_value(json_object_get(j, "status"));
             out[n].attempt = (int)json_integer_value(json_object_get(j, "attempt"));
             n++;
@@ -962,17 +965,17 @@ START_TEST(test_throttle_keeps_room_for_critical)
         snprintf(id, sizeof id, "n-%d", i);
         ck_assert(IWT_EVENTUALLY(calls_of(&w, id, OP_SUBMIT, c, MAX_CALLS) == 1, 3000));
         ck_assert_int_eq(c[0].attempt, 1);
-        normal_at[i - 1] = c[0].at_ms;
+        normal_at[i - 1] = c[0].start_ms;
     }
     for (int i = 1; i <= 3; i++) {
         snprintf(id, sizeof id, "c-%d", i);
         ck_assert(IWT_EVENTUALLY(calls_of(&w, id, OP_SUBMIT, c, MAX_CALLS) == 1, 3000));
         ck_assert_int_eq(c[0].attempt, 1);
-        critical_at[i - 1] = c[0].at_ms;
+        critical_at[i - 1] = c[0].start_ms;
     }
     /* the window of the first five: the three critical calls fell in it, the
-     * other three normal ones after it (the log's time is the answer's: a
-     * permit comes a little before it) */
+     * other three normal ones after it (times are the calls' starts; a permit
+     * comes a little before its call) */
     long long sorted[8];
     memcpy(sorted, normal_at, sizeof sorted);
     iwt_sort_ll(sorted, 8);
