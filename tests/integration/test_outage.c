@@ -1,17 +1,28 @@
 /* When the provider struggles (issue 10), seen from the outside: real
  * RabbitMQ and Redis on loopback, a real mock-provider per scenario, and
- * worker processes started as an operator would.  The cases:
+ * worker processes started as an operator would.  The cases
+ * (CK_RUN_CASE=<name> runs one):
  *
- *   breaker     spec scenario 5 with two submitter processes sharing the
- *               breaker: open after exactly IW_BREAKER_FAILURES failures, no
- *               call while open, one probe fleet-wide, re-open on a failed
- *               probe, close on success; no attempt used while waiting.
- *   poll_res    a poller and a resolver under the same outage: accepted jobs
- *               are not failed, look-ups answer at once from the stale copy
- *               or with EXTERNAL_API_UNAVAILABLE.
- *   pause_429   a 429 seen by one submitter pauses the other.
- *   throttle    IW_RATE_ALERT keeps the top of a tier for critical jobs.
- *   maintenance IW_MAINTENANCE_WINDOWS computed around "now".
+ *   breaker              spec scenario 5 with two submitter processes sharing
+ *                        the breaker: open after exactly IW_BREAKER_FAILURES
+ *                        failures, no call while open, one probe fleet-wide,
+ *                        re-open on a failed probe, close on success; no
+ *                        attempt used while waiting; one log line per
+ *                        transition across the pods; the metrics.
+ *   breaker_late_answer  an answer after the open period ended.
+ *   poll_res             a poller and a resolver under one outage: accepted
+ *                        jobs are not failed, look-ups answer at once from the
+ *                        stale copy or with EXTERNAL_API_UNAVAILABLE.
+ *   api_down_cache       API down (3 failures): look-ups prefer the cache.
+ *   pause_429            a 429 seen by one submitter pauses the other.
+ *   throttle             IW_RATE_ALERT keeps the top of a tier for critical jobs.
+ *   throttle_refusals    the throttle's refusals in iw_limiter_refusals_total.
+ *   maintenance          IW_MAINTENANCE_WINDOWS computed around "now".
+ *   maintenance_api_down failures inside a window raise no API-down signal.
+ *   maintenance_lookup   look-ups inside a window answer from the cache.
+ *
+ * Cases marked KNOWN DEFECT fail because of the worker (the comment says
+ * where), not because of the test.
  *
  * What happened is read from the mock's own counters (/__admin/stats), the
  * shared keys in Redis, /metrics and the workers' JSON log lines (one per
