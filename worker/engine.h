@@ -81,6 +81,8 @@ struct call {
     const char *record_key; /* checked with the permit; NULL: none */
     const char *claim_key;  /* claimed with the permit (with record_key); NULL: none */
     char claim_token[48];   /* the token of the claim taken with the last permit */
+    const char *first_key;  /* where the time of its first ask is kept; NULL: none */
+    long long *first_ms;    /* ... and where it goes (set before on_permit) */
     int probe;              /* this call is the breaker's half-open probe */
     call *next;             /* in a ready queue */
     int queued;
@@ -162,6 +164,7 @@ struct job {
     char token[48]; /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
     char claim[RECORDS_KEY_MAX];
+    char first[RECORDS_KEY_MAX];
     loop_timer hold;      /* while held */
     long long step_since; /* monotonic ms it began to wait for its Redis step */
     rt_outcome out;
