@@ -605,6 +605,50 @@ START_TEST(test_retries_byte_identical)
 }
 END_TEST
 
+/* ---- 1b. the same bytes after a crash mid-call (a known gap) -------------------------- */
+
+/* KNOWN GAP (FINDING, not a flaky test): the worker that made the first POST
+ * is SIGKILLed while the provider holds it; the provider creates the resource.
+ * The redelivery calls again once the claim's lease has passed, with a new
+ * client_info.timestamp, because the first attempt's time travels only in
+ * x-first-attempt, which exists once the job has been sent on through the
+ * delay tiers.  A provider that compares bodies per Idempotency-Key answers
+ * 422 and the job ends as submission.failed although the resource exists
+ * (issue 8, path 1; README "What is guaranteed" lists it as not guaranteed).
+ * Runs only with IWT_KNOWN_GAPS=1 until the worker keeps the first attempt's
+ * time where a redelivery finds it (e.g. with the claim in Redis). */
+START_TEST(test_crash_mid_call_same_body)
+{
+    scen s;
+    /* the claim's lease (IW_HTTP_TIMEOUT + 5 s) is 8 s */
+    static const char *const env[] = {"IW_HTTP_TIMEOUT=3s", NULL};
+
+    int port = cap_start(0, 2000);
+    scen_init(&s, "once-crash", NULL, NULL, port);
+    pid_t w = start(&s, "submitter", env, "first");
+    wait_consumers(&s, "submit", 1);
+    publish_job(&s, "crash-1", NULL);
+    ck_assert_msg(IWT_EVENTUALLY(cap_open("crash-1") == 1, 15000),
+                  "the POST of crash-1 never came");
+    ck_assert_int_eq(iwt_stop_tracked(w, SIGKILL), 128 + SIGKILL);
+    start(&s, "submitter", env, "second");
+
+    iwt_msg *m = wait_ev(NULL, "crash-1", 30000);
+    char diff[sizeof cap.first_diff];
+    pthread_mutex_lock(&cap.lock);
+    snprintf(diff, sizeof diff, "%s", cap.first_diff[0] ? cap.first_diff : "no diff");
+    pthread_mutex_unlock(&cap.lock);
+    ck_assert_msg(strcmp(m->routing_key, "submission.accepted") == 0,
+                  "crash-1 ended with %s: %.*s (the provider saw: %s)", m->routing_key,
+                  (int)m->raw_len, m->raw, diff);
+    iwt_msg_free(m);
+    cap_key k = cap_get("crash-1");
+    ck_assert_int_eq(k.mismatches, 0);
+    ck_assert_int_eq(k.conflicts, 0);
+    scen_finish(&s);
+}
+END_TEST
+
 /* ---- 2. no two POSTs of one job at the same time ---------------------------------------- */
 
 /* Which of the tags' logs shows job_id in a provider call; NULL if none. */
@@ -1079,6 +1123,8 @@ static Suite *once_suite(void)
 {
     Suite *s = suite_create("exactly_once");
     add(s, "byte_identical", test_retries_byte_identical);
+    if (getenv("IWT_KNOWN_GAPS"))
+        add(s, "crash_same_body", test_crash_mid_call_same_body);
     add(s, "no_concurrent_posts", test_no_concurrent_posts);
     add(s, "double_publish", test_double_publish_one_chain);
     add(s, "two_chains", test_two_chains_one_final);
