@@ -839,7 +839,8 @@ START_TEST(test_two_chains_one_final)
     scen s;
     char key[512];
     static const char *const mock[] = {"--checks-to-complete", "2", NULL};
-    static const char *const env[] = {"IW_POLL_SCHEDULE=250ms", NULL};
+    /* a record's lease is IW_HTTP_TIMEOUT + 5 s: 6 s here, to look past it */
+    static const char *const env[] = {"IW_POLL_SCHEDULE=250ms", "IW_HTTP_TIMEOUT=1s", NULL};
     iwt_msg *fin[4];
 
     scen_init(&s, "once-final", NULL, mock, 0);
@@ -895,7 +896,9 @@ START_TEST(test_two_chains_one_final)
                       memcmp(fin[0]->raw, ev_text, fin[0]->raw_len) == 0,
                   "the adopted status.final is not the recorded one:\n  %.*s\n  %s",
                   (int)fin[0]->raw_len, fin[0]->raw, ev_text);
-    nf = 1 + collect("status.final", "stale-1", 2000, 5000, fin + 1, 3);
+    /* the other chain waits for the adopter's lease (6 s), then finds the
+     * record published: nothing more, even well past the lease */
+    nf = 1 + collect("status.final", "stale-1", 9000, 9000, fin + 1, 3);
     ck_assert_msg(nf == 1, "%d status.final for stale-1 (a record adopted by two chains)", nf);
     free_msgs(fin, nf, 4);
     /* adopted, not checked again */
