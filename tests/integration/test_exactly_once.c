@@ -6,6 +6,22 @@
  * key it has seen and 409 to a second POST of a key while the first is still
  * open.  The test asserts it never had to.
  *
+ * Cases (CK_RUN_CASE=<name> runs one; IWT_KEEP_LOGS=1 keeps the worker logs,
+ * /tmp/iwtest-<ns>-<tag>.log, of a passing case):
+ *   byte_identical       every attempt of a job sends the same body
+ *   crash_same_body      the same after a SIGKILL mid-POST (a known gap: runs
+ *                        only with IWT_KNOWN_GAPS=1)
+ *   no_concurrent_posts  a requeue while the POST is open (the broker link
+ *                        closed by rabbitmqctl) or a double publish never
+ *                        makes a second concurrent POST
+ *   double_publish       one submission, identical events, one status chain
+ *   two_chains           two check chains, and two adopters of a record whose
+ *                        owner died: one status.final
+ *   upstream_headers     x-attempts, x-due-at, x-original-routing-key from an
+ *                        upstream are ignored; the link stays up
+ *   redis_wait           waiting out a Redis outage (with link resets) does not
+ *                        count toward x-delivery-limit
+ *
  * Each case works in its own namespace (t-<name>-<pid>) and removes it at
  * the end; a failed case's namespace is removed by the runner's teardown. */
 #include <arpa/inet.h>
