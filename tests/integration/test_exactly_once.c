@@ -180,10 +180,11 @@ static const char *str(const json_t *o, const char *k)
     return v ? v : "";
 }
 
+/* The next event (rk, id); rk NULL: any event of the job. */
 static iwt_msg *wait_ev(const char *rk, const char *id, int timeout_ms)
 {
     iwt_msg *m = iwt_wait_event(tap, rk, id, timeout_ms);
-    ck_assert_msg(m != NULL, "no %s for %s within %d ms", rk, id, timeout_ms);
+    ck_assert_msg(m != NULL, "no %s for %s within %d ms", rk ? rk : "event", id, timeout_ms);
     return m;
 }
 
