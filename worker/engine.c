@@ -979,7 +979,7 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
         /* another delivery of this job is in a provider call right now (a
          * requeue after a lost connection, a double publish): its outcome,
          * recorded, answers this one; never a second concurrent POST */
-        log_msg(IW_LOG_INFO, job_fields(j),
+        log_msg(j->claim_waits++ ? IW_LOG_DEBUG : IW_LOG_INFO, job_fields(j),
                 "another worker is calling the provider for this job; waiting for its outcome "
                 "(its claim runs %ld ms more)",
                 wait_ms);

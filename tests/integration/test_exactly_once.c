@@ -9,8 +9,7 @@
  * Cases (CK_RUN_CASE=<name> runs one; IWT_KEEP_LOGS=1 keeps the worker logs,
  * /tmp/iwtest-<ns>-<tag>.log, of a passing case):
  *   byte_identical       every attempt of a job sends the same body
- *   crash_same_body      the same after a SIGKILL mid-POST (a known gap: runs
- *                        only with IWT_KNOWN_GAPS=1)
+ *   crash_same_body      the same after a SIGKILL mid-POST
  *   no_concurrent_posts  a requeue while the POST is open (the broker link
  *                        closed by rabbitmqctl) or a double publish never
  *                        makes a second concurrent POST
@@ -632,8 +631,8 @@ END_TEST
  * delay tiers.  A provider that compares bodies per Idempotency-Key answers
  * 422 and the job ends as submission.failed although the resource exists
  * (issue 8, path 1; README "What is guaranteed" lists it as not guaranteed).
- * Runs only with IWT_KNOWN_GAPS=1 until the worker keeps the first attempt's
- * time where a redelivery finds it (e.g. with the claim in Redis). */
+ * It found that gap; the worker now keeps the time of each job's first ask
+ * in Redis (N:first:<jobId>), where a redelivery finds it. */
 START_TEST(test_crash_mid_call_same_body)
 {
     scen s;
@@ -1143,8 +1142,7 @@ static Suite *once_suite(void)
 {
     Suite *s = suite_create("exactly_once");
     add(s, "byte_identical", test_retries_byte_identical);
-    if (getenv("IWT_KNOWN_GAPS"))
-        add(s, "crash_same_body", test_crash_mid_call_same_body);
+    add(s, "crash_same_body", test_crash_mid_call_same_body);
     add(s, "no_concurrent_posts", test_no_concurrent_posts);
     add(s, "double_publish", test_double_publish_one_chain);
     add(s, "two_chains", test_two_chains_one_final);
