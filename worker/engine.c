@@ -227,6 +227,18 @@ static void on_http(void *ud, const http_response *r)
     engine *e = c->eng;
     iw_verdict v = retry_classify(&r->result);
 
+    if (r->result.transport == IW_TRANSPORT_NO_TOKEN) {
+        /* not sent: no provider answer to count; the token endpoint's own
+         * failures reached the breaker through on_token.  A half-open probe
+         * that could not get a token failed. */
+        if (c->probe) {
+            e->probe_outcome = 0;
+            loop_again(e->lp);
+        }
+        c->probe = 0;
+        c->ops->on_answer(c, r, &v);
+        return;
+    }
     metrics_provider_request(c->kind->route, metric_status(r), r->duration_us);
     note_outcome(e, c, v.breaker_failure);
     c->probe = 0;
@@ -241,6 +253,36 @@ static void on_http(void *ud, const http_response *r)
             log_msg(IW_LOG_WARN, c->ops->fields(c), "could not share the 429 pause: %s", err.msg);
     }
     c->ops->on_answer(c, r, &v);
+}
+
+/* A token fetch of this process ended: counted like any route (a 5xx, a
+ * timeout or no answer is a breaker failure), and an outage logged twice
+ * only: when it starts and when it ends. */
+static void on_token(void *ud, const http_token_event *ev)
+{
+    engine *e = ud;
+    iw_verdict v = retry_classify(&ev->result);
+    long st = ev->result.transport == IW_TRANSPORT_OK        ? ev->result.status
+              : ev->result.transport == IW_TRANSPORT_TIMEOUT ? IW_CALL_TIMED_OUT
+                                                             : IW_CALL_NO_ANSWER;
+
+    metrics_provider_request(IW_ROUTE_TOKEN, st, ev->duration_us);
+    if (ev->result.transport != IW_TRANSPORT_OK || ev->result.status != 200 || ev->ok) {
+        /* a 200 whose token was refused is the provider's answer, not a failure of it */
+        if (e->n_outcomes < sizeof e->outcomes - 1)
+            e->outcomes[e->n_outcomes++] = v.breaker_failure ? 'F' : 'S';
+        loop_again(e->lp);
+    }
+    if (ev->outage_started)
+        log_msg(IW_LOG_ERROR,
+                json_pack("{s:s, s:o}", "operation", "oauth_token", "statusCode",
+                          ev->result.status ? json_integer(ev->result.status) : json_null()),
+                "the OAuth token endpoint is failing (%s); calls wait for a token without "
+                "using attempts; next try in %ld ms",
+                ev->problem, ev->next_try_ms);
+    else if (ev->recovered)
+        log_msg(IW_LOG_INFO, json_pack("{s:s}", "operation", "oauth_token"),
+                "the OAuth token endpoint answers again; calls resume");
 }
 
 int engine_call(engine *e, call *c, const char *method, const char *path, const char *body,
@@ -917,8 +959,10 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
     job_set_state(j, JOB_CLASSIFIED);
     if (v->kind == IW_V_WAIT) {
         engine_log_call(c, r, v, NULL);
-        metrics_job_wait(j->role->metric_role, IW_WAIT_PROVIDER_429);
-        job_wait(j, v->wait_ms); /* the reset: no attempt used */
+        metrics_job_wait(j->role->metric_role, r->result.transport == IW_TRANSPORT_NO_TOKEN
+                                                   ? IW_WAIT_TOKEN
+                                                   : IW_WAIT_PROVIDER_429);
+        job_wait(j, v->wait_ms); /* the reset or the token: no attempt used */
         return;
     }
     j->role->answer(j, r, v);
@@ -1427,6 +1471,7 @@ engine *engine_new(runtime *rt, iw_error *err)
     }
     loop_timer_init(&e->unblock, unblock_fired, e);
     e->probe_outcome = -1;
+    http_client_on_token(rt_http(rt), on_token, e);
     snprintf(e->proc_token, sizeof e->proc_token, "%ld-%lx", (long)getpid(),
              (unsigned long)random());
     return e;
@@ -1438,6 +1483,8 @@ void engine_free(engine *e)
         return;
     if (e->lp)
         svc_exit(e);
+    if (e->rt)
+        http_client_on_token(rt_http(e->rt), NULL, NULL);
     for (size_t i = 0; i < e->n_roles; i++)
         schema_free(e->roles[i].schema);
     records_free(e->rec);
