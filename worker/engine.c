@@ -449,18 +449,19 @@ static int append_batch(engine *e, const batch *x, iw_error *err)
 {
     const char *keys[LIMITER_MAX_RECORDS], *claims[LIMITER_MAX_RECORDS];
     limiter_ask ask = {0};
-    size_t nk = 0;
+    size_t nk = 0, nc = 0;
 
-    for (size_t i = 0; i < x->n; i++)
-        if (x->calls[i]->record_key && x->calls[i]->claim_key) {
-            keys[nk] = x->calls[i]->record_key;
-            claims[nk++] = x->calls[i]->claim_key;
-        }
+    for (size_t i = 0; i < x->n; i++) {
+        if (x->calls[i]->record_key)
+            keys[nk++] = x->calls[i]->record_key;
+        if (x->calls[i]->claim_key)
+            claims[nc++] = x->calls[i]->claim_key;
+    }
     ask.cls = x->calls[0]->kind->cls;
     ask.critical = x->prio == 0;
     ask.n = x->n;
     ask.record_keys = nk == x->n ? keys : NULL;
-    ask.claim_keys = nk == x->n ? claims : NULL;
+    ask.claim_keys = nc == x->n ? claims : NULL;
     ask.claim_token = x->token;
     ask.claim_ms = e->cfg->http_timeout_ms + LEASE_SLACK_MS;
     return limiter_append_ask(rt_limiter(e->rt), &ask, err);
@@ -954,8 +955,10 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
 {
     job *j = (job *)c;
 
-    /* the answer (or its record, next) decides now: the claim can go */
-    release_claim(j->e, c);
+    /* the answer decides now: the claim can go (an accepted answer drops it
+     * with its record, in the same step) */
+    if (v->kind != IW_V_ACCEPT)
+        release_claim(j->e, c);
     job_set_state(j, JOB_CLASSIFIED);
     if (v->kind == IW_V_WAIT) {
         engine_log_call(c, r, v, NULL);
@@ -1103,7 +1106,8 @@ static int append_steps(engine *e, job_fifo taken[3], iw_error *err)
     for (int q = 0; q < 3; q++) {
         job *j;
         while ((j = queues[q]->head)) {
-            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token, err)
+            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token,
+                                                   j->call.claim_key, j->call.claim_token, err)
                      : q == 1 ? records_append_adopt(e->rec, j->key, j->token, err)
                               : records_append_mark(e->rec, j->key, err);
             if (rc != IW_OK)
@@ -1352,7 +1356,7 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
         return IW_C_INTERNAL_ERROR;
     }
     j->call.record_key = j->key;
-    j->call.claim_key = j->claim;
+    j->call.claim_key = j->role->claims ? j->claim : NULL;
     return IW_C_NONE;
 }
 

@@ -111,6 +111,10 @@ typedef struct job_role {
     const char *name;        /* "submitter": logs, consumer tag */
     iw_role metric_role;     /* its metrics label */
     iw_outcome outcome;      /* what its recorded outcome is (accepted, final) */
+    /* 1: a call is claimed (N:claim:<jobId>) with its permit, so that two
+     * deliveries of one job never call at once (calls that are not safe to
+     * repeat: the submitter's POST) */
+    int claims;
     const char *queue;       /* the consumed queue: <ns>.<queue> */
     const char *schema;      /* schemas/<file> of the delivery */
     const char *record_kind; /* outcome records <ns>:<kind>:<jobId> */
