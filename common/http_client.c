@@ -73,7 +73,8 @@ struct http_client {
     loop_timer token_timer; /* the token's steps, always from a loop turn */
     redis_link *store;
     char *key_token, *key_lock, *key_fails;
-    char owner[64]; /* this process's lock value */
+    char owner[64];           /* this process's lock value */
+    redis_script del_if_same; /* compare-and-delete: a lock or a token of ours only */
     http_token_fn on_token;
     void *on_token_ud;
     long timeout_ms, connect_timeout_ms, max_response_bytes;
@@ -209,6 +210,12 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
         c->key_fails = oauth_key(ns, "fails");
         if (!c->key_token || !c->key_lock || !c->key_fails)
             goto nomem;
+        /* EVALSHA of a script loaded on connect: the least-privilege Redis
+         * user may not EVAL */
+        c->del_if_same.source =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+            "return 0";
+        redis_link_add_script(c->store, &c->del_if_same);
     }
     snprintf(c->owner, sizeof c->owner, "%ld-%lx-%llx", (long)getpid(), (unsigned long)random(),
              (unsigned long long)clock_mono_us());
@@ -534,16 +541,21 @@ static int store_fetch(http_client *c)
     return fresh;
 }
 
-static void token_lock_release(http_client *c)
+/* Deletes key when it still holds value (EVALSHA del_if_same). */
+static void store_del_if_same(http_client *c, const char *key, const char *value)
 {
-    static const char *del_if_mine =
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-        "return 0";
+    const char *argv[2] = {key, value};
     iw_error err;
 
-    if (c->lock_held && store_up(c))
-        freeReplyObject(store_reply(c, redis_link_append(c->store, &err, "EVAL %s 1 %s %s",
-                                                         del_if_mine, c->key_lock, c->owner)));
+    if (value && store_up(c))
+        freeReplyObject(
+            store_reply(c, redis_link_append_script(c->store, &c->del_if_same, 1, 2, argv, &err)));
+}
+
+static void token_lock_release(http_client *c)
+{
+    if (c->lock_held)
+        store_del_if_same(c, c->key_lock, c->owner);
     c->lock_held = 0;
 }
 
@@ -551,14 +563,7 @@ static void token_lock_release(http_client *c)
  * next reader fetches instead of adopting it again. */
 static void store_forget(http_client *c, const char *stored)
 {
-    static const char *del_if_same =
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-        "return 0";
-    iw_error err;
-
-    if (stored && store_up(c))
-        freeReplyObject(store_reply(c, redis_link_append(c->store, &err, "EVAL %s 1 %s %s",
-                                                         del_if_same, c->key_token, stored)));
+    store_del_if_same(c, c->key_token, stored);
 }
 
 /* Tries to become the fleet's one fetcher.  1: go; 0: another process holds
@@ -610,7 +615,7 @@ static long store_failed(http_client *c)
     long backoff;
 
     if (store_up(c)) {
-        n = store_reply(c, redis_link_append(c->store, &err, "INCR %s", c->key_fails));
+        n = store_reply(c, redis_link_append(c->store, &err, "INCRBY %s 1", c->key_fails));
         if (n && n->type == REDIS_REPLY_INTEGER && n->integer > failures)
             failures = (long)n->integer;
         freeReplyObject(n);

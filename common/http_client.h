@@ -32,7 +32,9 @@ typedef struct http_client_opts {
     /* OAuth2: the token shared by the fleet.  token_store (borrowed, may be
      * NULL: a token per process) holds N:oauth:token, N:oauth:lock and
      * N:oauth:fails under namespace ns; the client uses it only from its own
-     * loop callbacks, never while a caller's pipeline is pending. */
+     * loop callbacks, never while a caller's pipeline is pending.  It adds a
+     * script to the link (redis_link_add_script): create the client before
+     * the link first connects. */
     redis_link *token_store;
     const char *ns;
     long token_backoff_min_ms; /* IW_TOKEN_BACKOFF_MIN; 0: 1 s */

@@ -1,0 +1,299 @@
+/* Integration suite of the provider's auth: the OAuth2 token fetched on the
+ * event loop and shared by the fleet (an outage of the token endpoint costs
+ * no job, a token expires and is renewed, one process fetches for all), and
+ * a 401 after a token was revoked leads to one refresh and one retry.
+ * Real RabbitMQ and Redis on loopback, a real mock-provider, real workers;
+ * each test in its own namespace. */
+#include <check.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "iwtest.h"
+
+#define CLIENT_ID "auth-client"
+#define CLIENT_SECRET "auth-client-secret"
+#define SUBMIT_ROUTE "POST /api/v1/external-resource"
+#define TOKEN_ROUTE "POST /oauth/token"
+
+static char ns[128];
+
+static iwt_amqp *setup(const char *name, const char *const *mock_args, int *port)
+{
+    snprintf(ns, sizeof ns, "%s", iwt_namespace(name));
+    iwt_cleanup(ns);
+    iwt_declare(ns);
+    iwt_track(iwt_start_mock(mock_args, port));
+    iwt_amqp *a = iwt_amqp_open();
+    iwt_tap_events(a, ns, "#");
+    return a;
+}
+
+static void teardown_all(iwt_amqp *a)
+{
+    ck_assert_int_eq(iwt_stop_all(), 0);
+    iwt_amqp_close(a);
+    iwt_cleanup(ns);
+}
+
+static void publish_job(iwt_amqp *a, const char *job_id)
+{
+    char body[512];
+    snprintf(body, sizeof body,
+             "{\"jobId\":\"%s\",\"userId\":\"u-1\",\"action\":\"transaction\","
+             "\"payload\":{\"amount\":5}}",
+             job_id);
+    iwt_publish_job(a, ns, body);
+}
+
+static int dead_letters(void)
+{
+    char dead[256];
+    iwt_amqp *g = iwt_amqp_open();
+    snprintf(dead, sizeof dead, "%s.dead", ns);
+    int n = iwt_queue_depth(g, dead);
+    iwt_amqp_close(g);
+    return n;
+}
+
+static long long stat_num(int port, const char *key)
+{
+    json_t *s = iwt_mock_stats(port);
+    long long v = json_integer_value(json_object_get(s, key));
+    json_decref(s);
+    return v;
+}
+
+static long route_stat(int port, const char *route, const char *status)
+{
+    json_t *s = iwt_mock_stats(port);
+    long v = iwt_stat(s, route, status);
+    json_decref(s);
+    return v;
+}
+
+/* All requests the mock saw on a route, whatever their status. */
+static long route_total(int port, const char *route)
+{
+    json_t *s = iwt_mock_stats(port);
+    json_t *by = json_object_get(json_object_get(s, "requests"), route);
+    const char *k;
+    json_t *v;
+    long n = 0;
+    json_object_foreach(by, k, v) n += (long)json_integer_value(v);
+    json_decref(s);
+    return n;
+}
+
+/* Log lines of a worker (JSON, one a line) whose `key` is `value` and whose
+ * level is `level` (NULL: any). */
+static int count_log(const char *tag, const char *key, const char *value, const char *level)
+{
+    char path[512], line[65536];
+    int n = 0;
+    snprintf(path, sizeof path, "/tmp/iwtest-%s-%s.log", ns, tag);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof line, f)) {
+        json_t *j = json_loads(line, 0, NULL);
+        const char *v = json_string_value(json_object_get(j, key));
+        const char *l = json_string_value(json_object_get(j, "level"));
+        if (v && strcmp(v, value) == 0 && (!level || (l && strcmp(l, level) == 0)))
+            n++;
+        json_decref(j);
+    }
+    fclose(f);
+    return n;
+}
+
+static const char *const oauth_mock[] = {"--auth",
+                                         "oauth2",
+                                         "--client-id",
+                                         CLIENT_ID,
+                                         "--client-secret",
+                                         CLIENT_SECRET,
+                                         "--checks-to-complete",
+                                         "1",
+                                         NULL};
+
+#define OAUTH_ENV                                                                                  \
+    "IW_AUTH_MODE=oauth2", "IW_OAUTH_CLIENT_ID=" CLIENT_ID, "IW_OAUTH_CLIENT_SECRET=" CLIENT_SECRET
+
+/* The token endpoint answers 503 for `outage_ms` (30 s, the issue's outage)
+ * while jobs arrive: none is sent without a token, none fails, none is
+ * dead-lettered; the outage is logged once when it starts and once when it
+ * ends, and counted in the metrics; after it every job ends in status.final. */
+START_TEST(token_outage_loses_no_job)
+{
+    int port, http_port = iwt_free_port();
+    long outage_ms = getenv("IWT_TOKEN_OUTAGE_MS") ? atol(getenv("IWT_TOKEN_OUTAGE_MS")) : 30000;
+    char addr[64], ids[6][64];
+    iwt_amqp *a = setup("auth-outage", oauth_mock, &port);
+    snprintf(addr, sizeof addr, "IW_HTTP_ADDR=127.0.0.1:%d", http_port);
+    const char *env[] = {OAUTH_ENV, addr, "IW_TOKEN_BACKOFF_MAX=8s", NULL};
+
+    /* down before the first token: every fetch fails */
+    json_t *script = json_array();
+    for (int i = 0; i < 2000; i++)
+        json_array_append_new(script, json_integer(503));
+    json_t *body = json_pack("{s:{s:o}}", "script", TOKEN_ROUTE, script);
+    char *text = json_dumps(body, JSON_COMPACT);
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", text), 200);
+    free(text);
+    json_decref(body);
+
+    iwt_track(iwt_start_worker("all", ns, port, env, "all"));
+    long long t0 = iwt_now_ms();
+    for (int i = 0; i < 6; i++) {
+        snprintf(ids[i], sizeof ids[i], "auth-outage-%d", i);
+        publish_job(a, ids[i]);
+    }
+    /* the whole outage: no call without a token, no failure, no dead letter */
+    ck_assert(IWT_EVENTUALLY(count_log("all", "operation", "oauth_token", "ERROR") == 1, 15000));
+    while (iwt_now_ms() - t0 < outage_ms) {
+        ck_assert_int_eq(route_total(port, SUBMIT_ROUTE), 0);
+        ck_assert_int_eq(dead_letters(), 0);
+        iwt_msg *m = iwt_next_event(a, 500);
+        ck_assert_msg(m == NULL, "an event during the token outage: %s", m ? m->routing_key : "");
+    }
+    ck_assert_int_ge(route_stat(port, TOKEN_ROUTE, "503"), 3); /* retried, with backoff */
+    ck_assert_int_le(route_stat(port, TOKEN_ROUTE, "503"), 12);
+    ck_assert_int_eq(count_log("all", "operation", "oauth_token", "ERROR"), 1);
+    char *metrics = NULL;
+    ck_assert_int_eq(iwt_http_get(http_port, "/metrics", &metrics), 200);
+    ck_assert_double_gt(
+        iwt_metric(metrics, "iw_job_waits_total{role=\"submitter\",reason=\"token\"}"), 0);
+    ck_assert_double_ge(
+        iwt_metric(metrics, "iw_provider_requests_total{route=\"token\",code=\"5xx\"}"), 3);
+    free(metrics);
+
+    /* the endpoint is back: every job completes, none failed */
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", "{\"script\":{}}"), 200);
+    for (int i = 0; i < 6; i++) {
+        iwt_msg *m = iwt_wait_event(a, "status.final", ids[i], 60000);
+        ck_assert_msg(m != NULL, "no status.final for %s", ids[i]);
+        iwt_msg_free(m);
+    }
+    ck_assert_int_eq(iwt_count_events(a, "submission.failed", NULL, 500), 0);
+    ck_assert_int_eq(dead_letters(), 0);
+    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "401"), 0);
+    ck_assert(IWT_EVENTUALLY(count_log("all", "operation", "oauth_token", "INFO") == 1, 5000));
+    ck_assert_int_eq(count_log("all", "operation", "oauth_token", "ERROR"), 1);
+    teardown_all(a);
+}
+END_TEST
+
+/* Tokens that live 3 s: renewed before they expire (no 401), the renewed
+ * token stored for the fleet; and a token revoked early (the mock forgets
+ * it) costs one 401, one refresh and one retry of that call. */
+START_TEST(token_expiry_and_refresh)
+{
+    int port;
+    const char *mock[] = {"--auth",
+                          "oauth2",
+                          "--client-id",
+                          CLIENT_ID,
+                          "--client-secret",
+                          CLIENT_SECRET,
+                          "--checks-to-complete",
+                          "1",
+                          "--token-ttl",
+                          "3",
+                          NULL};
+    iwt_amqp *a = setup("auth-expiry", mock, &port);
+    const char *env[] = {OAUTH_ENV, NULL};
+    char id[64], key[256];
+
+    iwt_track(iwt_start_worker("all", ns, port, env, "all"));
+    long long t0 = iwt_now_ms();
+    for (int i = 0; iwt_now_ms() - t0 < 8000; i++) {
+        snprintf(id, sizeof id, "auth-exp-%d", i);
+        publish_job(a, id);
+        iwt_msg *m = iwt_wait_event(a, "status.final", id, 20000);
+        ck_assert_msg(m != NULL, "no status.final for %s", id);
+        iwt_msg_free(m);
+        iwt_sleep_ms(300);
+    }
+    /* 8 s of 3-s tokens renewed at 80%: at least three, and not one per call */
+    long long issued = stat_num(port, "tokens_issued");
+    ck_assert_int_ge(issued, 3);
+    ck_assert_int_le(issued, 6);
+    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "401"), 0);
+    ck_assert_int_eq(route_stat(port, "GET /api/v1/status/{trackingId}", "401"), 0);
+    snprintf(key, sizeof key, "%s:oauth:token", ns);
+    long long pttl = iwt_redis_int("PTTL %s", key);
+    ck_assert_int_gt(pttl, 0);
+    ck_assert_int_le(pttl, 3000);
+
+    /* revoked: the mock forgets every token (and its counters) */
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/reset", "{}"), 200);
+    publish_job(a, "auth-exp-revoked");
+    iwt_msg *m = iwt_wait_event(a, "status.final", "auth-exp-revoked", 20000);
+    ck_assert_msg(m != NULL, "no status.final after the token was revoked");
+    iwt_msg_free(m);
+    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "401"), 1);
+    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "201"), 1);
+    ck_assert_int_ge(stat_num(port, "tokens_issued"), 1);
+    ck_assert_int_eq(iwt_count_events(a, "submission.failed", NULL, 500), 0);
+    ck_assert_int_eq(dead_letters(), 0);
+    teardown_all(a);
+}
+END_TEST
+
+/* Two submitter processes share one token: one fetch for both. */
+START_TEST(one_fetcher_for_two_processes)
+{
+    int port;
+    iwt_amqp *a = setup("auth-fleet", oauth_mock, &port);
+    const char *env[] = {OAUTH_ENV, NULL};
+    char id[64];
+
+    /* a slow token endpoint: both processes want a token while it runs */
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", "{\"latency_ms\":300}"), 200);
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "sub-a"));
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "sub-b"));
+    iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
+    char q[256];
+    snprintf(q, sizeof q, "%s.submit", ns);
+    ck_assert(IWT_EVENTUALLY(iwt_queue_consumers(a, q) == 2, 20000));
+    for (int i = 0; i < 20; i++) {
+        snprintf(id, sizeof id, "auth-fleet-%d", i);
+        publish_job(a, id);
+    }
+    for (int i = 0; i < 20; i++) {
+        snprintf(id, sizeof id, "auth-fleet-%d", i);
+        iwt_msg *m = iwt_wait_event(a, "status.final", id, 30000);
+        ck_assert_msg(m != NULL, "no status.final for %s", id);
+        iwt_msg_free(m);
+    }
+    /* both processes called the provider, with one token between them */
+    ck_assert_int_gt(count_log("sub-a", "operation", "POST /external-resource", NULL), 0);
+    ck_assert_int_gt(count_log("sub-b", "operation", "POST /external-resource", NULL), 0);
+    ck_assert_int_eq(stat_num(port, "tokens_issued"), 1);
+    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "401"), 0);
+    teardown_all(a);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("auth");
+    TCase *tc = tcase_create("oauth2");
+    tcase_set_timeout(tc, 180);
+    tcase_add_test(tc, token_outage_loses_no_job);
+    tcase_add_test(tc, token_expiry_and_refresh);
+    tcase_add_test(tc, one_fetcher_for_two_processes);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return iwt_run_suite(suite());
+}
