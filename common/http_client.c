@@ -27,6 +27,7 @@ typedef struct transfer {
     char *body;
     size_t len, cap;
     int too_large;
+    char errbuf[CURL_ERROR_SIZE]; /* curl's detail (TLS alerts, certificate problems) */
     char retry_after[64];
     char reset_ms[32];
     long long start_us;
@@ -667,6 +668,8 @@ static void common_opts(http_client *c, transfer *t)
     t->len = 0;
     t->too_large = 0;
     t->retry_after[0] = t->reset_ms[0] = '\0';
+    t->errbuf[0] = '\0';
+    curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, t->errbuf);
     curl_easy_setopt(t->easy, CURLOPT_URL, t->url); /* curl copies it */
     curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
     curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
@@ -1046,7 +1049,7 @@ static void token_fetch_done(http_client *c, transfer *t, CURLcode code)
     ev.result.retry_after_ms = -1;
     ev.duration_us = clock_mono_us() - t->start_us;
     if (code != CURLE_OK)
-        problem = curl_easy_strerror(code); /* curl's own text: no bytes of the answer */
+        problem = t->errbuf[0] ? t->errbuf : curl_easy_strerror(code); /* curl's text only */
     else if (status != 200)
         problem = status == 400 || status == 401 || status == 403
                       ? "the token endpoint refused the client credentials "
@@ -1074,10 +1077,10 @@ static void token_fetch_done(http_client *c, transfer *t, CURLcode code)
     }
     free(tok);
     curl_multi_remove_handle(c->multi, t->easy);
-    transfer_destroy(t);
     c->token_xfer = NULL;
     if (c->on_token)
         c->on_token(c->on_token_ud, &ev);
+    transfer_destroy(t); /* after the event: ev.problem may be its error text */
     if (ev.ok)
         send_waiting(c);
     else if (c->bearer && clock_mono_ms() < c->token_expires_ms)
@@ -1138,7 +1141,9 @@ static void complete_done(http_client *c)
         if (r.result.retry_after_ms < 0 && t->retry_after[0])
             r.result.retry_after_ms = retry_parse_retry_after(
                 t->retry_after, clock_wall_ms(), c->max_wait_ms, &r.result.wait_capped);
-        r.error = code == CURLE_OK ? "" : curl_easy_strerror(code);
+        /* curl's detail says which certificate or alert, never our secrets
+         * (a key's path at most) */
+        r.error = code == CURLE_OK ? "" : t->errbuf[0] ? t->errbuf : curl_easy_strerror(code);
         r.body = t->body && t->len ? t->body : "";
         r.body_len = t->len;
         r.duration_us = clock_mono_us() - t->start_us;
