@@ -281,6 +281,175 @@ START_TEST(one_fetcher_for_two_processes)
 }
 END_TEST
 
+/* ---- mutual TLS ------------------------------------------------------------------------ */
+
+static char tls_dir[256];
+
+/* A CA, a server certificate for 127.0.0.1 and a client certificate signed
+ * by it, and a rogue self-signed client certificate, made with openssl. */
+static void make_certs(void)
+{
+    char cmd[4096];
+    snprintf(tls_dir, sizeof tls_dir, "/tmp/iwt-auth-tls-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(tls_dir));
+    snprintf(cmd, sizeof cmd,
+             "cd %s && "
+             "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 "
+             "-subj /CN=iwt-ca && "
+             "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr "
+             "-subj /CN=127.0.0.1 && "
+             "printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > san.ext && "
+             "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+             "-out server.pem -days 2 -extfile san.ext && "
+             "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr "
+             "-subj /CN=iwt-worker && "
+             "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+             "-out client.pem -days 2 && "
+             "openssl req -x509 -newkey rsa:2048 -nodes -keyout rogue.key -out rogue.pem "
+             "-days 2 -subj /CN=iwt-rogue",
+             tls_dir);
+    strcat(cmd, " >/dev/null 2>&1");
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+static void remove_certs(void)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tls_dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+typedef struct tls_env {
+    char url[96], cert[320], key[320], ca[320];
+} tls_env;
+
+static void tls_env_fill(tls_env *t, int port, const char *client)
+{
+    snprintf(t->url, sizeof t->url, "IW_PROVIDER_URL=https://127.0.0.1:%d", port);
+    snprintf(t->cert, sizeof t->cert, "IW_TLS_CERT=%s/%s.pem", tls_dir, client);
+    snprintf(t->key, sizeof t->key, "IW_TLS_KEY=%s/%s.key", tls_dir, client);
+    snprintf(t->ca, sizeof t->ca, "IW_TLS_CA=%s/ca.pem", tls_dir);
+}
+
+/* The mock's flags for HTTPS with client certificates, after `auth`. */
+static void tls_mock_args(const char **args, const char *mode, char paths[3][320])
+{
+    int n = 0;
+    snprintf(paths[0], 320, "%s/server.pem", tls_dir);
+    snprintf(paths[1], 320, "%s/server.key", tls_dir);
+    snprintf(paths[2], 320, "%s/ca.pem", tls_dir);
+    args[n++] = "--auth";
+    args[n++] = mode;
+    args[n++] = "--client-id";
+    args[n++] = CLIENT_ID;
+    args[n++] = "--client-secret";
+    args[n++] = CLIENT_SECRET;
+    args[n++] = "--basic-user";
+    args[n++] = "iwt-user";
+    args[n++] = "--basic-password";
+    args[n++] = "iwt-password";
+    args[n++] = "--checks-to-complete";
+    args[n++] = "1";
+    args[n++] = "--tls-cert";
+    args[n++] = paths[0];
+    args[n++] = "--tls-key";
+    args[n++] = paths[1];
+    args[n++] = "--tls-ca";
+    args[n++] = paths[2];
+    args[n] = NULL;
+}
+
+/* Each auth mode over mutual TLS: a job goes through submit and status. */
+START_TEST(mtls_with_every_auth_mode)
+{
+    static const char *const modes[] = {"api-key", "oauth2", "basic", "none"};
+    make_certs();
+    for (size_t m = 0; m < 4; m++) {
+        int port;
+        const char *args[32];
+        char paths[3][320], mode_env[64], name[32], id[64];
+        tls_env t;
+        tls_mock_args(args, modes[m], paths);
+        snprintf(name, sizeof name, "auth-mtls-%zu", m);
+        iwt_amqp *a = setup(name, args, &port);
+        tls_env_fill(&t, port, "client");
+        snprintf(mode_env, sizeof mode_env, "IW_AUTH_MODE=%s", modes[m]);
+        const char *env[] = {mode_env,
+                             t.url,
+                             t.cert,
+                             t.key,
+                             t.ca,
+                             "IW_OAUTH_CLIENT_ID=" CLIENT_ID,
+                             "IW_OAUTH_CLIENT_SECRET=" CLIENT_SECRET,
+                             "IW_BASIC_USER=iwt-user",
+                             "IW_BASIC_PASSWORD=iwt-password",
+                             NULL};
+        iwt_track(iwt_start_worker("all", ns, port, env, "all"));
+        snprintf(id, sizeof id, "auth-mtls-%s", modes[m]);
+        publish_job(a, id);
+        iwt_msg *e = iwt_wait_event(a, "status.final", id, 30000);
+        ck_assert_msg(e != NULL, "no status.final with IW_AUTH_MODE=%s over mTLS", modes[m]);
+        iwt_msg_free(e);
+        /* (the mock's admin routes are HTTPS too: the events are the proof) */
+        ck_assert_int_eq(dead_letters(), 0);
+        teardown_all(a);
+    }
+    remove_certs();
+}
+END_TEST
+
+/* A client certificate the provider does not trust is refused in the TLS
+ * handshake: the job fails as EXTERNAL_API_UNREACHABLE after its attempts,
+ * and the log and the event say it was the certificate; with OAuth2 the
+ * token endpoint is refused the same way and the outage line says why. */
+START_TEST(mtls_wrong_client_certificate_refused)
+{
+    int port;
+    const char *args[32];
+    char paths[3][320];
+    tls_env t;
+    make_certs();
+    tls_mock_args(args, "api-key", paths);
+    iwt_amqp *a = setup("auth-rogue", args, &port);
+    tls_env_fill(&t, port, "rogue");
+    const char *env[] = {t.url, t.cert, t.key, t.ca, "IW_RETRY_SCHEDULE=0s,100ms,100ms,100ms",
+                         NULL};
+    iwt_track(iwt_start_worker("submitter", ns, port, env, "sub"));
+    publish_job(a, "auth-rogue-1");
+    iwt_msg *e = iwt_wait_event(a, "submission.failed", "auth-rogue-1", 30000);
+    ck_assert_ptr_nonnull(e);
+    json_t *err = json_object_get(e->body, "error");
+    ck_assert_str_eq(json_string_value(json_object_get(err, "code")), "EXTERNAL_API_UNREACHABLE");
+    const char *msg = json_string_value(json_object_get(err, "message"));
+    ck_assert_msg(msg && strstr(msg, "certificate"), "message: %s", msg ? msg : "(none)");
+    iwt_msg_free(e);
+    ck_assert_int_eq(iwt_count_events(a, "submission.accepted", "auth-rogue-1", 200), 0);
+    teardown_all(a);
+
+    /* OAuth2: the token fetch is refused; jobs wait, the log says why */
+    tls_mock_args(args, "oauth2", paths);
+    a = setup("auth-rogue-oauth", args, &port);
+    tls_env_fill(&t, port, "rogue");
+    const char *env2[] = {t.url, t.cert, t.key, t.ca, OAUTH_ENV, NULL};
+    iwt_track(iwt_start_worker("submitter", ns, port, env2, "sub"));
+    publish_job(a, "auth-rogue-2");
+    ck_assert(IWT_EVENTUALLY(count_log("sub", "operation", "oauth_token", "ERROR") == 1, 20000));
+    ck_assert_int_eq(iwt_count_events(a, "submission.failed", "auth-rogue-2", 1000), 0);
+    ck_assert_int_eq(dead_letters(), 0);
+    char path[512], line[65536];
+    int seen = 0;
+    snprintf(path, sizeof path, "/tmp/iwtest-%s-sub.log", ns);
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    while (fgets(line, sizeof line, f))
+        seen |= strstr(line, "oauth_token") && strstr(line, "certificate");
+    fclose(f);
+    ck_assert_msg(seen, "the token outage line does not name the certificate");
+    teardown_all(a);
+    remove_certs();
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("auth");
@@ -289,6 +458,11 @@ static Suite *suite(void)
     tcase_add_test(tc, token_outage_loses_no_job);
     tcase_add_test(tc, token_expiry_and_refresh);
     tcase_add_test(tc, one_fetcher_for_two_processes);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("mtls");
+    tcase_set_timeout(tc, 180);
+    tcase_add_test(tc, mtls_with_every_auth_mode);
+    tcase_add_test(tc, mtls_wrong_client_certificate_refused);
     suite_add_tcase(s, tc);
     return s;
 }
