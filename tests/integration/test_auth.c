@@ -450,6 +450,262 @@ START_TEST(mtls_wrong_client_certificate_refused)
 }
 END_TEST
 
+/* ---- no secret anywhere ------------------------------------------------------------------ */
+
+#define SEC_API_KEY "zq7APIKEYsecret41"
+#define SEC_API_SECRET "zq7APISECRETsecret42"
+#define SEC_OAUTH "zq7OAUTHsecret43"
+#define SEC_BASIC "zq7BASICsecret44"
+#define SEC_REDIS "zq7REDISsecret45"
+#define SEC_AMQP "zq7AMQPsecret46"
+
+static const char *const secrets[] = {SEC_API_KEY, SEC_API_SECRET, SEC_OAUTH,
+                                      SEC_BASIC,   SEC_REDIS,      SEC_AMQP};
+/* base64 of "iwt-user:" SEC_BASIC (an Authorization header, if one leaked) */
+static char basic_b64[128];
+static char key_lines[64][260]; /* the base64 lines of the client key's PEM */
+static int n_key_lines;
+
+static void load_secret_forms(void)
+{
+    static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const char *in = "iwt-user:" SEC_BASIC;
+    size_t n = strlen(in), o = 0;
+    for (size_t i = 0; i + 2 < n; i += 3) { /* the whole groups are enough to spot it */
+        unsigned v = ((unsigned char)in[i] << 16) | ((unsigned char)in[i + 1] << 8) |
+                     (unsigned char)in[i + 2];
+        basic_b64[o++] = tbl[(v >> 18) & 63];
+        basic_b64[o++] = tbl[(v >> 12) & 63];
+        basic_b64[o++] = tbl[(v >> 6) & 63];
+        basic_b64[o++] = tbl[v & 63];
+    }
+    basic_b64[o] = '\0';
+    char path[512], line[256];
+    snprintf(path, sizeof path, "%s/client.key", tls_dir);
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    n_key_lines = 0;
+    while (fgets(line, sizeof line, f) && n_key_lines < 64) {
+        line[strcspn(line, "\r\n")] = '\0';
+        if (strncmp(line, "-----", 5) != 0 && strlen(line) >= 40 && strlen(line) < 256)
+            snprintf(key_lines[n_key_lines++], sizeof key_lines[0], "%s", line);
+    }
+    fclose(f);
+    ck_assert_int_gt(n_key_lines, 5);
+}
+
+/* Fails when any secret (or its base64 form, or a line of the key file)
+ * is in text. */
+static void assert_clean(const char *text, size_t len, const char *where)
+{
+    char *t = strndup(text, len);
+    ck_assert_ptr_nonnull(t);
+    for (size_t i = 0; i < sizeof secrets / sizeof secrets[0]; i++)
+        ck_assert_msg(!strstr(t, secrets[i]), "%s holds the secret %s", where, secrets[i]);
+    ck_assert_msg(!strstr(t, basic_b64), "%s holds the Basic credentials (base64)", where);
+    for (int i = 0; i < n_key_lines; i++)
+        ck_assert_msg(!strstr(t, key_lines[i]), "%s holds a line of the TLS key", where);
+    free(t);
+}
+
+static void assert_msg_clean(const iwt_msg *m, const char *where)
+{
+    char *h = json_dumps(m->headers, JSON_COMPACT);
+    assert_clean(m->raw, m->raw_len, where);
+    assert_clean(h, strlen(h), where);
+    assert_clean(m->correlation_id, strlen(m->correlation_id), where);
+    assert_clean(m->message_id, strlen(m->message_id), where);
+    free(h);
+}
+
+/* Every log file of the namespace, whole. */
+static int assert_logs_clean(void)
+{
+    char cmd[512], line[1 << 16];
+    int lines = 0;
+    snprintf(cmd, sizeof cmd, "cat /tmp/iwtest-%s-*.log 2>/dev/null", ns);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    while (fgets(line, sizeof line, p)) {
+        assert_clean(line, strlen(line), "a log line");
+        lines++;
+    }
+    pclose(p);
+    return lines;
+}
+
+/* Everything that left the worker: events on the tap, dead letters. */
+static int drain_clean(iwt_amqp *a)
+{
+    char dead[256];
+    int n = 0;
+    iwt_msg *m;
+    while ((m = iwt_next_event(a, 300))) {
+        assert_msg_clean(m, "an event");
+        iwt_msg_free(m);
+        n++;
+    }
+    snprintf(dead, sizeof dead, "%s.dead", ns);
+    iwt_amqp *g = iwt_amqp_open();
+    while ((m = iwt_get(g, dead, 300))) {
+        assert_msg_clean(m, "a dead letter");
+        iwt_msg_free(m);
+        n++;
+    }
+    iwt_amqp_close(g);
+    return n;
+}
+
+/* Every secret setting distinctive, every role, and the ways things go
+ * wrong: refused credentials (API key, Basic, OAuth2 client secret), a token
+ * endpoint failing, a TLS refusal, Redis refusing the password, the broker
+ * refusing the URL's password.  No secret in any log line, event, dead
+ * letter, reply or metric. */
+START_TEST(no_secret_anywhere)
+{
+    int port, http_port = iwt_free_port();
+    char addr[64], reqx[256], cert[320], key[320], ca[320], url[96];
+    const char *args[32];
+    char paths[3][320];
+    make_certs();
+    load_secret_forms();
+    snprintf(addr, sizeof addr, "IW_HTTP_ADDR=127.0.0.1:%d", http_port);
+
+    /* 1. all well, api-key over mTLS: every role, a job, a look-up, a bad job */
+    tls_mock_args(args, "api-key", paths);
+    int na = 0;
+    while (args[na])
+        na++;
+    args[na++] = "--api-key";
+    args[na++] = SEC_API_KEY;
+    args[na++] = "--api-secret";
+    args[na++] = SEC_API_SECRET;
+    args[na] = NULL;
+    iwt_amqp *a = setup("auth-nosecret", args, &port);
+    snprintf(url, sizeof url, "IW_PROVIDER_URL=https://127.0.0.1:%d", port);
+    snprintf(cert, sizeof cert, "IW_TLS_CERT=%s/client.pem", tls_dir);
+    snprintf(key, sizeof key, "IW_TLS_KEY=%s/client.key", tls_dir);
+    snprintf(ca, sizeof ca, "IW_TLS_CA=%s/ca.pem", tls_dir);
+#define SECRET_ENV                                                                                 \
+    "IW_API_KEY=" SEC_API_KEY, "IW_API_SECRET=" SEC_API_SECRET, "IW_OAUTH_CLIENT_ID=" CLIENT_ID,   \
+        "IW_OAUTH_CLIENT_SECRET=" SEC_OAUTH, "IW_BASIC_USER=iwt-user",                             \
+        "IW_BASIC_PASSWORD=" SEC_BASIC, "IW_LOG_LEVEL=debug"
+    const char *env1[] = {SECRET_ENV, url, cert, key, ca, addr, NULL};
+    iwt_track(iwt_start_worker("all", ns, port, env1, "all"));
+    publish_job(a, "nosecret-ok");
+    iwt_msg *e = iwt_wait_event(a, "status.final", "nosecret-ok", 30000);
+    ck_assert_ptr_nonnull(e);
+    assert_msg_clean(e, "status.final");
+    iwt_msg_free(e);
+    iwt_amqp *r = iwt_amqp_open();
+    amqp_queue_declare_ok_t *q =
+        amqp_queue_declare(r->conn, 1, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    ck_assert_ptr_nonnull(q);
+    char reply_q[256];
+    snprintf(reply_q, sizeof reply_q, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    snprintf(reqx, sizeof reqx, "%s.requests", ns);
+    iwt_publish(a, reqx, "resource.get", "{\"id\":\"abc123\"}", "application/json", reply_q,
+                "nosecret-get");
+    iwt_msg *reply = iwt_get(r, reply_q, 20000);
+    ck_assert_ptr_nonnull(reply);
+    assert_msg_clean(reply, "a reply");
+    iwt_msg_free(reply);
+    iwt_publish_job(a, ns, "{\"jobId\":\"nosecret-bad\"}"); /* schema: dead letter */
+    ck_assert(IWT_EVENTUALLY(dead_letters() == 1, 10000));
+    char *metrics = NULL;
+    ck_assert_int_eq(iwt_http_get(http_port, "/metrics", &metrics), 200);
+    assert_clean(metrics, strlen(metrics), "/metrics");
+    free(metrics);
+    ck_assert_int_eq(iwt_stop_all(), 0);
+    ck_assert_int_gt(drain_clean(a), 2);
+    ck_assert_int_gt(assert_logs_clean(), 10);
+    teardown_all(a);
+
+    /* 2. refused credentials, each mode; a look-up that fails; a TLS refusal */
+    static const char *const modes[] = {"api-key", "basic", "oauth2"};
+    for (int m = 0; m < 3; m++) {
+        const char *margs[] = {"--auth",
+                               modes[m],
+                               "--api-key",
+                               "other-key",
+                               "--basic-password",
+                               "other-password",
+                               "--client-secret",
+                               "other-secret",
+                               "--client-id",
+                               CLIENT_ID,
+                               NULL};
+        char name[32], mode_env[64], id[64];
+        snprintf(name, sizeof name, "auth-nosecret-%d", m);
+        a = setup(name, margs, &port);
+        snprintf(mode_env, sizeof mode_env, "IW_AUTH_MODE=%s", modes[m]);
+        const char *env2[] = {SECRET_ENV, mode_env, "IW_RETRY_SCHEDULE=0s,100ms,100ms,100ms", NULL};
+        iwt_track(iwt_start_worker("submitter", ns, port, env2, "submitter"));
+        iwt_track(iwt_start_worker("resolver", ns, port, env2, "resolver"));
+        snprintf(id, sizeof id, "nosecret-refused-%d", m);
+        publish_job(a, id);
+        snprintf(reqx, sizeof reqx, "%s.requests", ns);
+        iwt_publish(a, reqx, "resource.get", "{\"id\":\"abc123\"}", "application/json", reply_q,
+                    "nosecret-get-refused");
+        reply = iwt_get(r, reply_q, 20000);
+        ck_assert_ptr_nonnull(reply);
+        assert_msg_clean(reply, "an error reply");
+        iwt_msg_free(reply);
+        if (m < 2) { /* a refused key or password fails the job */
+            e = iwt_wait_event(a, "submission.failed", id, 20000);
+            ck_assert_ptr_nonnull(e);
+            iwt_msg_free(e);
+        } else { /* a refused client secret: the token outage line */
+            ck_assert(IWT_EVENTUALLY(
+                count_log("submitter", "operation", "oauth_token", "ERROR") == 1, 20000));
+        }
+        ck_assert_int_eq(iwt_stop_all(), 0);
+        drain_clean(a);
+        assert_logs_clean();
+        teardown_all(a);
+    }
+
+    /* 3. the TLS key refused (rogue certificate), Redis and the broker
+     *    refusing the passwords */
+    tls_mock_args(args, "api-key", paths);
+    a = setup("auth-nosecret-deps", args, &port);
+    snprintf(url, sizeof url, "IW_PROVIDER_URL=https://127.0.0.1:%d", port);
+    char rogue_cert[320], rogue_key[320];
+    snprintf(rogue_cert, sizeof rogue_cert, "IW_TLS_CERT=%s/rogue.pem", tls_dir);
+    snprintf(rogue_key, sizeof rogue_key, "IW_TLS_KEY=%s/client.key", tls_dir);
+    /* a key that does not match its certificate: curl refuses it locally */
+    const char *env3[] = {
+        SECRET_ENV, url, rogue_cert, rogue_key, ca, "IW_RETRY_SCHEDULE=0s,100ms,100ms,100ms", NULL};
+    iwt_track(iwt_start_worker("submitter", ns, port, env3, "submitter"));
+    publish_job(a, "nosecret-tls");
+    e = iwt_wait_event(a, "submission.failed", "nosecret-tls", 20000);
+    ck_assert_ptr_nonnull(e);
+    iwt_msg_free(e);
+    ck_assert_int_eq(iwt_stop_all(), 0);
+    const char *env4[] = {SECRET_ENV, "IW_REDIS_URL=redis://iw-test:" SEC_REDIS "@127.0.0.1:6379/0",
+                          NULL};
+    const char *env5[] = {SECRET_ENV, "IW_REDIS_PASSWORD=" SEC_REDIS, NULL};
+    const char *env6[] = {SECRET_ENV, "IW_AMQP_URL=amqp://iw-test:" SEC_AMQP "@127.0.0.1:5672/%2f",
+                          NULL};
+    const char *const *bad[] = {env4, env5, env6};
+    static const char *const roles[] = {"submitter", "poller", "resolver"};
+    for (int b = 0; b < 3; b++) {
+        pid_t pid = iwt_track(iwt_start_worker(roles[b], ns, port, bad[b], roles[b]));
+        char path[512];
+        snprintf(path, sizeof path, "/tmp/iwtest-%s-%s.log", ns, roles[b]);
+        struct stat st;
+        ck_assert(IWT_EVENTUALLY(stat(path, &st) == 0 && st.st_size > 0, 10000));
+        iwt_sleep_ms(1500); /* a few reconnect attempts: their errors are logged */
+        iwt_stop_tracked(pid, SIGTERM);
+    }
+    drain_clean(a);
+    assert_logs_clean();
+    teardown_all(a);
+    iwt_amqp_close(r);
+    remove_certs();
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("auth");
@@ -463,6 +719,10 @@ static Suite *suite(void)
     tcase_set_timeout(tc, 180);
     tcase_add_test(tc, mtls_with_every_auth_mode);
     tcase_add_test(tc, mtls_wrong_client_certificate_refused);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("secrets");
+    tcase_set_timeout(tc, 240);
+    tcase_add_test(tc, no_secret_anywhere);
     suite_add_tcase(s, tc);
     return s;
 }
