@@ -69,6 +69,7 @@ struct http_client {
     transfer *waiting, **waiting_tail; /* calls waiting for a token, FIFO */
     transfer *nt_done, **nt_tail;      /* calls to complete with NO_TOKEN */
     long long token_next_try_ms;       /* no fetch before (backoff) */
+    int token_demand; /* a caller holds calls for a token (http_client_token_wait_ms) */
     int token_failures;
     long backoff_min_ms, backoff_max_ms;
     loop_timer token_timer; /* the token's steps, always from a loop turn */
@@ -147,6 +148,7 @@ static char *oauth_key(const char *ns, const char *what)
 }
 
 static void token_tick(loop *l, loop_timer *tm);
+static void arm_token_timer(http_client *c, long long due_ms);
 
 http_client *http_client_new(const http_client_opts *o, iw_error *err)
 {
@@ -475,6 +477,24 @@ static void token_drop(http_client *c)
 int http_client_auth_ready(const http_client *c)
 {
     return c->auth_mode != IW_AUTH_OAUTH2 || (c->bearer && clock_mono_ms() < c->token_expires_ms);
+}
+
+long http_client_token_wait_ms(http_client *c)
+{
+    long long now = clock_mono_ms();
+
+    if (http_client_auth_ready(c))
+        return 0;
+    /* the caller holds calls for a token: fetch one without waiting for a call */
+    c->token_demand = 1;
+    if (c->token_xfer)
+        return TOKEN_POLL_MS;
+    if (now < c->token_next_try_ms) {
+        arm_token_timer(c, c->token_next_try_ms);
+        return (long)(c->token_next_try_ms - now);
+    }
+    arm_token_timer(c, now);
+    return TOKEN_POLL_MS;
 }
 
 void http_client_on_token(http_client *c, http_token_fn fn, void *ud)
@@ -857,13 +877,21 @@ static void token_obtain(http_client *c, long long now)
     if (now < c->token_next_try_ms) {
         fail_waiting(c, (long)(c->token_next_try_ms - now),
                      "no OAuth token: the token endpoint is failing (backoff)");
+        if (c->token_demand)
+            arm_token_timer(c, c->token_next_try_ms);
         return;
     }
     if (!store_lock(c, &wait_ms, &failing)) {
-        if (failing)
+        if (failing) {
+            /* another process's fetches fail: its backoff is ours */
+            c->token_next_try_ms = now + wait_ms;
             fail_waiting(c, wait_ms, "no OAuth token: the token endpoint is failing (backoff)");
-        else if (c->waiting) /* another process is fetching: read the store again soon */
+            if (c->token_demand)
+                arm_token_timer(c, c->token_next_try_ms);
+        } else if (c->waiting || c->token_demand) {
+            /* another process is fetching: read the store again soon */
             arm_token_timer(c, now + TOKEN_POLL_MS);
+        }
         return;
     }
     if (token_fetch_start(c) != IW_OK) {
@@ -882,8 +910,10 @@ static void token_tick(loop *l, loop_timer *tm)
     transfer *t, **pp;
 
     (void)l;
+    if (c->token_demand && http_client_auth_ready(c))
+        c->token_demand = 0;
     if (c->auth_mode == IW_AUTH_OAUTH2 && !c->token_xfer &&
-        (c->waiting || (c->bearer && now >= c->token_refresh_ms)))
+        (c->waiting || c->token_demand || (c->bearer && now >= c->token_refresh_ms)))
         token_obtain(c, now);
     /* calls that waited their whole timeout for another process's fetch */
     for (pp = &c->waiting; (t = *pp);) {

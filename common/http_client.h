@@ -113,6 +113,13 @@ void http_client_on_token(http_client *c, http_token_fn fn, void *ud);
  * when they would wait for a token.  Lets a caller hold calls (and their
  * permits) back during a token outage. */
 int http_client_auth_ready(const http_client *c);
+/* How long calls would wait for an OAuth2 token now: 0 when they would be
+ * sent at once (not OAuth2, or a token is valid); else the time until the
+ * next token fetch (a backoff after failures) or a short poll while one is
+ * under way.  Asking it starts a fetch when none runs and none is due later:
+ * a caller that holds its calls (and takes no rate-limit permits for them)
+ * while this is > 0 gets the token without sending a call for it. */
+long http_client_token_wait_ms(http_client *c);
 /* Parses a token endpoint's 200 body: the access token (0x21-0x7E only, 1 to
  * HTTP_TOKEN_MAX bytes; copied to *token, caller frees) and its lifetime in
  * ms (expires_in: a positive integer up to HTTP_TOKEN_TTL_MAX_S; absent means

@@ -496,12 +496,12 @@ static void decide_batch(engine *e, const batch *x, limiter_result *res)
     }
 }
 
-static void park_waiting_jobs(engine *e, long long now);
+static void park_waiting_jobs(engine *e, long long now, int wait_reason);
 
 /* Fail closed: nobody calls the provider unmetered; ask again in a second. */
 static void limiter_unavailable(engine *e, long long now, const iw_error *err)
 {
-    park_waiting_jobs(e, now);
+    park_waiting_jobs(e, now, -1);
     log_json(IW_LOG_ERROR,
              json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; calls wait", "error",
                        "code", iw_code_name(IW_C_LIMITER_UNAVAILABLE), "message", err->msg));
@@ -553,12 +553,19 @@ static int permits(engine *e, long long now)
     size_t nb = 0, appended = 0;
     iw_error err = {0};
     int outcomes = 0;
+    long token_wait = 0;
 
     if (now < e->blocked_until)
         return 0;
-    nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
+    /* no OAuth token yet (being fetched, or the token endpoint fails): no
+     * permit for a call that could not be sent; the breaker outcomes (the
+     * token fetches' own) still go */
+    if (any_ready(e))
+        token_wait = http_client_token_wait_ms(rt_http(e->rt));
+    if (!token_wait)
+        nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
     if (!nb && !e->n_outcomes)
-        return 0;
+        goto token_hold;
     if (!rt_redis_ready(e->rt)) {
         requeue(e, b, nb);
         iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
@@ -585,6 +592,15 @@ static int permits(engine *e, long long now)
     if (appended < nb) { /* not even appended: nothing was sent for these */
         requeue(e, b + appended, nb - appended);
         limiter_unavailable(e, now, &err);
+        return 0;
+    }
+token_hold:
+    if (token_wait > 0) {
+        /* jobs held longer than IW_HOLD_MAX wait in the delay tiers, no
+         * attempt used; the rest are asked for again when a token may be there */
+        park_waiting_jobs(e, now, IW_WAIT_TOKEN);
+        e->blocked_until = now + token_wait;
+        loop_timer_at(e->lp, &e->unblock, e->blocked_until);
         return 0;
     }
     return any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
@@ -787,7 +803,7 @@ static void job_send_on(job *j, long delay_ms, int attempts, const char *last_er
  * delay tiers, without using an attempt: a delivery held for long meets the
  * broker's consumer_timeout, and every requeue counts toward the quorum
  * queue's x-delivery-limit, which would dead-letter valid jobs. */
-static void park_waiting_jobs(engine *e, long long now)
+static void park_waiting_jobs(engine *e, long long now, int wait_reason)
 {
     call_fifo park = {0};
 
@@ -805,8 +821,11 @@ static void park_waiting_jobs(engine *e, long long now)
             }
             e->ready[cls][prio] = keep;
         }
-    for (call *c; (c = call_pop(&park));)
+    for (call *c; (c = call_pop(&park));) {
+        if (wait_reason >= 0) /* counted when a reason is ours to name (the token) */
+            metrics_job_wait(((job *)c)->role->metric_role, (iw_wait_reason)wait_reason);
         job_send_on((job *)c, PARK_MS, ((job *)c)->attempts, NULL);
+    }
 }
 
 void job_fail(job *j, iw_code code, const char *message, long http_status, int attempts)

@@ -154,6 +154,23 @@ START_TEST(token_outage_loses_no_job)
         snprintf(ids[i], sizeof ids[i], "auth-outage-%d", i);
         publish_job(a, ids[i]);
     }
+    /* a look-up during the outage: the provider is unavailable (not a 429) */
+    iwt_amqp *r = iwt_amqp_open();
+    amqp_queue_declare_ok_t *q =
+        amqp_queue_declare(r->conn, 1, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    ck_assert_ptr_nonnull(q);
+    char reply_q[256], reqx[256];
+    snprintf(reply_q, sizeof reply_q, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    snprintf(reqx, sizeof reqx, "%s.requests", ns);
+    iwt_publish(a, reqx, "resource.get", "{\"id\":\"abc123\"}", "application/json", reply_q,
+                "outage-get");
+    iwt_msg *reply = iwt_get(r, reply_q, 20000);
+    ck_assert_ptr_nonnull(reply);
+    const char *code =
+        json_string_value(json_object_get(json_object_get(reply->body, "error"), "code"));
+    ck_assert_msg(code && strcmp(code, "EXTERNAL_API_UNAVAILABLE") == 0, "reply: %s", reply->raw);
+    iwt_msg_free(reply);
+    iwt_amqp_close(r);
     /* the whole outage: no call without a token, no failure, no dead letter */
     ck_assert(IWT_EVENTUALLY(count_log("all", "operation", "oauth_token", "ERROR") == 1, 15000));
     while (iwt_now_ms() - t0 < outage_ms) {

@@ -374,6 +374,42 @@ START_TEST(token_outage_waits_with_backoff)
 }
 END_TEST
 
+/* A caller that holds its calls while http_client_token_wait_ms > 0 gets
+ * the token fetched for it, and learns the backoff when the fetch fails. */
+START_TEST(token_wait_fetches_without_a_call)
+{
+    iw_error err;
+    capture_start();
+    cap.token_status = 503;
+    http_client *c = client(IW_AUTH_OAUTH2, NULL, &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(http_client_auth_ready(c), 0);
+    ck_assert_int_gt(http_client_token_wait_ms(c), 0); /* a fetch starts */
+    for (int i = 0; i < 200 && n_captured() < 1; i++)
+        loop_turn(lp, 20);
+    long w = 0;
+    for (int i = 0; i < 200 && (w = http_client_token_wait_ms(c)) <= 200; i++)
+        loop_turn(lp, 20);
+    ck_assert_int_gt(w, 200); /* the backoff after the failed fetch */
+    ck_assert_int_le(w, 1000);
+    ck_assert_int_eq(n_captured(), 1); /* the token request only */
+    pthread_mutex_lock(&cap.lock);
+    cap.token_status = 0;
+    pthread_mutex_unlock(&cap.lock);
+    /* at the end of the backoff the client fetches by itself */
+    for (int i = 0; i < 200 && !http_client_auth_ready(c); i++) {
+        (void)http_client_token_wait_ms(c);
+        loop_turn(lp, 20);
+    }
+    ck_assert_int_eq(http_client_auth_ready(c), 1);
+    ck_assert_int_eq(http_client_token_wait_ms(c), 0);
+    ck_assert_int_eq(n_captured(), 2);
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
 START_TEST(one_401_one_refresh_one_retry)
 {
     iw_error err;
@@ -462,6 +498,7 @@ int main(void)
     tcase_add_test(tc, good_token_sent);
     tcase_add_test(tc, token_outage_waits_with_backoff);
     tcase_add_test(tc, one_401_one_refresh_one_retry);
+    tcase_add_test(tc, token_wait_fetches_without_a_call);
     tcase_add_test(tc, token_answers_checked);
     tcase_add_test(tc, header_and_path_checks);
     suite_add_tcase(s, tc);
