@@ -559,8 +559,11 @@ static int permits(engine *e, long long now)
         return 0;
     /* no OAuth token yet (being fetched, or the token endpoint fails): no
      * permit for a call that could not be sent; the breaker outcomes (the
-     * token fetches' own) still go */
-    if (any_ready(e))
+     * token fetches' own) still go.  Not while the breaker is open or
+     * half-open: asking would fetch a token, and then no route may call; the
+     * limiter holds the calls, and the half-open probe fetches the token
+     * as part of its call. */
+    if (any_ready(e) && e->breaker_state == 0)
         token_wait = http_client_token_wait_ms(rt_http(e->rt));
     if (!token_wait)
         nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
