@@ -206,6 +206,49 @@ START_TEST(token_outage_loses_no_job)
 }
 END_TEST
 
+static void token_endpoint_fails(int port)
+{
+    json_t *script = json_array();
+    for (int i = 0; i < 2000; i++)
+        json_array_append_new(script, json_integer(503));
+    json_t *body = json_pack("{s:{s:o}}", "script", TOKEN_ROUTE, script);
+    char *text = json_dumps(body, JSON_COMPACT);
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", text), 200);
+    free(text);
+    json_decref(body);
+}
+
+/* The token endpoint's 5xx count toward the fleet's breaker like any
+ * route's: it opens, no token is fetched while it is open, and the
+ * half-open probe (token and call) closes it once the endpoint is back. */
+START_TEST(token_failures_open_the_breaker)
+{
+    int port;
+    char key[256];
+    iwt_amqp *a = setup("auth-breaker", oauth_mock, &port);
+    const char *env[] = {OAUTH_ENV, "IW_TOKEN_BACKOFF_MIN=100ms", "IW_TOKEN_BACKOFF_MAX=200ms",
+                         "IW_BREAKER_OPEN=4s", NULL};
+    token_endpoint_fails(port);
+    iwt_track(iwt_start_worker("all", ns, port, env, "all"));
+    publish_job(a, "auth-breaker-1");
+    snprintf(key, sizeof key, "%s:breaker:open", ns);
+    ck_assert(IWT_EVENTUALLY(iwt_redis_int("EXISTS %s", key) == 1, 20000));
+    long fetched = route_total(port, TOKEN_ROUTE);
+    ck_assert_int_ge(fetched, 5);
+    iwt_sleep_ms(2000); /* inside the open period: no call on any route */
+    ck_assert_int_le(route_total(port, TOKEN_ROUTE),
+                     fetched + 1); /* one may have been on its way */
+    ck_assert_int_eq(route_total(port, SUBMIT_ROUTE), 0);
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", "{\"script\":{}}"), 200);
+    iwt_msg *m = iwt_wait_event(a, "status.final", "auth-breaker-1", 30000);
+    ck_assert_msg(m != NULL, "no status.final once the token endpoint is back");
+    iwt_msg_free(m);
+    ck_assert_int_eq(iwt_redis_int("EXISTS %s", key), 0);
+    ck_assert_int_eq(dead_letters(), 0);
+    teardown_all(a);
+}
+END_TEST
+
 /* Tokens that live 3 s: renewed before they expire (no 401), the renewed
  * token stored for the fleet; and a token revoked early (the mock forgets
  * it) costs one 401, one refresh and one retry of that call. */
@@ -729,6 +772,7 @@ static Suite *suite(void)
     TCase *tc = tcase_create("oauth2");
     tcase_set_timeout(tc, 180);
     tcase_add_test(tc, token_outage_loses_no_job);
+    tcase_add_test(tc, token_failures_open_the_breaker);
     tcase_add_test(tc, token_expiry_and_refresh);
     tcase_add_test(tc, one_fetcher_for_two_processes);
     suite_add_tcase(s, tc);
