@@ -687,6 +687,7 @@ static void job_free(job *j)
     delivery_free(j->d);
     json_decref(j->doc);
     free(j->event);
+    free(j->fail_msg);
     free(j);
 }
 
@@ -727,6 +728,20 @@ static void outcome_done(void *owner, int ok)
             job_fail(j, IW_C_OUTCOME_NOT_ENCODABLE,
                      "the outcome of this job cannot be encoded as an AMQP message", 0,
                      j->attempts);
+            return;
+        }
+        if (!j->bare_dead && j->fail_code != IW_C_NONE && job_live(j)) {
+            /* the upstream's own headers cannot be written again: the dead
+             * letter goes with the contract's headers only (the failure
+             * event, if any, was the rest of the group) */
+            log_msg(IW_LOG_WARN, job_fields(j),
+                    "the dead letter cannot carry this message's headers; sent without them");
+            j->bare_dead = 1;
+            rt_outcome_begin(&j->out, outcome_done, j);
+            rt_publish_dead_headers(e->rt, &j->out, j->d, j->role->metric_role, j->role->queue,
+                                    iw_code_name(j->fail_code), j->fail_msg ? j->fail_msg : "", 0,
+                                    j->attempts, 0);
+            rt_outcome_seal(&j->out);
             return;
         }
         log_msg(IW_LOG_ERROR, job_fields(j),
@@ -838,6 +853,9 @@ void job_fail(job *j, iw_code code, const char *message, long http_status, int a
     if (!job_live(j))
         return;
     job_set_state(j, JOB_FAILING);
+    j->fail_code = code;
+    free(j->fail_msg);
+    j->fail_msg = strdup(message);
     metrics_job_outcome(j->role->metric_role, j->job_id ? IW_OUTCOME_FAILED : IW_OUTCOME_DEAD);
     f = job_fields(j);
     json_object_set_new(f, "operation", json_string(j->role->operation));
@@ -927,6 +945,7 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
                           size_t len)
 {
     job *j = (job *)c;
+    int rc;
 
     (void)record;
     (void)len;
@@ -935,9 +954,17 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
         job_set_state(j, JOB_PERMITTED);
         c->attempt = j->attempts + 1;
         job_set_state(j, JOB_CALLING);
-        if (j->role->start(j) != IW_OK) {
-            log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+        if ((rc = j->role->start(j)) != IW_OK) {
             release_claim(j->e, c);
+            if (rc == IW_ERR_URL_TOO_LONG || rc == IW_ERR_HEADER_VALUE ||
+                rc == IW_ERR_URL_INVALID) {
+                /* the request built from this job can never be sent as it is:
+                 * trying again would loop for ever */
+                job_fail(j, IW_C_REQUEST_NOT_SENT, iw_strerror(rc), 0, j->attempts);
+                break;
+            }
+            log_msg(IW_LOG_ERROR, job_fields(j),
+                    "cannot start the provider call (%s); retrying in 1 s", iw_strerror(rc));
             job_wait(j, START_RETRY_MS);
         }
         break;
@@ -1357,9 +1384,8 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
     intake_json(j->d->body, j->d->body_len, j->d->content_type,
                 (size_t)j->e->cfg->max_message_bytes, schema, &in);
     j->doc = in.doc;
+    /* any readable jobId gets its submission.failed, even "" (contract) */
     j->job_id = json_string_value(json_object_get(j->doc, "jobId"));
-    if (j->job_id && !*j->job_id)
-        j->job_id = NULL;
     if (in.code != IW_C_NONE) {
         snprintf(msg, len, "%s", in.msg);
         return in.code;

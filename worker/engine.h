@@ -108,9 +108,9 @@ void engine_answer_message(const http_response *r, char *buf, size_t len);
 typedef struct job job;
 
 typedef struct job_role {
-    const char *name;        /* "submitter": logs, consumer tag */
-    iw_role metric_role;     /* its metrics label */
-    iw_outcome outcome;      /* what its recorded outcome is (accepted, final) */
+    const char *name;    /* "submitter": logs, consumer tag */
+    iw_role metric_role; /* its metrics label */
+    iw_outcome outcome;  /* what its recorded outcome is (accepted, final) */
     /* 1: a call is claimed (N:claim:<jobId>) with its permit, so that two
      * deliveries of one job never call at once (calls that are not safe to
      * repeat: the submitter's POST) */
@@ -154,8 +154,11 @@ struct job {
     /* wall ms of the job's first attempt (x-first-attempt), 0 before it: the
      * body of every attempt is built from it, so that all are identical */
     long long first_attempt_ms;
-    int mark;       /* the outcome group publishes a record: mark it after */
-    char *event;    /* the recorded outcome being recorded or published */
+    int mark;          /* the outcome group publishes a record: mark it after */
+    char *event;       /* the recorded outcome being recorded or published */
+    iw_code fail_code; /* job_fail's code and message, for a dead letter sent again */
+    char *fail_msg;
+    int bare_dead;  /* the dead letter was sent again without upstream headers */
     char token[48]; /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
     char claim[RECORDS_KEY_MAX];

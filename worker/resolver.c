@@ -36,6 +36,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "buf.h"
 #include "cache.h"
 #include "clock.h"
 #include "intake.h"
@@ -533,6 +534,8 @@ static void start_call(flight *f)
 {
     resolver *r = f->r;
 
+    int rc;
+
     f->state = F_CALLING;
     f->attempts++;
     f->call.attempt = f->attempts;
@@ -540,10 +543,14 @@ static void start_call(flight *f)
              "the External API did not answer within IW_RESOLVER_WAIT "
              "(%ld ms)",
              r->cfg->resolver_wait_ms);
-    if (engine_call(r->e, &f->call, "GET", f->path, NULL, 0, NULL) == IW_OK) {
+    if ((rc = engine_call(r->e, &f->call, "GET", f->path, NULL, 0, NULL)) == IW_OK) {
         r->calling++;
+    } else if (rc == IW_ERR_URL_TOO_LONG || rc == IW_ERR_URL_INVALID) {
+        /* this id can never be asked for: an error reply, not a fallback */
+        flight_fail(f, IW_C_REQUEST_NOT_SENT, iw_strerror(rc), 0);
     } else {
-        log_msg(IW_LOG_ERROR, flight_fields(f), "cannot start the provider call");
+        log_msg(IW_LOG_ERROR, flight_fields(f), "cannot start the provider call (%s)",
+                iw_strerror(rc));
         flight_fail(f, IW_C_EXTERNAL_API_UNAVAILABLE, "cannot start the provider call", 1);
     }
 }
@@ -816,10 +823,12 @@ static void on_delivery(void *self, iw_delivery *d)
     }
     q->invalidate = strcmp(rk, "resource.invalidate") == 0;
     if (!q->invalidate && strcmp(rk, "resource.get") != 0) {
+        char *quoted = text_quote(rk, strlen(rk), 100);
         snprintf(msg, sizeof msg,
-                 "routing key '%.100s' is neither resource.get nor "
+                 "routing key '%s' is neither resource.get nor "
                  "resource.invalidate",
-                 rk);
+                 quoted ? quoted : "?");
+        free(quoted);
         reject(q, IW_C_UNKNOWN_ROUTING_KEY, msg);
         return;
     }
