@@ -56,11 +56,20 @@ static const char release_source[] =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end\n"
     "return {1}\n";
 
+/* KEYS: the first-attempt keys of a batch.  ARGV: ttl ms.
+ * Each key keeps the Redis time it was first set at; returns them all. */
+static const char first_source[] = NOW_MS "local out = {}\n"
+                                          "for i, k in ipairs(KEYS) do\n"
+                                          "  redis.call('SET', k, now, 'NX', 'PX', ARGV[1])\n"
+                                          "  out[i] = tonumber(redis.call('GET', k)) or now\n"
+                                          "end\n"
+                                          "return out\n";
+
 typedef enum op { OP_PUT, OP_ADOPT, OP_MARK, OP_RELEASE } op;
 
 struct records {
     redis_link *redis;
-    redis_script put, adopt, mark, release;
+    redis_script put, adopt, mark, release, first;
     char *ns;
     char ttl[24], lease[24];
     /* the kinds of the replies appended and not read yet, a ring */
@@ -81,12 +90,14 @@ records *records_new(redis_link *r, const char *ns, long ttl_ms, long lease_ms)
     rec->adopt.source = adopt_source;
     rec->mark.source = mark_source;
     rec->release.source = release_source;
+    rec->first.source = first_source;
     snprintf(rec->ttl, sizeof rec->ttl, "%ld", ttl_ms);
     snprintf(rec->lease, sizeof rec->lease, "%ld", lease_ms);
     redis_link_add_script(r, &rec->put);
     redis_link_add_script(r, &rec->adopt);
     redis_link_add_script(r, &rec->mark);
     redis_link_add_script(r, &rec->release);
+    redis_link_add_script(r, &rec->first);
     return rec;
 }
 
@@ -232,4 +243,33 @@ int records_read(records *rec, records_reply *out, iw_error *err)
 out:
     freeReplyObject(rep);
     return rc;
+}
+
+int records_append_first(records *rec, const char *const *keys, size_t n, iw_error *err)
+{
+    const char *argv[64 + 1];
+
+    if (n == 0 || n > 64)
+        return iw_error_set(err, IW_ERR_INVALID, "records: %zu first-attempt keys", n);
+    for (size_t i = 0; i < n; i++)
+        argv[i] = keys[i];
+    argv[n] = rec->ttl;
+    return redis_link_append_script(rec->redis, &rec->first, (int)n, (int)n + 1, argv, err);
+}
+
+int records_read_first(records *rec, long long *out, size_t n, iw_error *err)
+{
+    redisReply *rep = NULL;
+    int rc = redis_link_read(rec->redis, &rep, err);
+
+    if (rc != IW_OK)
+        return rc;
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != n) {
+        freeReplyObject(rep);
+        return iw_error_set(err, IW_ERR_REDIS_SCRIPT, "records: unexpected first-attempt reply");
+    }
+    for (size_t i = 0; i < n; i++)
+        out[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
+    freeReplyObject(rep);
+    return IW_OK;
 }

@@ -65,6 +65,13 @@ int records_append_put(records *rec, const char *key, const char *event, const c
 int records_append_adopt(records *rec, const char *key, const char *token, iw_error *err);
 int records_append_mark(records *rec, const char *key, iw_error *err);
 int records_append_release(records *rec, const char *claim_key, const char *token, iw_error *err);
+/* The time (Redis's clock, wall ms) each job of a batch was first asked to
+ * be called, set once per jobId (<ns>:first:<jobId>, IW_IDEMPOTENCY_TTL):
+ * every attempt of a job, even after a crash, builds its body from it.
+ * Not part of the reply order of the steps above: read it with
+ * records_read_first, in pipeline order. */
+int records_append_first(records *rec, const char *const *keys, size_t n, iw_error *err);
+int records_read_first(records *rec, long long *out, size_t n, iw_error *err);
 /* Reads the next reply of one of the above; out->event is the caller's to
  * free.  A reply of the wrong shape is IW_ERR_REDIS_SCRIPT. */
 int records_read(records *rec, records_reply *out, iw_error *err);

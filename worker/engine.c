@@ -14,7 +14,6 @@
 
 #define MAX_ROLES 4
 #define LIMITER_RETRY_MS 1000L
-#define USAGE_WARN_MS 60000L
 #define START_RETRY_MS 1000L
 /* No wait we set is longer than a month: a larger x-due-at is not ours. */
 #define MAX_DELAY_MS (30L * 24 * 3600 * 1000)
@@ -24,6 +23,9 @@
 /* A job that cannot reach Redis for longer than IW_HOLD_MAX waits this long
  * in the delay tiers before it tries again. */
 #define PARK_MS 10000L
+/* A job whose claim another attempt holds asks again this often: the same
+ * script answers with the holder's record as soon as it exists. */
+#define CLAIM_POLL_MS 250L
 
 typedef struct call_fifo {
     call *head, *tail;
@@ -55,6 +57,7 @@ struct engine {
     /* what the fleet's breaker and limiter said last */
     int breaker_state, above_alert;
     long breaker_failures;
+    long long breaker_seen_ms;   /* monotonic time of the last breaker report */
     long long maintenance_until; /* monotonic end of the current window, 0 none */
     /* breaker outcomes of the calls finished since the last report */
     release *releases; /* claims to drop at the next round trip */
@@ -336,6 +339,13 @@ static void note_breaker(engine *e, int state, long failures, long failures_befo
                            iw_code_name(IW_C_EXTERNAL_API_UNAVAILABLE)));
     e->breaker_state = state;
     e->breaker_failures = failures;
+    e->breaker_seen_ms = now;
+}
+
+int engine_provider_down(const engine *e)
+{
+    return e->breaker_failures >= IW_PROVIDER_DOWN_AFTER && e->maintenance_until == 0 &&
+           clock_mono_ms() - e->breaker_seen_ms < e->cfg->breaker_open_ms;
 }
 
 static void note_usage(engine *e, const limiter_result *res)
@@ -371,6 +381,7 @@ typedef struct batch {
     call *calls[LIMITER_MAX_RECORDS];
     size_t n;
     char token[48];
+    int firsts; /* a first-attempt script follows the ask in the pipeline */
 } batch;
 
 /* Puts the calls of batches back at the front of their queues, in order. */
@@ -420,7 +431,9 @@ static size_t take_batches(engine *e, batch *b, size_t cap, long window)
 
     for (int prio = 0; prio < 2; prio++)
         for (int cls = 0; cls < LIMITER_N_CLASSES; cls++) {
-            while (window > 0 && prio == 1 && e->ready[cls][prio].head) {
+            /* look-ups, critical or not, answer from the cache inside a window */
+            while (window > 0 && (prio == 1 || cls == class_index("resource")) &&
+                   e->ready[cls][prio].head) {
                 call *c = call_pop(&e->ready[cls][prio]);
                 c->queued = 0;
                 c->eng = e;
@@ -443,9 +456,43 @@ static size_t take_batches(engine *e, batch *b, size_t cap, long window)
     return nb;
 }
 
+/* With first-attempt keys on every call, the script that keeps the time of
+ * each job's first ask follows the batch's ask (its body is built from it,
+ * so that every attempt, even after a crash, sends the same bytes). */
+static int append_firsts(engine *e, batch *x, iw_error *err)
+{
+    const char *keys[LIMITER_MAX_RECORDS];
+
+    x->firsts = 0;
+    for (size_t i = 0; i < x->n; i++) {
+        if (!x->calls[i]->first_key)
+            return IW_OK;
+        keys[i] = x->calls[i]->first_key;
+    }
+    if (records_append_first(e->rec, keys, x->n, err) != IW_OK)
+        return -1;
+    x->firsts = 1;
+    return IW_OK;
+}
+
+/* Reads the first-attempt times of a batch into its calls. */
+static int read_firsts(engine *e, const batch *x, iw_error *err)
+{
+    long long t[LIMITER_MAX_RECORDS];
+
+    if (!x->firsts)
+        return IW_OK;
+    if (records_read_first(e->rec, t, x->n, err) != IW_OK)
+        return -1;
+    for (size_t i = 0; i < x->n; i++)
+        if (t[i] > 0 && x->calls[i]->first_ms)
+            *x->calls[i]->first_ms = t[i];
+    return IW_OK;
+}
+
 /* Appends one ask for the batch: its record keys and claims when its calls
  * have them (a class has them for every call or for none). */
-static int append_batch(engine *e, const batch *x, iw_error *err)
+static int append_batch(engine *e, batch *x, iw_error *err)
 {
     const char *keys[LIMITER_MAX_RECORDS], *claims[LIMITER_MAX_RECORDS];
     limiter_ask ask = {0};
@@ -464,7 +511,12 @@ static int append_batch(engine *e, const batch *x, iw_error *err)
     ask.claim_keys = nc == x->n ? claims : NULL;
     ask.claim_token = x->token;
     ask.claim_ms = e->cfg->http_timeout_ms + LEASE_SLACK_MS;
-    return limiter_append_ask(rt_limiter(e->rt), &ask, err);
+    if (limiter_append_ask(rt_limiter(e->rt), &ask, err) != IW_OK)
+        return -1;
+    /* the ask is in the pipeline: its reply is read whatever happens next */
+    if (append_firsts(e, x, err) != IW_OK)
+        x->firsts = 0;
+    return IW_OK;
 }
 
 /* Hands each call of the batch its permit decision. */
@@ -490,6 +542,13 @@ static void decide_batch(engine *e, const batch *x, limiter_result *res)
             c->ops->on_permit(c, CALL_CLAIMED, limiter_claim_ttl(res, m) + 1, 0, NULL, 0);
             break;
         default:
+            if (res->wait_reason != LIMITER_WAIT_BREAKER)
+                metrics_limiter_refused(c->kind->route,
+                                        res->wait_reason == LIMITER_WAIT_PAUSE ? IW_REFUSAL_PAUSE
+                                        : res->wait_reason == LIMITER_WAIT_THROTTLE
+                                            ? IW_REFUSAL_RESERVE
+                                            : IW_REFUSAL_TIER,
+                                        res->wait_ms);
             c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->wait_reason, NULL, 0);
             break;
         }
@@ -585,6 +644,12 @@ static int permits(engine *e, long long now)
 
         if (limiter_read_ask(rt_limiter(e->rt), &res, &err) != IW_OK) {
             requeue(e, b + i, nb - i); /* the rest is lost with the connection */
+            limiter_unavailable(e, now, &err);
+            return 0;
+        }
+        if (read_firsts(e, &b[i], &err) != IW_OK) {
+            limiter_result_release(&res);
+            requeue(e, b + i, nb - i);
             limiter_unavailable(e, now, &err);
             return 0;
         }
@@ -979,13 +1044,14 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
          * requeue after a lost connection, a double publish): its outcome,
          * recorded, answers this one; never a second concurrent POST */
         log_msg(IW_LOG_INFO, job_fields(j),
-                "another worker is calling the provider for this job; waiting %ld ms for its "
-                "outcome",
+                "another worker is calling the provider for this job; waiting for its outcome "
+                "(its claim runs %ld ms more)",
                 wait_ms);
         /* held in memory, whatever IW_HOLD_MAX: the wait is bounded by the
          * claim's lease, and a job that kills every worker that calls for it
          * must keep counting its deliveries toward x-delivery-limit */
-        job_wait_up_to(j, wait_ms, j->e->cfg->http_timeout_ms + LEASE_SLACK_MS + 1000);
+        job_wait_up_to(j, wait_ms < CLAIM_POLL_MS ? wait_ms : CLAIM_POLL_MS,
+                       j->e->cfg->http_timeout_ms + LEASE_SLACK_MS + 1000);
         break;
     case CALL_DEFERRED:
         metrics_job_wait(j->role->metric_role, IW_WAIT_MAINTENANCE);
@@ -1403,8 +1469,14 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
         snprintf(msg, len, "the claim key of this jobId does not fit");
         return IW_C_INTERNAL_ERROR;
     }
+    if (j->role->claims && records_key(j->e->rec, j->first, "first", j->job_id) != 0) {
+        snprintf(msg, len, "the first-attempt key of this jobId does not fit");
+        return IW_C_INTERNAL_ERROR;
+    }
     j->call.record_key = j->key;
     j->call.claim_key = j->role->claims ? j->claim : NULL;
+    j->call.first_key = j->role->claims ? j->first : NULL;
+    j->call.first_ms = &j->first_attempt_ms;
     return IW_C_NONE;
 }
 

@@ -81,6 +81,8 @@ struct call {
     const char *record_key; /* checked with the permit; NULL: none */
     const char *claim_key;  /* claimed with the permit (with record_key); NULL: none */
     char claim_token[48];   /* the token of the claim taken with the last permit */
+    const char *first_key;  /* where the time of its first ask is kept; NULL: none */
+    long long *first_ms;    /* ... and where it goes (set before on_permit) */
     int probe;              /* this call is the breaker's half-open probe */
     call *next;             /* in a ready queue */
     int queued;
@@ -162,6 +164,7 @@ struct job {
     char token[48]; /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
     char claim[RECORDS_KEY_MAX];
+    char first[RECORDS_KEY_MAX];
     loop_timer hold;      /* while held */
     long long step_since; /* monotonic ms it began to wait for its Redis step */
     rt_outcome out;
@@ -206,6 +209,10 @@ void engine_free(engine *e);
 records *engine_records(engine *e);
 /* Jobs alive: received and not yet acked, returned or dropped. */
 size_t engine_busy(const engine *e);
+/* The spec's "API down": the fleet saw IW_PROVIDER_DOWN_AFTER (3) or more
+ * consecutive failures, reported within the last IW_BREAKER_OPEN (after
+ * that, callers try the provider again so that the count can move). */
+int engine_provider_down(const engine *e);
 /* Stop: return every job that has not started a call (nack, requeue). */
 void engine_stop(engine *e);
 /* The broker connection was lost: every delivery is void; drop the jobs

@@ -108,10 +108,11 @@ typedef enum flight_state {
     F_PERMIT,
     F_CALLING,
     F_STORING,
+    F_PREFER_STALE,
 } flight_state;
 
-static const char *const flight_state_names[] = {"lookup",     "waiting-for-peer", "deferred",
-                                                 "permitting", "calling",          "storing"};
+static const char *const flight_state_names[] = {
+    "lookup", "waiting-for-peer", "deferred", "permitting", "calling", "storing", "stale-first"};
 
 typedef enum flight_result {
     RES_NONE,
@@ -179,6 +180,7 @@ struct resolver {
     iw_schema *get_schema, *inval_schema, *reply_schema;
     flight *buckets[FLIGHT_BUCKETS];
     fqueue lookup_q, store_q;
+    fqueue prefer_q; /* flights that try the stale copy first (the API is down) */
     dlink fallback_q, inval_q;
     dlink requests, flights; /* everything alive, for the free and link-lost paths */
     size_t alive;
@@ -851,7 +853,7 @@ static void on_delivery(void *self, iw_delivery *d)
 
 /* ---- Redis round trips ---------------------------------------------------------- */
 
-typedef enum op_kind { OP_STORE, OP_INVALIDATE, OP_LOOKUP, OP_STALE } op_kind;
+typedef enum op_kind { OP_STORE, OP_INVALIDATE, OP_LOOKUP, OP_STALE, OP_PREFER } op_kind;
 
 typedef struct pending_op {
     op_kind kind;
@@ -975,6 +977,11 @@ static void done_lookup(resolver *r, flight *f, const redisReply *rep, const iw_
         f->poll_ms = PEER_POLL_MIN_MS;
         if (!f->n_waiters) {
             flight_drop(f);
+        } else if (engine_provider_down(r->e) && f->state != F_PREFER_STALE) {
+            /* the spec's "API down": the cache first, the provider only when
+             * there is no stale copy of this slot */
+            f->state = F_PREFER_STALE;
+            fq_push(&r->prefer_q, f);
         } else {
             f->state = F_PERMIT;
             set_wait(f, IW_C_RATE_LIMITED, "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
@@ -1016,6 +1023,31 @@ static void done_stale(resolver *r, rreq *q, const redisReply *rep)
     }
 }
 
+/* The API is down and this slot's lock is ours: a stale copy answers every
+ * waiter now (the lock is released); without one the flight asks for a
+ * permit after all. */
+static void done_prefer(resolver *r, flight *f, const redisReply *rep)
+{
+    json_t *data = NULL;
+
+    if (rep && rep->type == REDIS_REPLY_STRING)
+        data = cached_data(r, f->id, rep->str, rep->len);
+    if (!data) {
+        f->state = F_PERMIT;
+        set_wait(f, IW_C_RATE_LIMITED, "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
+                 r->cfg->resolver_wait_ms);
+        f->call.critical = f->critical;
+        engine_ask(r->e, &f->call);
+        return;
+    }
+    log_msg(IW_LOG_WARN, flight_fields(f),
+            "External API down: answered from the stale copy without a call");
+    f->result = RES_FOUND;
+    f->data = data;
+    flight_answer(f, "stale-cache");
+    flight_drop(f); /* releases the lock */
+}
+
 /* One round trip: stores first (a look-up or invalidation later in the same
  * batch sees them), then invalidations, look-ups and stale reads. */
 static void run_pipeline(resolver *r)
@@ -1054,6 +1086,10 @@ static void run_pipeline(resolver *r)
             ops[n++] = (pending_op){OP_STALE, q};
         }
     }
+    while (ok && n < MAX_PIPELINE && r->prefer_q.head) {
+        if ((ok = redis_link_append(link, &err, "GET %s", r->prefer_q.head->slot.stale) == IW_OK))
+            ops[n++] = (pending_op){OP_PREFER, fq_pop(&r->prefer_q)};
+    }
     for (size_t i = 0; i < n; i++) {
         redisReply *rep = NULL;
         if (redis_link_read(link, &rep, &err) != IW_OK)
@@ -1070,6 +1106,9 @@ static void run_pipeline(resolver *r)
             break;
         case OP_STALE:
             done_stale(r, ops[i].item, rep);
+            break;
+        case OP_PREFER:
+            done_prefer(r, ops[i].item, rep);
             break;
         }
         if (rep)
@@ -1093,6 +1132,10 @@ static void redis_down(resolver *r)
         flight_free(f);
     }
     while ((f = fq_pop(&r->lookup_q))) {
+        f->owns_lock = 0;
+        flight_fail(f, IW_C_CACHE_UNAVAILABLE, msg, 0);
+    }
+    while ((f = fq_pop(&r->prefer_q))) {
         f->owns_lock = 0;
         flight_fail(f, IW_C_CACHE_UNAVAILABLE, msg, 0);
     }
@@ -1121,7 +1164,7 @@ static void redis_down(resolver *r)
 
 static int redis_work(const resolver *r)
 {
-    return r->store_q.head || r->lookup_q.head || !dl_empty(&r->fallback_q) ||
+    return r->store_q.head || r->lookup_q.head || r->prefer_q.head || !dl_empty(&r->fallback_q) ||
            !dl_empty(&r->inval_q);
 }
 
@@ -1142,7 +1185,7 @@ static int resolver_flush(loop *l, void *ud)
     if (!redis_work(r))
         return 0;
     now = clock_mono_ms();
-    if (!r->store_q.head && !r->lookup_q.head && dl_empty(&r->fallback_q) &&
+    if (!r->store_q.head && !r->lookup_q.head && !r->prefer_q.head && dl_empty(&r->fallback_q) &&
         now < r->redis_retry_at)
         return 0;
     if (!rt_redis_ready(r->rt)) {
@@ -1154,7 +1197,7 @@ static int resolver_flush(loop *l, void *ud)
         return 0;
     }
     run_pipeline(r);
-    return r->store_q.head || r->lookup_q.head || !dl_empty(&r->fallback_q);
+    return r->store_q.head || r->lookup_q.head || r->prefer_q.head || !dl_empty(&r->fallback_q);
 }
 
 /* Frees every request that waits (not those whose reply is being confirmed);
