@@ -81,6 +81,8 @@ typedef struct iw_config {
     int queue_classic; /* IW_QUEUE_TYPE=classic */
     long delivery_limit;
     long http_timeout_ms;
+    long token_backoff_min_ms; /* IW_TOKEN_BACKOFF_MIN: first wait after a failed token fetch */
+    long token_backoff_max_ms; /* IW_TOKEN_BACKOFF_MAX: the doubling stops here */
     long http_connect_timeout_ms;
     long hold_max_ms;
     long idempotency_ttl_ms;

@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "buf.h"
 #include "clock.h"
@@ -10,11 +11,14 @@
 #include "loop.h"
 #include "jobkey.h"
 
-/* Longest bearer token taken from the token endpoint (a longer one is
- * refused, not cut). */
-#define HTTP_TOKEN_MAX 8192
-/* Longest token lifetime believed, in seconds (30 days). */
-#define HTTP_TOKEN_TTL_MAX_S 2592000LL
+/* Token fetch backoff defaults, the store's poll while another process
+ * fetches, and the lifetime assumed when expires_in is absent. */
+#define TOKEN_BACKOFF_MIN_MS 1000L
+#define TOKEN_BACKOFF_MAX_MS 30000L
+#define TOKEN_POLL_MS 200L
+#define TOKEN_DEFAULT_LIFE_MS 3600000LL
+/* Longest stored value read back from N:oauth:token ("<life_ms> <token>"). */
+#define TOKEN_STORED_MAX (HTTP_TOKEN_MAX + 32)
 
 typedef struct transfer {
     http_client *client;
@@ -23,6 +27,7 @@ typedef struct transfer {
     char *body;
     size_t len, cap;
     int too_large;
+    char errbuf[CURL_ERROR_SIZE]; /* curl's detail (TLS alerts, certificate problems) */
     char retry_after[64];
     char reset_ms[32];
     long long start_us;
@@ -33,6 +38,16 @@ typedef struct transfer {
     char *path, *req_body, *idem_key;
     size_t req_len;
     int token_retried;
+    int is_token;            /* the POST /oauth/token of the client itself */
+    int carried_token;       /* sent with a bearer token */
+    unsigned long token_gen; /* which token it carried */
+    long long wait_deadline; /* waiting for a token: fail with NO_TOKEN past it */
+    char *url;               /* base + path, built once at start */
+    char *idem_line;         /* "Idempotency-Key: ..." or NULL */
+    char *form;              /* token fetch: the form body */
+    struct transfer *wnext;  /* waiting for a token / failed without one */
+    long nt_wait_ms;         /* NO_TOKEN completion: the wait to report */
+    const char *nt_msg;
     struct transfer *next_free;   /* free list */
     struct transfer *prev, *next; /* active list */
 } transfer;
@@ -44,8 +59,26 @@ struct http_client {
     char *api_key_header, *api_secret_header, *basic_user, *basic_password;
     char *oauth_id, *oauth_secret;
     char *tls_cert, *tls_key, *tls_ca;
-    char *bearer;               /* "Authorization: Bearer <token>" or NULL */
-    long long token_expires_ms; /* monotonic */
+    char *bearer;                      /* "Authorization: Bearer <token>" or NULL */
+    char *stored;                      /* "<life_ms> <token>" as in N:oauth:token */
+    unsigned long token_gen;           /* bumped with each new token */
+    long long token_expires_ms;        /* monotonic */
+    long long token_refresh_ms;        /* monotonic: fetch a new one from then on */
+    transfer *token_xfer;              /* the token fetch in flight, or NULL */
+    int lock_held;                     /* this process holds N:oauth:lock */
+    transfer *waiting, **waiting_tail; /* calls waiting for a token, FIFO */
+    transfer *nt_done, **nt_tail;      /* calls to complete with NO_TOKEN */
+    long long token_next_try_ms;       /* no fetch before (backoff) */
+    int token_demand; /* a caller holds calls for a token (http_client_token_wait_ms) */
+    int token_failures;
+    long backoff_min_ms, backoff_max_ms;
+    loop_timer token_timer; /* the token's steps, always from a loop turn */
+    redis_link *store;
+    char *key_token, *key_lock, *key_fails;
+    char owner[64];           /* this process's lock value */
+    redis_script del_if_same; /* compare-and-delete: a lock or a token of ours only */
+    http_token_fn on_token;
+    void *on_token_ud;
     long timeout_ms, connect_timeout_ms, max_response_bytes;
     long max_wait_ms; /* IW_MAX_RATE_PAUSE: caps Retry-After / X-RateLimit-Reset-Ms */
     int in_flight;
@@ -101,6 +134,22 @@ static char *header_line(const char *name, const char *value, int *rc)
     return buf_steal(&b);
 }
 
+/* One Redis key of the token's, built by one function: "<ns>:oauth:<what>". */
+static char *oauth_key(const char *ns, const char *what)
+{
+    iw_buf b;
+
+    buf_init(&b, 1024);
+    if (buf_addf(&b, "%s:oauth:%s", ns, what) != IW_OK) {
+        buf_free(&b);
+        return NULL;
+    }
+    return buf_steal(&b);
+}
+
+static void token_tick(loop *l, loop_timer *tm);
+static void arm_token_timer(http_client *c, long long due_ms);
+
 http_client *http_client_new(const http_client_opts *o, iw_error *err)
 {
     http_client *c = calloc(1, sizeof *c);
@@ -111,6 +160,9 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
         iw_error_set(err, IW_ERR_NOMEM, "cannot create the HTTP client");
         return NULL;
     }
+    c->waiting_tail = &c->waiting;
+    c->nt_tail = &c->nt_done;
+    loop_timer_init(&c->token_timer, token_tick, c);
     c->base_url = strdup(o->base_url ? o->base_url : "");
     if (!c->base_url)
         goto nomem;
@@ -147,6 +199,29 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
     c->connect_timeout_ms = o->connect_timeout_ms;
     c->max_response_bytes = o->max_response_bytes;
     c->max_wait_ms = o->max_wait_ms > 0 ? o->max_wait_ms : IW_DEFAULT_MAX_RATE_PAUSE_MS;
+    c->backoff_min_ms =
+        o->token_backoff_min_ms > 0 ? o->token_backoff_min_ms : TOKEN_BACKOFF_MIN_MS;
+    c->backoff_max_ms =
+        o->token_backoff_max_ms > 0 ? o->token_backoff_max_ms : TOKEN_BACKOFF_MAX_MS;
+    if (c->backoff_max_ms < c->backoff_min_ms)
+        c->backoff_max_ms = c->backoff_min_ms;
+    if (o->token_store && o->auth_mode == IW_AUTH_OAUTH2) {
+        const char *ns = o->ns ? o->ns : "ext-api";
+        c->store = o->token_store;
+        c->key_token = oauth_key(ns, "token");
+        c->key_lock = oauth_key(ns, "lock");
+        c->key_fails = oauth_key(ns, "fails");
+        if (!c->key_token || !c->key_lock || !c->key_fails)
+            goto nomem;
+        /* EVALSHA of a script loaded on connect: the least-privilege Redis
+         * user may not EVAL */
+        c->del_if_same.source =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+            "return 0";
+        redis_link_add_script(c->store, &c->del_if_same);
+    }
+    snprintf(c->owner, sizeof c->owner, "%ld-%lx-%llx", (long)getpid(), (unsigned long)random(),
+             (unsigned long long)clock_mono_us());
     curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
@@ -166,7 +241,19 @@ static void transfer_destroy(transfer *t)
     free(t->path);
     free(t->req_body);
     free(t->idem_key);
+    free(t->url);
+    free(t->idem_line);
+    free(t->form);
     free(t);
+}
+
+static void destroy_list(transfer *t)
+{
+    while (t) {
+        transfer *next = t->wnext;
+        transfer_destroy(t);
+        t = next;
+    }
 }
 
 void http_client_free(http_client *c)
@@ -179,14 +266,22 @@ void http_client_free(http_client *c)
         curl_multi_remove_handle(c->multi, t->easy);
         transfer_destroy(t);
     }
+    if (c->token_xfer) {
+        curl_multi_remove_handle(c->multi, c->token_xfer->easy);
+        transfer_destroy(c->token_xfer);
+    }
+    destroy_list(c->waiting);
+    destroy_list(c->nt_done);
     while (c->free_list) {
         transfer *t = c->free_list;
         c->free_list = t->next_free;
         transfer_destroy(t);
     }
     curl_multi_cleanup(c->multi);
-    if (c->lp)
+    if (c->lp) {
         loop_timer_cancel(c->lp, &c->timer);
+        loop_timer_cancel(c->lp, &c->token_timer);
+    }
     free(c->base_url);
     free(c->api_key_header);
     free(c->api_secret_header);
@@ -198,6 +293,10 @@ void http_client_free(http_client *c)
     free(c->tls_key);
     free(c->tls_ca);
     free(c->bearer);
+    free(c->stored);
+    free(c->key_token);
+    free(c->key_lock);
+    free(c->key_fails);
     free(c);
 }
 
@@ -252,85 +351,320 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *ud)
     return n;
 }
 
-/* Fetches an OAuth2 client-credentials token.  Synchronous: it runs at most
- * once per token lifetime (default an hour) and takes one loopback round
- * trip; documented in the README. */
-static int refresh_token(http_client *c)
+static iw_transport transport_of(CURLcode code, int too_large)
 {
-    CURL *e = curl_easy_init();
-    transfer tmp;
-    char *form = NULL, *id = NULL, *secret = NULL;
-    iw_buf url, fb;
-    int rc = IW_ERR_HTTP;
-    long status = 0;
-
-    memset(&tmp, 0, sizeof tmp);
-    tmp.client = c;
-    buf_init(&url, HTTP_URL_MAX);
-    buf_init(&fb, HTTP_URL_MAX);
-    if (!e)
-        return IW_ERR_NOMEM;
-    id = curl_easy_escape(e, c->oauth_id ? c->oauth_id : "", 0);
-    secret = curl_easy_escape(e, c->oauth_secret ? c->oauth_secret : "", 0);
-    if (id && secret &&
-        buf_addf(&fb, "grant_type=client_credentials&client_id=%s&client_secret=%s", id, secret) ==
-            IW_OK)
-        form = buf_steal(&fb);
-    if ((rc = buf_addf(&url, "%s/oauth/token", c->base_url)) != IW_OK)
-        goto out;
-    rc = IW_ERR_HTTP;
-    curl_easy_setopt(e, CURLOPT_URL, buf_ptr(&url));
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, form);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, c->timeout_ms);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, &tmp);
-    if (c->tls_cert)
-        curl_easy_setopt(e, CURLOPT_SSLCERT, c->tls_cert);
-    if (c->tls_key)
-        curl_easy_setopt(e, CURLOPT_SSLKEY, c->tls_key);
-    if (c->tls_ca)
-        curl_easy_setopt(e, CURLOPT_CAINFO, c->tls_ca);
-    if (form && curl_easy_perform(e) == CURLE_OK) {
-        curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
-        json_t *doc = status == 200 && tmp.body ? json_loads(tmp.body, 0, NULL) : NULL;
-        const char *tok = json_string_value(json_object_get(doc, "access_token"));
-        json_int_t ttl = json_integer_value(json_object_get(doc, "expires_in"));
-        size_t tok_len = tok ? json_string_length(json_object_get(doc, "access_token")) : 0;
-        /* the token is the provider's bytes: one with CR/LF would add header
-         * lines of its own, a huge one is refused rather than cut */
-        if (tok && tok_len && tok_len <= HTTP_TOKEN_MAX && strlen(tok) == tok_len &&
-            http_header_value_check(tok, tok_len) == IW_OK) {
-            iw_buf hb;
-            buf_init(&hb, HTTP_TOKEN_MAX + 64);
-            if (buf_addf(&hb, "Authorization: Bearer %s", tok) != IW_OK) {
-                buf_free(&hb);
-                json_decref(doc);
-                goto out;
-            }
-            free(c->bearer);
-            c->bearer = buf_steal(&hb);
-            /* renew a minute early (or at half-life for short tokens) */
-            /* expires_in is the provider's number: capped before it is scaled */
-            long long life =
-                ttl > 0
-                    ? (long long)(ttl < HTTP_TOKEN_TTL_MAX_S ? ttl : HTTP_TOKEN_TTL_MAX_S) * 1000
-                    : 3600000;
-            c->token_expires_ms = clock_mono_ms() + (life > 120000 ? life - 60000 : life / 2);
-            rc = IW_OK;
-        }
-        json_decref(doc);
+    if (code == CURLE_OK)
+        return IW_TRANSPORT_OK;
+    if (too_large)
+        return IW_TRANSPORT_TOO_LARGE;
+    switch (code) {
+    case CURLE_OPERATION_TIMEDOUT:
+        return IW_TRANSPORT_TIMEOUT;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_GOT_NOTHING:
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_SSL_CONNECT_ERROR:
+        return IW_TRANSPORT_CONNECT;
+    default:
+        return IW_TRANSPORT_OTHER;
     }
+}
+
+/* ---- the OAuth2 token: parsed, checked, shared ---------------------------------------- */
+
+int http_token_parse(const char *body, size_t len, char **token, long long *life_ms,
+                     const char **problem)
+{
+    json_t *doc = body ? json_loadb(body, len, 0, NULL) : NULL;
+    json_t *tok = json_object_get(doc, "access_token");
+    json_t *ttl = json_object_get(doc, "expires_in");
+    const char *s = json_string_value(tok);
+    size_t n = s ? json_string_length(tok) : 0;
+    int rc = IW_ERR_HTTP;
+
+    *token = NULL;
+    *life_ms = 0;
+    if (!json_is_object(doc)) {
+        *problem = "the token answer is not a JSON object";
+        goto out;
+    }
+    if (!s || n == 0) {
+        *problem = "the token answer has no access_token string";
+        goto out;
+    }
+    if (n > HTTP_TOKEN_MAX) {
+        *problem = "the access_token is longer than 8192 bytes";
+        goto out;
+    }
+    /* the provider's bytes go into a header line: CR/LF would add lines of
+     * their own, and a bearer token is printable ASCII (RFC 6750 b64token) */
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch < 0x21 || ch > 0x7E) {
+            *problem = "the access_token holds control, space or non-ASCII bytes";
+            goto out;
+        }
+    }
+    if (ttl && !json_is_null(ttl)) {
+        json_int_t v = json_is_integer(ttl) ? json_integer_value(ttl) : 0;
+        if (!json_is_integer(ttl) || v <= 0 || v > HTTP_TOKEN_TTL_MAX_S) {
+            *problem = "the token's expires_in is not a number of seconds from 1 to 30 days";
+            goto out;
+        }
+        *life_ms = (long long)v * 1000;
+    } else {
+        *life_ms = TOKEN_DEFAULT_LIFE_MS;
+    }
+    if (!(*token = strndup(s, n))) {
+        *problem = "out of memory";
+        goto out;
+    }
+    *problem = "";
+    rc = IW_OK;
 out:
-    buf_free(&url);
-    buf_free(&fb);
-    free(tmp.body);
-    free(form);
-    curl_free(id);
-    curl_free(secret);
-    curl_easy_cleanup(e);
+    json_decref(doc);
     return rc;
+}
+
+long long http_token_refresh_after(long long life_ms)
+{
+    long long at = life_ms / 10 * 8;
+    long long floor_ms = life_ms - 300000;
+
+    return at > floor_ms ? at : floor_ms;
+}
+
+/* Takes a checked token: this process sends it from now on.  `remaining_ms`
+ * is how long it is still valid (its whole life when just fetched). */
+static int token_take(http_client *c, const char *tok, long long life_ms, long long remaining_ms)
+{
+    iw_buf hb, sb;
+    long long now = clock_mono_ms();
+    int rc;
+
+    buf_init(&hb, HTTP_TOKEN_MAX + 64);
+    buf_init(&sb, TOKEN_STORED_MAX);
+    if ((rc = buf_addf(&hb, "Authorization: Bearer %s", tok)) != IW_OK ||
+        (rc = buf_addf(&sb, "%lld %s", life_ms, tok)) != IW_OK) {
+        buf_free(&hb);
+        buf_free(&sb);
+        return rc;
+    }
+    free(c->bearer);
+    free(c->stored);
+    c->bearer = buf_steal(&hb);
+    c->stored = buf_steal(&sb);
+    c->token_gen++;
+    /* a token stops being sent a little before it expires: a call must not
+     * arrive with one that died on the way */
+    c->token_expires_ms = now + remaining_ms - (remaining_ms > 10000 ? 2000 : remaining_ms / 5);
+    c->token_refresh_ms = now + http_token_refresh_after(life_ms) - (life_ms - remaining_ms);
+    return IW_OK;
+}
+
+static void token_drop(http_client *c)
+{
+    free(c->bearer);
+    free(c->stored);
+    c->bearer = c->stored = NULL;
+    c->token_expires_ms = c->token_refresh_ms = 0;
+}
+
+int http_client_auth_ready(const http_client *c)
+{
+    return c->auth_mode != IW_AUTH_OAUTH2 || (c->bearer && clock_mono_ms() < c->token_expires_ms);
+}
+
+long http_client_token_wait_ms(http_client *c)
+{
+    long long now = clock_mono_ms();
+
+    if (http_client_auth_ready(c))
+        return 0;
+    /* the caller holds calls for a token: fetch one without waiting for a call */
+    c->token_demand = 1;
+    if (c->token_xfer)
+        return TOKEN_POLL_MS;
+    if (now < c->token_next_try_ms) {
+        arm_token_timer(c, c->token_next_try_ms);
+        return (long)(c->token_next_try_ms - now);
+    }
+    arm_token_timer(c, now);
+    return TOKEN_POLL_MS;
+}
+
+void http_client_on_token(http_client *c, http_token_fn fn, void *ud)
+{
+    c->on_token = fn;
+    c->on_token_ud = ud;
+}
+
+/* The store is used only while the link is up: the client never reconnects
+ * it (that is the runtime's), and a Redis outage only costs the sharing. */
+static int store_up(const http_client *c)
+{
+    return c->store && redis_link_connected(c->store);
+}
+
+/* The reply to the command just appended (append_rc its append's status);
+ * NULL on any error, which only costs the sharing. */
+static redisReply *store_reply(http_client *c, int append_rc)
+{
+    redisReply *rep = NULL;
+    iw_error err;
+
+    if (append_rc != IW_OK || redis_link_read(c->store, &rep, &err) != IW_OK)
+        return NULL;
+    return rep;
+}
+
+/* Reads N:oauth:token: takes the fleet's token when it is one this process
+ * does not have yet.  Returns 1 when a token fresh enough not to need a
+ * refresh is now held, else 0. */
+static int store_fetch(http_client *c)
+{
+    redisReply *val = NULL, *ttl = NULL;
+    iw_error err;
+    int fresh = 0;
+
+    if (!store_up(c))
+        return 0;
+    if (redis_link_append(c->store, &err, "GET %s", c->key_token) != IW_OK ||
+        redis_link_append(c->store, &err, "PTTL %s", c->key_token) != IW_OK) {
+        redis_link_drop(c->store); /* half a pipeline: its replies cannot be matched */
+        return 0;
+    }
+    val = store_reply(c, IW_OK);
+    ttl = store_reply(c, IW_OK);
+    if (val && ttl && val->type == REDIS_REPLY_STRING && ttl->type == REDIS_REPLY_INTEGER &&
+        ttl->integer > 0 && val->len < TOKEN_STORED_MAX) {
+        char *end;
+        long long life = strtoll(val->str, &end, 10);
+        const char *tok = *end == ' ' ? end + 1 : NULL;
+        size_t n = tok ? val->len - (size_t)(tok - val->str) : 0;
+        int ok = tok && life > 0 && life <= HTTP_TOKEN_TTL_MAX_S * 1000 && n > 0 &&
+                 n <= HTTP_TOKEN_MAX && ttl->integer <= life;
+        /* the store is shared: what is read back is checked like an answer */
+        for (size_t i = 0; ok && i < n; i++)
+            ok = tok[i] >= 0x21 && tok[i] <= 0x7E;
+        if (ok && (!c->stored || strcmp(c->stored, val->str) != 0))
+            ok = token_take(c, tok, life, ttl->integer) == IW_OK;
+        else if (ok) /* the same token: only its clock */
+            ok = 1;
+        fresh = ok && c->bearer && clock_mono_ms() < c->token_refresh_ms;
+    }
+    freeReplyObject(val);
+    freeReplyObject(ttl);
+    return fresh;
+}
+
+/* Deletes key when it still holds value (EVALSHA del_if_same). */
+static void store_del_if_same(http_client *c, const char *key, const char *value)
+{
+    const char *argv[2] = {key, value};
+    iw_error err;
+
+    if (value && store_up(c))
+        freeReplyObject(
+            store_reply(c, redis_link_append_script(c->store, &c->del_if_same, 1, 2, argv, &err)));
+}
+
+static void token_lock_release(http_client *c)
+{
+    if (c->lock_held)
+        store_del_if_same(c, c->key_lock, c->owner);
+    c->lock_held = 0;
+}
+
+/* Drops the stored token when it is `stored` (a 401 showed it dead): the
+ * next reader fetches instead of adopting it again. */
+static void store_forget(http_client *c, const char *stored)
+{
+    store_del_if_same(c, c->key_token, stored);
+}
+
+/* Tries to become the fleet's one fetcher.  1: go; 0: another process holds
+ * the lock (*wait_ms: how long, *failing: the fleet's fetches fail).  With
+ * no store every process fetches for itself. */
+static int store_lock(http_client *c, long *wait_ms, int *failing)
+{
+    redisReply *set = NULL, *pttl = NULL, *fails = NULL;
+    iw_error err;
+    int go = 1;
+
+    *wait_ms = 0;
+    *failing = 0;
+    if (!store_up(c))
+        return 1;
+    if (redis_link_append(c->store, &err, "SET %s %s NX PX %ld", c->key_lock, c->owner,
+                          c->timeout_ms + 1000) != IW_OK ||
+        redis_link_append(c->store, &err, "PTTL %s", c->key_lock) != IW_OK ||
+        redis_link_append(c->store, &err, "GET %s", c->key_fails) != IW_OK) {
+        redis_link_drop(c->store);
+        return 1;
+    }
+    set = store_reply(c, IW_OK);
+    pttl = store_reply(c, IW_OK);
+    fails = store_reply(c, IW_OK);
+    if (set && set->type == REDIS_REPLY_NIL) {
+        go = 0;
+        *wait_ms = pttl && pttl->type == REDIS_REPLY_INTEGER && pttl->integer > 0
+                       ? (long)pttl->integer
+                       : TOKEN_POLL_MS;
+        *failing = fails && fails->type == REDIS_REPLY_STRING && atol(fails->str) > 0;
+    } else if (set && set->type == REDIS_REPLY_STATUS) {
+        c->lock_held = 1;
+    }
+    freeReplyObject(set);
+    freeReplyObject(pttl);
+    freeReplyObject(fails);
+    return go;
+}
+
+/* A fetch failed: one more consecutive failure, fleet-wide when shared; the
+ * lock is kept for the backoff so no other process fetches before it ends.
+ * Returns the backoff. */
+static long store_failed(http_client *c)
+{
+    redisReply *n = NULL;
+    iw_error err;
+    long failures = c->token_failures;
+    long backoff;
+
+    if (store_up(c)) {
+        n = store_reply(c, redis_link_append(c->store, &err, "INCRBY %s 1", c->key_fails));
+        if (n && n->type == REDIS_REPLY_INTEGER && n->integer > failures)
+            failures = (long)n->integer;
+        freeReplyObject(n);
+        freeReplyObject(store_reply(c, redis_link_append(c->store, &err, "PEXPIRE %s %ld",
+                                                         c->key_fails, c->backoff_max_ms * 4)));
+    }
+    backoff = c->backoff_min_ms;
+    for (long i = 1; i < failures && backoff < c->backoff_max_ms; i++)
+        backoff *= 2;
+    if (backoff > c->backoff_max_ms)
+        backoff = c->backoff_max_ms;
+    if (c->lock_held && store_up(c))
+        freeReplyObject(store_reply(c, redis_link_append(c->store, &err, "SET %s %s XX PX %ld",
+                                                         c->key_lock, c->owner, backoff)));
+    c->lock_held = 0; /* it expires with the backoff */
+    return backoff;
+}
+
+static void store_succeeded(http_client *c, long long life_ms)
+{
+    iw_error err;
+
+    if (store_up(c)) {
+        freeReplyObject(store_reply(c, redis_link_append(c->store, &err, "SET %s %s PX %lld",
+                                                         c->key_token, c->stored, life_ms)));
+        freeReplyObject(store_reply(c, redis_link_append(c->store, &err, "DEL %s", c->key_fails)));
+    }
+    token_lock_release(c);
 }
 
 /* Builds base_url + path whole, or refuses: a cut URL is another URL. */
@@ -344,32 +678,19 @@ static int build_url(const http_client *c, const char *path, iw_buf *url)
     return rc == IW_ERR_TOO_LARGE ? IW_ERR_URL_TOO_LONG : rc;
 }
 
-static int launch(http_client *c, transfer *t)
+/* The options every transfer of the client shares: timeouts, TLS, capped
+ * body and the headers we read. */
+static void common_opts(http_client *c, transfer *t)
 {
-    iw_buf url;
-    char *idem = NULL;
-    int rc;
-
-    buf_init(&url, HTTP_URL_MAX);
-    if ((rc = build_url(c, t->path, &url)) != IW_OK)
-        goto out;
-    if (t->idem_key) {
-        char key[JOBKEY_SIZE];
-        /* the jobKey, never the raw jobId: CR/LF or non-ASCII bytes of a jobId
-         * become its SHA-256, and the line is checked once more before use */
-        if ((rc = jobkey(t->idem_key, strlen(t->idem_key), key)) != IW_OK ||
-            !(idem = header_line("Idempotency-Key", key, &rc)))
-            goto out;
-    }
-    if (c->auth_mode == IW_AUTH_OAUTH2 && (!c->bearer || clock_mono_ms() >= c->token_expires_ms))
-        refresh_token(c); /* on failure the call goes out without a token and gets a 401 */
     curl_easy_reset(t->easy);
     curl_slist_free_all(t->headers);
     t->headers = NULL;
     t->len = 0;
     t->too_large = 0;
     t->retry_after[0] = t->reset_ms[0] = '\0';
-    curl_easy_setopt(t->easy, CURLOPT_URL, buf_ptr(&url)); /* curl copies it */
+    t->errbuf[0] = '\0';
+    curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, t->errbuf);
+    curl_easy_setopt(t->easy, CURLOPT_URL, t->url); /* curl copies it */
     curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
     curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, c->timeout_ms);
@@ -388,12 +709,19 @@ static int launch(http_client *c, transfer *t)
         curl_easy_setopt(t->easy, CURLOPT_CAINFO, c->tls_ca);
     t->headers = curl_slist_append(t->headers, "Accept: application/json");
     t->headers = curl_slist_append(t->headers, "Expect:");
+}
+
+/* Hands a prepared call to curl, with the auth of the moment. */
+static int launch(http_client *c, transfer *t)
+{
+    common_opts(c, t);
     if (strcmp(t->method, "GET") != 0) {
         t->headers = curl_slist_append(t->headers, "Content-Type: application/json");
         curl_easy_setopt(t->easy, CURLOPT_CUSTOMREQUEST, t->method);
         curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long)t->req_len);
         curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->req_body ? t->req_body : "");
     }
+    t->carried_token = 0;
     switch (c->auth_mode) {
     case IW_AUTH_API_KEY:
         if (c->api_key_header)
@@ -407,27 +735,223 @@ static int launch(http_client *c, transfer *t)
         curl_easy_setopt(t->easy, CURLOPT_PASSWORD, c->basic_password);
         break;
     case IW_AUTH_OAUTH2:
-        if (c->bearer)
-            t->headers = curl_slist_append(t->headers, c->bearer);
+        /* only ever called with a token: a call without one waits for it */
+        t->headers = curl_slist_append(t->headers, c->bearer);
+        t->carried_token = 1;
+        t->token_gen = c->token_gen;
         break;
     default:
         break;
     }
-    if (idem)
-        t->headers = curl_slist_append(t->headers, idem);
+    if (t->idem_line)
+        t->headers = curl_slist_append(t->headers, t->idem_line);
     curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
     if (curl_multi_add_handle(c->multi, t->easy) != CURLM_OK)
-        rc = IW_ERR_HTTP;
+        return IW_ERR_HTTP;
+    t->prev = NULL;
+    t->next = c->active;
+    if (c->active)
+        c->active->prev = t;
+    c->active = t;
+    return IW_OK;
+}
+
+static void arm_token_timer(http_client *c, long long due_ms)
+{
+    if (!c->lp)
+        return;
+    if (loop_timer_armed(&c->token_timer) && c->token_timer.due_ms <= due_ms)
+        return;
+    loop_timer_at(c->lp, &c->token_timer, due_ms);
+}
+
+/* Queues t to complete with NO_TOKEN from the next loop turn (never from
+ * inside http_client_start). */
+static void fail_no_token(http_client *c, transfer *t, long wait_ms, const char *msg)
+{
+    t->nt_wait_ms = wait_ms;
+    t->nt_msg = msg;
+    t->wnext = NULL;
+    *c->nt_tail = t;
+    c->nt_tail = &t->wnext;
+    arm_token_timer(c, clock_mono_ms());
+}
+
+static void fail_waiting(http_client *c, long wait_ms, const char *msg)
+{
+    transfer *t = c->waiting;
+
+    c->waiting = NULL;
+    c->waiting_tail = &c->waiting;
+    while (t) {
+        transfer *next = t->wnext;
+        fail_no_token(c, t, wait_ms, msg);
+        t = next;
+    }
+}
+
+static void complete_local(http_client *c, transfer *t, iw_transport tr, long wait_ms,
+                           const char *msg);
+
+/* A token is held: every waiting call goes out with it. */
+static void send_waiting(http_client *c)
+{
+    transfer *t = c->waiting;
+
+    c->waiting = NULL;
+    c->waiting_tail = &c->waiting;
+    while (t) {
+        transfer *next = t->wnext;
+        t->wnext = NULL;
+        if (launch(c, t) != IW_OK)
+            complete_local(c, t, IW_TRANSPORT_OTHER, -1, "could not start the transfer");
+        t = next;
+    }
+}
+
+static void token_fetch_done(http_client *c, transfer *t, CURLcode code);
+
+/* Starts POST /oauth/token on the multi handle. */
+static int token_fetch_start(http_client *c)
+{
+    transfer *t = calloc(1, sizeof *t);
+    char *id = NULL, *secret = NULL;
+    iw_buf url, fb;
+    int rc = IW_ERR_NOMEM;
+
+    buf_init(&url, HTTP_URL_MAX);
+    buf_init(&fb, HTTP_URL_MAX);
+    if (!t || !(t->easy = curl_easy_init()))
+        goto out;
+    t->client = c;
+    t->is_token = 1;
+    id = curl_easy_escape(t->easy, c->oauth_id ? c->oauth_id : "", 0);
+    secret = curl_easy_escape(t->easy, c->oauth_secret ? c->oauth_secret : "", 0);
+    if (!id || !secret ||
+        buf_addf(&fb, "grant_type=client_credentials&client_id=%s&client_secret=%s", id, secret) !=
+            IW_OK ||
+        buf_addf(&url, "%s/oauth/token", c->base_url) != IW_OK)
+        goto out;
+    t->form = buf_steal(&fb);
+    t->url = buf_steal(&url);
+    if (!t->form || !t->url)
+        goto out;
+    common_opts(c, t);
+    t->headers = curl_slist_append(t->headers, "Content-Type: application/x-www-form-urlencoded");
+    curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->form);
+    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
+    t->start_us = clock_mono_us();
+    rc = curl_multi_add_handle(c->multi, t->easy) == CURLM_OK ? IW_OK : IW_ERR_HTTP;
 out:
     buf_free(&url);
-    free(idem);
+    buf_free(&fb);
+    curl_free(id);
+    curl_free(secret);
+    if (rc == IW_OK) {
+        c->token_xfer = t;
+    } else if (t) {
+        if (t->easy)
+            transfer_destroy(t);
+        else
+            free(t);
+    }
     return rc;
+}
+
+/* What the waiting calls need: the fleet's token, or a fetch of our own, or
+ * (in a backoff, or while another process fetches) a wait.  Runs only from
+ * a loop turn: it may use the Redis link. */
+static void token_obtain(http_client *c, long long now)
+{
+    long wait_ms;
+    int failing;
+
+    if (c->token_xfer)
+        return; /* its end serves the waiting calls */
+    if (store_fetch(c)) {
+        send_waiting(c);
+        return;
+    }
+    if (c->bearer && now < c->token_expires_ms)
+        send_waiting(c); /* still valid; a refresh is due (below) */
+    if (now < c->token_next_try_ms) {
+        fail_waiting(c, (long)(c->token_next_try_ms - now),
+                     "no OAuth token: the token endpoint is failing (backoff)");
+        if (c->token_demand)
+            arm_token_timer(c, c->token_next_try_ms);
+        return;
+    }
+    if (!store_lock(c, &wait_ms, &failing)) {
+        if (failing) {
+            /* another process's fetches fail: its backoff is ours */
+            c->token_next_try_ms = now + wait_ms;
+            fail_waiting(c, wait_ms, "no OAuth token: the token endpoint is failing (backoff)");
+            if (c->token_demand)
+                arm_token_timer(c, c->token_next_try_ms);
+        } else if (c->waiting || c->token_demand) {
+            /* another process is fetching: read the store again soon */
+            arm_token_timer(c, now + TOKEN_POLL_MS);
+        }
+        return;
+    }
+    if (token_fetch_start(c) != IW_OK) {
+        token_lock_release(c);
+        c->token_next_try_ms = now + c->backoff_min_ms;
+        fail_waiting(c, c->backoff_min_ms, "no OAuth token: the token request could not start");
+    }
+}
+
+/* The token's steps, from a loop turn: NO_TOKEN completions, the fleet's
+ * token, a fetch, the deadlines of waiting calls. */
+static void token_tick(loop *l, loop_timer *tm)
+{
+    http_client *c = tm->ud;
+    long long now = clock_mono_ms();
+    transfer *t, **pp;
+
+    (void)l;
+    if (c->token_demand && http_client_auth_ready(c))
+        c->token_demand = 0;
+    if (c->auth_mode == IW_AUTH_OAUTH2 && !c->token_xfer &&
+        (c->waiting || c->token_demand || (c->bearer && now >= c->token_refresh_ms)))
+        token_obtain(c, now);
+    /* calls that waited their whole timeout for another process's fetch */
+    for (pp = &c->waiting; (t = *pp);) {
+        if (now >= t->wait_deadline && !c->token_xfer) {
+            *pp = t->wnext;
+            fail_no_token(c, t, IW_NO_TOKEN_WAIT_MS, "no OAuth token: none arrived in time");
+        } else {
+            pp = &t->wnext;
+        }
+    }
+    c->waiting_tail = pp;
+    if (c->waiting && !c->token_xfer)
+        arm_token_timer(c, now + TOKEN_POLL_MS);
+    t = c->nt_done;
+    c->nt_done = NULL;
+    c->nt_tail = &c->nt_done;
+    while (t) {
+        transfer *next = t->wnext;
+        complete_local(c, t, IW_TRANSPORT_NO_TOKEN, t->nt_wait_ms, t->nt_msg);
+        t = next;
+    }
+}
+
+/* Queues t for a token and makes sure one is on its way. */
+static void wait_for_token(http_client *c, transfer *t)
+{
+    t->wnext = NULL;
+    t->wait_deadline = clock_mono_ms() + c->timeout_ms;
+    *c->waiting_tail = t;
+    c->waiting_tail = &t->wnext;
+    arm_token_timer(c, clock_mono_ms());
 }
 
 int http_client_start(http_client *c, const char *method, const char *path, const char *body,
                       size_t body_len, const char *idempotency_key, http_done_fn cb, void *ud)
 {
     transfer *t = c->free_list;
+    iw_buf url;
     int rc;
 
     if (t) {
@@ -458,61 +982,141 @@ int http_client_start(http_client *c, const char *method, const char *path, cons
         transfer_destroy(t);
         return IW_ERR_NOMEM;
     }
+    /* everything that can refuse the call is decided here, before any wait */
+    buf_init(&url, HTTP_URL_MAX);
+    if ((rc = build_url(c, t->path, &url)) != IW_OK || !(t->url = buf_steal(&url))) {
+        buf_free(&url);
+        transfer_destroy(t);
+        return rc != IW_OK ? rc : IW_ERR_NOMEM;
+    }
+    if (t->idem_key) {
+        char key[JOBKEY_SIZE];
+        /* the jobKey, never the raw jobId: CR/LF or non-ASCII bytes of a jobId
+         * become its SHA-256, and the line is checked once more before use */
+        if ((rc = jobkey(t->idem_key, strlen(t->idem_key), key)) != IW_OK ||
+            !(t->idem_line = header_line("Idempotency-Key", key, &rc))) {
+            transfer_destroy(t);
+            return rc != IW_OK ? rc : IW_ERR_NOMEM;
+        }
+    }
     t->cb = cb;
     t->ud = ud;
     t->token_retried = 0;
     t->start_us = clock_mono_us();
-    rc = launch(c, t);
-    if (rc != IW_OK) {
-        transfer_destroy(t);
-        return rc;
+    if (c->auth_mode == IW_AUTH_OAUTH2 && !http_client_auth_ready(c)) {
+        wait_for_token(c, t);
+    } else {
+        if ((rc = launch(c, t)) != IW_OK) {
+            transfer_destroy(t);
+            return rc;
+        }
+        /* past 80% of the token's life: a new one is fetched in the
+         * background while this one still serves */
+        if (c->auth_mode == IW_AUTH_OAUTH2 && clock_mono_ms() >= c->token_refresh_ms &&
+            !c->token_xfer)
+            arm_token_timer(c, clock_mono_ms());
     }
     c->in_flight++;
-    t->prev = NULL;
-    t->next = c->active;
-    if (c->active)
-        c->active->prev = t;
-    c->active = t;
     return IW_OK;
 }
 
-static iw_transport transport_of(CURLcode code, int too_large)
-{
-    if (code == CURLE_OK)
-        return IW_TRANSPORT_OK;
-    if (too_large)
-        return IW_TRANSPORT_TOO_LARGE;
-    switch (code) {
-    case CURLE_OPERATION_TIMEDOUT:
-        return IW_TRANSPORT_TIMEOUT;
-    case CURLE_COULDNT_CONNECT:
-    case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_COULDNT_RESOLVE_PROXY:
-    case CURLE_GOT_NOTHING:
-    case CURLE_RECV_ERROR:
-    case CURLE_SEND_ERROR:
-    case CURLE_PARTIAL_FILE:
-    case CURLE_SSL_CONNECT_ERROR:
-        return IW_TRANSPORT_CONNECT;
-    default:
-        return IW_TRANSPORT_OTHER;
-    }
-}
-
-static void recycle(http_client *c, transfer *t)
+static void unlink_active(http_client *c, transfer *t)
 {
     if (t->prev)
         t->prev->next = t->next;
-    else
+    else if (c->active == t)
         c->active = t->next;
     if (t->next)
         t->next->prev = t->prev;
+    t->prev = t->next = NULL;
+}
+
+static void to_free_list(http_client *c, transfer *t)
+{
     free(t->path);
     free(t->req_body);
     free(t->idem_key);
-    t->path = t->req_body = t->idem_key = NULL;
+    free(t->url);
+    free(t->idem_line);
+    t->path = t->req_body = t->idem_key = t->url = t->idem_line = NULL;
     t->next_free = c->free_list;
     c->free_list = t;
+}
+
+/* Completes a call that never reached curl (or could not go back to it). */
+static void complete_local(http_client *c, transfer *t, iw_transport tr, long wait_ms,
+                           const char *msg)
+{
+    http_response r;
+
+    memset(&r, 0, sizeof r);
+    r.result.transport = tr;
+    r.result.retry_after_ms = wait_ms;
+    r.error = msg;
+    r.body = "";
+    r.duration_us = clock_mono_us() - t->start_us;
+    c->in_flight--;
+    t->cb(t->ud, &r);
+    to_free_list(c, t);
+}
+
+/* The end of POST /oauth/token: a checked token taken and shared, or one
+ * more failure and its backoff; either way the waiting calls learn of it. */
+static void token_fetch_done(http_client *c, transfer *t, CURLcode code)
+{
+    http_token_event ev;
+    long status = 0;
+    char *tok = NULL;
+    long long life = 0;
+    const char *problem = "";
+    int was_failing = c->token_failures > 0;
+
+    memset(&ev, 0, sizeof ev);
+    if (code == CURLE_OK)
+        curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+    ev.result.status = code == CURLE_OK ? status : 0;
+    ev.result.transport = transport_of(code, t->too_large);
+    ev.result.retry_after_ms = -1;
+    ev.duration_us = clock_mono_us() - t->start_us;
+    if (code != CURLE_OK)
+        problem = t->errbuf[0] ? t->errbuf : curl_easy_strerror(code); /* curl's text only */
+    else if (status != 200)
+        problem = status == 400 || status == 401 || status == 403
+                      ? "the token endpoint refused the client credentials "
+                        "(IW_OAUTH_CLIENT_ID / IW_OAUTH_CLIENT_SECRET)"
+                      : "the token endpoint did not answer 200";
+    else if (http_token_parse(t->body, t->len, &tok, &life, &problem) == IW_OK &&
+             token_take(c, tok, life, life) != IW_OK)
+        problem = "out of memory";
+    ev.ok = !problem[0];
+    ev.problem = problem;
+    if (ev.ok) {
+        ev.recovered = was_failing;
+        c->token_failures = 0;
+        c->token_next_try_ms = 0;
+        store_succeeded(c, life);
+    } else {
+        c->token_failures++;
+        ev.next_try_ms = store_failed(c);
+        ev.failures = c->token_failures;
+        ev.outage_started = !was_failing;
+        c->token_next_try_ms = clock_mono_ms() + ev.next_try_ms;
+        /* a refused answer leaves no usable token: drop it only when it is dead */
+        if (c->bearer && clock_mono_ms() >= c->token_expires_ms)
+            token_drop(c);
+    }
+    free(tok);
+    curl_multi_remove_handle(c->multi, t->easy);
+    c->token_xfer = NULL;
+    if (c->on_token)
+        c->on_token(c->on_token_ud, &ev);
+    transfer_destroy(t); /* after the event: ev.problem may be its error text */
+    if (ev.ok)
+        send_waiting(c);
+    else if (c->bearer && clock_mono_ms() < c->token_expires_ms)
+        send_waiting(c); /* a failed early refresh: the old token still serves */
+    else
+        fail_waiting(c, ev.next_try_ms, "no OAuth token: the token endpoint is failing");
 }
 
 /* Completes the transfers curl has finished: each one's callback, once. */
@@ -530,16 +1134,30 @@ static void complete_done(http_client *c)
             continue;
         curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&t);
         CURLcode code = m->data.result;
+        if (t->is_token) {
+            token_fetch_done(c, t, code);
+            continue;
+        }
         curl_multi_remove_handle(c->multi, t->easy);
+        unlink_active(c, t);
         if (code == CURLE_OK)
             curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
-        if (status == 401 && c->auth_mode == IW_AUTH_OAUTH2 && !t->token_retried) {
-            /* the token expired or was revoked early: renew once, same call */
+        if (status == 401 && t->carried_token && !t->token_retried) {
+            /* the token expired or was revoked early: renew once, same call;
+             * a newer token than the one sent is simply used */
             t->token_retried = 1;
-            free(c->bearer);
-            c->bearer = NULL;
-            if (launch(c, t) == IW_OK)
+            if (t->token_gen == c->token_gen) {
+                store_forget(c, c->stored);
+                token_drop(c);
+            }
+            t->start_us = clock_mono_us();
+            if (http_client_auth_ready(c)) {
+                if (launch(c, t) == IW_OK)
+                    continue;
+            } else {
+                wait_for_token(c, t);
                 continue;
+            }
         }
         memset(&r, 0, sizeof r);
         r.result.status = code == CURLE_OK ? status : 0;
@@ -553,13 +1171,15 @@ static void complete_done(http_client *c)
         if (r.result.retry_after_ms < 0 && t->retry_after[0])
             r.result.retry_after_ms = retry_parse_retry_after(
                 t->retry_after, clock_wall_ms(), c->max_wait_ms, &r.result.wait_capped);
-        r.error = code == CURLE_OK ? "" : curl_easy_strerror(code);
+        /* curl's detail says which certificate or alert, never our secrets
+         * (a key's path at most) */
+        r.error = code == CURLE_OK ? "" : t->errbuf[0] ? t->errbuf : curl_easy_strerror(code);
         r.body = t->body && t->len ? t->body : "";
         r.body_len = t->len;
         r.duration_us = clock_mono_us() - t->start_us;
         c->in_flight--;
         t->cb(t->ud, &r);
-        recycle(c, t);
+        to_free_list(c, t);
     }
 }
 

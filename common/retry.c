@@ -21,6 +21,15 @@ iw_verdict retry_classify(const iw_http_result *r)
         return (iw_verdict){IW_V_FAIL, IW_C_EXTERNAL_API_RESPONSE_TOO_LARGE, 0, 0};
     case IW_TRANSPORT_OTHER:
         return (iw_verdict){IW_V_RETRY, IW_C_EXTERNAL_API_UNREACHABLE, 0, 1};
+    case IW_TRANSPORT_NO_TOKEN: {
+        /* nothing reached the provider's API: no attempt, no breaker count
+         * (the token endpoint's own failures are counted where they happen) */
+        long w = r->retry_after_ms >= 0 ? r->retry_after_ms : IW_NO_TOKEN_WAIT_MS;
+        w = w < IW_NO_TOKEN_WAIT_MIN_MS   ? IW_NO_TOKEN_WAIT_MIN_MS
+            : w > IW_NO_TOKEN_WAIT_MAX_MS ? IW_NO_TOKEN_WAIT_MAX_MS
+                                          : w;
+        return (iw_verdict){IW_V_WAIT, IW_C_EXTERNAL_API_UNAVAILABLE, w, 0};
+    }
     }
     if (r->status >= 200 && r->status < 300)
         return (iw_verdict){IW_V_ACCEPT, IW_C_NONE, 0, 0};

@@ -13,6 +13,8 @@ typedef enum iw_transport {
     IW_TRANSPORT_CONNECT,   /* could not connect / connection refused or reset */
     IW_TRANSPORT_TOO_LARGE, /* response exceeded IW_MAX_RESPONSE_BYTES */
     IW_TRANSPORT_OTHER,
+    IW_TRANSPORT_NO_TOKEN, /* not sent: no OAuth2 token could be had (the token endpoint
+                              fails); retry_after_ms is the wait before the next fetch */
 } iw_transport;
 
 typedef struct iw_http_result {
@@ -26,7 +28,7 @@ typedef struct iw_http_result {
 typedef enum iw_verdict_kind {
     IW_V_ACCEPT, /* 2xx: process the body */
     IW_V_RETRY,  /* transient: retry after the schedule's next wait */
-    IW_V_WAIT,   /* 429: wait for the reset without using an attempt */
+    IW_V_WAIT,   /* 429, or no OAuth token: wait without using an attempt */
     IW_V_FAIL,   /* permanent: no retry */
 } iw_verdict_kind;
 
@@ -36,6 +38,12 @@ typedef struct iw_verdict {
     long wait_ms;        /* WAIT: how long until the provider's reset */
     int breaker_failure; /* 5xx, timeouts and connection errors count; 429 and 4xx never */
 } iw_verdict;
+
+/* The wait of a call that could get no token, when the client names none,
+ * and its bounds: a few seconds, no attempt used. */
+#define IW_NO_TOKEN_WAIT_MS 2000
+#define IW_NO_TOKEN_WAIT_MIN_MS 500
+#define IW_NO_TOKEN_WAIT_MAX_MS 30000
 
 /* Default wait after a 429 that names no reset. */
 #define IW_DEFAULT_429_WAIT_MS 1000

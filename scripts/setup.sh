@@ -18,6 +18,7 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 REQUIRED=(
   gcc libc6-dev make cmake pkg-config
   librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
+  libgnutls28-dev  # the mock provider checks client certificates (mTLS) with GnuTLS
   check json-schema-test-suite
   clang libclang-rt-14-dev
   rabbitmq-server redis-server amqp-tools curl tzdata

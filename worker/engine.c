@@ -230,6 +230,18 @@ static void on_http(void *ud, const http_response *r)
     engine *e = c->eng;
     iw_verdict v = retry_classify(&r->result);
 
+    if (r->result.transport == IW_TRANSPORT_NO_TOKEN) {
+        /* not sent: no provider answer to count; the token endpoint's own
+         * failures reached the breaker through on_token.  A half-open probe
+         * that could not get a token failed. */
+        if (c->probe) {
+            e->probe_outcome = 0;
+            loop_again(e->lp);
+        }
+        c->probe = 0;
+        c->ops->on_answer(c, r, &v);
+        return;
+    }
     metrics_provider_request(c->kind->route, metric_status(r), r->duration_us);
     note_outcome(e, c, v.breaker_failure);
     c->probe = 0;
@@ -244,6 +256,36 @@ static void on_http(void *ud, const http_response *r)
             log_msg(IW_LOG_WARN, c->ops->fields(c), "could not share the 429 pause: %s", err.msg);
     }
     c->ops->on_answer(c, r, &v);
+}
+
+/* A token fetch of this process ended: counted like any route (a 5xx, a
+ * timeout or no answer is a breaker failure), and an outage logged twice
+ * only: when it starts and when it ends. */
+static void on_token(void *ud, const http_token_event *ev)
+{
+    engine *e = ud;
+    iw_verdict v = retry_classify(&ev->result);
+    long st = ev->result.transport == IW_TRANSPORT_OK        ? ev->result.status
+              : ev->result.transport == IW_TRANSPORT_TIMEOUT ? IW_CALL_TIMED_OUT
+                                                             : IW_CALL_NO_ANSWER;
+
+    metrics_provider_request(IW_ROUTE_TOKEN, st, ev->duration_us);
+    if (ev->result.transport != IW_TRANSPORT_OK || ev->result.status != 200 || ev->ok) {
+        /* a 200 whose token was refused is the provider's answer, not a failure of it */
+        if (e->n_outcomes < sizeof e->outcomes - 1)
+            e->outcomes[e->n_outcomes++] = v.breaker_failure ? 'F' : 'S';
+        loop_again(e->lp);
+    }
+    if (ev->outage_started)
+        log_msg(IW_LOG_ERROR,
+                json_pack("{s:s, s:o}", "operation", "oauth_token", "statusCode",
+                          ev->result.status ? json_integer(ev->result.status) : json_null()),
+                "the OAuth token endpoint is failing (%s); calls wait for a token without "
+                "using attempts; next try in %ld ms",
+                ev->problem, ev->next_try_ms);
+    else if (ev->recovered)
+        log_msg(IW_LOG_INFO, json_pack("{s:s}", "operation", "oauth_token"),
+                "the OAuth token endpoint answers again; calls resume");
 }
 
 int engine_call(engine *e, call *c, const char *method, const char *path, const char *body,
@@ -513,12 +555,12 @@ static void decide_batch(engine *e, const batch *x, limiter_result *res)
     }
 }
 
-static void park_waiting_jobs(engine *e, long long now);
+static void park_waiting_jobs(engine *e, long long now, int wait_reason);
 
 /* Fail closed: nobody calls the provider unmetered; ask again in a second. */
 static void limiter_unavailable(engine *e, long long now, const iw_error *err)
 {
-    park_waiting_jobs(e, now);
+    park_waiting_jobs(e, now, -1);
     log_json(IW_LOG_ERROR,
              json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; calls wait", "error",
                        "code", iw_code_name(IW_C_LIMITER_UNAVAILABLE), "message", err->msg));
@@ -570,12 +612,22 @@ static int permits(engine *e, long long now)
     size_t nb = 0, appended = 0;
     iw_error err = {0};
     int outcomes = 0;
+    long token_wait = 0;
 
     if (now < e->blocked_until)
         return 0;
-    nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
+    /* no OAuth token yet (being fetched, or the token endpoint fails): no
+     * permit for a call that could not be sent; the breaker outcomes (the
+     * token fetches' own) still go.  Not while the breaker is open or
+     * half-open: asking would fetch a token, and then no route may call; the
+     * limiter holds the calls, and the half-open probe fetches the token
+     * as part of its call. */
+    if (any_ready(e) && e->breaker_state == 0)
+        token_wait = http_client_token_wait_ms(rt_http(e->rt));
+    if (!token_wait)
+        nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
     if (!nb && !e->n_outcomes)
-        return 0;
+        goto token_hold;
     if (!rt_redis_ready(e->rt)) {
         requeue(e, b, nb);
         iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
@@ -608,6 +660,15 @@ static int permits(engine *e, long long now)
     if (appended < nb) { /* not even appended: nothing was sent for these */
         requeue(e, b + appended, nb - appended);
         limiter_unavailable(e, now, &err);
+        return 0;
+    }
+token_hold:
+    if (token_wait > 0) {
+        /* jobs held longer than IW_HOLD_MAX wait in the delay tiers, no
+         * attempt used; the rest are asked for again when a token may be there */
+        park_waiting_jobs(e, now, IW_WAIT_TOKEN);
+        e->blocked_until = now + token_wait;
+        loop_timer_at(e->lp, &e->unblock, e->blocked_until);
         return 0;
     }
     return any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
@@ -825,7 +886,7 @@ static void job_send_on(job *j, long delay_ms, int attempts, const char *last_er
  * delay tiers, without using an attempt: a delivery held for long meets the
  * broker's consumer_timeout, and every requeue counts toward the quorum
  * queue's x-delivery-limit, which would dead-letter valid jobs. */
-static void park_waiting_jobs(engine *e, long long now)
+static void park_waiting_jobs(engine *e, long long now, int wait_reason)
 {
     call_fifo park = {0};
 
@@ -843,8 +904,11 @@ static void park_waiting_jobs(engine *e, long long now)
             }
             e->ready[cls][prio] = keep;
         }
-    for (call *c; (c = call_pop(&park));)
+    for (call *c; (c = call_pop(&park));) {
+        if (wait_reason >= 0) /* counted when a reason is ours to name (the token) */
+            metrics_job_wait(((job *)c)->role->metric_role, (iw_wait_reason)wait_reason);
         job_send_on((job *)c, PARK_MS, ((job *)c)->attempts, NULL);
+    }
 }
 
 void job_fail(job *j, iw_code code, const char *message, long http_status, int attempts)
@@ -1013,8 +1077,10 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
     job_set_state(j, JOB_CLASSIFIED);
     if (v->kind == IW_V_WAIT) {
         engine_log_call(c, r, v, NULL);
-        metrics_job_wait(j->role->metric_role, IW_WAIT_PROVIDER_429);
-        job_wait(j, v->wait_ms); /* the reset: no attempt used */
+        metrics_job_wait(j->role->metric_role, r->result.transport == IW_TRANSPORT_NO_TOKEN
+                                                   ? IW_WAIT_TOKEN
+                                                   : IW_WAIT_PROVIDER_429);
+        job_wait(j, v->wait_ms); /* the reset or the token: no attempt used */
         return;
     }
     j->role->answer(j, r, v);
@@ -1529,6 +1595,7 @@ engine *engine_new(runtime *rt, iw_error *err)
     }
     loop_timer_init(&e->unblock, unblock_fired, e);
     e->probe_outcome = -1;
+    http_client_on_token(rt_http(rt), on_token, e);
     snprintf(e->proc_token, sizeof e->proc_token, "%ld-%lx", (long)getpid(),
              (unsigned long)random());
     return e;
@@ -1540,6 +1607,8 @@ void engine_free(engine *e)
         return;
     if (e->lp)
         svc_exit(e);
+    if (e->rt)
+        http_client_on_token(rt_http(e->rt), NULL, NULL);
     for (size_t i = 0; i < e->n_roles; i++)
         schema_free(e->roles[i].schema);
     records_free(e->rec);

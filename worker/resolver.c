@@ -656,6 +656,16 @@ static void on_answer(call *c, const http_response *resp, iw_verdict *v)
     }
     case IW_V_WAIT:
         f->attempts--; /* waiting for a reset uses no attempt */
+        if (resp->result.transport == IW_TRANSPORT_NO_TOKEN) {
+            /* no OAuth token yet: not the provider's limit, the provider unavailable */
+            if (v->wait_ms <= cfg->resolver_wait_ms && f->n_waiters) {
+                set_wait(f, IW_C_EXTERNAL_API_UNAVAILABLE, "%s", msg);
+                flight_wait(f, F_DEFERRED, v->wait_ms);
+            } else {
+                flight_fail(f, IW_C_EXTERNAL_API_UNAVAILABLE, msg, 1);
+            }
+            break;
+        }
         if (v->wait_ms <= cfg->resolver_wait_ms && f->n_waiters) {
             set_wait(f, IW_C_RATE_LIMITED, "External API rate limit (429); reset in %ld ms",
                      v->wait_ms);
@@ -756,6 +766,11 @@ static void request_deadline(loop *l, loop_timer *t)
     q->state = Q_FALLBACK;
     q->fb_code = f ? f->wait_code : IW_C_EXTERNAL_API_TIMEOUT;
     snprintf(q->fb_msg, sizeof q->fb_msg, "%s", f ? f->wait_msg : "no answer in time");
+    if (f && f->call.queued && !http_client_auth_ready(rt_http(q->r->rt))) {
+        /* held for an OAuth token, not for a permit: the provider is unavailable */
+        q->fb_code = IW_C_EXTERNAL_API_UNAVAILABLE;
+        snprintf(q->fb_msg, sizeof q->fb_msg, "no OAuth token yet (the token endpoint fails)");
+    }
     dl_push(&q->r->fallback_q, &q->link);
 }
 

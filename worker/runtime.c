@@ -114,6 +114,10 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
     ho.max_response_bytes = cfg->max_response_bytes;
     ho.max_connections = cfg->concurrency;
     ho.max_wait_ms = cfg->max_rate_pause_ms;
+    ho.token_store = rt->redis; /* one OAuth token for the fleet */
+    ho.ns = cfg->ns;
+    ho.token_backoff_min_ms = cfg->token_backoff_min_ms;
+    ho.token_backoff_max_ms = cfg->token_backoff_max_ms;
     rt->http = http_client_new(&ho, err);
     if (!rt->lim || !rt->http)
         goto fail;

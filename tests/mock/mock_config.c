@@ -74,6 +74,12 @@ static const mock_option options[] = {
      "larger request bodies get 413"},
     {"seed", "N", OPT_LONG, 0, 2147483647, "0", FIELD(seed), NULL,
      "random seed for error rates and jitter (0 = from time)"},
+    {"tls-cert", "FILE", OPT_STRING, 0, 0, NULL, FIELD(tls_cert), NULL,
+     "serve HTTPS with this certificate (PEM); needs --tls-key"},
+    {"tls-key", "FILE", OPT_STRING, 0, 0, NULL, FIELD(tls_key), NULL,
+     "the certificate's private key (PEM)"},
+    {"tls-ca", "FILE", OPT_STRING, 0, 0, NULL, FIELD(tls_ca), NULL,
+     "require a client certificate signed by this CA (PEM); others are refused in TLS"},
     {"verbose", NULL, OPT_FLAG, 0, 0, NULL, FIELD(verbose), NULL, "one line per request on stderr"},
     {"help", NULL, OPT_FLAG, 0, 0, NULL, FIELD(help), NULL, "show this help and exit"},
 };
@@ -283,6 +289,10 @@ int mock_config_parse(mock_config *cfg, int argc, char **argv, char *err, size_t
         }
         if (apply(cfg, opt, value, err, errlen) < 0)
             return -1;
+    }
+    if (!!cfg->tls_cert != !!cfg->tls_key || (cfg->tls_ca && !cfg->tls_cert)) {
+        snprintf(err, errlen, "--tls-cert and --tls-key go together; --tls-ca needs both");
+        return -1;
     }
     return 0;
 }

@@ -49,6 +49,9 @@ typedef struct mock_config {
     long max_body_bytes;
     long seed; /* 0 = from time and pid */
     bool help;
+    /* HTTPS: server certificate and key (PEM files); with tls_ca, a client
+     * certificate signed by that CA is required (mutual TLS) */
+    const char *tls_cert, *tls_key, *tls_ca;
 } mock_config;
 
 /* Fills cfg from the defaults and argv.  Returns 0, or -1 with a one-line

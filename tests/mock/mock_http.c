@@ -2,6 +2,8 @@
 
 #include "mock_timer.h"
 
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 #include <microhttpd.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -20,7 +22,8 @@ struct mock_server {
     mock_provider *provider;
     mock_timer *timer;
     struct MHD_Daemon *daemon;
-    atomic_long active; /* requests begun and not yet completed */
+    atomic_long active;                /* requests begun and not yet completed */
+    char *tls_cert, *tls_key, *tls_ca; /* PEM text: MHD keeps pointers to them */
 };
 
 /* The state of one request across the access handler's calls. */
@@ -121,6 +124,38 @@ static void resume_connection(void *arg)
     MHD_resume_connection(arg);
 }
 
+/* True when the peer sent a certificate that chains to --tls-ca (MHD only
+ * asks for one: checking it is the application's job). */
+static bool client_cert_ok(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+    unsigned int status = 0, n = 0;
+    if (!ci || !ci->tls_session)
+        return false;
+    gnutls_session_t s = (gnutls_session_t)ci->tls_session;
+    if (!gnutls_certificate_get_peers(s, &n) || n == 0)
+        return false;
+    return gnutls_certificate_verify_peers2(s, &status) == 0 && status == 0;
+}
+
+static char *read_pem(const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    char *text = NULL;
+    long n;
+    if (!f || fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || n > 1048576 ||
+        fseek(f, 0, SEEK_SET) != 0 || !(text = calloc(1, (size_t)n + 1)) ||
+        fread(text, 1, (size_t)n, f) != (size_t)n) {
+        snprintf(err, errlen, "cannot read %s", path);
+        free(text);
+        text = NULL;
+    }
+    if (f)
+        fclose(f);
+    return text;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload_data,
                                   size_t *upload_data_size, void **con_cls)
@@ -129,6 +164,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     mock_server *srv = cls;
     request_ctx *rc = *con_cls;
     if (!rc) {
+        if (srv->tls_ca && !client_cert_ok(conn)) {
+            /* what a TLS front end does with ssl_verify_client on: a fatal
+             * bad_certificate alert, and the connection closed unanswered */
+            const union MHD_ConnectionInfo *ci =
+                MHD_get_connection_info(conn, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+            if (ci && ci->tls_session)
+                gnutls_alert_send((gnutls_session_t)ci->tls_session, GNUTLS_AL_FATAL,
+                                  GNUTLS_A_BAD_CERTIFICATE);
+            fprintf(stderr, "mock-provider: client certificate refused (%s %s)\n", method, url);
+            return MHD_NO;
+        }
         rc = calloc(1, sizeof *rc);
         if (!rc)
             return MHD_NO;
@@ -229,18 +275,30 @@ mock_server *mock_server_start(const mock_config *cfg, mock_provider *p, int lis
         goto fail;
     }
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
-    struct MHD_OptionItem opts[] = {
-        {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)on_mhd_log, NULL},
-        {MHD_OPTION_LISTEN_SOCKET, listen_fd, NULL},
-        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections, NULL},
-        {MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, NULL},
-        {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv},
-        /* Last, so that one thread can drop it: MHD warns about a pool of 1. */
-        {MHD_OPTION_THREAD_POOL_SIZE, cfg->threads, NULL},
-        {MHD_OPTION_END, 0, NULL},
-    };
-    if (cfg->threads <= 1)
-        opts[5].option = MHD_OPTION_END;
+    if (cfg->tls_cert) {
+        if (!(srv->tls_cert = read_pem(cfg->tls_cert, err, errlen)) ||
+            !(srv->tls_key = read_pem(cfg->tls_key, err, errlen)) ||
+            (cfg->tls_ca && !(srv->tls_ca = read_pem(cfg->tls_ca, err, errlen))))
+            goto fail;
+        flags |= MHD_USE_TLS;
+    }
+    struct MHD_OptionItem opts[12];
+    size_t n = 0;
+    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)on_mhd_log, NULL};
+    if (srv->tls_cert) {
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, srv->tls_cert};
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, srv->tls_key};
+    }
+    if (srv->tls_ca)
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_TRUST, 0, srv->tls_ca};
+    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_LISTEN_SOCKET, listen_fd, NULL};
+    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections, NULL};
+    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, NULL};
+    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv};
+    /* Last, and only with more than one thread: MHD warns about a pool of 1. */
+    if (cfg->threads > 1)
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_THREAD_POOL_SIZE, cfg->threads, NULL};
+    opts[n] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     srv->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_ARRAY, opts,
                                    MHD_OPTION_END);
     if (!srv->daemon) {
@@ -250,6 +308,9 @@ mock_server *mock_server_start(const mock_config *cfg, mock_provider *p, int lis
     return srv;
 fail:
     mock_timer_free(srv->timer);
+    free(srv->tls_cert);
+    free(srv->tls_key);
+    free(srv->tls_ca);
     free(srv);
     return NULL;
 }
@@ -271,5 +332,8 @@ void mock_server_stop(mock_server *srv)
     }
     MHD_stop_daemon(srv->daemon);
     mock_timer_free(srv->timer);
+    free(srv->tls_cert);
+    free(srv->tls_key);
+    free(srv->tls_ca);
     free(srv);
 }

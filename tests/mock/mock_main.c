@@ -123,8 +123,8 @@ int main(int argc, char **argv)
     }
     const char *open_bracket = strchr(cfg.host, ':') ? "[" : "";
     const char *close_bracket = *open_bracket ? "]" : "";
-    printf("mock-provider listening on http://%s%s%s:%u\n", open_bracket, cfg.host, close_bracket,
-           port);
+    printf("mock-provider listening on %s://%s%s%s:%u\n", cfg.tls_cert ? "https" : "http",
+           open_bracket, cfg.host, close_bracket, port);
     fflush(stdout);
 
     int sig = 0;

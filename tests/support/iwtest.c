@@ -131,8 +131,15 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
             out[n++] = *e;
     snprintf(buf[b], sizeof buf[b], "IW_NAMESPACE=%s", ns);
     out[n++] = buf[b++];
-    snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
-    out[n++] = buf[b++];
+    /* an https:// provider (mTLS tests) comes in extra: the first of two
+     * equal names would win */
+    int own_url = 0;
+    for (int j = 0; extra && extra[j]; j++)
+        own_url |= strncmp(extra[j], "IW_PROVIDER_URL=", 16) == 0;
+    if (!own_url) {
+        snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
+        out[n++] = buf[b++];
+    }
     /* Workers log in as the least-privilege test users that scripts/stack.sh derives
      * from deploy/ (rabbitmq/definitions.json, redis/users.acl), so a permission the
      * worker needs but those files lack fails a test. */

@@ -24,7 +24,8 @@ pid_t iwt_start_mock(const char *const *args, int *port);
 /* Starts `integration-worker role` for namespace ns against the mock on
  * port, with the default test settings (api-key auth, IW_HTTP_ADDR=off,
  * short poll schedule) overridden/extended by env ("NAME=value", NULL-
- * terminated, may be NULL).  Its stderr goes to /tmp/iwtest-<ns>-<tag>.log. */
+ * terminated, may be NULL; an IW_PROVIDER_URL there replaces the http:// one).
+ * Its stderr goes to /tmp/iwtest-<ns>-<tag>.log. */
 pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *const *env,
                        const char *tag);
 /* Runs `integration-worker <args...>` to completion with the same env;

@@ -26,6 +26,8 @@ typedef struct capture {
     int n;
     char *heads[MAX_REQ]; /* request line + headers of each request */
     const char *token;    /* access_token answered at /oauth/token */
+    int token_status;     /* 0: 200; else /oauth/token answers this status */
+    int api_401s;         /* this many API calls answer 401 first */
 } capture;
 
 static capture cap;
@@ -69,6 +71,15 @@ static void *capture_main(void *ud)
         iw_buf body, resp;
         buf_init(&body, 4096);
         buf_init(&resp, 8192);
+        int status = 200;
+        pthread_mutex_lock(&c->lock);
+        if (strncmp(buf, "POST /oauth/token", 17) == 0 && c->token_status)
+            status = c->token_status;
+        else if (strncmp(buf, "POST /oauth/token", 17) != 0 && c->api_401s > 0) {
+            c->api_401s--;
+            status = 401;
+        }
+        pthread_mutex_unlock(&c->lock);
         if (strncmp(buf, "POST /oauth/token", 17) == 0)
             ck_assert_int_eq(buf_addf(&body, "{\"access_token\":\"%s\",\"expires_in\":3600}",
                                       c->token ? c->token : "tok"),
@@ -76,9 +87,9 @@ static void *capture_main(void *ud)
         else
             ck_assert_int_eq(buf_adds(&body, "{\"ok\":true}"), IW_OK);
         ck_assert_int_eq(buf_addf(&resp,
-                                  "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                  "HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
                                   "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
-                                  buf_len(&body), buf_ptr(&body)),
+                                  status, buf_len(&body), buf_ptr(&body)),
                          IW_OK);
         (void)!write(conn, buf_ptr(&resp), buf_len(&resp));
         buf_free(&body);
@@ -145,11 +156,15 @@ static http_client *client(int auth_mode, const char *api_key, iw_error *err)
 
 static int done;
 static long last_status;
+static iw_transport last_transport;
+static long last_wait;
 static void on_done(void *ud, const http_response *r)
 {
     (void)ud;
     done++;
     last_status = r->result.status;
+    last_transport = r->result.transport;
+    last_wait = r->result.retry_after_ms;
 }
 
 /* Runs one call to completion; returns the start code. */
@@ -299,10 +314,11 @@ START_TEST(token_with_crlf_never_sent)
     http_client *c = client(IW_AUTH_OAUTH2, NULL, &err);
     ck_assert_ptr_nonnull(c);
     ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-2"), IW_OK);
-    ck_assert_int_eq(n_captured(), 2); /* the token request, then the call */
+    /* the token is refused, and a call is never sent without one: it waits */
+    ck_assert_int_eq(n_captured(), 1);
     ck_assert_int_eq(strncmp(cap.heads[0], "POST /oauth/token", 17), 0);
-    ck_assert_int_eq(count_headers(cap.heads[1], "Authorization"), 0);
-    ck_assert_ptr_null(strstr(cap.heads[1], "X-Injected"));
+    ck_assert_int_eq(last_transport, IW_TRANSPORT_NO_TOKEN);
+    ck_assert_int_ge(last_wait, 1000);
     http_client_free(c);
     loop_free(lp);
     lp = NULL;
@@ -323,6 +339,134 @@ START_TEST(good_token_sent)
     http_client_free(c);
     loop_free(lp);
     lp = NULL;
+}
+END_TEST
+
+START_TEST(token_outage_waits_with_backoff)
+{
+    iw_error err;
+    capture_start();
+    cap.token_status = 503;
+    http_client *c = client(IW_AUTH_OAUTH2, NULL, &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-4"), IW_OK);
+    ck_assert_int_eq(last_transport, IW_TRANSPORT_NO_TOKEN);
+    ck_assert_int_eq(n_captured(), 1); /* only the token request */
+    /* within the backoff: no new token request, the call waits again */
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-5"), IW_OK);
+    ck_assert_int_eq(last_transport, IW_TRANSPORT_NO_TOKEN);
+    ck_assert_int_eq(n_captured(), 1);
+    ck_assert_int_gt(last_wait, 0);
+    ck_assert_int_le(last_wait, 1000);
+    /* the endpoint recovers; after the backoff the call goes with a token */
+    pthread_mutex_lock(&cap.lock);
+    cap.token_status = 0;
+    pthread_mutex_unlock(&cap.lock);
+    usleep(1100000);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-6"), IW_OK);
+    ck_assert_int_eq(last_transport, IW_TRANSPORT_OK);
+    ck_assert_int_eq(last_status, 200);
+    ck_assert_int_eq(n_captured(), 3);
+    ck_assert_int_eq(count_headers(cap.heads[2], "Authorization"), 1);
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+/* A caller that holds its calls while http_client_token_wait_ms > 0 gets
+ * the token fetched for it, and learns the backoff when the fetch fails. */
+START_TEST(token_wait_fetches_without_a_call)
+{
+    iw_error err;
+    capture_start();
+    cap.token_status = 503;
+    http_client *c = client(IW_AUTH_OAUTH2, NULL, &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(http_client_auth_ready(c), 0);
+    ck_assert_int_gt(http_client_token_wait_ms(c), 0); /* a fetch starts */
+    for (int i = 0; i < 200 && n_captured() < 1; i++)
+        loop_turn(lp, 20);
+    long w = 0;
+    for (int i = 0; i < 200 && (w = http_client_token_wait_ms(c)) <= 200; i++)
+        loop_turn(lp, 20);
+    ck_assert_int_gt(w, 200); /* the backoff after the failed fetch */
+    ck_assert_int_le(w, 1000);
+    ck_assert_int_eq(n_captured(), 1); /* the token request only */
+    pthread_mutex_lock(&cap.lock);
+    cap.token_status = 0;
+    pthread_mutex_unlock(&cap.lock);
+    /* at the end of the backoff the client fetches by itself */
+    for (int i = 0; i < 200 && !http_client_auth_ready(c); i++) {
+        (void)http_client_token_wait_ms(c);
+        loop_turn(lp, 20);
+    }
+    ck_assert_int_eq(http_client_auth_ready(c), 1);
+    ck_assert_int_eq(http_client_token_wait_ms(c), 0);
+    ck_assert_int_eq(n_captured(), 2);
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+START_TEST(one_401_one_refresh_one_retry)
+{
+    iw_error err;
+    capture_start();
+    cap.api_401s = 1;
+    http_client *c = client(IW_AUTH_OAUTH2, NULL, &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-7"), IW_OK);
+    ck_assert_int_eq(last_status, 200);
+    /* token, call (401), token again, the same call */
+    ck_assert_int_eq(n_captured(), 4);
+    ck_assert_int_eq(strncmp(cap.heads[2], "POST /oauth/token", 17), 0);
+    /* a 401 after the refresh is the answer */
+    pthread_mutex_lock(&cap.lock);
+    cap.api_401s = 2;
+    pthread_mutex_unlock(&cap.lock);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-8"), IW_OK);
+    ck_assert_int_eq(last_status, 401);
+    ck_assert_int_eq(n_captured(), 7);
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+START_TEST(token_answers_checked)
+{
+    char *tok;
+    long long life;
+    const char *why;
+#define P(s) http_token_parse(s, strlen(s), &tok, &life, &why)
+    ck_assert_int_eq(P("{\"access_token\":\"a.b-c\",\"expires_in\":60}"), IW_OK);
+    ck_assert_str_eq(tok, "a.b-c");
+    ck_assert_int_eq(life, 60000);
+    free(tok);
+    ck_assert_int_eq(P("{\"access_token\":\"abc\"}"), IW_OK);
+    ck_assert_int_eq(life, 3600000);
+    free(tok);
+    ck_assert_int_ne(P("{\"access_token\":\"a\\r\\nb\",\"expires_in\":60}"), IW_OK);
+    ck_assert_ptr_null(tok);
+    ck_assert_int_ne(P("{\"access_token\":\"a b\",\"expires_in\":60}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"a\\u0000b\",\"expires_in\":60}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"\\u00e9\",\"expires_in\":60}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"\",\"expires_in\":60}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"abc\",\"expires_in\":0}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"abc\",\"expires_in\":-5}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"abc\",\"expires_in\":99999999999}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"abc\",\"expires_in\":\"60\"}"), IW_OK);
+    ck_assert_int_ne(P("{\"access_token\":\"abc\",\"expires_in\":1.5}"), IW_OK);
+    ck_assert_int_ne(P("[]"), IW_OK);
+    ck_assert_int_ne(P("not json"), IW_OK);
+    ck_assert_ptr_nonnull(why);
+    ck_assert_ptr_null(strstr(why, "abc"));
+#undef P
+    /* 80% of the life, but never more than 5 minutes before the end */
+    ck_assert_int_eq(http_token_refresh_after(60000), 48000);
+    ck_assert_int_eq(http_token_refresh_after(3600000), 3300000);
 }
 END_TEST
 
@@ -352,6 +496,10 @@ int main(void)
     tcase_add_test(tc, url_too_long_refused_whole_or_nothing);
     tcase_add_test(tc, token_with_crlf_never_sent);
     tcase_add_test(tc, good_token_sent);
+    tcase_add_test(tc, token_outage_waits_with_backoff);
+    tcase_add_test(tc, one_401_one_refresh_one_retry);
+    tcase_add_test(tc, token_wait_fetches_without_a_call);
+    tcase_add_test(tc, token_answers_checked);
     tcase_add_test(tc, header_and_path_checks);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
