@@ -25,6 +25,17 @@ extern char **environ;
 
 int iwt_standalone;
 
+/* The servers the test side and the workers it starts talk to: the shared
+ * loopback stack unless iwt_use_servers() picked private ones. */
+static int amqp_port_ = 5672;
+static int redis_port_ = 6379;
+
+void iwt_use_servers(int amqp_port, int redis_port)
+{
+    amqp_port_ = amqp_port;
+    redis_port_ = redis_port;
+}
+
 /* Fails the current Check test, or (in a benchmark) exits with a message. */
 static void iwt_fail(const char *file, int line, const char *what)
 {
@@ -131,6 +142,15 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
     out[n++] = buf[b++];
     snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
     out[n++] = buf[b++];
+    if (amqp_port_ != 5672) {
+        snprintf(buf[b], sizeof buf[b], "IW_AMQP_URL=amqp://guest:guest@127.0.0.1:%d/%%2f",
+                 amqp_port_);
+        out[n++] = buf[b++];
+    }
+    if (redis_port_ != 6379) {
+        snprintf(buf[b], sizeof buf[b], "IW_REDIS_URL=redis://127.0.0.1:%d/0", redis_port_);
+        out[n++] = buf[b++];
+    }
     static const char *const defaults[] = {"IW_API_KEY=test-key-xxxxx",
                                            "IW_API_SECRET=test-secret-xxxxx",
                                            "IW_HTTP_ADDR=off",
@@ -168,7 +188,9 @@ pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *c
         char log[512];
         const char *argv[] = {IW_BIN_DIR "/integration-worker", role, NULL};
         build_env(ns, port, env, envp, 512);
-        snprintf(log, sizeof log, "/tmp/iwtest-%s-%s.log", ns, tag ? tag : role);
+        const char *dir = getenv("IWT_LOG_DIR");
+        snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", dir && *dir ? dir : "/tmp", ns,
+                 tag ? tag : role);
         int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {
             dup2(fd, 2);
@@ -260,7 +282,7 @@ iwt_amqp *iwt_amqp_open(void)
 
     a->conn = amqp_new_connection();
     s = amqp_tcp_socket_new(a->conn);
-    REQUIRE(amqp_socket_open(s, "127.0.0.1", 5672) == AMQP_STATUS_OK);
+    REQUIRE(amqp_socket_open(s, "127.0.0.1", amqp_port_) == AMQP_STATUS_OK);
     die_on_amqp_error(
         amqp_login(a->conn, "/", 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest", "guest"), "login");
     amqp_channel_open(a->conn, 1);
@@ -504,7 +526,7 @@ void iwt_cleanup(const char *ns)
     }
     iwt_amqp_close(a);
 
-    redisContext *c = redisConnect("127.0.0.1", 6379);
+    redisContext *c = redisConnect("127.0.0.1", redis_port_);
     if (c && !c->err) {
         char cursor[32] = "0";
         do {
@@ -696,7 +718,7 @@ static redisReply *redis_vcmd(const char *fmt, va_list ap)
 {
     static redisContext *c;
     if (!c) {
-        c = redisConnect("127.0.0.1", 6379);
+        c = redisConnect("127.0.0.1", redis_port_);
         REQUIRE(c && !c->err);
     }
     redisReply *r = redisvCommand(c, fmt, ap);
