@@ -63,7 +63,7 @@ typedef struct opts {
     long jobs, duration_s, submitters, pollers, kill_every_ms, checks, latency_ms, jitter_ms,
         drain_s, settle_ms, seed;
     int amqp_port, redis_port;
-    const char *ctl, *workdir, *error_rate, *log_level;
+    const char *ctl, *workdir, *error_rate, *log_level, *sabotage;
     double double_rate;
 } opts;
 
@@ -518,6 +518,48 @@ static void restart_redis(void)
     redis_restarts++;
 }
 
+/* Proof that the audit can fail, deterministically: a loss (the next 5 jobs
+ * are published while <ns>.submit is unbound from <ns>.requests, so the broker
+ * confirms and drops them, as a lost binding would) and a duplicate outcome (a
+ * second and a third status.final with other bodies for soak-0, as a broken
+ * worker would publish).  *published advances past the dropped jobs. */
+static void sabotage(long *published)
+{
+    char q[300], ex[300];
+    snprintf(q, sizeof q, "%s.submit", ns);
+    snprintf(ex, sizeof ex, "%s.requests", ns);
+    amqp_queue_unbind(pub, 1, amqp_cstring_bytes(q), amqp_cstring_bytes(ex),
+                      amqp_cstring_bytes("submit.#"), amqp_empty_table);
+    if (!ok_reply(pub))
+        fprintf(stderr, "soak: sabotage: unbind failed\n");
+    long to = *published + 5 < o.jobs ? *published + 5 : o.jobs;
+    publish_range(*published, to);
+    *published = to;
+    amqp_queue_bind(pub, 1, amqp_cstring_bytes(q), amqp_cstring_bytes(ex),
+                    amqp_cstring_bytes("submit.#"), amqp_empty_table);
+    if (!ok_reply(pub))
+        fprintf(stderr, "soak: sabotage: rebind failed\n");
+
+    snprintf(ex, sizeof ex, "%s.events", ns);
+    amqp_basic_properties_t p;
+    memset(&p, 0, sizeof p);
+    p._flags = AMQP_BASIC_CORRELATION_ID_FLAG;
+    p.correlation_id = amqp_cstring_bytes("soak-0");
+    for (int k = 0; k < 2; k++) {
+        char body[128];
+        snprintf(body, sizeof body,
+                 "{\"jobId\":\"soak-0\",\"status\":\"completed\",\"sabotage\":%d}", k);
+        amqp_basic_publish(pub, 1, amqp_cstring_bytes(ex), amqp_cstring_bytes("status.final"), 0, 0,
+                           &p, amqp_cstring_bytes(body));
+        pub_seq++;
+    }
+    pub_wait_confirms();
+    fprintf(stderr,
+            "soak: sabotage: jobs up to soak-%ld dropped unrouted, two status.final for "
+            "soak-0 published\n",
+            to - 1);
+}
+
 /* ---- the audit -------------------------------------------------------------- */
 
 static long queue_depth(const char *name)
@@ -683,7 +725,9 @@ static void usage(void)
             "            [--duration S] [--submitters N] [--pollers N] [--kill-every-ms MS]\n"
             "            [--error-rate CODE=P,...] [--latency-ms MS] [--latency-jitter-ms MS]\n"
             "            [--checks N] [--double-rate P] [--drain-s S] [--settle-ms MS]\n"
-            "            [--log-level L] [--seed N]\n"
+            "            [--log-level L] [--seed N] [--sabotage audit]\n"
+            "--sabotage audit breaks the run on purpose (5 jobs published while unrouted,\n"
+            "two extra status.final with other bodies) to show that the audit fails.\n"
             "Started by tests/soak/run.sh, which provides the private servers.\n");
 }
 
@@ -730,12 +774,15 @@ static int parse_args(int argc, char **argv)
             o.ctl = v;
         else if (!strcmp(a, "--workdir"))
             o.workdir = v;
+        else if (!strcmp(a, "--sabotage"))
+            o.sabotage = v;
         else
             return -1;
     }
     if (o.jobs < 1 || o.duration_s < 1 || o.submitters < 1 || o.pollers < 1 ||
         o.submitters + o.pollers > MAX_WORKERS || o.kill_every_ms < 100 || o.checks < 1 ||
-        o.amqp_port <= 0 || o.redis_port <= 0 || !o.ctl || !o.workdir)
+        o.amqp_port <= 0 || o.redis_port <= 0 || !o.ctl || !o.workdir ||
+        (o.sabotage && strcmp(o.sabotage, "audit")))
         return -1;
     return 0;
 }
@@ -836,9 +883,11 @@ int main(int argc, char **argv)
         }
         if (published == o.jobs && !published_at)
             published_at = iwt_now_ms();
-        if (!rabbit_restarts && now >= rabbit_at)
+        if (!rabbit_restarts && now >= rabbit_at) {
             restart_rabbit();
-        else if (!redis_restarts && now >= redis_at)
+            if (o.sabotage)
+                sabotage(&published);
+        } else if (!redis_restarts && now >= redis_at)
             restart_redis();
         else if (now >= next_kill) {
             kill_one();
