@@ -12,7 +12,7 @@
 #   --keep             keep the work directory (logs, broker and Redis data) even on success
 #   other flags go to the driver (`build/bin/soak --help`): --submitters, --pollers,
 #   --kill-every-ms, --error-rate, --latency-ms, --latency-jitter-ms, --checks,
-#   --log-level, --seed, --drain-s ...
+#   --log-level, --seed, --drain-s, --rabbit-restart shutdown|kill ...
 #
 # It starts a PRIVATE RabbitMQ node and a PRIVATE Redis on free loopback ports (never
 # the shared 5672/6379, which it does not touch), runs build/bin/soak against them and
@@ -20,7 +20,7 @@
 # persistence, so its restart keeps the records.  Exit 0 only when the audit passes.
 # Needs root (RabbitMQ's start script switches to the rabbitmq user).
 #
-# Internal use by the driver: run.sh ctl rabbit-restart|redis-restart WORKDIR
+# Internal use by the driver: run.sh ctl rabbit-restart|rabbit-kill|redis-restart WORKDIR
 set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -123,6 +123,16 @@ if [ "${1:-}" = ctl ]; then
       rabbit_stop
       rabbit_start
       log "rabbitmq restarted in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
+      ;;
+    rabbit-kill)
+      # a crash, not a shutdown: SIGKILL the node (its pid file), then start it again
+      t0=$(date +%s.%N)
+      pid="$(cat "$W/rabbit/pid" 2>/dev/null || true)"
+      [ -n "$pid" ] || die "no pid file for $NODE"
+      kill -KILL "$pid"
+      for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+      rabbit_start
+      log "rabbitmq killed (SIGKILL) and started again in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
       ;;
     redis-restart)
       t0=$(date +%s.%N)

@@ -6,14 +6,17 @@
  * namespace and a durable quorum "tap" queue bound to <ns>.events with "#"
  * (declared before the first job, it survives the broker restart), then
  * publishes N jobs with confirms, evenly over --duration, while it SIGKILLs and
- * restarts one worker every --kill-every-ms, restarts RabbitMQ once (at 40% of
- * the duration) and Redis once (at 70%) through `run.sh ctl`.
+ * restarts one worker every --kill-every-ms, restarts RabbitMQ once (at 30% of
+ * the duration; a clean shutdown, or SIGKILL with --rabbit-restart kill) and
+ * Redis once (at 55%) through `run.sh ctl`.  The last quarter of the duration
+ * and the tail are free of faults.
  *
  * The audit is from the outside only: every event read from the tap, the dead
  * letters in <ns>.dead, the depth of every work and delay queue once the
  * workers are stopped, and the mock's /__admin/stats.  A job must end in
  * exactly one outcome; an event may repeat only byte-identical (repeats are
- * counted apart: the contract allows them across faults); the provider must
+ * counted apart: the contract allows them across faults, and none may arrive
+ * more than QUIET_MARGIN_MS after the last fault); the provider must
  * have created exactly one submission per accepted job; nothing may stay in a
  * queue and nothing may reach <ns>.dead through the broker's delivery limit.
  * Exit 0 when every check holds, 1 otherwise, 2 on usage errors. */
@@ -38,6 +41,12 @@
 #define MAX_PROGRESS 6
 /* How many problem jobs are printed (all go to <workdir>/audit-problems.txt). */
 #define PRINT_PROBLEMS 20
+/* Faults happen in the first FAULT_SHARE percent of the publishing time; the
+ * rest is quiet.  A repeat is blamed on a fault only within QUIET_MARGIN_MS of
+ * the last one: a redelivery may wait out a record's lease (IW_HTTP_TIMEOUT +
+ * 5 s) before it republishes. */
+#define FAULT_SHARE 75
+#define QUIET_MARGIN_MS 20000
 
 /* The kinds of job the soak publishes, by index, so that both outcomes and
  * every path to them run under the faults. */
@@ -55,6 +64,8 @@ typedef struct job {
     uint64_t progress[MAX_PROGRESS];
     int n_progress, progress_repeats;
     int dead, dead_limit;
+    int quiet_repeats; /* repeats received more than QUIET_MARGIN_MS after the last fault */
+    unsigned char final_status; /* 'c' completed, 'r' rejected, '?' other */
     int published;
     unsigned char kind;
 } job;
@@ -64,6 +75,7 @@ typedef struct opts {
         drain_s, settle_ms, seed;
     int amqp_port, redis_port;
     const char *ctl, *workdir, *error_rate, *log_level, *sabotage;
+    int rabbit_kill; /* SIGKILL the broker instead of a clean shutdown */
     double double_rate;
 } opts;
 
@@ -99,6 +111,7 @@ static const char *worker_env[16];
 
 static long kills, rabbit_restarts, redis_restarts, double_published, publish_reconnects;
 static long ev_total, ev_foreign, ev_tap_redelivered, outcomes_in;
+static long long last_fault_ms; /* when the last fault ended */
 static long dead_total, dead_foreign;
 
 static uint64_t fnv1a(const char *rk, const void *p, size_t n)
@@ -351,14 +364,26 @@ static void tap_close(void)
     tap = NULL;
 }
 
-static void note_seen(seen *s, uint64_t h)
+/* Counts a copy of an event; 1 when it repeats the first byte for byte. */
+static int note_seen(seen *s, uint64_t h)
 {
     if (s->n++ == 0)
         s->hash = h;
     else if (s->hash == h)
-        s->repeats++;
+        return ++s->repeats, 1;
     else
         s->conflicts++;
+    return 0;
+}
+
+/* A repeat far from any fault breaks the contract (a double-published job's
+ * second submission.accepted is not a repeat of this kind). */
+static void note_repeat(job *j, int is_accepted)
+{
+    if (is_accepted && j->published > 1)
+        return;
+    if (iwt_now_ms() - last_fault_ms > QUIET_MARGIN_MS)
+        j->quiet_repeats++;
 }
 
 static int has_outcome(const job *j)
@@ -408,8 +433,10 @@ static void on_event(const amqp_envelope_t *env)
         }
         for (int k = 0; k < j->n_progress; k++)
             if (j->progress[k] == h) {
-                if (!env->redelivered)
+                if (!env->redelivered) {
                     j->progress_repeats++;
+                    note_repeat(j, 0);
+                }
                 return;
             }
         if (j->n_progress < MAX_PROGRESS)
@@ -417,12 +444,18 @@ static void on_event(const amqp_envelope_t *env)
         return;
     }
     int had = has_outcome(j);
-    note_seen(s, h);
+    if (note_seen(s, h))
+        note_repeat(j, s == &j->accepted);
     if (s->n == 1 && s != &j->accepted) {
         json_t *b = json_loadb(env->message.body.bytes, env->message.body.len, 0, NULL);
-        if (s == &j->final)
-            tally(final_statuses, json_string_value(json_object_get(b, "status")));
-        else
+        if (s == &j->final) {
+            const char *st = json_string_value(json_object_get(b, "status"));
+            tally(final_statuses, st);
+            j->final_status = !st                        ? '?'
+                              : !strcmp(st, "completed") ? 'c'
+                              : !strcmp(st, "rejected")  ? 'r'
+                                                         : '?';
+        } else
             tally(failed_codes,
                   json_string_value(json_object_get(json_object_get(b, "error"), "code")));
         json_decref(b);
@@ -481,6 +514,7 @@ static void kill_one(void)
     iwt_stop_tracked(w->pid, SIGKILL);
     start_worker(w);
     kills++;
+    last_fault_ms = iwt_now_ms();
 }
 
 static void run_ctl(const char *what)
@@ -502,13 +536,14 @@ static void restart_rabbit(void)
     tap_close();
     conn_close(pub);
     pub = NULL;
-    run_ctl("rabbit-restart");
+    run_ctl(o.rabbit_kill ? "rabbit-kill" : "rabbit-restart");
     if (pub_open() != 0) {
         fprintf(stderr, "soak: broker did not come back\n");
         exit(1);
     }
     tap_open();
     rabbit_restarts++;
+    last_fault_ms = iwt_now_ms();
 }
 
 static void restart_redis(void)
@@ -516,6 +551,7 @@ static void restart_redis(void)
     fprintf(stderr, "soak: restarting redis\n");
     run_ctl("redis-restart");
     redis_restarts++;
+    last_fault_ms = iwt_now_ms();
 }
 
 /* Proof that the audit can fail, deterministically: a loss (the next 5 jobs
@@ -711,9 +747,18 @@ static int is_delivery_limit(const job *j)
 {
     return j->dead_limit > 0;
 }
+/* A job that the mock fails always must not end in status.final; a final
+ * must carry the terminal status the mock was told for the job. */
+static int is_quiet_repeat(const job *j)
+{
+    return j->quiet_repeats > 0;
+}
 static int is_wrong_outcome(const job *j)
 {
-    return (j->kind == K_FAIL_503 || j->kind == K_FAIL_400) && j->final.n;
+    if (!j->final.n)
+        return 0;
+    return j->kind == K_FAIL_503 || j->kind == K_FAIL_400 ||
+           j->final_status != (j->kind == K_REJECTED ? 'r' : 'c');
 }
 
 /* ---- main ------------------------------------------------------------------- */
@@ -725,7 +770,8 @@ static void usage(void)
             "            [--duration S] [--submitters N] [--pollers N] [--kill-every-ms MS]\n"
             "            [--error-rate CODE=P,...] [--latency-ms MS] [--latency-jitter-ms MS]\n"
             "            [--checks N] [--double-rate P] [--drain-s S] [--settle-ms MS]\n"
-            "            [--log-level L] [--seed N] [--sabotage audit]\n"
+            "            [--log-level L] [--seed N] [--rabbit-restart shutdown|kill]\n"
+            "            [--sabotage audit]\n"
             "--sabotage audit breaks the run on purpose (5 jobs published while unrouted,\n"
             "two extra status.final with other bodies) to show that the audit fails.\n"
             "Started by tests/soak/run.sh, which provides the private servers.\n");
@@ -774,6 +820,8 @@ static int parse_args(int argc, char **argv)
             o.ctl = v;
         else if (!strcmp(a, "--workdir"))
             o.workdir = v;
+        else if (!strcmp(a, "--rabbit-restart") && (!strcmp(v, "kill") || !strcmp(v, "shutdown")))
+            o.rabbit_kill = !strcmp(v, "kill");
         else if (!strcmp(a, "--sabotage"))
             o.sabotage = v;
         else
@@ -870,7 +918,8 @@ int main(int argc, char **argv)
     fflush(stdout);
 
     long long t0 = iwt_now_ms(), dur = o.duration_s * 1000;
-    long long rabbit_at = t0 + dur * 4 / 10, redis_at = t0 + dur * 7 / 10;
+    long long rabbit_at = t0 + dur * 3 / 10, redis_at = t0 + dur * 55 / 100;
+    long long faults_end = t0 + dur * FAULT_SHARE / 100;
     long long next_kill = t0 + o.kill_every_ms, last_outcome = t0, published_at = 0;
     long published = 0, last_in = 0;
     for (;;) {
@@ -889,7 +938,7 @@ int main(int argc, char **argv)
                 sabotage(&published);
         } else if (!redis_restarts && now >= redis_at)
             restart_redis();
-        else if (now >= next_kill) {
+        else if (now >= next_kill && now < faults_end) {
             kill_one();
             next_kill += o.kill_every_ms;
         }
@@ -990,6 +1039,7 @@ int main(int argc, char **argv)
     long dnf = problems(stdout, "DEAD LETTER WITHOUT FAILED", is_dead_without_failed);
     long lim = problems(stdout, "DELIVERY LIMIT", is_delivery_limit);
     long wrong = problems(stdout, "WRONG OUTCOME", is_wrong_outcome);
+    long quiet = problems(stdout, "REPEAT AWAY FROM FAULTS", is_quiet_repeat);
     if (f) {
         problems(f, "LOST", is_lost);
         problems(f, "DUPLICATE OUTCOME", is_dup_outcome);
@@ -998,17 +1048,18 @@ int main(int argc, char **argv)
         problems(f, "DEAD LETTER WITHOUT FAILED", is_dead_without_failed);
         problems(f, "DELIVERY LIMIT", is_delivery_limit);
         problems(f, "WRONG OUTCOME", is_wrong_outcome);
+        problems(f, "REPEAT AWAY FROM FAULTS", is_quiet_repeat);
         fclose(f);
     }
     int ok = lost == 0 && dup == 0 && nacc == 0 && fnd == 0 && dnf == 0 && lim == 0 && wrong == 0 &&
-             left_over == 0 && created == accepted && dead_foreign == 0;
+             quiet == 0 && left_over == 0 && created == accepted && dead_foreign == 0;
     printf(
         "soak: %s: lost %ld, duplicate outcomes %ld, final without accepted %ld, failed without "
         "dead letter %ld, dead letter without failed %ld, delivery-limit dead letters %ld, wrong "
-        "outcomes %ld, stranded messages %ld, extra provider submissions %ld; workers not "
-        "exiting 0 on SIGTERM: %d\n",
-        ok ? "PASS" : "FAIL", lost, dup, nacc, fnd, dnf, lim, wrong, left_over, created - accepted,
-        unclean);
+        "outcomes %ld, repeats away from faults %ld, stranded messages %ld, extra provider "
+        "submissions %ld; workers not exiting 0 on SIGTERM: %d\n",
+        ok ? "PASS" : "FAIL", lost, dup, nacc, fnd, dnf, lim, wrong, quiet, left_over,
+        created - accepted, unclean);
     json_decref(stats);
     json_decref(final_statuses);
     json_decref(failed_codes);
