@@ -65,7 +65,10 @@ typedef struct job {
     int n_progress, progress_repeats;
     int dead, dead_limit;
     int quiet_repeats; /* repeats received more than QUIET_MARGIN_MS after the last fault */
-    unsigned char final_status; /* 'c' completed, 'r' rejected, '?' other */
+    unsigned char final_status;
+    unsigned char failed_polling;
+        /* the failure is POLL_EXPIRED or TRACKING_NOT_FOUND */ /* 'c' completed, 'r' rejected, '?'
+                                                                   other */
     int published;
     unsigned char kind;
 } job;
@@ -74,7 +77,7 @@ typedef struct opts {
     long jobs, duration_s, submitters, pollers, kill_every_ms, checks, latency_ms, jitter_ms,
         drain_s, settle_ms, seed;
     int amqp_port, redis_port;
-    const char *ctl, *workdir, *error_rate, *log_level, *sabotage;
+    const char *ctl, *workdir, *error_rate, *log_level, *sabotage, *http_timeout;
     int rabbit_kill; /* SIGKILL the broker instead of a clean shutdown */
     double double_rate;
 } opts;
@@ -99,6 +102,7 @@ static opts o = {.jobs = 20000,
                  .settle_ms = 5000,
                  .error_rate = "500=0.04,503=0.03,0=0.01,429=0.001",
                  .log_level = "info",
+                 .http_timeout = "5s",
                  .double_rate = 0.01};
 static const char *ns;
 static int mock_port;
@@ -106,7 +110,7 @@ static job *jobs;
 static worker workers[MAX_WORKERS];
 static int n_workers;
 static char tap_queue[300];
-static char env_log[64];
+static char env_log[64], env_timeout[64];
 static const char *worker_env[16];
 
 static long kills, rabbit_restarts, redis_restarts, double_published, publish_reconnects;
@@ -749,6 +753,12 @@ static int is_delivery_limit(const job *j)
 }
 /* A job that the mock fails always must not end in status.final; a final
  * must carry the terminal status the mock was told for the job. */
+/* The contract: a failing status check is tried again on the poll schedule
+ * until IW_POLL_MAX_AGE and never ends an accepted job before then. */
+static int is_accepted_then_failed(const job *j)
+{
+    return j->accepted.n && j->failed.n && !j->failed_polling;
+}
 static int is_quiet_repeat(const job *j)
 {
     return j->quiet_repeats > 0;
@@ -771,6 +781,7 @@ static void usage(void)
             "            [--error-rate CODE=P,...] [--latency-ms MS] [--latency-jitter-ms MS]\n"
             "            [--checks N] [--double-rate P] [--drain-s S] [--settle-ms MS]\n"
             "            [--log-level L] [--seed N] [--rabbit-restart shutdown|kill]\n"
+            "            [--http-timeout D]\n"
             "            [--sabotage audit]\n"
             "--sabotage audit breaks the run on purpose (5 jobs published while unrouted,\n"
             "two extra status.final with other bodies) to show that the audit fails.\n"
@@ -822,6 +833,8 @@ static int parse_args(int argc, char **argv)
             o.workdir = v;
         else if (!strcmp(a, "--rabbit-restart") && (!strcmp(v, "kill") || !strcmp(v, "shutdown")))
             o.rabbit_kill = !strcmp(v, "kill");
+        else if (!strcmp(a, "--http-timeout"))
+            o.http_timeout = v;
         else if (!strcmp(a, "--sabotage"))
             o.sabotage = v;
         else
@@ -900,7 +913,8 @@ int main(int argc, char **argv)
     worker_env[e++] = "IW_POLL_JITTER=20";
     worker_env[e++] = "IW_RATE_LIMITS=1000000/s";
     worker_env[e++] = "IW_RETRY_SCHEDULE=0s,200ms,400ms,800ms";
-    worker_env[e++] = "IW_HTTP_TIMEOUT=5s";
+    snprintf(env_timeout, sizeof env_timeout, "IW_HTTP_TIMEOUT=%s", o.http_timeout);
+    worker_env[e++] = env_timeout;
     worker_env[e++] = "IW_SHUTDOWN_GRACE=10s";
     worker_env[e++] = "IW_BREAKER_FAILURES=1000";
     worker_env[e++] = env_log;
@@ -1040,6 +1054,7 @@ int main(int argc, char **argv)
     long lim = problems(stdout, "DELIVERY LIMIT", is_delivery_limit);
     long wrong = problems(stdout, "WRONG OUTCOME", is_wrong_outcome);
     long quiet = problems(stdout, "REPEAT AWAY FROM FAULTS", is_quiet_repeat);
+    long atf = problems(stdout, "ACCEPTED THEN FAILED", is_accepted_then_failed);
     if (f) {
         problems(f, "LOST", is_lost);
         problems(f, "DUPLICATE OUTCOME", is_dup_outcome);
@@ -1049,16 +1064,18 @@ int main(int argc, char **argv)
         problems(f, "DELIVERY LIMIT", is_delivery_limit);
         problems(f, "WRONG OUTCOME", is_wrong_outcome);
         problems(f, "REPEAT AWAY FROM FAULTS", is_quiet_repeat);
+        problems(f, "ACCEPTED THEN FAILED", is_accepted_then_failed);
         fclose(f);
     }
     int ok = lost == 0 && dup == 0 && nacc == 0 && fnd == 0 && dnf == 0 && lim == 0 && wrong == 0 &&
-             quiet == 0 && left_over == 0 && created == accepted && dead_foreign == 0;
+             quiet == 0 && atf == 0 && left_over == 0 && created == accepted && dead_foreign == 0;
     printf(
         "soak: %s: lost %ld, duplicate outcomes %ld, final without accepted %ld, failed without "
         "dead letter %ld, dead letter without failed %ld, delivery-limit dead letters %ld, wrong "
-        "outcomes %ld, repeats away from faults %ld, stranded messages %ld, extra provider "
+        "outcomes %ld, repeats away from faults %ld, accepted jobs failed by a status check %ld, "
+        "stranded messages %ld, extra provider "
         "submissions %ld; workers not exiting 0 on SIGTERM: %d\n",
-        ok ? "PASS" : "FAIL", lost, dup, nacc, fnd, dnf, lim, wrong, quiet, left_over,
+        ok ? "PASS" : "FAIL", lost, dup, nacc, fnd, dnf, lim, wrong, quiet, atf, left_over,
         created - accepted, unclean);
     json_decref(stats);
     json_decref(final_statuses);
