@@ -4,14 +4,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* KEYS: fresh, missing, lock.  ARGV: token, lock ms, purge (1: delete the
- * fresh value first, it was found corrupt).
+/* KEYS: fresh, missing, lock, plain (the id's own <ns>:resource:<id>).
+ * ARGV: token, lock ms, purge (1: delete the fresh value first, it was found
+ * corrupt).
  * {1, value}: fresh hit; {2}: remembered 404; {3}: the caller holds the lock
  * now (taken, or extended when it was already its own); {4, pttl}: another
- * caller holds it. */
+ * caller holds it.  An expand variant is fresh only while the id's plain key
+ * exists: a system that follows the spec deletes <ns>:resource:<id> when the
+ * resource changes, and every variant of the id is then a miss. */
 static const char lookup_source[] =
     "if ARGV[3] == '1' then redis.call('DEL', KEYS[1]) end\n"
     "local v = redis.call('GET', KEYS[1])\n"
+    "if v and KEYS[1] ~= KEYS[4] and redis.call('EXISTS', KEYS[4]) == 0 then\n"
+    "  redis.call('DEL', KEYS[1])\n"
+    "  v = nil\n"
+    "end\n"
     "if v then return {1, v} end\n"
     "if redis.call('EXISTS', KEYS[2]) == 1 then return {2, ''} end\n"
     "local h = redis.call('GET', KEYS[3])\n"
@@ -21,20 +28,26 @@ static const char lookup_source[] =
     "end\n"
     "return {4, tostring(redis.call('PTTL', KEYS[3]))}\n";
 
-/* KEYS: fresh, stale, missing, lock, variants.
+/* KEYS: fresh, stale, missing, lock, variants, plain.
  * ARGV: mode (found|missing|release), token, value, fresh ttl, stale ttl,
  * negative ttl, variant member, variants ttl.
  * Writes only while the caller still holds the lock (an invalidation deletes
- * it), then releases it.  Returns 1 when written, 0 when the lock was gone. */
+ * it), then releases it.  A found variant also refreshes the id's plain key
+ * (the spec's <ns>:resource:<id> always holds the id's OurFormat after any
+ * look-up); a 404 of a variant drops it.  Returns 1 when written, 0 when the
+ * lock was gone. */
 static const char store_source[] = "if redis.call('GET', KEYS[4]) ~= ARGV[2] then return 0 end\n"
                                    "redis.call('DEL', KEYS[4])\n"
                                    "if ARGV[1] == 'found' then\n"
                                    "  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])\n"
                                    "  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[5])\n"
                                    "  redis.call('DEL', KEYS[3])\n"
+                                   "  if KEYS[6] ~= KEYS[1] then\n"
+                                   "    redis.call('SET', KEYS[6], ARGV[3], 'PX', ARGV[4])\n"
+                                   "  end\n"
                                    "elseif ARGV[1] == 'missing' then\n"
                                    "  redis.call('SET', KEYS[3], '1', 'PX', ARGV[6])\n"
-                                   "  redis.call('DEL', KEYS[1], KEYS[2])\n"
+                                   "  redis.call('DEL', KEYS[1], KEYS[2], KEYS[6])\n"
                                    "else\n"
                                    "  return 1\n"
                                    "end\n"
@@ -155,8 +168,10 @@ int cache_slot_init(const cache *c, cache_slot *s, const char *id, const char *e
         s->missing = slot_key(c->ns, "resource-missing", s->member, id);
         s->lock = slot_key(c->ns, "resource-lock", s->member, id);
         s->variants = slot_key(c->ns, "resource-variants", "", id);
+        s->plain = slot_key(c->ns, "resource", "", id);
     }
-    if (!s->member || !s->fresh || !s->stale || !s->missing || !s->lock || !s->variants) {
+    if (!s->member || !s->fresh || !s->stale || !s->missing || !s->lock || !s->variants ||
+        !s->plain) {
         cache_slot_free(s);
         return IW_ERR_NOMEM;
     }
@@ -171,23 +186,25 @@ void cache_slot_free(cache_slot *s)
     free(s->missing);
     free(s->lock);
     free(s->variants);
+    free(s->plain);
     memset(s, 0, sizeof s[0]);
 }
 
 int cache_append_lookup(cache *c, const cache_slot *s, const char *token, int purge, iw_error *err)
 {
-    const char *argv[6] = {s->fresh, s->missing, s->lock, token, c->lock, purge ? "1" : "0"};
-    return redis_link_append_script(c->redis, &c->lookup, 3, 6, argv, err);
+    const char *argv[7] = {s->fresh, s->missing, s->lock,          s->plain,
+                           token,    c->lock,    purge ? "1" : "0"};
+    return redis_link_append_script(c->redis, &c->lookup, 4, 7, argv, err);
 }
 
 int cache_append_store(cache *c, const cache_slot *s, cache_store_mode mode, const char *token,
                        const char *value, iw_error *err)
 {
     static const char *const modes[] = {"found", "missing", "release"};
-    const char *argv[13] = {
-        s->fresh,           s->stale, s->missing, s->lock,    s->variants, modes[mode], token,
-        value ? value : "", c->fresh, c->stale,   c->missing, s->member,   c->set};
-    return redis_link_append_script(c->redis, &c->store, 5, 13, argv, err);
+    const char *argv[14] = {
+        s->fresh, s->stale,           s->missing, s->lock,  s->variants, s->plain,  modes[mode],
+        token,    value ? value : "", c->fresh,   c->stale, c->missing,  s->member, c->set};
+    return redis_link_append_script(c->redis, &c->store, 6, 14, argv, err);
 }
 
 int cache_append_invalidate(cache *c, const char *id, iw_error *err)

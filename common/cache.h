@@ -14,8 +14,11 @@
  *
  *   lookup      fresh hit, remembered 404, or else the slot's lock (taken, or
  *               extended when it is the caller's), or the lock holder's TTL;
+ *               a variant is fresh only while the id's plain key exists;
  *   store       writes only while the caller still holds the lock (an
- *               invalidation deletes it), then releases it;
+ *               invalidation deletes it), then releases it; a found variant
+ *               also writes the id's plain key, so that <ns>:resource:<id>
+ *               holds the id's OurFormat after any look-up (the spec's key);
  *   invalidate  deletes every key of every variant of an id, atomically. */
 #ifndef IW_CACHE_H
 #define IW_CACHE_H
@@ -33,6 +36,7 @@ typedef struct cache_ttls {
 typedef struct cache_slot {
     char *member; /* "" or "@<escaped expand>" */
     char *fresh, *stale, *missing, *lock, *variants;
+    char *plain; /* <ns>:resource:<id>, the spec's key of the id */
 } cache_slot;
 
 typedef enum cache_store_mode { CACHE_FOUND, CACHE_MISSING, CACHE_RELEASE } cache_store_mode;

@@ -1,8 +1,22 @@
 #include "config.h"
+#include "redis_link.h"
 
+#include <amqp.h>
+#include <curl/curl.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "buf.h"
+#include "redis_link.h"
+
+/* The longest IW_NAMESPACE.  Names made from it: AMQP queues and exchanges
+ * (at most 255 bytes; the longest is "<ns>.delay.65536000", 15 more) and
+ * Redis keys ("<ns>:limiter:demand:resource", "<ns>:job:<jobKey>"...).  100
+ * bytes leave every one of them far inside its limit. */
+#define NS_MAX 100
+/* The longest secret read from NAME_FILE (a longer file is refused, not cut). */
+#define SECRET_FILE_MAX 65536
 
 typedef enum setting_type {
     T_STRING,
@@ -14,6 +28,7 @@ typedef enum setting_type {
     T_SCHEDULE,
     T_ENUM,
     T_LIST,
+    T_WINDOWS, /* IW_MAINTENANCE_WINDOWS: kept as text, parsed into cfg->maintenance */
 } setting_type;
 
 typedef struct setting {
@@ -30,17 +45,30 @@ typedef struct setting {
 static const char *const auth_choices[] = {"api-key", "oauth2", "basic", "none", NULL};
 static const char *const level_choices[] = {"debug", "info", "warn", "error", NULL};
 static const char *const queue_choices[] = {"quorum", "classic", NULL};
+static const char *const on_off[] = {"on", "off", NULL};
 
 #define F(field) offsetof(iw_config, field)
 #define DAY_MS 86400000L
 
 static const setting settings[] = {
     {"IW_AMQP_URL", T_URL, "amqp://guest:guest@127.0.0.1:5672/%2f", 0, 0, NULL, F(amqp_url), 0,
-     "broker URL (amqps:// for TLS)"},
+     "broker URL (amqps:// for TLS); several comma-separated URLs are the nodes of one cluster, "
+     "tried in turn"},
+    {"IW_AMQP_CA", T_STRING, NULL, 0, 0, NULL, F(amqp_ca), 0,
+     "CA bundle (PEM) that signs the broker's certificate, for amqps:// (default: the system's)"},
+    {"IW_AMQP_CERT", T_STRING, NULL, 0, 0, NULL, F(amqp_cert), 0,
+     "client certificate (PEM) for mutual TLS to the broker; with IW_AMQP_KEY"},
+    {"IW_AMQP_KEY", T_STRING, NULL, 0, 0, NULL, F(amqp_key), 0,
+     "client key (PEM) for mutual TLS to the broker"},
+    {"IW_AMQP_TLS_VERIFY", T_ENUM, "on", 0, 0, on_off, F(amqp_tls_no_verify), 0,
+     "on: verify the broker's certificate and host name; off only for tests"},
     {"IW_REDIS_URL", T_URL, "redis://127.0.0.1:6379/0", 0, 0, NULL, F(redis_url), 0,
      "shared state: limiter, breaker, cache, idempotency"},
     {"IW_PROVIDER_URL", T_URL, "http://127.0.0.1:8080", 0, 0, NULL, F(provider_url), 0,
      "provider base URL; /api/v1/... and /oauth/token are appended"},
+    {"IW_ALLOW_INSECURE_HTTP", T_LONG, "0", 0, 1, NULL, F(allow_insecure_http), 0,
+     "1 lets provider credentials go over plain http:// to a host that is not loopback "
+     "(warned about at start-up); otherwise such a setting is refused"},
     {"IW_NAMESPACE", T_STRING, "ext-api", 0, 0, NULL, F(ns), 0,
      "prefix of every exchange, queue and Redis key"},
     {"IW_AUTH_MODE", T_ENUM, "api-key", 0, 0, auth_choices, F(auth_mode), 0,
@@ -82,6 +110,16 @@ static const setting settings[] = {
      "consecutive failures that open the circuit breaker"},
     {"IW_BREAKER_OPEN", T_DURATION, "60s", 1000, DAY_MS, NULL, F(breaker_open_ms), 0,
      "how long the breaker stays open"},
+    {"IW_RATE_ALERT", T_LONG, "80", 1, 100, NULL, F(rate_alert_pct), 0,
+     "percent of any rate tier normal calls may use; the rest is kept for critical ones; "
+     "crossing it logs a warning (100: no throttle)"},
+    {"IW_MAX_RATE_PAUSE", T_DURATION, "1h", 1000, 7 * DAY_MS, NULL, F(max_rate_pause_ms), 0,
+     "the longest wait a provider's Retry-After or reset header can impose"},
+    {"IW_MAINTENANCE_WINDOWS", T_WINDOWS, NULL, 0, 0, NULL, F(maintenance_raw), 0,
+     "comma-separated 'Day HH:MM-HH:MM Zone' (e.g. Sun 02:00-04:00 America/New_York): normal "
+     "calls wait for the window's end, critical ones are tried"},
+    {"IW_REQUIRE_NOEVICTION", T_LONG, "0", 0, 1, NULL, F(require_noeviction), 0,
+     "1: refuse to start when Redis's maxmemory-policy may evict keys (0: warn)"},
     {"IW_POLL_SCHEDULE", T_SCHEDULE, "5s,10s,30s,1m,5m", 0, 0, NULL, F(poll_schedule_ms), F(n_poll),
      "waits between status checks; the last one repeats"},
     {"IW_POLL_MAX_AGE", T_DURATION, "24h", 1000, 30 * DAY_MS, NULL, F(poll_max_age_ms), 0,
@@ -103,6 +141,12 @@ static const setting settings[] = {
      F(terminal_statuses_raw), F(n_terminal), "statuses that end polling"},
     {"IW_MAX_MESSAGE_BYTES", T_LONG, "1048576", 64, 134217728L, NULL, F(max_message_bytes), 0,
      "larger jobs are dead-lettered unread (MESSAGE_TOO_LARGE)"},
+    {"IW_MAX_HELD_BYTES", T_LONG, "67108864", 65536, 68719476736L, NULL, F(max_held_bytes), 0,
+     "delivery bodies one process holds, all together; a delivery larger than what is left is "
+     "rejected unread (the broker dead-letters it) and consuming pauses while it is used up"},
+    {"IW_QUORUM_GROUP_SIZE", T_LONG, "0", 0, 99, NULL, F(quorum_group_size), 0,
+     "replicas of each quorum queue (x-quorum-initial-group-size); 0: the broker's default "
+     "(RabbitMQ 3.10: quorum_cluster_size, 3, at most the cluster's nodes)"},
     {"IW_MAX_RESPONSE_BYTES", T_LONG, "1048576", 1024, 134217728L, NULL, F(max_response_bytes), 0,
      "larger provider responses are an error"},
     {"IW_CLIENT_ID", T_STRING, "integration-worker", 0, 0, NULL, F(client_id), 0,
@@ -123,28 +167,74 @@ static const setting settings[] = {
      "how long an accepted jobId is remembered in Redis"},
     {"IW_REDIS_TIMEOUT", T_DURATION, "2s", 10, 60000, NULL, F(redis_timeout_ms), 0,
      "connect and command timeout for Redis"},
+    {"IW_REDIS_PASSWORD", T_SECRET, NULL, 0, 0, NULL, F(redis_password), 0,
+     "password of the Redis data nodes (overrides one in IW_REDIS_URL)"},
+    {"IW_REDIS_SENTINELS", T_STRING, NULL, 0, 0, NULL, F(redis_sentinels), 0,
+     "Sentinel host:port list; when set, every (re)connect asks them for the master "
+     "(IW_REDIS_URL then only gives the db number)"},
+    {"IW_REDIS_MASTER", T_STRING, "mymaster", 0, 0, NULL, F(redis_master), 0,
+     "the master name the sentinels monitor"},
+    {"IW_REDIS_SENTINEL_PASSWORD", T_SECRET, NULL, 0, 0, NULL, F(redis_sentinel_password), 0,
+     "password of the sentinels (requirepass in sentinel.conf)"},
+    {"IW_REDIS_WAIT_REPLICAS", T_LONG, "0", 0, 16, NULL, F(redis_wait_replicas), 0,
+     "replicas that must acknowledge the records guarding against double submission before "
+     "the job's events are published (WAIT); 0 skips"},
+    {"IW_REDIS_WAIT_TIMEOUT", T_DURATION, "100ms", 1, 60000, NULL, F(redis_wait_timeout_ms), 0,
+     "longest a WAIT for IW_REDIS_WAIT_REPLICAS waits"},
     {"IW_SCHEMA_DIR", T_STRING, IW_SCHEMA_DIR_DEFAULT, 0, 0, NULL, F(schema_dir), 0,
      "directory of the JSON Schemas"},
 };
 
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
 
+/* The file's content without trailing newlines, whole: a file past
+ * SECRET_FILE_MAX or holding a NUL is refused, never cut short. */
 static char *read_secret_file(const char *path, iw_error *err)
 {
     FILE *f = fopen(path, "rb");
-    char buf[4096];
+    iw_buf b;
+    char chunk[4096];
     size_t n;
+    char *out = NULL;
 
+    buf_init(&b, SECRET_FILE_MAX);
     if (!f) {
         iw_error_set(err, IW_ERR_CONFIG, "cannot read %s", path);
         return NULL;
     }
-    n = fread(buf, 1, sizeof buf - 1, f);
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (buf_add(&b, chunk, n) != IW_OK) {
+            iw_error_set(err, IW_ERR_CONFIG, "the file is larger than %d bytes", SECRET_FILE_MAX);
+            goto out;
+        }
+    }
+    if (ferror(f)) {
+        iw_error_set(err, IW_ERR_CONFIG, "cannot read the file");
+        goto out;
+    }
+    if (memchr(buf_ptr(&b), '\0', buf_len(&b))) {
+        iw_error_set(err, IW_ERR_CONFIG, "the file holds a NUL byte");
+        goto out;
+    }
+    n = buf_len(&b);
+    out = buf_steal(&b);
+    while (out && n && (out[n - 1] == '\n' || out[n - 1] == '\r'))
+        out[--n] = '\0';
+    if (!out)
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+out:
     fclose(f);
-    buf[n] = '\0';
-    while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-        buf[--n] = '\0';
-    return strdup(buf);
+    buf_free(&b);
+    return out;
+}
+
+/* 1 when s holds no byte below 0x20 and no DEL. */
+static int no_controls(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7F)
+            return 0;
+    return 1;
 }
 
 static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *err)
@@ -159,10 +249,18 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
     case T_URL:
     case T_LIST: {
         char **dst = (char **)(base + s->offset);
+        /* URLs may hold passwords: never echoed (check_urls says what is wrong) */
         if (s->type == T_URL && !strstr(value, "://"))
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is not a URL", s->name, value);
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "%s: not a URL (scheme://...); the value is not shown, it may "
+                                "hold a password",
+                                s->name);
         if (s->type != T_SECRET && s->type != T_URL && !*value)
             return iw_error_set(err, IW_ERR_CONFIG, "%s: must not be empty", s->name);
+        /* Values go into JSON bodies, headers, names and logs: text only */
+        if (s->type != T_SECRET && (!utf8_valid(value, strlen(value)) || !no_controls(value)))
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "%s: must be UTF-8 text without control characters", s->name);
         free(*dst);
         *dst = strdup(value);
         if (s->type == T_LIST) {
@@ -217,6 +315,16 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
                            &e) != IW_OK)
             return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
         return IW_OK;
+    case T_WINDOWS: {
+        maintenance *m = NULL;
+        if (maintenance_parse(value, &m, &e) != IW_OK)
+            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+        maintenance_free(cfg->maintenance);
+        cfg->maintenance = m;
+        free(*(char **)(base + s->offset));
+        *(char **)(base + s->offset) = strdup(value);
+        return IW_OK;
+    }
     case T_ENUM:
         for (int i = 0; s->choices[i]; i++) {
             if (strcmp(value, s->choices[i]) == 0) {
@@ -279,24 +387,200 @@ int config_check_provider(const iw_config *cfg, iw_error *err)
     return IW_OK;
 }
 
-static int check_combinations(const iw_config *cfg, iw_error *err)
+/* Each comma-separated node of IW_AMQP_URL, parsed by librabbitmq exactly as
+ * amqp_link will.  The value is never echoed: it holds the broker password. */
+static int check_amqp_url(const char *url, iw_error *err)
 {
-    if (!!cfg->tls_cert != !!cfg->tls_key)
+    char *copy = strdup(url), *rest = copy, *node;
+    int rc = IW_OK, i = 0;
+
+    if (!copy)
+        return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+    while ((node = strsep(&rest, ",")) != NULL) {
+        struct amqp_connection_info ci;
+        if (++i > IW_MAX_AMQP_NODES) {
+            rc =
+                iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: at most %d URLs", IW_MAX_AMQP_NODES);
+            break;
+        }
+        while (*node == ' ')
+            node++;
+        for (char *end = node + strlen(node); end > node && end[-1] == ' ';)
+            *--end = '\0';
+        if (strncmp(node, "amqp://", 7) && strncmp(node, "amqps://", 8)) {
+            rc = iw_error_set(err, IW_ERR_CONFIG,
+                              "IW_AMQP_URL: node %d must start with amqp:// or amqps:// (the value "
+                              "is not shown: it may hold a password)",
+                              i);
+            break;
+        }
+        /* librabbitmq takes an empty host for "localhost": that is a typo here */
+        const char *auth = strstr(node, "://") + 3;
+        size_t auth_len = strcspn(auth, "/");
+        const char *host = auth;
+        for (const char *p = auth; p < auth + auth_len; p++)
+            if (*p == '@')
+                host = p + 1;
+        int empty_host = host == auth + auth_len || *host == ':';
+        amqp_default_connection_info(&ci);
+        if (empty_host || amqp_parse_url(node, &ci) != AMQP_STATUS_OK || !ci.host || !*ci.host) {
+            rc = iw_error_set(err, IW_ERR_CONFIG,
+                              "IW_AMQP_URL: node %d is not amqp[s]://[user:password@]host[:port]"
+                              "[/vhost] (the value is not shown: it may hold a password)",
+                              i);
+            break;
+        }
+    }
+    free(copy);
+    return rc;
+}
+
+/* The host of a provider URL is loopback: localhost, 127.0.0.0/8 or ::1. */
+static int is_loopback_host(const char *host)
+{
+    if (strcasecmp(host, "localhost") == 0 || strcmp(host, "[::1]") == 0 ||
+        strcmp(host, "::1") == 0)
+        return 1;
+    if (strncmp(host, "127.", 4) != 0)
+        return 0;
+    for (const char *p = host + 4; *p; p++)
+        if (!(*p == '.' || (*p >= '0' && *p <= '9')))
+            return 0;
+    return 1;
+}
+
+/* IW_PROVIDER_URL parsed by libcurl (as the calls will be); credentials over
+ * plain http:// only to loopback unless IW_ALLOW_INSECURE_HTTP=1. */
+static int check_provider_url(const iw_config *cfg, void (*warn)(const char *msg), iw_error *err)
+{
+    CURLU *u = curl_url();
+    char *scheme = NULL, *host = NULL, *query = NULL, *fragment = NULL;
+    int rc = IW_OK;
+
+    if (!u)
+        return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+    if (curl_url_set(u, CURLUPART_URL, cfg->provider_url, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !*host) {
+        rc = iw_error_set(err, IW_ERR_CONFIG,
+                          "IW_PROVIDER_URL: not a valid http:// or https:// URL (the value is not "
+                          "shown: it may hold a password)");
+        goto out;
+    }
+    if (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0) {
+        rc = iw_error_set(err, IW_ERR_CONFIG,
+                          "IW_PROVIDER_URL: must start with http:// or https://");
+        goto out;
+    }
+    if (curl_url_get(u, CURLUPART_QUERY, &query, 0) == CURLUE_OK ||
+        curl_url_get(u, CURLUPART_FRAGMENT, &fragment, 0) == CURLUE_OK) {
+        rc = iw_error_set(err, IW_ERR_CONFIG,
+                          "IW_PROVIDER_URL: must not have a query or fragment (the API paths are "
+                          "appended to it)");
+        goto out;
+    }
+    if (strcmp(scheme, "http") == 0 && cfg->auth_mode != IW_AUTH_NONE && !is_loopback_host(host)) {
+        if (!cfg->allow_insecure_http) {
+            rc = iw_error_set(err, IW_ERR_CONFIG,
+                              "IW_PROVIDER_URL: provider credentials would go over plain http:// "
+                              "to a host that is not loopback; use https:// or set "
+                              "IW_ALLOW_INSECURE_HTTP=1");
+            goto out;
+        }
+        if (warn)
+            warn("IW_ALLOW_INSECURE_HTTP=1: provider credentials go over plain http:// to a host "
+                 "that is not loopback");
+    }
+out:
+    curl_free(scheme);
+    curl_free(host);
+    curl_free(query);
+    curl_free(fragment);
+    curl_url_cleanup(u);
+    return rc;
+}
+
+static int check_namespace(const char *ns, iw_error *err)
+{
+    if (strlen(ns) > NS_MAX)
         return iw_error_set(err, IW_ERR_CONFIG,
-                            "IW_TLS_CERT: IW_TLS_CERT and IW_TLS_KEY go together");
-    if (strncmp(cfg->amqp_url, "amqp://", 7) && strncmp(cfg->amqp_url, "amqps://", 8))
-        return iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: must start with amqp:// or amqps://");
-    if (strncmp(cfg->redis_url, "redis://", 8))
-        return iw_error_set(err, IW_ERR_CONFIG, "IW_REDIS_URL: must start with redis://");
-    if (strncmp(cfg->provider_url, "http://", 7) && strncmp(cfg->provider_url, "https://", 8))
-        return iw_error_set(err, IW_ERR_CONFIG,
-                            "IW_PROVIDER_URL: must start with http:// or https://");
-    for (const char *p = cfg->ns; *p; p++)
+                            "IW_NAMESPACE: at most %d bytes (it prefixes every queue name, at most "
+                            "255 bytes, and Redis key)",
+                            NS_MAX);
+    for (const char *p = ns; *p; p++)
         if (!(*p == '-' || *p == '_' || *p == '.' || (*p >= 'a' && *p <= 'z') ||
               (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9')))
             return iw_error_set(err, IW_ERR_CONFIG,
                                 "IW_NAMESPACE: only letters, digits, '-', '_' and '.' are allowed");
+    /* RabbitMQ refuses to declare names starting with "amq." */
+    if (strncmp(ns, "amq.", 4) == 0 || strcmp(ns, "amq") == 0)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_NAMESPACE: names starting with 'amq.' are reserved by RabbitMQ");
     return IW_OK;
+}
+
+/* Credentials that go into header lines: a CR or LF would start a line of its
+ * own, so they are refused here, by name and without the value. */
+static int check_secrets(const iw_config *cfg, iw_error *err)
+{
+    static const struct {
+        const char *name;
+        size_t offset;
+    } header_secrets[] = {{"IW_API_KEY", F(api_key)}, {"IW_API_SECRET", F(api_secret)}};
+
+    for (size_t i = 0; i < sizeof header_secrets / sizeof header_secrets[0]; i++) {
+        const char *v = *(char *const *)((const char *)cfg + header_secrets[i].offset);
+        if (v && !no_controls(v))
+            return iw_error_set(err, IW_ERR_CONFIG,
+                                "%s: holds control characters (CR, LF, ...); it is sent as an "
+                                "HTTP header",
+                                header_secrets[i].name);
+    }
+    if (cfg->basic_user && strchr(cfg->basic_user, ':'))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_BASIC_USER: must not hold ':' (HTTP basic auth splits on it)");
+    return IW_OK;
+}
+
+static int check_combinations(const iw_config *cfg, void (*warn)(const char *msg), iw_error *err)
+{
+    iw_error e = {0};
+    int rc;
+
+    if (!!cfg->tls_cert != !!cfg->tls_key)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_TLS_CERT: IW_TLS_CERT and IW_TLS_KEY go together");
+    if (!!cfg->amqp_cert != !!cfg->amqp_key)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_AMQP_CERT: IW_AMQP_CERT and IW_AMQP_KEY go together");
+    if ((rc = check_amqp_url(cfg->amqp_url, err)) != IW_OK)
+        return rc;
+    if (strncmp(cfg->redis_url, "redis://", 8))
+        return iw_error_set(err, IW_ERR_CONFIG, "IW_REDIS_URL: must start with redis://");
+    if (cfg->redis_sentinels) {
+        size_t n;
+        if (redis_parse_sentinels(cfg->redis_sentinels, NULL, REDIS_MAX_SENTINELS, &n, err) !=
+            IW_OK)
+            return IW_ERR_CONFIG;
+    }
+    if (!redis_master_name_ok(cfg->redis_master))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_REDIS_MASTER: 1..128 letters, digits, '-', '_' or '.'");
+    /* parsed by redis_link exactly as the roles will (no connection made) */
+    redis_link *r = redis_link_new(cfg->redis_url, 1000, &e);
+    if (!r)
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_REDIS_URL: expected redis://[:password@]host[:port][/db] (the "
+                            "value is not shown: it may hold a password)");
+    redis_link_free(r);
+    if (strncmp(cfg->provider_url, "http://", 7) && strncmp(cfg->provider_url, "https://", 8))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "IW_PROVIDER_URL: must start with http:// or https://");
+    if ((rc = check_namespace(cfg->ns, err)) != IW_OK)
+        return rc;
+    if ((rc = check_secrets(cfg, err)) != IW_OK)
+        return rc;
+    return check_provider_url(cfg, warn, err); /* last: it may warn */
 }
 
 iw_config *config_from_env(char **envp, void (*warn)(const char *msg), iw_error *err)
@@ -341,16 +625,21 @@ iw_config *config_from_env(char **envp, void (*warn)(const char *msg), iw_error 
         if (rc != IW_OK)
             goto fail;
     }
-    if (check_combinations(cfg, err) != IW_OK)
+    if (check_combinations(cfg, warn, err) != IW_OK)
         goto fail;
     if (warn) {
         for (char **e = envp; e && *e; e++) {
             if (strncmp(*e, "IW_", 3) == 0 && !known_variable(*e)) {
-                char msg[160];
+                /* the name is outside bytes: quoted safely and capped */
                 const char *eq = strchr(*e, '=');
-                snprintf(msg, sizeof msg, "unknown setting %.*s ignored",
-                         (int)(eq ? eq - *e : (long)strlen(*e)), *e);
-                warn(msg);
+                size_t len = eq ? (size_t)(eq - *e) : strlen(*e);
+                iw_buf msg;
+                buf_init(&msg, 512);
+                if (buf_adds(&msg, "unknown setting ") == IW_OK &&
+                    buf_add_text(&msg, *e, len, 200) == IW_OK &&
+                    buf_adds(&msg, " ignored") == IW_OK)
+                    warn(buf_ptr(&msg));
+                buf_free(&msg);
             }
         }
     }
@@ -366,9 +655,11 @@ void config_free(iw_config *cfg)
         return;
     for (size_t i = 0; i < N_SETTINGS; i++) {
         const setting *s = &settings[i];
-        if (s->type == T_STRING || s->type == T_SECRET || s->type == T_URL || s->type == T_LIST)
+        if (s->type == T_STRING || s->type == T_SECRET || s->type == T_URL || s->type == T_LIST ||
+            s->type == T_WINDOWS)
             free(*(char **)((char *)cfg + s->offset));
     }
+    maintenance_free(cfg->maintenance);
     for (size_t i = 0; i < cfg->n_terminal; i++)
         free(cfg->terminal[i]);
     free(cfg);
@@ -382,6 +673,11 @@ void config_print_help(FILE *out)
         fprintf(out, "  %-24s %s\n  %-24s   default: %s\n", s->name, s->help, "",
                 s->def ? s->def : "(none)");
     }
+}
+
+const char *config_setting_name(size_t i)
+{
+    return i < N_SETTINGS ? settings[i].name : NULL;
 }
 
 int config_is_terminal(const iw_config *cfg, const char *status)

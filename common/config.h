@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 
+#include "maintenance.h"
 #include "parse.h"
 #include "status.h"
 
@@ -23,12 +24,17 @@ typedef enum iw_log_level {
 } iw_log_level;
 
 #define IW_MAX_TERMINAL 16
+/* IW_AMQP_URL: most nodes of one cluster */
+#define IW_MAX_AMQP_NODES 16
 
 typedef struct iw_config {
     char *amqp_url;
+    char *amqp_ca, *amqp_cert, *amqp_key; /* TLS to the broker (amqps://) */
+    int amqp_tls_no_verify;               /* IW_AMQP_TLS_VERIFY=off */
     char *redis_url;
     char *provider_url;
-    char *ns; /* IW_NAMESPACE */
+    long allow_insecure_http; /* IW_ALLOW_INSECURE_HTTP: credentials over http:// off loopback */
+    char *ns;                 /* IW_NAMESPACE */
     int auth_mode;
     char *api_key, *api_secret;
     char *oauth_client_id, *oauth_client_secret;
@@ -48,6 +54,11 @@ typedef struct iw_config {
     size_t n_retry;
     long breaker_failures;
     long breaker_open_ms;
+    long rate_alert_pct;      /* IW_RATE_ALERT: normal calls' share of any tier */
+    long max_rate_pause_ms;   /* IW_MAX_RATE_PAUSE: cap of waits the provider imposes */
+    long require_noeviction;  /* IW_REQUIRE_NOEVICTION: 1 refuses an evicting Redis */
+    char *maintenance_raw;    /* IW_MAINTENANCE_WINDOWS as given (NULL: none) */
+    maintenance *maintenance; /* ... parsed; NULL when none (maintenance_active: 0) */
     long poll_schedule_ms[IW_MAX_SCHEDULE];
     size_t n_poll;
     long poll_max_age_ms;
@@ -62,6 +73,8 @@ typedef struct iw_config {
     char *terminal[IW_MAX_TERMINAL];
     size_t n_terminal;
     long max_message_bytes;
+    long max_held_bytes;    /* delivery bodies held by one process, all together */
+    long quorum_group_size; /* x-quorum-initial-group-size; 0: the broker's default */
     long max_response_bytes;
     char *client_id;
     long shutdown_grace_ms;
@@ -72,6 +85,12 @@ typedef struct iw_config {
     long hold_max_ms;
     long idempotency_ttl_ms;
     long redis_timeout_ms;
+    char *redis_password;          /* IW_REDIS_PASSWORD: the data nodes' (overrides the URL's) */
+    char *redis_sentinels;         /* IW_REDIS_SENTINELS: host:port,...; NULL: no Sentinel */
+    char *redis_master;            /* IW_REDIS_MASTER: the master name the sentinels watch */
+    char *redis_sentinel_password; /* IW_REDIS_SENTINEL_PASSWORD */
+    long redis_wait_replicas;      /* IW_REDIS_WAIT_REPLICAS: WAIT after guarding records */
+    long redis_wait_timeout_ms;    /* IW_REDIS_WAIT_TIMEOUT */
     char *schema_dir;
 } iw_config;
 
@@ -88,6 +107,10 @@ int config_check_provider(const iw_config *cfg, iw_error *err);
 
 /* Prints the settings table (name, default, help) for --help. */
 void config_print_help(FILE *out);
+
+/* The name of the i-th setting of the table, NULL past the last (for the
+ * fuzzer and tests that walk every setting). */
+const char *config_setting_name(size_t i);
 
 /* True if `status` is one of IW_TERMINAL_STATUSES. */
 int config_is_terminal(const iw_config *cfg, const char *status);

@@ -4,9 +4,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
 #include "clock.h"
 #include "config.h"
 #include "loop.h"
+#include "jobkey.h"
+
+/* Longest bearer token taken from the token endpoint (a longer one is
+ * refused, not cut). */
+#define HTTP_TOKEN_MAX 8192
+/* Longest token lifetime believed, in seconds (30 days). */
+#define HTTP_TOKEN_TTL_MAX_S 2592000LL
 
 typedef struct transfer {
     http_client *client;
@@ -36,9 +44,10 @@ struct http_client {
     char *api_key_header, *api_secret_header, *basic_user, *basic_password;
     char *oauth_id, *oauth_secret;
     char *tls_cert, *tls_key, *tls_ca;
-    char bearer[2048];
+    char *bearer;               /* "Authorization: Bearer <token>" or NULL */
     long long token_expires_ms; /* monotonic */
     long timeout_ms, connect_timeout_ms, max_response_bytes;
+    long max_wait_ms; /* IW_MAX_RATE_PAUSE: caps Retry-After / X-RateLimit-Reset-Ms */
     int in_flight;
     transfer *free_list;
     transfer *active;
@@ -51,30 +60,82 @@ static char *dup_or_null(const char *s)
     return s ? strdup(s) : NULL;
 }
 
-static char *header_line(const char *name, const char *value)
+int http_header_value_check(const char *value, size_t len)
 {
-    char *s = NULL;
-    if (value && asprintf(&s, "%s: %s", name, value) < 0)
-        s = NULL;
-    return s;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)value[i];
+        if (ch < 0x20 || ch == 0x7F)
+            return IW_ERR_HEADER_VALUE;
+    }
+    return IW_OK;
+}
+
+int http_url_path_check(const char *path, size_t len)
+{
+    if (len == 0 || path[0] != '/')
+        return IW_ERR_URL_INVALID;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)path[i];
+        if (ch <= 0x20 || ch >= 0x7F)
+            return IW_ERR_URL_INVALID;
+    }
+    return IW_OK;
+}
+
+/* "Name: value" in a new string; NULL when value is NULL, holds control
+ * bytes (*rc = IW_ERR_HEADER_VALUE) or memory runs out (*rc = IW_ERR_NOMEM). */
+static char *header_line(const char *name, const char *value, int *rc)
+{
+    iw_buf b;
+
+    *rc = IW_OK;
+    if (!value)
+        return NULL;
+    if ((*rc = http_header_value_check(value, strlen(value))) != IW_OK)
+        return NULL;
+    buf_init(&b, HTTP_HEADER_MAX);
+    if ((*rc = buf_addf(&b, "%s: %s", name, value)) != IW_OK) {
+        buf_free(&b);
+        return NULL;
+    }
+    return buf_steal(&b);
 }
 
 http_client *http_client_new(const http_client_opts *o, iw_error *err)
 {
     http_client *c = calloc(1, sizeof *c);
+    int rc;
 
     if (!c || !(c->multi = curl_multi_init())) {
         free(c);
         iw_error_set(err, IW_ERR_NOMEM, "cannot create the HTTP client");
         return NULL;
     }
-    c->base_url = strdup(o->base_url);
+    c->base_url = strdup(o->base_url ? o->base_url : "");
+    if (!c->base_url)
+        goto nomem;
     size_t n = strlen(c->base_url);
     while (n && c->base_url[n - 1] == '/')
         c->base_url[--n] = '\0';
     c->auth_mode = o->auth_mode;
-    c->api_key_header = header_line("X-API-Key", o->api_key);
-    c->api_secret_header = header_line("X-API-Secret", o->api_secret);
+    /* The values are the operator's, but still outside bytes: a CR or LF in a
+     * key would start a header line of its own.  Never echoed (secrets). */
+    c->api_key_header = header_line("X-API-Key", o->api_key, &rc);
+    if (rc != IW_OK) {
+        iw_error_set(err, rc, "IW_API_KEY: %s",
+                     rc == IW_ERR_HEADER_VALUE
+                         ? "holds control bytes (CR, LF, ...) and cannot be sent as a header"
+                         : "too long or out of memory");
+        goto fail;
+    }
+    c->api_secret_header = header_line("X-API-Secret", o->api_secret, &rc);
+    if (rc != IW_OK) {
+        iw_error_set(err, rc, "IW_API_SECRET: %s",
+                     rc == IW_ERR_HEADER_VALUE
+                         ? "holds control bytes (CR, LF, ...) and cannot be sent as a header"
+                         : "too long or out of memory");
+        goto fail;
+    }
     c->basic_user = dup_or_null(o->basic_user);
     c->basic_password = dup_or_null(o->basic_password);
     c->oauth_id = dup_or_null(o->oauth_client_id);
@@ -85,10 +146,16 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
     c->timeout_ms = o->timeout_ms;
     c->connect_timeout_ms = o->connect_timeout_ms;
     c->max_response_bytes = o->max_response_bytes;
+    c->max_wait_ms = o->max_wait_ms > 0 ? o->max_wait_ms : IW_DEFAULT_MAX_RATE_PAUSE_MS;
     curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, o->max_connections);
     curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
     return c;
+nomem:
+    iw_error_set(err, IW_ERR_NOMEM, "cannot create the HTTP client");
+fail:
+    http_client_free(c);
+    return NULL;
 }
 
 static void transfer_destroy(transfer *t)
@@ -130,6 +197,7 @@ void http_client_free(http_client *c)
     free(c->tls_cert);
     free(c->tls_key);
     free(c->tls_ca);
+    free(c->bearer);
     free(c);
 }
 
@@ -191,21 +259,27 @@ static int refresh_token(http_client *c)
 {
     CURL *e = curl_easy_init();
     transfer tmp;
-    char url[1024], *form = NULL, *id = NULL, *secret = NULL;
+    char *form = NULL, *id = NULL, *secret = NULL;
+    iw_buf url, fb;
     int rc = IW_ERR_HTTP;
     long status = 0;
 
     memset(&tmp, 0, sizeof tmp);
     tmp.client = c;
+    buf_init(&url, HTTP_URL_MAX);
+    buf_init(&fb, HTTP_URL_MAX);
     if (!e)
         return IW_ERR_NOMEM;
-    id = curl_easy_escape(e, c->oauth_id, 0);
-    secret = curl_easy_escape(e, c->oauth_secret, 0);
-    if (asprintf(&form, "grant_type=client_credentials&client_id=%s&client_secret=%s", id, secret) <
-        0)
-        form = NULL;
-    snprintf(url, sizeof url, "%s/oauth/token", c->base_url);
-    curl_easy_setopt(e, CURLOPT_URL, url);
+    id = curl_easy_escape(e, c->oauth_id ? c->oauth_id : "", 0);
+    secret = curl_easy_escape(e, c->oauth_secret ? c->oauth_secret : "", 0);
+    if (id && secret &&
+        buf_addf(&fb, "grant_type=client_credentials&client_id=%s&client_secret=%s", id, secret) ==
+            IW_OK)
+        form = buf_steal(&fb);
+    if ((rc = buf_addf(&url, "%s/oauth/token", c->base_url)) != IW_OK)
+        goto out;
+    rc = IW_ERR_HTTP;
+    curl_easy_setopt(e, CURLOPT_URL, buf_ptr(&url));
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, form);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, c->timeout_ms);
@@ -223,15 +297,34 @@ static int refresh_token(http_client *c)
         json_t *doc = status == 200 && tmp.body ? json_loads(tmp.body, 0, NULL) : NULL;
         const char *tok = json_string_value(json_object_get(doc, "access_token"));
         json_int_t ttl = json_integer_value(json_object_get(doc, "expires_in"));
-        if (tok && strlen(tok) < sizeof c->bearer - 32) {
-            snprintf(c->bearer, sizeof c->bearer, "Authorization: Bearer %s", tok);
+        size_t tok_len = tok ? json_string_length(json_object_get(doc, "access_token")) : 0;
+        /* the token is the provider's bytes: one with CR/LF would add header
+         * lines of its own, a huge one is refused rather than cut */
+        if (tok && tok_len && tok_len <= HTTP_TOKEN_MAX && strlen(tok) == tok_len &&
+            http_header_value_check(tok, tok_len) == IW_OK) {
+            iw_buf hb;
+            buf_init(&hb, HTTP_TOKEN_MAX + 64);
+            if (buf_addf(&hb, "Authorization: Bearer %s", tok) != IW_OK) {
+                buf_free(&hb);
+                json_decref(doc);
+                goto out;
+            }
+            free(c->bearer);
+            c->bearer = buf_steal(&hb);
             /* renew a minute early (or at half-life for short tokens) */
-            long long life = ttl > 0 ? (long long)ttl * 1000 : 3600000;
+            /* expires_in is the provider's number: capped before it is scaled */
+            long long life =
+                ttl > 0
+                    ? (long long)(ttl < HTTP_TOKEN_TTL_MAX_S ? ttl : HTTP_TOKEN_TTL_MAX_S) * 1000
+                    : 3600000;
             c->token_expires_ms = clock_mono_ms() + (life > 120000 ? life - 60000 : life / 2);
             rc = IW_OK;
         }
         json_decref(doc);
     }
+out:
+    buf_free(&url);
+    buf_free(&fb);
     free(tmp.body);
     free(form);
     curl_free(id);
@@ -240,11 +333,35 @@ static int refresh_token(http_client *c)
     return rc;
 }
 
+/* Builds base_url + path whole, or refuses: a cut URL is another URL. */
+static int build_url(const http_client *c, const char *path, iw_buf *url)
+{
+    int rc = http_url_path_check(path, strlen(path));
+
+    if (rc != IW_OK)
+        return rc;
+    rc = buf_addf(url, "%s%s", c->base_url, path);
+    return rc == IW_ERR_TOO_LARGE ? IW_ERR_URL_TOO_LONG : rc;
+}
+
 static int launch(http_client *c, transfer *t)
 {
-    char url[2048];
+    iw_buf url;
+    char *idem = NULL;
+    int rc;
 
-    if (c->auth_mode == IW_AUTH_OAUTH2 && (!c->bearer[0] || clock_mono_ms() >= c->token_expires_ms))
+    buf_init(&url, HTTP_URL_MAX);
+    if ((rc = build_url(c, t->path, &url)) != IW_OK)
+        goto out;
+    if (t->idem_key) {
+        char key[JOBKEY_SIZE];
+        /* the jobKey, never the raw jobId: CR/LF or non-ASCII bytes of a jobId
+         * become its SHA-256, and the line is checked once more before use */
+        if ((rc = jobkey(t->idem_key, strlen(t->idem_key), key)) != IW_OK ||
+            !(idem = header_line("Idempotency-Key", key, &rc)))
+            goto out;
+    }
+    if (c->auth_mode == IW_AUTH_OAUTH2 && (!c->bearer || clock_mono_ms() >= c->token_expires_ms))
         refresh_token(c); /* on failure the call goes out without a token and gets a 401 */
     curl_easy_reset(t->easy);
     curl_slist_free_all(t->headers);
@@ -252,8 +369,7 @@ static int launch(http_client *c, transfer *t)
     t->len = 0;
     t->too_large = 0;
     t->retry_after[0] = t->reset_ms[0] = '\0';
-    snprintf(url, sizeof url, "%s%s", c->base_url, t->path);
-    curl_easy_setopt(t->easy, CURLOPT_URL, url);
+    curl_easy_setopt(t->easy, CURLOPT_URL, buf_ptr(&url)); /* curl copies it */
     curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
     curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, c->timeout_ms);
@@ -291,21 +407,21 @@ static int launch(http_client *c, transfer *t)
         curl_easy_setopt(t->easy, CURLOPT_PASSWORD, c->basic_password);
         break;
     case IW_AUTH_OAUTH2:
-        if (c->bearer[0])
+        if (c->bearer)
             t->headers = curl_slist_append(t->headers, c->bearer);
         break;
     default:
         break;
     }
-    if (t->idem_key) {
-        char *h = header_line("Idempotency-Key", t->idem_key);
-        t->headers = curl_slist_append(t->headers, h);
-        free(h);
-    }
+    if (idem)
+        t->headers = curl_slist_append(t->headers, idem);
     curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
     if (curl_multi_add_handle(c->multi, t->easy) != CURLM_OK)
-        return IW_ERR_HTTP;
-    return IW_OK;
+        rc = IW_ERR_HTTP;
+out:
+    buf_free(&url);
+    free(idem);
+    return rc;
 }
 
 int http_client_start(http_client *c, const char *method, const char *path, const char *body,
@@ -324,7 +440,12 @@ int http_client_start(http_client *c, const char *method, const char *path, cons
         }
         t->client = c;
     }
-    snprintf(t->method, sizeof t->method, "%s", method);
+    /* the method is ours (GET, POST...), never input: a longer one is a bug */
+    if (!method || strlen(method) >= sizeof t->method || !path) {
+        transfer_destroy(t);
+        return IW_ERR_INVALID;
+    }
+    memcpy(t->method, method, strlen(method) + 1);
     t->path = strdup(path);
     t->req_body = body ? malloc(body_len + 1) : NULL;
     if (t->req_body) {
@@ -333,6 +454,10 @@ int http_client_start(http_client *c, const char *method, const char *path, cons
     }
     t->req_len = body ? body_len : 0;
     t->idem_key = idempotency_key ? strdup(idempotency_key) : NULL;
+    if (!t->path || (body && !t->req_body) || (idempotency_key && !t->idem_key)) {
+        transfer_destroy(t);
+        return IW_ERR_NOMEM;
+    }
     t->cb = cb;
     t->ud = ud;
     t->token_retried = 0;
@@ -411,18 +536,23 @@ static void complete_done(http_client *c)
         if (status == 401 && c->auth_mode == IW_AUTH_OAUTH2 && !t->token_retried) {
             /* the token expired or was revoked early: renew once, same call */
             t->token_retried = 1;
-            c->bearer[0] = '\0';
+            free(c->bearer);
+            c->bearer = NULL;
             if (launch(c, t) == IW_OK)
                 continue;
         }
         memset(&r, 0, sizeof r);
         r.result.status = code == CURLE_OK ? status : 0;
         r.result.transport = transport_of(code, t->too_large);
+        /* bounded parses, capped at IW_MAX_RATE_PAUSE; an unreadable reset
+         * falls back to Retry-After */
         r.result.retry_after_ms = -1;
         if (t->reset_ms[0])
-            r.result.retry_after_ms = strtol(t->reset_ms, NULL, 10);
-        else if (t->retry_after[0])
-            r.result.retry_after_ms = retry_parse_retry_after(t->retry_after, clock_wall_ms());
+            r.result.retry_after_ms =
+                retry_parse_reset_ms(t->reset_ms, c->max_wait_ms, &r.result.wait_capped);
+        if (r.result.retry_after_ms < 0 && t->retry_after[0])
+            r.result.retry_after_ms = retry_parse_retry_after(
+                t->retry_after, clock_wall_ms(), c->max_wait_ms, &r.result.wait_capped);
         r.error = code == CURLE_OK ? "" : curl_easy_strerror(code);
         r.body = t->body && t->len ? t->body : "";
         r.body_len = t->len;

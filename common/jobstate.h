@@ -6,7 +6,7 @@
  *     -> recording -> publishing -> marking -> acked        an outcome
  *     -> publishing -> acked                                the next check
  *   held        a short wait in memory (delivery unacked), then ready again
- *   sending-on  a retry or a long wait through the delay tiers, then acked
+ *   sending_on  a retry or a long wait through the delay tiers, then acked
  *   adopting    a record of the job was found: publish it, ack, or wait
  *   failing     submission.failed + dead letter, then acked
  *   returned    nacked back to its queue (shutdown, unconfirmed outcome)

@@ -5,7 +5,10 @@
 #include <sys/time.h>
 #include <time.h>
 
+#include "buf.h"
 #include "clock.h"
+
+#define LOG_MSG_MAX 16384
 
 static struct {
     int level;
@@ -34,12 +37,31 @@ int log_enabled(int level)
 
 void format_timestamp(long long wall_ms, char *buf, size_t len)
 {
-    time_t secs = (time_t)(wall_ms / 1000);
+    /* strftime and a bounded millisecond part: snprintf of the raw tm fields
+     * lets gcc -O2 (-Wformat-truncation) see a 17-byte year, which broke the
+     * Release build; a year past 9999 is clamped rather than cut. */
+    long long clamped = wall_ms < 0 ? 0 : wall_ms > 253402300799999LL ? 253402300799999LL : wall_ms;
+    time_t secs = (time_t)(clamped / 1000);
+    unsigned ms = (unsigned)(clamped % 1000);
     struct tm tm;
+    size_t n;
 
-    gmtime_r(&secs, &tm);
-    snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(wall_ms % 1000));
+    if (!len)
+        return;
+    buf[0] = '\0';
+    if (!gmtime_r(&secs, &tm))
+        return;
+    n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
+    if (n == 0 || len - n < 6) {
+        buf[0] = '\0';
+        return;
+    }
+    buf[n++] = '.';
+    buf[n++] = (char)('0' + ms / 100);
+    buf[n++] = (char)('0' + ms / 10 % 10);
+    buf[n++] = (char)('0' + ms % 10);
+    buf[n++] = 'Z';
+    buf[n] = '\0';
 }
 
 void log_json(int level, json_t *fields)
@@ -70,19 +92,33 @@ void log_json(int level, json_t *fields)
 
 void log_msg(int level, json_t *fields, const char *fmt, ...)
 {
-    char msg[1024];
+    iw_buf raw, text;
     va_list ap;
+    int rc;
 
     if (!log_enabled(level)) {
         json_decref(fields);
         return;
     }
+    /* The message may quote input: it is built whole (up to 64 KiB) and put
+     * into the line as valid UTF-8 without control bytes, cut at 16 KiB on a
+     * character boundary; a message jansson would refuse never vanishes. */
+    buf_init(&raw, 1 << 16);
+    buf_init(&text, LOG_MSG_MAX);
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    rc = buf_vaddf(&raw, fmt, ap);
     va_end(ap);
+    if (rc != IW_OK)
+        rc = buf_adds(&raw, "(message too long to format)");
+    if (rc == IW_OK)
+        rc = buf_add_text(&text, buf_ptr(&raw), buf_len(&raw), LOG_MSG_MAX);
     if (!fields)
         fields = json_object();
-    json_object_set_new(fields, "message", json_string(msg));
+    json_object_set_new(fields, "message",
+                        json_stringn(rc == IW_OK ? buf_ptr(&text) : "(out of memory)",
+                                     rc == IW_OK ? buf_len(&text) : 15));
+    buf_free(&raw);
+    buf_free(&text);
     log_json(level, fields);
 }
 

@@ -18,7 +18,9 @@ typedef enum iw_transport {
 typedef struct iw_http_result {
     long status; /* HTTP status, 0 when transport != OK */
     iw_transport transport;
-    long retry_after_ms; /* from Retry-After / X-RateLimit-Reset*, -1 when absent */
+    long retry_after_ms; /* from Retry-After / X-RateLimit-Reset-Ms, -1 when absent;
+                            already capped at IW_MAX_RATE_PAUSE */
+    int wait_capped;     /* 1 when the provider asked for longer and the cap applied */
 } iw_http_result;
 
 typedef enum iw_verdict_kind {
@@ -44,9 +46,31 @@ iw_verdict retry_classify(const iw_http_result *r);
  * schedule; -1 when the schedule is exhausted (no such attempt). */
 long retry_delay_before(const long *schedule, size_t n, int next_attempt);
 
-/* Parses a Retry-After value: delta seconds or an HTTP-date (relative to
- * now_wall_ms).  Returns milliseconds (>= 0) or -1 if unparseable. */
-long retry_parse_retry_after(const char *value, long long now_wall_ms);
+/* Default of IW_MAX_RATE_PAUSE: the longest wait a provider's answer may
+ * impose on the fleet. */
+#define IW_DEFAULT_MAX_RATE_PAUSE_MS 3600000L
+
+/* t + d in milliseconds, saturated at LLONG_MAX / LLONG_MIN instead of
+ * overflowing (a deadline built from a provider's number stays defined). */
+long long iw_add_ms(long long t, long long d);
+
+/* min(max(ms, 0), max_ms): a wait from outside cut to the cap; *capped (may
+ * be NULL) says whether the cap applied.  max_ms <= 0 means
+ * IW_DEFAULT_MAX_RATE_PAUSE_MS. */
+long retry_cap_wait(long long ms, long max_ms, int *capped);
+
+/* Parses a Retry-After value: delta seconds (any number of digits, read with
+ * saturation) or an IMF-fixdate relative to now_wall_ms (a date in the past
+ * is 0).  Returns milliseconds in [0, max_ms], or -1 if unparseable; *capped
+ * (may be NULL) is 1 when the value asked for more than max_ms, else 0.
+ * max_ms <= 0 means IW_DEFAULT_MAX_RATE_PAUSE_MS. */
+long retry_parse_retry_after(const char *value, long long now_wall_ms, long max_ms, int *capped);
+
+/* Parses X-RateLimit-Reset-Ms: a delay in milliseconds, decimal digits with
+ * optional blanks around them, read with saturation (an epoch timestamp where
+ * a delay was meant, or 40 digits, is simply more than the cap).  Returns
+ * milliseconds in [0, max_ms] or -1 if unparseable; *capped as above. */
+long retry_parse_reset_ms(const char *value, long max_ms, int *capped);
 
 /* Returns a copy of `ms` moved by a random amount within +/- pct percent;
  * `rnd` is a uniform random number in [0, 1). */

@@ -16,6 +16,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
+
+/* Messages are formatted whole up to this size, then cut to IW_ERRMSG_LEN on
+ * a character boundary as safe text. */
+#define MSG_FORMAT_CAP 65536
+
 /* Instance types as a bit set.  An integral number carries both NUMBER and
  * INTEGER, so "type": "number" accepts 1 and "type": "integer" accepts 1.0. */
 enum {
@@ -393,12 +399,19 @@ static int compile_error(struct compiler *c, int status, const char *fmt, ...)
 static int compile_error(struct compiler *c, int status, const char *fmt, ...)
 {
     if (c->err) {
+        /* the message quotes the schema's own strings ($schema, $ref...):
+         * made safe text like every iw_error (a fuzz finding: a DEL or CR in
+         * "$schema" reached the message raw) */
+        iw_buf b;
         va_list ap;
+        buf_init(&b, MSG_FORMAT_CAP);
         va_start(ap, fmt);
-        c->err->status = status;
-        vsnprintf(c->err->msg, sizeof c->err->msg, fmt, ap);
+        if (buf_vaddf(&b, fmt, ap) != IW_OK)
+            (void)!buf_adds(&b, "schema error (message too long)");
         va_end(ap);
-        trim_utf8(c->err->msg);
+        c->err->status = status;
+        iw_text_copy(c->err->msg, sizeof c->err->msg, buf_ptr(&b), buf_len(&b));
+        buf_free(&b);
     }
     return status;
 }
@@ -1179,8 +1192,14 @@ static void vrecord(struct vctx *v, int status, const char *fmt, va_list ap)
     render_pointer(v, pointer, sizeof pointer);
     int n = snprintf(v->msg, sizeof v->msg, "%s: ", pointer);
     v->rule_off = n > 0 && (size_t)n < sizeof v->msg ? (size_t)n : 0;
-    vsnprintf(v->msg + v->rule_off, sizeof v->msg - v->rule_off, fmt, ap);
-    trim_utf8(v->msg); /* it may be quoted inside another message (anyOf) */
+    /* the rule may quote the schema's strings: safe text, cut on a character
+     * boundary (it may be quoted inside another message: anyOf) */
+    iw_buf rule;
+    buf_init(&rule, MSG_FORMAT_CAP);
+    if (buf_vaddf(&rule, fmt, ap) != IW_OK)
+        (void)!buf_adds(&rule, "(message too long)");
+    iw_text_copy(v->msg + v->rule_off, sizeof v->msg - v->rule_off, buf_ptr(&rule), buf_len(&rule));
+    buf_free(&rule);
     v->status = status;
 }
 

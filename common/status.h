@@ -29,11 +29,17 @@ typedef enum iw_status {
     IW_ERR_AMQP = -300,
     IW_ERR_AMQP_CLOSED = -301,
     IW_ERR_AMQP_NACK = -302,
+    IW_ERR_AMQP_RETURNED = -303, /* unroutable: basic.return */
+    IW_ERR_AMQP_ENCODE = -304,   /* cannot be encoded (sizes, frame_max) */
+    IW_ERR_AMQP_BLOCKED = -305,  /* broker blocked and the buffer is full */
     /* Redis: -400 .. */
     IW_ERR_REDIS = -400,
     IW_ERR_REDIS_SCRIPT = -401,
     /* HTTP: -500 .. */
     IW_ERR_HTTP = -500,
+    IW_ERR_URL_TOO_LONG = -501, /* a URL built from input is past its cap: URL_TOO_LONG */
+    IW_ERR_HEADER_VALUE = -502, /* a header value from input holds CR, LF or control bytes */
+    IW_ERR_URL_INVALID = -503,  /* a URL path from input holds control bytes or spaces */
 } iw_status;
 
 #define IW_ERRMSG_LEN 256
@@ -51,5 +57,9 @@ const char *iw_strerror(int status);
  * `return iw_error_set(err, IW_ERR_CONFIG, "...")`. */
 int iw_error_set(iw_error *err, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* Copies src[0..len) into dst (cap >= 4 bytes) as safe message text: valid
+ * UTF-8, control bytes escaped, cut at a character boundary (buf.h). */
+void iw_text_copy(char *dst, size_t cap, const char *src, size_t len);
 
 #endif

@@ -23,13 +23,27 @@ const char *topology_name(char *buf, size_t len, const char *ns, const char *suf
     return buf;
 }
 
+/* Quorum queues replicate over IW_QUORUM_GROUP_SIZE nodes when it is set;
+ * 0 leaves the argument out, so the broker's default applies (RabbitMQ 3.10:
+ * its `quorum_cluster_size` setting, 3 unless configured, never more than the
+ * cluster's nodes).  The argument is part of a queue's identity: changing it
+ * for queues that exist fails the declaration (TOPOLOGY_MISMATCH). */
+static json_t *quorum_args(const iw_config *cfg, json_t *args)
+{
+    if (args && cfg->quorum_group_size > 0)
+        json_object_set_new(args, "x-quorum-initial-group-size",
+                            json_integer(cfg->quorum_group_size));
+    return args;
+}
+
 static json_t *work_queue_args(const iw_config *cfg, const char *dlx)
 {
     if (cfg->queue_classic)
         return json_pack("{s:s, s:s}", "x-queue-type", "classic", "x-dead-letter-exchange", dlx);
-    return json_pack("{s:s, s:I, s:s, s:s, s:s}", "x-queue-type", "quorum", "x-delivery-limit",
-                     (json_int_t)cfg->delivery_limit, "x-dead-letter-exchange", dlx,
-                     "x-dead-letter-strategy", "at-least-once", "x-overflow", "reject-publish");
+    return quorum_args(cfg, json_pack("{s:s, s:I, s:s, s:s, s:s}", "x-queue-type", "quorum",
+                                      "x-delivery-limit", (json_int_t)cfg->delivery_limit,
+                                      "x-dead-letter-exchange", dlx, "x-dead-letter-strategy",
+                                      "at-least-once", "x-overflow", "reject-publish"));
 }
 
 static json_t *delay_queue_args(const iw_config *cfg, long ttl_ms, const char *retry)
@@ -37,9 +51,10 @@ static json_t *delay_queue_args(const iw_config *cfg, long ttl_ms, const char *r
     if (cfg->queue_classic)
         return json_pack("{s:s, s:I, s:s}", "x-queue-type", "classic", "x-message-ttl",
                          (json_int_t)ttl_ms, "x-dead-letter-exchange", retry);
-    return json_pack("{s:s, s:I, s:s, s:s, s:s}", "x-queue-type", "quorum", "x-message-ttl",
-                     (json_int_t)ttl_ms, "x-dead-letter-exchange", retry, "x-dead-letter-strategy",
-                     "at-least-once", "x-overflow", "reject-publish");
+    return quorum_args(cfg, json_pack("{s:s, s:I, s:s, s:s, s:s}", "x-queue-type", "quorum",
+                                      "x-message-ttl", (json_int_t)ttl_ms, "x-dead-letter-exchange",
+                                      retry, "x-dead-letter-strategy", "at-least-once",
+                                      "x-overflow", "reject-publish"));
 }
 
 int topology_declare(amqp_link *l, const iw_config *cfg, iw_error *err)
@@ -74,6 +89,8 @@ int topology_declare(amqp_link *l, const iw_config *cfg, iw_error *err)
             goto out;
     }
     args = json_pack("{s:s}", "x-queue-type", cfg->queue_classic ? "classic" : "quorum");
+    if (!cfg->queue_classic)
+        quorum_args(cfg, args);
     rc = amqp_link_declare_queue(l, topology_name(a, sizeof a, cfg->ns, "dead"), args, err);
     json_decref(args);
     args = NULL;

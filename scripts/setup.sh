@@ -12,13 +12,18 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-# Required: build (compiler, cmake, pkg-config, -dev libraries, check), local stack
+# Required: build (compiler, cmake, pkg-config, -dev libraries, check; clang and its
+# runtime libraries, which hold libFuzzer and the sanitizers, for tests/fuzz), local stack
 # (rabbitmq-server, redis-server) and the tools the scripts and tests use.
 REQUIRED=(
   gcc libc6-dev make cmake pkg-config
   librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
   check json-schema-test-suite
-  rabbitmq-server redis-server amqp-tools curl
+  clang libclang-rt-14-dev
+  rabbitmq-server redis-server amqp-tools curl tzdata
+  # tests/deploy: promtool (check/test the alert rules, the dashboard's queries, /metrics)
+  # and PyYAML for the manifests; the prometheus server it brings is never started
+  prometheus python3 python3-yaml
 )
 # Optional: nice to have (formatting); a failure to install them is only a warning.
 OPTIONAL=(clang-format)

@@ -17,6 +17,12 @@
 #   IW_STACK_DIST_PORT    Erlang distribution port        (default: RabbitMQ's, AMQP port + 20000)
 #   IW_STACK_TIMEOUT      seconds to wait for readiness   (default 120)
 #   IW_STACK_CONSUMER_TIMEOUT_MS  RabbitMQ consumer_timeout (default 10800000 = 3 h)
+#
+# 'up' also adds the least-privilege test users that the integration suite's workers log
+# in as (user iw-test, password iw-test, on both servers), derived from the production
+# files deploy/rabbitmq/definitions.json and deploy/redis/users.acl with the test
+# namespaces' pattern (t-*) in place of ext-api. It only ever adds or refreshes iw-test:
+# guest and the Redis default user are left as they are.
 set -euo pipefail
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -38,7 +44,7 @@ log() { printf 'stack: %s\n' "$*"; }
 die() { printf 'stack: ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; }
@@ -250,12 +256,62 @@ redis_status() {
   fi
 }
 
+# ---------------------------------------------------------------- test users
+
+TEST_USER=iw-test
+TEST_PASSWORD=iw-test
+DEPLOY_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../deploy" && pwd)"
+
+# The production permissions of user integration-worker, with ext-api\. -> t-[^.]*\.
+rabbit_test_permissions() {
+  python3 - "$DEPLOY_DIR/rabbitmq/definitions.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+p = [x for x in d["permissions"] if x["user"] == "integration-worker"][0]
+for k in ("configure", "write", "read"):
+    print(p[k].replace("ext-api\\.", "t-[^.]*\\."))
+PY
+}
+
+rabbit_users_up() {
+  have_root || die "rabbitmq: adding user $TEST_USER needs root: run 'sudo scripts/stack.sh up'"
+  local perms
+  mapfile -t perms < <(rabbit_test_permissions)
+  [ "${#perms[@]}" -eq 3 ] || die "rabbitmq: cannot read integration-worker's permissions from $DEPLOY_DIR/rabbitmq/definitions.json"
+  local users
+  users="$(rabbitmqctl_q list_users 2>/dev/null | awk '{print $1}')" || true
+  if grep -qx "$TEST_USER" <<<"$users"; then
+    rabbitmqctl_q change_password "$TEST_USER" "$TEST_PASSWORD" >/dev/null
+  else
+    rabbitmqctl_q add_user "$TEST_USER" "$TEST_PASSWORD" >/dev/null
+  fi
+  rabbitmqctl_q set_user_tags "$TEST_USER" management >/dev/null
+  rabbitmqctl_q set_permissions -p / "$TEST_USER" "${perms[0]}" "${perms[1]}" "${perms[2]}" >/dev/null
+  log "rabbitmq: user $TEST_USER may configure '${perms[0]}', write '${perms[1]}', read '${perms[2]}'"
+}
+
+# The rules of user integration-worker in users.acl, with ~ext-api:* -> ~t-* and a password.
+redis_users_up() {
+  local rules
+  rules="$(sed -n 's/^user integration-worker //p' "$DEPLOY_DIR/redis/users.acl")"
+  [ -n "$rules" ] || die "redis: no 'user integration-worker' line in $DEPLOY_DIR/redis/users.acl"
+  rules="${rules//\~ext-api:\*/\~t-*}"
+  rules="${rules//resetpass/resetpass >$TEST_PASSWORD}"
+  local words
+  read -r -a words <<<"$rules" # one rule per word; no glob expansion of ~t-*
+  [ "$(redis-cli -h "$HOST" -p "$REDIS_PORT" ACL SETUSER "$TEST_USER" reset "${words[@]}")" = OK ] ||
+    die "redis: ACL SETUSER $TEST_USER failed"
+  log "redis: user $TEST_USER: $(redis-cli -h "$HOST" -p "$REDIS_PORT" ACL LIST | grep " $TEST_USER ")"
+}
+
 # ---------------------------------------------------------------- main
 
 case "${1:-}" in
   up)
     rabbit_up
     redis_up
+    rabbit_users_up
+    redis_users_up
     log "up: rabbitmq $HOST:$AMQP_PORT, redis $HOST:$REDIS_PORT"
     ;;
   down)

@@ -3,6 +3,7 @@
 #
 #   scripts/test.sh                       # build/ , all tests (labels unit + integration)
 #   scripts/test.sh --sanitize            # build-asan/ with -DIW_SANITIZE=ON (ASan + UBSan + LSan)
+#   scripts/test.sh --release             # build-release/ with -DCMAKE_BUILD_TYPE=Release (-O3)
 #   scripts/test.sh [--sanitize] -- -L unit        # extra arguments go to ctest
 #
 # Steps: scripts/setup.sh, configure + build, scripts/stack.sh up, ctest. Exits with
@@ -17,13 +18,15 @@ log() { printf 'test: %s\n' "$*"; }
 die() { printf 'test: FAILED: %s\n' "$*" >&2; exit 1; }
 
 sanitize=0
+release=0
 ctest_extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --sanitize) sanitize=1 ;;
+    --release) release=1 ;;
     --) shift; ctest_extra=("$@"); break ;;
-    -h | --help) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$1' (usage: scripts/test.sh [--sanitize] [-- ctest-args...])" ;;
+    -h | --help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (usage: scripts/test.sh [--sanitize|--release] [-- ctest-args...])" ;;
   esac
   shift
 done
@@ -40,6 +43,12 @@ if [ "$sanitize" = 1 ]; then
     export LSAN_OPTIONS="suppressions=$ROOT/tests/lsan.supp:print_suppressions=0"
   fi
   log "sanitizer build in $BUILD_DIR (ASAN_OPTIONS=$ASAN_OPTIONS)"
+elif [ "$release" = 1 ]; then
+  # Every build type must build with -Werror: -O3 enables warnings (e.g.
+  # -Wformat-truncation) that the default RelWithDebInfo does not.
+  BUILD_DIR="$ROOT/build-release"
+  cmake_args+=(-DCMAKE_BUILD_TYPE=Release)
+  log "release build in $BUILD_DIR"
 else
   BUILD_DIR="$ROOT/build"
   log "build in $BUILD_DIR"

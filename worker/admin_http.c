@@ -45,11 +45,15 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
         return metrics_live(clock_mono_ms())
                    ? respond(c, 200, "text/plain", "ok\n", MHD_RESPMEM_PERSISTENT)
                    : respond(c, 503, "text/plain", "event loop stalled\n", MHD_RESPMEM_PERSISTENT);
-    if (!strcmp(url, "/readyz"))
-        return metrics_ready() ? respond(c, 200, "text/plain", "ready\n", MHD_RESPMEM_PERSISTENT)
-                               : respond(c, 503, "text/plain",
-                                         "not ready: broker or Redis unavailable, or stopping\n",
-                                         MHD_RESPMEM_PERSISTENT);
+    if (!strcmp(url, "/readyz")) {
+        /* The reason is a static string; the body is copied so it needs no lifetime. */
+        const char *why = NULL;
+        char body[160];
+        if (metrics_ready(clock_mono_ms(), &why))
+            return respond(c, 200, "text/plain", "ready\n", MHD_RESPMEM_PERSISTENT);
+        snprintf(body, sizeof body, "not ready: %s\n", why);
+        return respond(c, 503, "text/plain", body, MHD_RESPMEM_MUST_COPY);
+    }
     return respond(c, 404, "text/plain", "not found\n", MHD_RESPMEM_PERSISTENT);
 }
 

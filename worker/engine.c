@@ -21,6 +21,9 @@
 /* A recorded outcome belongs to its recorder this much longer than one
  * provider call can take: long enough for a publish and its confirm. */
 #define LEASE_SLACK_MS 5000L
+/* A job that cannot reach Redis for longer than IW_HOLD_MAX waits this long
+ * in the delay tiers before it tries again. */
+#define PARK_MS 10000L
 
 typedef struct call_fifo {
     call *head, *tail;
@@ -38,6 +41,8 @@ typedef struct role_slot {
     iw_schema *schema;
 } role_slot;
 
+typedef struct release release;
+
 struct engine {
     runtime *rt;
     const iw_config *cfg;
@@ -47,7 +52,15 @@ struct engine {
     call_fifo ready[LIMITER_N_CLASSES][2];
     loop_timer unblock; /* wakes the loop when the limiter may be asked again */
     long long blocked_until;
-    long long last_usage_warn;
+    /* what the fleet's breaker and limiter said last */
+    int breaker_state, above_alert;
+    long breaker_failures;
+    long long maintenance_until; /* monotonic end of the current window, 0 none */
+    /* breaker outcomes of the calls finished since the last report */
+    release *releases; /* claims to drop at the next round trip */
+    char outcomes[4097];
+    size_t n_outcomes;
+    int probe_outcome;
     /* jobs waiting for a Redis step of the next round trip */
     job_fifo to_put, to_adopt, to_mark;
     long long records_blocked_until;
@@ -129,6 +142,7 @@ void engine_ask(engine *e, call *c)
     if (c->queued)
         return;
     c->queued = 1;
+    c->ready_since = clock_mono_ms();
     call_push(&e->ready[class_index(c->kind->cls)][c->critical ? 0 : 1], c);
     loop_again(e->lp);
 }
@@ -189,16 +203,41 @@ void engine_log_call(const call *c, const http_response *r, const iw_verdict *v,
     log_json(level, f);
 }
 
+/* The breaker counts this answer: 'F' for a 5xx, a timeout or no answer,
+ * 'S' for anything the provider answered otherwise (a 429 and 4xx too). */
+static void note_outcome(engine *e, const call *c, int failure)
+{
+    if (e->n_outcomes < sizeof e->outcomes - 1)
+        e->outcomes[e->n_outcomes++] = failure ? 'F' : 'S';
+    if (c->probe)
+        e->probe_outcome = failure ? 0 : 1;
+    loop_again(e->lp);
+}
+
+static long metric_status(const http_response *r)
+{
+    if (r->result.transport == IW_TRANSPORT_OK)
+        return r->result.status;
+    return r->result.transport == IW_TRANSPORT_TIMEOUT ? IW_CALL_TIMED_OUT : IW_CALL_NO_ANSWER;
+}
+
 static void on_http(void *ud, const http_response *r)
 {
     call *c = ud;
+    engine *e = c->eng;
     iw_verdict v = retry_classify(&r->result);
 
-    metrics_provider_call(c->kind->route, r->result.status, r->duration_us, v.breaker_failure);
+    metrics_provider_request(c->kind->route, metric_status(r), r->duration_us);
+    note_outcome(e, c, v.breaker_failure);
+    c->probe = 0;
+    if (r->result.wait_capped)
+        log_msg(IW_LOG_WARN, c->ops->fields(c),
+                "the provider asked for a longer wait than IW_MAX_RATE_PAUSE; waiting %ld ms",
+                v.wait_ms);
     if (v.kind == IW_V_WAIT) {
         /* a 429 pauses the whole fleet, whatever becomes of this call */
         iw_error err;
-        if (limiter_pause(rt_limiter(c->eng->rt), v.wait_ms, &err) != IW_OK)
+        if (limiter_pause(rt_limiter(e->rt), v.wait_ms, &err) != IW_OK)
             log_msg(IW_LOG_WARN, c->ops->fields(c), "could not share the 429 pause: %s", err.msg);
     }
     c->ops->on_answer(c, r, &v);
@@ -218,23 +257,78 @@ static void unblock_fired(loop *l, loop_timer *t)
     (void)t; /* the turn-end hook does the work */
 }
 
-static void warn_usage(engine *e, const limiter_result *res, long long now)
+/* ---- the breaker's view, logged once by the pod that saw it change ---------------------- */
+
+static const char *breaker_name(int state)
 {
-    metrics_limiter_usage(res->usage_permille);
-    if (res->usage_permille >= 800 && now - e->last_usage_warn > USAGE_WARN_MS) {
-        e->last_usage_warn = now;
-        log_json(IW_LOG_WARN, json_pack("{s:s, s:i}", "message",
-                                        "rate limit approaching: a tier of IW_RATE_LIMITS is over "
-                                        "80% used",
-                                        "usagePermille", res->usage_permille));
-    }
+    static const char *const names[] = {"closed", "open", "half-open"};
+    return state >= 0 && state <= 2 ? names[state] : "unknown";
 }
+
+static void log_transition(int from, int to, long failures)
+{
+    log_json(to == LIMITER_BREAKER_OPEN ? IW_LOG_ERROR : IW_LOG_WARN,
+             json_pack("{s:s, s:s, s:s, s:I}", "message",
+                       to == LIMITER_BREAKER_OPEN        ? "circuit breaker open: no provider calls"
+                       : to == LIMITER_BREAKER_HALF_OPEN ? "circuit breaker half-open: one probe"
+                                                         : "circuit breaker closed",
+                       "from", breaker_name(from), "to", breaker_name(to), "consecutiveFailures",
+                       (json_int_t)failures));
+}
+
+static void note_breaker(engine *e, int state, long failures, long failures_before)
+{
+    long long now = clock_mono_ms();
+    int in_window = e->maintenance_until > now;
+
+    metrics_breaker(state, (int)failures);
+    /* the spec's "API down": 3 consecutive failures, once per crossing, and
+     * not for failures inside a maintenance window */
+    if (failures_before < IW_PROVIDER_DOWN_AFTER && failures >= IW_PROVIDER_DOWN_AFTER &&
+        !in_window)
+        log_json(IW_LOG_ERROR,
+                 json_pack("{s:s, s:I, s:{s:s}}", "message",
+                           "External API down: consecutive failures; look-ups fall back to the "
+                           "cache",
+                           "consecutiveFailures", (json_int_t)failures, "error", "code",
+                           iw_code_name(IW_C_EXTERNAL_API_UNAVAILABLE)));
+    e->breaker_state = state;
+    e->breaker_failures = failures;
+}
+
+static void note_usage(engine *e, const limiter_result *res)
+{
+    for (size_t i = 0; i < res->n_tiers; i++)
+        metrics_limiter_tier_usage(i, res->tier_permille[i]);
+    metrics_throttling(res->above_alert);
+    if (res->above_alert && !e->above_alert) {
+        int top = 0;
+        for (size_t i = 0; i < res->n_tiers; i++)
+            if (res->tier_permille[i] > top)
+                top = res->tier_permille[i];
+        log_json(IW_LOG_WARN,
+                 json_pack("{s:s, s:i, s:i}", "message",
+                           "rate limit approaching: a tier of IW_RATE_LIMITS is over "
+                           "IW_RATE_ALERT; normal calls are held back, critical ones "
+                           "go on",
+                           "usagePermille", top, "alertPercent", (int)e->cfg->rate_alert_pct));
+    } else if (!res->above_alert && e->above_alert) {
+        log_msg(IW_LOG_INFO, NULL, "rate limit usage back under IW_RATE_ALERT");
+    }
+    e->above_alert = res->above_alert;
+    if (res->breaker_from >= 0)
+        log_transition(res->breaker_from, res->breaker_to, res->breaker_failures);
+    note_breaker(e, res->breaker_state, res->breaker_failures, res->breaker_failures);
+}
+
+/* ---- permits: one round trip per turn for every batch ------------------------------------- */
 
 /* One batch: the calls of one class and priority, asked for in one script. */
 typedef struct batch {
     int cls, prio;
     call *calls[LIMITER_MAX_RECORDS];
     size_t n;
+    char token[48];
 } batch;
 
 /* Puts the calls of batches back at the front of their queues, in order. */
@@ -248,20 +342,54 @@ static void requeue(engine *e, batch *b, size_t n)
         }
 }
 
+/* The wall ms a maintenance window still runs (0: none), refreshed per turn. */
+static long maintenance_left(engine *e, long long now)
+{
+    long long ends = 0;
+
+    if (!e->cfg->maintenance)
+        return 0;
+    if (maintenance_active(e->cfg->maintenance, clock_wall_ms(), &ends)) {
+        long left = (long)(ends - clock_wall_ms());
+        if (e->maintenance_until <= now)
+            log_msg(IW_LOG_WARN, NULL,
+                    "maintenance window (IW_MAINTENANCE_WINDOWS): normal work waits %ld ms, "
+                    "critical work goes on",
+                    left);
+        e->maintenance_until = now + left;
+        metrics_maintenance(1);
+        return left > 0 ? left : 1;
+    }
+    if (e->maintenance_until > 0) {
+        log_msg(IW_LOG_INFO, NULL, "maintenance window over");
+        e->maintenance_until = 0;
+    }
+    metrics_maintenance(0);
+    return 0;
+}
+
 /* Takes the queued calls that fit the free slots off their queues, in
- * batches of one class and priority (critical first); returns how many. */
-static size_t take_batches(engine *e, batch *b, size_t cap)
+ * batches of one class and priority (critical first); returns how many.
+ * Inside a maintenance window normal calls wait for its end instead. */
+static size_t take_batches(engine *e, batch *b, size_t cap, long window)
 {
     long slots = e->cfg->concurrency - http_client_in_flight(rt_http(e->rt));
     size_t nb = 0;
 
     for (int prio = 0; prio < 2; prio++)
-        for (int cls = 0; cls < LIMITER_N_CLASSES; cls++)
+        for (int cls = 0; cls < LIMITER_N_CLASSES; cls++) {
+            while (window > 0 && prio == 1 && e->ready[cls][prio].head) {
+                call *c = call_pop(&e->ready[cls][prio]);
+                c->queued = 0;
+                c->eng = e;
+                c->ops->on_permit(c, CALL_DEFERRED, window, 0, NULL, 0);
+            }
             while (slots > 0 && e->ready[cls][prio].head && nb < cap) {
                 batch *x = &b[nb++];
                 x->cls = cls;
                 x->prio = prio;
                 x->n = 0;
+                snprintf(x->token, sizeof x->token, "%s-%llu", e->proc_token, ++e->seq);
                 while (x->n < LIMITER_MAX_RECORDS && slots > 0 && e->ready[cls][prio].head) {
                     call *c = call_pop(&e->ready[cls][prio]);
                     c->queued = 0;
@@ -269,51 +397,68 @@ static size_t take_batches(engine *e, batch *b, size_t cap)
                     slots--;
                 }
             }
+        }
     return nb;
 }
 
-/* Appends one limiter take for the batch (record keys when its calls have
- * them: a class checks records for every call or for none). */
+/* Appends one ask for the batch: its record keys and claims when its calls
+ * have them (a class has them for every call or for none). */
 static int append_batch(engine *e, const batch *x, iw_error *err)
 {
-    const char *keys[LIMITER_MAX_RECORDS];
-    const call_kind *k = x->calls[0]->kind;
+    const char *keys[LIMITER_MAX_RECORDS], *claims[LIMITER_MAX_RECORDS];
+    limiter_ask ask = {0};
     size_t nk = 0;
 
     for (size_t i = 0; i < x->n; i++)
-        if (x->calls[i]->record_key)
-            keys[nk++] = x->calls[i]->record_key;
-    if (nk != x->n)
-        nk = 0;
-    return limiter_append_take(rt_limiter(e->rt), k->cls, x->prio == 0 ? 1000 : k->share_permille,
-                               (int)x->n, nk, keys, err);
+        if (x->calls[i]->record_key && x->calls[i]->claim_key) {
+            keys[nk] = x->calls[i]->record_key;
+            claims[nk++] = x->calls[i]->claim_key;
+        }
+    ask.cls = x->calls[0]->kind->cls;
+    ask.critical = x->prio == 0;
+    ask.n = x->n;
+    ask.record_keys = nk == x->n ? keys : NULL;
+    ask.claim_keys = nk == x->n ? claims : NULL;
+    ask.claim_token = x->token;
+    ask.claim_ms = e->cfg->http_timeout_ms + LEASE_SLACK_MS;
+    return limiter_append_ask(rt_limiter(e->rt), &ask, err);
 }
 
 /* Hands each call of the batch its permit decision. */
 static void decide_batch(engine *e, const batch *x, limiter_result *res)
 {
-    int granted = res->granted;
-
     for (size_t m = 0; m < x->n; m++) {
         call *c = x->calls[m];
         size_t len = 0;
-        const char *rec = res->n_records ? limiter_record(res, m, &len) : NULL;
+        const char *rec;
 
         c->eng = e;
-        if (rec) {
-            c->ops->on_permit(c, CALL_RECORDED, 0, 0, rec, len);
-        } else if (granted > 0) {
-            granted--;
+        switch (limiter_item_verdict(res, m)) {
+        case LIMITER_GRANTED:
+            c->probe = res->probe_index == (int)m;
+            snprintf(c->claim_token, sizeof c->claim_token, "%s", x->token);
             c->ops->on_permit(c, CALL_GRANTED, 0, 0, NULL, 0);
-        } else {
-            c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->paused, NULL, 0);
+            break;
+        case LIMITER_RECORDED:
+            rec = limiter_record(res, m, &len);
+            c->ops->on_permit(c, CALL_RECORDED, 0, 0, rec, len);
+            break;
+        case LIMITER_CLAIMED:
+            c->ops->on_permit(c, CALL_CLAIMED, limiter_claim_ttl(res, m) + 1, 0, NULL, 0);
+            break;
+        default:
+            c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->wait_reason, NULL, 0);
+            break;
         }
     }
 }
 
+static void park_waiting_jobs(engine *e, long long now);
+
 /* Fail closed: nobody calls the provider unmetered; ask again in a second. */
 static void limiter_unavailable(engine *e, long long now, const iw_error *err)
 {
+    park_waiting_jobs(e, now);
     log_json(IW_LOG_ERROR,
              json_pack("{s:s, s:{s:s, s:s}}", "message", "limiter unavailable; calls wait", "error",
                        "code", iw_code_name(IW_C_LIMITER_UNAVAILABLE), "message", err->msg));
@@ -330,16 +475,46 @@ static int any_ready(const engine *e)
     return 0;
 }
 
+/* Appends the breaker outcomes of this turn's finished calls, if any. */
+static int append_outcomes(engine *e, iw_error *err)
+{
+    if (!e->n_outcomes)
+        return 0;
+    e->outcomes[e->n_outcomes] = '\0';
+    if (limiter_append_outcomes(rt_limiter(e->rt), e->outcomes, e->probe_outcome, err) != IW_OK)
+        return -1;
+    e->n_outcomes = 0;
+    e->probe_outcome = -1;
+    return 1;
+}
+
+static int read_outcomes(engine *e, iw_error *err)
+{
+    breaker_report rep;
+
+    if (limiter_read_outcomes(rt_limiter(e->rt), &rep, err) != IW_OK)
+        return -1;
+    if (rep.transitions > 0)
+        log_transition(rep.from, rep.to, rep.failures);
+    note_breaker(e, rep.state, rep.failures, rep.failures_before);
+    return 0;
+}
+
 /* Every queued call that can get a slot, in batches of one class and
- * priority, all asked for in ONE pipelined round trip.  Returns 1 when
- * calls are left that could go at once (more than the batches took). */
+ * priority, all asked for in ONE pipelined round trip, together with the
+ * breaker outcomes of the calls that finished.  Returns 1 when calls are
+ * left that could go at once (more than the batches took). */
 static int permits(engine *e, long long now)
 {
     batch b[LIMITER_N_CLASSES * 2 * 4];
-    size_t nb, appended = 0;
+    size_t nb = 0, appended = 0;
     iw_error err = {0};
+    int outcomes = 0;
 
-    if (now < e->blocked_until || !(nb = take_batches(e, b, sizeof b / sizeof b[0])))
+    if (now < e->blocked_until)
+        return 0;
+    nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
+    if (!nb && !e->n_outcomes)
         return 0;
     if (!rt_redis_ready(e->rt)) {
         requeue(e, b, nb);
@@ -347,18 +522,20 @@ static int permits(engine *e, long long now)
         limiter_unavailable(e, now, &err);
         return 0;
     }
-    while (appended < nb && append_batch(e, &b[appended], &err) == IW_OK)
+    outcomes = append_outcomes(e, &err);
+    while (outcomes >= 0 && appended < nb && append_batch(e, &b[appended], &err) == IW_OK)
         appended++;
+    if (outcomes > 0 && read_outcomes(e, &err) != 0)
+        appended = 0; /* the connection is gone: nothing after it can be read */
     for (size_t i = 0; i < appended; i++) {
         limiter_result res;
 
-        if (limiter_read_take(rt_limiter(e->rt), &res, &err) != IW_OK) {
-            /* the rest of the pipeline is lost with the connection */
-            requeue(e, b + i, nb - i);
+        if (limiter_read_ask(rt_limiter(e->rt), &res, &err) != IW_OK) {
+            requeue(e, b + i, nb - i); /* the rest is lost with the connection */
             limiter_unavailable(e, now, &err);
             return 0;
         }
-        warn_usage(e, &res, now);
+        note_usage(e, &res);
         decide_batch(e, &b[i], &res);
         limiter_result_release(&res);
     }
@@ -368,6 +545,31 @@ static int permits(engine *e, long long now)
         return 0;
     }
     return any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
+}
+
+static const call_ops job_call_ops;
+
+/* A claim to drop at the next Redis round trip (the job may be gone by then). */
+struct release {
+    struct release *next;
+    char token[48];
+    char key[];
+};
+
+static void release_claim(engine *e, const call *c)
+{
+    size_t n;
+    release *r;
+
+    if (!c->claim_key || !c->claim_token[0])
+        return;
+    n = strlen(c->claim_key) + 1;
+    if (!(r = malloc(sizeof *r + n)))
+        return; /* the claim expires after its lease */
+    memcpy(r->key, c->claim_key, n);
+    snprintf(r->token, sizeof r->token, "%s", c->claim_token);
+    r->next = e->releases;
+    e->releases = r;
 }
 
 /* ---- jobs: bookkeeping ---------------------------------------------------------------- */
@@ -386,7 +588,7 @@ static json_t *call_fields(const call *c)
 /* Counts and logs (at debug) that j is in its state now. */
 static void note_state(const job *j)
 {
-    metrics_job_state(j->role->name, job_state_name(j->state));
+    metrics_job_transition(j->role->metric_role, job_state_name(j->state));
     if (log_enabled(IW_LOG_DEBUG))
         log_json(IW_LOG_DEBUG, json_pack("{s:s, s:s, s:s, s:s}", "message", "job state", "role",
                                          j->role->name, "requestId", j->job_id ? j->job_id : "",
@@ -429,8 +631,10 @@ static void job_free(job *j)
 /* The delivery went back to the broker (or is void): the job ends here. */
 static void job_end(job *j, job_state s, int nack)
 {
-    if (nack)
+    if (nack) {
         rt_nack(j->e->rt, j->d, 1);
+        metrics_delivery(j->role->metric_role, IW_DELIVERY_REQUEUED);
+    }
     job_set_state(j, s);
     job_free(j);
 }
@@ -452,6 +656,24 @@ static void outcome_done(void *owner, int ok)
     job *j = owner;
     engine *e = j->e;
 
+    if (!ok && j->out.status == IW_ERR_AMQP_ENCODE) {
+        /* the outcome cannot be written as AMQP frames (a header or property
+         * over the protocol's limits): requeueing would repeat this for
+         * ever.  Fail the job; if even its failure cannot be encoded, the
+         * broker dead-letters the delivery itself (x-death reason rejected) */
+        if (j->state != JOB_FAILING && job_live(j)) {
+            job_fail(j, IW_C_OUTCOME_NOT_ENCODABLE,
+                     "the outcome of this job cannot be encoded as an AMQP message", 0,
+                     j->attempts);
+            return;
+        }
+        log_msg(IW_LOG_ERROR, job_fields(j),
+                "the dead letter of this job cannot be encoded; rejected to the broker's "
+                "dead-lettering");
+        rt_nack(e->rt, j->d, 0);
+        job_end(j, JOB_ACKED, 0);
+        return;
+    }
     if (!ok) {
         log_json(IW_LOG_WARN,
                  json_pack("{s:s, s:s, s:s}", "requestId", j->job_id ? j->job_id : "", "state",
@@ -466,7 +688,7 @@ static void outcome_done(void *owner, int ok)
         return;
     }
     rt_ack(e->rt, j->d);
-    metrics_job(j->role->name, "acked");
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_ACKED);
     job_end(j, JOB_ACKED, 0);
 }
 
@@ -511,10 +733,37 @@ static void job_send_on(job *j, long delay_ms, int attempts, const char *last_er
     if (j->first_attempt_ms)
         json_object_set_new(h, "x-first-attempt", json_integer(j->first_attempt_ms));
     job_set_state(j, JOB_SENDING_ON);
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_DELAYED);
     job_outcome_begin(j);
     job_publish_later(j, j->role->queue, j->d->body, j->d->body_len, h, delay_ms);
     json_decref(h);
     job_outcome_seal(j, 0);
+}
+
+/* Jobs that waited for Redis (the limiter) longer than IW_HOLD_MAX go to the
+ * delay tiers, without using an attempt: a delivery held for long meets the
+ * broker's consumer_timeout, and every requeue counts toward the quorum
+ * queue's x-delivery-limit, which would dead-letter valid jobs. */
+static void park_waiting_jobs(engine *e, long long now)
+{
+    call_fifo park = {0};
+
+    for (int cls = 0; cls < LIMITER_N_CLASSES; cls++)
+        for (int prio = 0; prio < 2; prio++) {
+            call_fifo keep = {0};
+            call *c;
+            while ((c = call_pop(&e->ready[cls][prio]))) {
+                if (c->ops == &job_call_ops && now - c->ready_since > e->cfg->hold_max_ms) {
+                    c->queued = 0;
+                    call_push(&park, c);
+                } else {
+                    call_push(&keep, c);
+                }
+            }
+            e->ready[cls][prio] = keep;
+        }
+    for (call *c; (c = call_pop(&park));)
+        job_send_on((job *)c, PARK_MS, ((job *)c)->attempts, NULL);
 }
 
 void job_fail(job *j, iw_code code, const char *message, long http_status, int attempts)
@@ -524,16 +773,31 @@ void job_fail(job *j, iw_code code, const char *message, long http_status, int a
     if (!job_live(j))
         return;
     job_set_state(j, JOB_FAILING);
-    metrics_job(j->role->name, "failed");
+    metrics_job_outcome(j->role->metric_role, j->job_id ? IW_OUTCOME_FAILED : IW_OUTCOME_DEAD);
     f = job_fields(j);
     json_object_set_new(f, "operation", json_string(j->role->operation));
     json_object_set_new(f, "error",
                         rt_error_object(iw_code_name(code), message, http_status, attempts));
     log_json(IW_LOG_ERROR, f);
     job_outcome_begin(j);
-    rt_publish_failure(j->e->rt, &j->out, j->d, j->role->queue, j->job_id, iw_code_name(code),
-                       message, http_status, attempts);
+    rt_publish_failure(j->e->rt, &j->out, j->d, j->role->metric_role, j->role->queue, j->job_id,
+                       iw_code_name(code), message, http_status, attempts);
     job_outcome_seal(j, 0);
+}
+
+static void count_retry(const job *j, iw_code code)
+{
+    iw_answer_class a = iw_code_class(code);
+
+    metrics_retry(j->call.kind->route, a == IW_AC_5XX       ? IW_RETRY_SERVER_ERROR
+                                       : a == IW_AC_TIMEOUT ? IW_RETRY_TIMEOUT
+                                                            : IW_RETRY_CONNECTION);
+}
+
+void job_retry_in(job *j, iw_code code, long delay_ms, int attempt)
+{
+    count_retry(j, code);
+    job_send_on(j, delay_ms, attempt, iw_code_name(code));
 }
 
 void job_retry(job *j, iw_code code, const char *message, long http_status, int attempt)
@@ -541,10 +805,11 @@ void job_retry(job *j, iw_code code, const char *message, long http_status, int 
     const iw_config *cfg = j->e->cfg;
     long next = retry_delay_before(cfg->retry_schedule_ms, cfg->n_retry, attempt + 1);
 
-    if (next < 0)
+    if (next < 0) {
         job_fail(j, code, message, http_status, attempt);
-    else
-        job_send_on(j, next, attempt, iw_code_name(code));
+        return;
+    }
+    job_retry_in(j, code, next, attempt);
 }
 
 static void hold_over(loop *l, loop_timer *t)
@@ -556,18 +821,25 @@ static void hold_over(loop *l, loop_timer *t)
     engine_ask(j->e, &j->call);
 }
 
-void job_wait(job *j, long wait_ms)
+/* Waits wait_ms without using an attempt: in memory (delivery unacked) up
+ * to hold_max, else through the delay tiers. */
+static void job_wait_up_to(job *j, long wait_ms, long hold_max)
 {
     engine *e = j->e;
 
     if (!job_live(j))
         return;
-    if (wait_ms <= e->cfg->hold_max_ms && !rt_stopping(e->rt)) {
+    if (wait_ms <= hold_max && !rt_stopping(e->rt)) {
         job_set_state(j, JOB_HELD);
         if (loop_timer_at(e->lp, &j->hold, clock_mono_ms() + (wait_ms > 0 ? wait_ms : 0)) == 0)
             return;
     }
     job_send_on(j, wait_ms, j->attempts, NULL);
+}
+
+void job_wait(job *j, long wait_ms)
+{
+    job_wait_up_to(j, wait_ms, j->e->cfg->hold_max_ms);
 }
 
 void job_record(job *j, char *event)
@@ -580,17 +852,17 @@ void job_record(job *j, char *event)
         return;
     }
     job_set_state(j, JOB_RECORDING);
+    j->step_since = clock_mono_ms();
     job_push(&j->e->to_put, j);
 }
 
 /* ---- jobs: the call -------------------------------------------------------------------------- */
 
-static void job_on_permit(call *c, call_permit p, long wait_ms, int paused, const char *record,
+static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, const char *record,
                           size_t len)
 {
     job *j = (job *)c;
 
-    (void)paused;
     (void)record;
     (void)len;
     switch (p) {
@@ -600,15 +872,37 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int paused, cons
         job_set_state(j, JOB_CALLING);
         if (j->role->start(j) != IW_OK) {
             log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+            release_claim(j->e, c);
             job_wait(j, START_RETRY_MS);
         }
         break;
     case CALL_RECORDED:
         /* done before (a redelivery, or a second delivery of the jobId) */
         job_set_state(j, JOB_ADOPTING);
+        j->step_since = clock_mono_ms();
         job_push(&j->e->to_adopt, j);
         break;
+    case CALL_CLAIMED:
+        /* another delivery of this job is in a provider call right now (a
+         * requeue after a lost connection, a double publish): its outcome,
+         * recorded, answers this one; never a second concurrent POST */
+        log_msg(IW_LOG_INFO, job_fields(j),
+                "another worker is calling the provider for this job; waiting %ld ms for its "
+                "outcome",
+                wait_ms);
+        /* held in memory, whatever IW_HOLD_MAX: the wait is bounded by the
+         * claim's lease, and a job that kills every worker that calls for it
+         * must keep counting its deliveries toward x-delivery-limit */
+        job_wait_up_to(j, wait_ms, j->e->cfg->http_timeout_ms + LEASE_SLACK_MS + 1000);
+        break;
+    case CALL_DEFERRED:
+        metrics_job_wait(j->role->metric_role, IW_WAIT_MAINTENANCE);
+        job_wait(j, wait_ms);
+        break;
     case CALL_REFUSED:
+        metrics_job_wait(j->role->metric_role, reason == LIMITER_WAIT_BREAKER ? IW_WAIT_BREAKER
+                                               : reason == LIMITER_WAIT_PAUSE ? IW_WAIT_PROVIDER_429
+                                                                              : IW_WAIT_RATE_LIMIT);
         job_wait(j, wait_ms);
         break;
     }
@@ -618,9 +912,12 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
 {
     job *j = (job *)c;
 
+    /* the answer (or its record, next) decides now: the claim can go */
+    release_claim(j->e, c);
     job_set_state(j, JOB_CLASSIFIED);
     if (v->kind == IW_V_WAIT) {
         engine_log_call(c, r, v, NULL);
+        metrics_job_wait(j->role->metric_role, IW_WAIT_PROVIDER_429);
         job_wait(j, v->wait_ms); /* the reset: no attempt used */
         return;
     }
@@ -642,6 +939,7 @@ static void after_put(job *j, records_reply *rr)
     log_msg(IW_LOG_INFO, job_fields(j),
             "another delivery of this job recorded its outcome first; that one is published");
     job_set_state(j, JOB_ADOPTING);
+    j->step_since = clock_mono_ms();
     job_push(&j->e->to_adopt, j);
 }
 
@@ -661,7 +959,6 @@ static void after_adopt(job *j, records_reply *rr)
     case REC_PUBLISHED:
         if (!job_live(j))
             return;
-        metrics_job(j->role->name, "duplicate");
         if (j->role->republish) {
             log_msg(IW_LOG_INFO, job_fields(j),
                     "job done before; its recorded outcome is published again without a call");
@@ -697,62 +994,180 @@ static void after_mark(job *j, const records_reply *rr, const iw_error *err, int
                 "outcome published but not marked in Redis (%s); acked anyway",
                 ok ? "record gone" : err->msg);
     rt_ack(j->e->rt, j->d);
-    metrics_job(j->role->name, "acked");
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_ACKED);
+    metrics_job_outcome(j->role->metric_role, j->role->outcome);
     job_end(j, JOB_ACKED, 0);
 }
 
-/* Appends the Redis steps of the queued jobs, then reads every reply in
- * order.  Jobs whose step failed wait for the next try (1 s). */
-static int record_steps(engine *e, long long now)
+/* Jobs whose Redis step has failed for longer than IW_HOLD_MAX stop holding
+ * their deliveries: an outcome not yet recorded is published without its
+ * record (a redelivery would repeat the call, which the provider answers
+ * from its Idempotency-Key); a found record waits in the delay tiers. */
+static void give_up_waiting_steps(engine *e, long long now)
+{
+    job_fifo keep = {0};
+    job *j;
+
+    while ((j = job_pop(&e->to_put))) {
+        if (now - j->step_since <= e->cfg->hold_max_ms) {
+            job_push(&keep, j);
+        } else if (job_live(j)) {
+            log_msg(IW_LOG_WARN, job_fields(j),
+                    "Redis unavailable: publishing the outcome without its record");
+            j->role->publish(j, j->event);
+        }
+    }
+    e->to_put = keep;
+    memset(&keep, 0, sizeof keep);
+    while ((j = job_pop(&e->to_adopt))) {
+        if (now - j->step_since <= e->cfg->hold_max_ms)
+            job_push(&keep, j);
+        else
+            job_send_on(j, PARK_MS, j->attempts, NULL);
+    }
+    e->to_adopt = keep;
+}
+
+/* Drops the claims queued for release (a claim that cannot be dropped
+ * expires after its lease). */
+static void drop_claims(engine *e)
+{
+    size_t released = 0;
+    iw_error err;
+
+    while (e->releases) {
+        release *r = e->releases;
+        if (records_append_release(e->rec, r->key, r->token, &err) != IW_OK)
+            break;
+        e->releases = r->next;
+        free(r);
+        released++;
+    }
+    for (size_t i = 0; i < released; i++) {
+        records_reply rr;
+        if (records_read(e->rec, &rr, &err) == IW_OK)
+            free(rr.event);
+    }
+}
+
+/* Appends the put, adopt and mark of every queued job, moving them to
+ * taken[]; returns 0, or -1 when the pipeline broke (err says why). */
+static int append_steps(engine *e, job_fifo taken[3], iw_error *err)
 {
     job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+
+    for (int q = 0; q < 3; q++) {
+        job *j;
+        while ((j = queues[q]->head)) {
+            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token, err)
+                     : q == 1 ? records_append_adopt(e->rec, j->key, j->token, err)
+                              : records_append_mark(e->rec, j->key, err);
+            if (rc != IW_OK)
+                return -1;
+            job_push(&taken[q], job_pop(queues[q]));
+        }
+    }
+    return 0;
+}
+
+/* With IW_REDIS_WAIT_REPLICAS, the records just written must reach that many
+ * replicas before they are acted on (a failover then cannot lose them); too
+ * few in IW_REDIS_WAIT_TIMEOUT is logged, not fatal: a replica outage must not
+ * become an outage of the worker. */
+static void wait_replicas(engine *e, int appended)
+{
+    redisReply *rep = NULL;
+    iw_error err = {0};
+
+    if (appended <= 0)
+        return;
+    if (redis_link_read(rt_redis(e->rt), &rep, &err) != IW_OK ||
+        redis_wait_check(rep, e->cfg->redis_wait_replicas, &err) != IW_OK)
+        log_msg(IW_LOG_WARN, NULL, "records not confirmed by IW_REDIS_WAIT_REPLICAS replicas: %s",
+                err.msg);
+    if (rep)
+        freeReplyObject(rep);
+}
+
+/* Acts on each job's reply; returns 1 when a put or adopt must be tried
+ * again (the connection broke). */
+static int dispatch_steps(engine *e, job_fifo taken[3], records_reply *rr, int *ok, size_t n,
+                          iw_error *err)
+{
+    job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+    int failed = 0;
+    size_t i = 0;
+
+    for (int q = 0; q < 3; q++) {
+        job *j;
+        while (i < n && (j = job_pop(&taken[q]))) {
+            records_reply *r = &rr[i];
+            int good = ok[i++];
+            if (q == 2) {
+                after_mark(j, r, err, good);
+            } else if (!good && err->status == IW_ERR_REDIS_SCRIPT &&
+                       redis_link_connected(rt_redis(e->rt))) {
+                /* Redis answers, the record does not parse: trying again
+                 * cannot help */
+                job_fail(j, IW_C_RECORD_CORRUPT, err->msg, 0, j->attempts);
+            } else if (!good) {
+                failed = 1;
+                job_push(queues[q], j); /* tried again */
+            } else if (q == 0) {
+                after_put(j, r);
+            } else {
+                after_adopt(j, r);
+            }
+            free(r->event);
+        }
+    }
+    return failed;
+}
+
+/* One round trip for every Redis step queued this turn: claims dropped,
+ * outcomes recorded, records adopted, published outcomes marked.  Every reply
+ * is read before any job acts on its own, so that WAIT (when configured)
+ * covers them all.  Jobs whose step failed wait for the next try (1 s). */
+static int record_steps(engine *e, long long now)
+{
     job_fifo taken[3] = {{0}};
     iw_error err = {0};
-    int failed = 0;
+    records_reply *rr = NULL;
+    int failed = 0, waiting = 0, *ok = NULL;
+    size_t n = 0;
 
-    if (!e->to_put.head && !e->to_adopt.head && !e->to_mark.head)
+    if (!e->to_put.head && !e->to_adopt.head && !e->to_mark.head && !e->releases)
         return 0;
     if (now < e->records_blocked_until && !e->to_mark.head)
         return 0;
     if (!rt_redis_ready(e->rt)) {
         failed = 1;
         iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
-    }
-    for (int q = 0; q < 3 && !failed; q++) {
-        job *j;
-        while (!failed && (j = queues[q]->head)) {
-            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token, &err)
-                     : q == 1 ? records_append_adopt(e->rec, j->key, j->token, &err)
-                              : records_append_mark(e->rec, j->key, &err);
-            if (rc != IW_OK) {
-                failed = 1;
-                break;
-            }
-            job_push(&taken[q], job_pop(queues[q]));
+    } else {
+        drop_claims(e);
+        failed = append_steps(e, taken, &err) != 0;
+        for (int q = 0; q < 3; q++)
+            for (job *j = taken[q].head; j; j = j->next)
+                n++;
+        if (taken[0].head)
+            waiting = redis_link_append_wait(rt_redis(e->rt), e->cfg->redis_wait_replicas,
+                                             e->cfg->redis_wait_timeout_ms, &err);
+        rr = calloc(n ? n : 1, sizeof *rr);
+        ok = calloc(n ? n : 1, sizeof *ok);
+        for (size_t i = 0; i < n && rr && ok; i++)
+            ok[i] = records_read(e->rec, &rr[i], &err) == IW_OK;
+        wait_replicas(e, waiting);
+        if (rr && ok) {
+            failed |= dispatch_steps(e, taken, rr, ok, n, &err);
+        } else { /* out of memory: the replies are lost, the steps tried again */
+            job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+            for (int q = 0; q < 3; q++)
+                for (job *j; (j = job_pop(&taken[q]));)
+                    job_push(queues[q], j);
+            failed = 1;
         }
-    }
-    for (int q = 0; q < 3; q++) {
-        job *j;
-        while ((j = job_pop(&taken[q]))) {
-            records_reply rr;
-            int ok = records_read(e->rec, &rr, &err) == IW_OK;
-            if (q == 2) {
-                after_mark(j, &rr, &err, ok);
-            } else if (!ok && err.status == IW_ERR_REDIS_SCRIPT &&
-                       redis_link_connected(rt_redis(e->rt))) {
-                /* Redis answers, the record does not parse: trying again
-                 * cannot help */
-                job_fail(j, IW_C_RECORD_CORRUPT, err.msg, 0, j->attempts);
-            } else if (!ok) {
-                failed = 1;
-                job_push(queues[q], j); /* tried again */
-            } else if (q == 0) {
-                after_put(j, &rr);
-            } else {
-                after_adopt(j, &rr);
-            }
-            free(rr.event);
-        }
+        free(rr);
+        free(ok);
     }
     /* a mark that cannot be written is logged and the job acked (the event
      * is out): only the put and adopt steps wait for Redis */
@@ -763,6 +1178,7 @@ static int record_steps(engine *e, long long now)
     if (failed) {
         log_msg(IW_LOG_WARN, NULL, "could not record outcomes in Redis (%s); retrying in %ld ms",
                 err.msg[0] ? err.msg : "unexpected reply", LIMITER_RETRY_MS);
+        give_up_waiting_steps(e, now);
         e->records_blocked_until = now + LIMITER_RETRY_MS;
         loop_timer_at(e->lp, &e->unblock, e->records_blocked_until);
         return 0;
@@ -833,7 +1249,7 @@ static job *job_new(engine *e, role_slot *rs, iw_delivery *d)
     e->all = j;
     e->alive++;
     snprintf(j->token, sizeof j->token, "%s-%llu", e->proc_token, ++e->seq);
-    metrics_job(j->role->name, "consumed");
+    metrics_delivery(j->role->metric_role, IW_DELIVERY_RECEIVED);
     j->state = JOB_RECEIVED;
     note_state(j);
     return j;
@@ -845,7 +1261,11 @@ static void read_headers(job *j)
 {
     const iw_config *cfg = j->e->cfg;
 
-    intake_trust_internal_headers(j->d->headers, j->d->exchange, cfg->ns);
+    if (intake_trust_internal_headers(j->d->headers, j->d->exchange, cfg->ns)) {
+        long long due = rt_header_int(j->d, "x-due-at", 0);
+        if (due > 0)
+            metrics_delay_returned(clock_wall_ms() - due);
+    }
     j->attempts = (int)rt_header_int(j->d, "x-attempts", 0);
     if (j->attempts < 0)
         j->attempts = 0;
@@ -883,7 +1303,12 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
         snprintf(msg, len, "the record key of this jobId does not fit");
         return IW_C_INTERNAL_ERROR;
     }
+    if (records_key(j->e->rec, j->claim, "claim", j->job_id) != 0) {
+        snprintf(msg, len, "the claim key of this jobId does not fit");
+        return IW_C_INTERNAL_ERROR;
+    }
     j->call.record_key = j->key;
+    j->call.claim_key = j->claim;
     return IW_C_NONE;
 }
 
@@ -941,6 +1366,11 @@ static void svc_exit(void *self)
 
     while (e->all)
         job_free(e->all);
+    while (e->releases) {
+        release *r = e->releases;
+        e->releases = r->next;
+        free(r);
+    }
     loop_timer_cancel(e->lp, &e->unblock);
     e->lp = NULL;
 }
@@ -960,7 +1390,6 @@ int engine_add_role(engine *e, const job_role *role, void *self)
     rs->kind.cls = role->cls;
     rs->kind.route = role->route;
     rs->kind.operation = role->operation;
-    rs->kind.share_permille = role->share_pct ? (int)(*role->share_pct)(e->cfg) * 10 : 1000;
     rs->schema = rt_load_schema(e->rt, role->schema, &err);
     if (!rs->schema) {
         log_msg(IW_LOG_ERROR, NULL, "cannot load %s: %s", role->schema, err.msg);
@@ -997,6 +1426,7 @@ engine *engine_new(runtime *rt, iw_error *err)
         return NULL;
     }
     loop_timer_init(&e->unblock, unblock_fired, e);
+    e->probe_outcome = -1;
     snprintf(e->proc_token, sizeof e->proc_token, "%ld-%lx", (long)getpid(),
              (unsigned long)random());
     return e;

@@ -24,7 +24,7 @@
  *   received -> validated -> ready -> permitted -> calling -> classified
  *     -> recording -> publishing -> marking -> acked       (an outcome)
  *     -> publishing -> acked                               (a next check)
- *   side paths: held (a short wait in memory, delivery unacked), sending-on
+ *   side paths: held (a short wait in memory, delivery unacked), sending_on
  *   (a retry or a long wait through the delay tiers), adopting (a record was
  *   found: publish it, or ack), failing (submission.failed + dead letter),
  *   returned (nacked back to its queue), dropped (its broker connection went
@@ -50,7 +50,9 @@ typedef struct engine engine;
 typedef enum call_permit {
     CALL_GRANTED,  /* call now (engine_call) */
     CALL_RECORDED, /* the record key exists: no permit was taken */
-    CALL_REFUSED,  /* no permit: wait wait_ms (paused: a 429 reset) */
+    CALL_CLAIMED,  /* another attempt of the job holds its claim: wait wait_ms */
+    CALL_REFUSED,  /* no permit: wait wait_ms (reason: a limiter_wait_reason) */
+    CALL_DEFERRED, /* a maintenance window: wait wait_ms (its end), no call */
 } call_permit;
 
 /* What kind of provider call: one per route. */
@@ -58,13 +60,12 @@ typedef struct call_kind {
     const char *cls;       /* limiter class: "submit", "status", "resource" */
     iw_route route;        /* metrics label */
     const char *operation; /* log "operation", e.g. "POST /external-resource" */
-    int share_permille;    /* the class's share of every tier when contended */
 } call_kind;
 
 typedef struct call call;
 typedef struct call_ops {
     /* The permit decision for c (one batch per turn). */
-    void (*on_permit)(call *c, call_permit p, long wait_ms, int paused, const char *record,
+    void (*on_permit)(call *c, call_permit p, long wait_ms, int reason, const char *record,
                       size_t record_len);
     /* The answer of engine_call, classified; v may be changed by the owner. */
     void (*on_answer)(call *c, const http_response *r, iw_verdict *v);
@@ -78,9 +79,13 @@ struct call {
     int critical;
     int attempt;            /* 1-based number of the call being made (logs) */
     const char *record_key; /* checked with the permit; NULL: none */
+    const char *claim_key;  /* claimed with the permit (with record_key); NULL: none */
+    char claim_token[48];   /* the token of the claim taken with the last permit */
+    int probe;              /* this call is the breaker's half-open probe */
     call *next;             /* in a ready queue */
     int queued;
-    engine *eng; /* set by engine_ask / engine_call */
+    long long ready_since; /* monotonic ms it was queued (engine_ask) */
+    engine *eng;           /* set by engine_ask / engine_call */
 };
 
 /* Queues c for a permit (critical before normal, oldest first). */
@@ -103,16 +108,16 @@ void engine_answer_message(const http_response *r, char *buf, size_t len);
 typedef struct job job;
 
 typedef struct job_role {
-    const char *name;        /* "submitter": logs, metrics, consumer tag */
+    const char *name;        /* "submitter": logs, consumer tag */
+    iw_role metric_role;     /* its metrics label */
+    iw_outcome outcome;      /* what its recorded outcome is (accepted, final) */
     const char *queue;       /* the consumed queue: <ns>.<queue> */
     const char *schema;      /* schemas/<file> of the delivery */
     const char *record_kind; /* outcome records <ns>:<kind>:<jobId> */
     const char *operation;   /* the spec's "operation" of its calls and failures */
     const char *cls;         /* limiter class of its calls */
     iw_route route;          /* metrics route of its calls */
-    /* The class's share of every tier (percent) while classes compete. */
-    long (*share_pct)(const iw_config *cfg);
-    size_t job_size; /* the role's job struct, `job` first */
+    size_t job_size;         /* the role's job struct, `job` first */
     /* After a valid intake: read the role's fields.  IW_C_NONE, or a code
      * (msg filled) that fails the job. */
     iw_code (*prepare)(job *j, char *msg, size_t len);
@@ -149,7 +154,9 @@ struct job {
     char *event;    /* the recorded outcome being recorded or published */
     char token[48]; /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
-    loop_timer hold; /* while held */
+    char claim[RECORDS_KEY_MAX];
+    loop_timer hold;      /* while held */
+    long long step_since; /* monotonic ms it began to wait for its Redis step */
     rt_outcome out;
     job *next; /* in one of the engine's record queues */
     job *prev_all, *next_all;
@@ -165,6 +172,9 @@ void job_record(job *j, char *event);
 /* The next attempt after the retry schedule's gap, or failing with code
  * when the schedule is used up. */
 void job_retry(job *j, iw_code code, const char *message, long http_status, int attempt);
+/* The next attempt after delay_ms, whatever the retry schedule says (a
+ * status check follows the poll schedule instead). */
+void job_retry_in(job *j, iw_code code, long delay_ms, int attempt);
 /* Waits wait_ms without using an attempt: held in memory when short, else
  * through the delay tiers. */
 void job_wait(job *j, long wait_ms);

@@ -104,6 +104,7 @@ static char *status_path(const char *id)
 static iw_code prepare(job *base, char *msg, size_t len)
 {
     pjob *j = (pjob *)base;
+    const iw_config *cfg = ((poller *)base->self)->cfg;
     json_int_t checks = json_integer_value(json_object_get(base->doc, "checks"));
 
     j->tracking_id = json_string_value(json_object_get(base->doc, "trackingId"));
@@ -113,6 +114,16 @@ static iw_code prepare(job *base, char *msg, size_t len)
     if (j->accepted_ms < 0) {
         snprintf(msg, len, "acceptedAt is not an RFC 3339 date-time");
         return IW_C_SCHEMA_VIOLATION;
+    }
+    /* a check that waited past the deadline (an open breaker, a long 429
+     * pause, a maintenance window) ends without a call */
+    if (clock_wall_ms() > j->accepted_ms + cfg->poll_max_age_ms + IW_DELAY_SLACK_MS) {
+        char age[32];
+        snprintf(msg, len, "no terminal status within IW_POLL_MAX_AGE=%s (last: %.64s)",
+                 format_duration(cfg->poll_max_age_ms, age, sizeof age),
+                 json_string_value(json_object_get(base->doc, "lastStatus")) ?: "none");
+        metrics_status_check(IW_CHECK_EXPIRED);
+        return IW_C_POLL_EXPIRED;
     }
     return IW_C_NONE;
 }
@@ -127,26 +138,37 @@ static int start(job *base)
     return rc;
 }
 
+/* The schedule's wait before the next check (jittered), never past the
+ * IW_POLL_MAX_AGE deadline. */
+static long next_check_in(const pjob *j, long long now_wall)
+{
+    const iw_config *cfg = ((poller *)j->base.self)->cfg;
+    size_t idx = (size_t)j->checks < cfg->n_poll ? (size_t)j->checks : cfg->n_poll - 1;
+    long delay = retry_jitter(cfg->poll_schedule_ms[idx], cfg->poll_jitter_pct,
+                              (double)random() / ((double)RAND_MAX + 1.0));
+    long long deadline = j->accepted_ms + cfg->poll_max_age_ms;
+
+    if (now_wall + delay > deadline)
+        delay = deadline > now_wall ? (long)(deadline - now_wall) : 0;
+    return delay;
+}
+
 /* Non-terminal: status.progress when the status changed, and the next check
  * after the schedule's next interval (clamped to the IW_POLL_MAX_AGE deadline,
  * so that the last check happens at the deadline). */
 static void reschedule(pjob *j, const char *status, long long now_wall)
 {
-    const iw_config *cfg = ((poller *)j->base.self)->cfg;
     const char *last = json_string_value(json_object_get(j->base.doc, "lastStatus"));
-    size_t idx = (size_t)j->checks < cfg->n_poll ? (size_t)j->checks : cfg->n_poll - 1;
-    long delay = retry_jitter(cfg->poll_schedule_ms[idx], cfg->poll_jitter_pct,
-                              (double)random() / ((double)RAND_MAX + 1.0));
-    long long deadline = j->accepted_ms + cfg->poll_max_age_ms;
+    long delay = next_check_in(j, now_wall);
     json_t *next = json_deep_copy(j->base.doc);
     json_t *h = job_onward_headers(&j->base, 0, NULL);
     char *text;
 
-    if (now_wall + delay > deadline)
-        delay = deadline > now_wall ? (long)(deadline - now_wall) : 0;
     json_object_set_new(next, "checks", json_integer(j->checks));
     json_object_set_new(next, "lastStatus", json_string(status));
     text = json_dumps(next, JSON_COMPACT);
+    metrics_status_check(!last || strcmp(last, status) != 0 ? IW_CHECK_PROGRESS
+                                                            : IW_CHECK_UNCHANGED);
     job_outcome_begin(&j->base);
     if (!last || strcmp(last, status) != 0) {
         json_t *ev = json_pack("{s:s, s:s, s:s, s:i}", "jobId", j->base.job_id, "trackingId",
@@ -196,10 +218,31 @@ static void answered(pjob *j, const char *status, json_t *body)
         char m[200], age[32];
         snprintf(m, sizeof m, "no terminal status within IW_POLL_MAX_AGE=%s (last: %.64s)",
                  format_duration(cfg->poll_max_age_ms, age, sizeof age), status);
+        metrics_status_check(IW_CHECK_EXPIRED);
         job_fail(&j->base, IW_C_POLL_EXPIRED, m, 0, j->base.call.attempt);
     } else {
         reschedule(j, status, now);
     }
+}
+
+/* A check that failed (5xx, timeout, no connection, a malformed answer)
+ * never ends an accepted job: it is tried again on the poll schedule until
+ * IW_POLL_MAX_AGE. */
+static void check_failed(pjob *j, iw_code code, const char *msg, int attempt)
+{
+    const iw_config *cfg = ((poller *)j->base.self)->cfg;
+    long long now = clock_wall_ms();
+
+    metrics_status_check(IW_CHECK_RETRY);
+    if (now + IW_DELAY_SLACK_MS >= j->accepted_ms + cfg->poll_max_age_ms) {
+        char m[400], age[32];
+        snprintf(m, sizeof m, "no terminal status within IW_POLL_MAX_AGE=%s (last check: %.300s)",
+                 format_duration(cfg->poll_max_age_ms, age, sizeof age), msg);
+        metrics_status_check(IW_CHECK_EXPIRED);
+        job_fail(&j->base, IW_C_POLL_EXPIRED, m, 0, attempt);
+        return;
+    }
+    job_retry_in(&j->base, code, next_check_in(j, now), attempt);
 }
 
 static void answer(job *base, const http_response *r, iw_verdict *v)
@@ -226,6 +269,7 @@ static void answer(job *base, const http_response *r, iw_verdict *v)
             status = json_string_value(json_object_get(body, "status"));
         }
     } else if (v->kind == IW_V_FAIL && r->result.status == 404) {
+        metrics_status_check(IW_CHECK_NOT_FOUND);
         v->code = IW_C_TRACKING_NOT_FOUND;
         snprintf(msg, sizeof msg, "External API returned 404: tracking id %.200s is unknown",
                  j->tracking_id);
@@ -237,7 +281,7 @@ static void answer(job *base, const http_response *r, iw_verdict *v)
     if (v->kind == IW_V_ACCEPT)
         answered(j, status, body);
     else if (v->kind == IW_V_RETRY)
-        job_retry(base, v->code, msg, r->result.status, attempt);
+        check_failed(j, v->code, msg, attempt);
     else
         job_fail(base, v->code, msg, r->result.status, attempt);
     json_decref(body);
@@ -249,26 +293,22 @@ static void publish(job *base, const char *event)
                                     job_state_name(base->state), "externalTrackingId",
                                     ((pjob *)base)->tracking_id, "message",
                                     "terminal status: publishing status.final"));
-    metrics_job("poller", "final");
+    metrics_status_check(IW_CHECK_FINAL);
     job_outcome_begin(base);
     job_publish_event(base, "status.final", event, strlen(event));
     job_outcome_seal(base, 1);
 }
 
-static long share(const iw_config *cfg)
-{
-    return cfg->poll_share_pct;
-}
-
 static const job_role poller_role = {
     .name = "poller",
+    .metric_role = IW_ROLE_POLLER,
+    .outcome = IW_OUTCOME_FINAL,
     .queue = "status",
     .schema = "status-check.schema.json",
     .record_kind = "final",
     .operation = "GET /status/{trackingId}",
     .cls = "status",
     .route = IW_ROUTE_STATUS,
-    .share_pct = share,
     .job_size = sizeof(pjob),
     .prepare = prepare,
     .start = start,

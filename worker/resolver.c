@@ -39,6 +39,7 @@
 #include "cache.h"
 #include "clock.h"
 #include "intake.h"
+#include "limiter.h"
 #include "log.h"
 #include "retry.h"
 #include "roles.h"
@@ -301,6 +302,8 @@ static void reply(rreq *q, json_t *body)
     resolver *r = q->r;
 
     req_detach(q);
+    metrics_job_outcome(IW_ROLE_RESOLVER,
+                        q->invalidate ? IW_OUTCOME_INVALIDATED : IW_OUTCOME_ANSWERED);
     q->state = Q_REPLYING;
     q->outcome_pending = 1;
     rt_outcome_begin(&q->out, after_outcome, q);
@@ -311,6 +314,10 @@ static void reply(rreq *q, json_t *body)
 
 static void reply_result(rreq *q, int found, const char *source, const json_t *data)
 {
+    metrics_cache(!strcmp(source, "provider")      ? IW_CACHE_MISS
+                  : !strcmp(source, "stale-cache") ? IW_CACHE_STALE
+                  : found                          ? IW_CACHE_HIT
+                                                   : IW_CACHE_NEGATIVE_HIT);
     json_t *body = json_pack("{s:s, s:b, s:s, s:O}", "id", q->id, "found", found, "source", source,
                              "data", found ? data : json_null());
 
@@ -541,12 +548,15 @@ static void start_call(flight *f)
     }
 }
 
-/* The engine's permit decision for a flight. */
-static void on_permit(call *c, call_permit p, long wait_ms, int paused, const char *record,
+/* The engine's permit decision for a flight: a wait longer than the caller
+ * can wait (an open breaker, a long rate-limit wait, a maintenance window)
+ * answers from the cache now, stale allowed. */
+static void on_permit(call *c, call_permit p, long wait_ms, int reason, const char *record,
                       size_t len)
 {
     flight *f = (flight *)c;
     const iw_config *cfg = f->r->cfg;
+    char m[200];
 
     (void)record;
     (void)len;
@@ -554,11 +564,17 @@ static void on_permit(call *c, call_permit p, long wait_ms, int paused, const ch
         flight_drop(f);
     } else if (p == CALL_GRANTED) {
         start_call(f);
+    } else if (p == CALL_DEFERRED) {
+        snprintf(m, sizeof m, "a maintenance window of the External API; it ends in %ld ms",
+                 wait_ms);
+        flight_fail(f, IW_C_EXTERNAL_API_UNAVAILABLE, m, 1);
+    } else if (reason == LIMITER_WAIT_BREAKER) {
+        snprintf(m, sizeof m, "circuit breaker open; the next probe in %ld ms", wait_ms);
+        flight_fail(f, IW_C_EXTERNAL_API_UNAVAILABLE, m, 1);
     } else if (wait_ms > cfg->resolver_wait_ms) {
-        char m[200];
         snprintf(m, sizeof m, "%s; next permit in %ld ms",
-                 paused ? "the External API asked us to pause (429)"
-                        : "rate limit reached (IW_RATE_LIMITS)",
+                 reason == LIMITER_WAIT_PAUSE ? "the External API asked us to pause (429)"
+                                              : "rate limit reached (IW_RATE_LIMITS)",
                  wait_ms);
         flight_fail(f, IW_C_RATE_LIMITED, m, 1);
     } else {
@@ -670,6 +686,7 @@ static void reject(rreq *q, iw_code code, const char *message)
     json_t *f;
 
     q->state = Q_DEAD;
+    metrics_job_outcome(IW_ROLE_RESOLVER, IW_OUTCOME_DEAD);
     f = req_fields(q);
     json_object_set_new(f, "resourceId", json_string(readable_id(q->doc)));
     json_object_set_new(f, "error",
@@ -683,7 +700,8 @@ static void reject(rreq *q, iw_code code, const char *message)
         rt_publish_reply(r->rt, &q->out, q->d->reply_to, q->d->correlation_id, body);
         json_decref(body);
     }
-    rt_publish_dead(r->rt, &q->out, q->d, "resource", iw_code_name(code), message, 0, 0);
+    rt_publish_dead(r->rt, &q->out, q->d, IW_ROLE_RESOLVER, "resource", iw_code_name(code), message,
+                    0, 0);
     rt_outcome_seal(&q->out);
 }
 
@@ -699,6 +717,8 @@ static void start_lookup(rreq *q)
             return;
         }
         fq_push(&r->lookup_q, f);
+    } else {
+        metrics_cache(IW_CACHE_COALESCED); /* joins a look-up already under way */
     }
     q->state = Q_WAITING;
     q->f = f;
@@ -1185,8 +1205,7 @@ resolver *resolver_new(runtime *rt, engine *e, iw_error *err)
     r->e = e;
     r->lp = rt_loop(rt);
     r->cfg = cfg;
-    r->kind = (call_kind){"resource", IW_ROUTE_RESOURCE, "GET /external-resource/{id}",
-                          (int)cfg->resource_share_pct * 10};
+    r->kind = (call_kind){"resource", IW_ROUTE_RESOURCE, "GET /external-resource/{id}"};
     dl_init(&r->fallback_q);
     dl_init(&r->inval_q);
     dl_init(&r->requests);
@@ -1232,7 +1251,7 @@ void resolver_free(resolver *r)
 int resolver_cache_invalidate_cmd(const iw_config *cfg, const char *id)
 {
     iw_error err = {0};
-    redis_link *link = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, &err);
+    redis_link *link = redis_link_from_config(cfg, &err);
     cache_ttls ttls = {cfg->cache_ttl_ms, cfg->cache_stale_ttl_ms, cfg->cache_negative_ttl_ms,
                        cfg->http_timeout_ms + LOCK_SLACK_MS};
     cache *c = link ? cache_new(link, cfg->ns, &ttls) : NULL;

@@ -11,8 +11,10 @@
 #include "admin_http.h"
 #include "clock.h"
 #include "errcode.h"
+#include "jobkey.h"
 #include "log.h"
 #include "metrics.h"
+#include "parse.h"
 #include "topology.h"
 
 #define MAX_ROLES 4
@@ -52,6 +54,8 @@ struct runtime {
     int redis_down;
     long long redis_retry_at;
     long long redis_probed_at;
+    int topology_stale; /* a publish into our topology came back: re-declare */
+    int amqp_events;    /* what the loop watches the broker's socket for */
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -84,11 +88,15 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
         goto fail;
     }
     loop_timer_init(&rt->housekeeping, housekeeping, rt);
-    rt->redis = redis_link_new(cfg->redis_url, cfg->redis_timeout_ms, err);
+    rt->redis = redis_link_from_config(cfg, err);
     if (!rt->redis)
         goto fail;
     rt->lim =
         limiter_new(rt->redis, cfg->ns, cfg->rate_tiers, cfg->n_rate_tiers, cfg->rate_guard_ms);
+    if (rt->lim) {
+        limiter_policy policy = limiter_policy_from_config(cfg);
+        limiter_set_policy(rt->lim, &policy);
+    }
     memset(&ho, 0, sizeof ho);
     ho.base_url = cfg->provider_url;
     ho.auth_mode = cfg->auth_mode;
@@ -105,6 +113,7 @@ runtime *runtime_new(iw_config *cfg, const char *process_name, iw_error *err)
     ho.connect_timeout_ms = cfg->http_connect_timeout_ms;
     ho.max_response_bytes = cfg->max_response_bytes;
     ho.max_connections = cfg->concurrency;
+    ho.max_wait_ms = cfg->max_rate_pause_ms;
     rt->http = http_client_new(&ho, err);
     if (!rt->lim || !rt->http)
         goto fail;
@@ -255,18 +264,85 @@ static void dispatch_delivery(void *ud, iw_delivery *d)
     delivery_free(d);
 }
 
+/* True for a publish into the topology topology_declare makes (the delay
+ * tiers through the default exchange, N.retry, N.dlx), not N.events or a
+ * client's reply queue. */
+static int own_topology(runtime *rt, const char *exchange, const char *routing_key)
+{
+    char events[256];
+    size_t n = strlen(rt->cfg->ns);
+    const char *name = *exchange ? exchange : routing_key;
+
+    if (*exchange && strcmp(exchange, rt_name(rt, events, sizeof events, "events")) == 0)
+        return 0;
+    return strncmp(name, rt->cfg->ns, n) == 0 && name[n] == '.';
+}
+
+/* A publish came back unroutable (the link fails its confirm with
+ * IW_ERR_AMQP_RETURNED).  Into our own topology: ERROR, /readyz false and a
+ * re-declare.  An event nobody is bound for, or a reply whose client queue is
+ * gone: WARN only (outcome_publish counts it as published). */
+static void on_amqp_return(void *ud, const char *exchange, const char *routing_key)
+{
+    runtime *rt = ud;
+    int ours = own_topology(rt, exchange, routing_key);
+
+    log_json(ours ? IW_LOG_ERROR : IW_LOG_WARN,
+             json_pack("{s:s, s:{s:s, s:s}, s:s, s:s}", "message",
+                       ours ? "the broker returned a publish as unroutable: its outcome fails "
+                              "and the topology is re-declared"
+                            : "an event or reply reached no queue: nobody is bound for it",
+                       "error", "code", iw_code_name(IW_C_BROKER_RETURNED), "message",
+                       "no queue is bound for this exchange and routing key", "exchange", exchange,
+                       "routingKey", routing_key));
+    if (ours)
+        rt->topology_stale = 1;
+}
+
+static void on_amqp_rejected(void *ud, const char *routing_key, uint64_t body_size)
+{
+    runtime *rt = ud;
+
+    log_json(IW_LOG_WARN,
+             json_pack("{s:s, s:{s:s, s:s}, s:s, s:I, s:I}", "message",
+                       "delivery too large to hold rejected unread; the broker dead-letters it",
+                       "error", "code", iw_code_name(IW_C_MESSAGE_TOO_LARGE), "message",
+                       "larger than what is left of IW_MAX_HELD_BYTES", "routingKey", routing_key,
+                       "bodyBytes", (json_int_t)body_size, "maxHeldBytes",
+                       (json_int_t)rt->cfg->max_held_bytes));
+}
+
+static void on_amqp_blocked(void *ud, int blocked, const char *reason)
+{
+    (void)ud;
+    if (blocked)
+        log_json(IW_LOG_WARN,
+                 json_pack("{s:s, s:s}", "message",
+                           "the broker blocks publishing (resource alarm): publishes and acks wait "
+                           "in memory",
+                           "reason", reason));
+    else
+        log_msg(IW_LOG_INFO, NULL, "the broker unblocked publishing");
+}
+
 /* Returns 0 on success, -1 on a transient failure, -2 on a fatal one (the
  * topology exists with other arguments: retrying cannot help). */
 static int connect_amqp(runtime *rt)
 {
-    amqp_link_handlers h = {dispatch_delivery, rt};
+    amqp_link_handlers h = {dispatch_delivery, rt, on_amqp_return, on_amqp_rejected,
+                            on_amqp_blocked};
+    amqp_link_tls tls = {rt->cfg->amqp_ca, rt->cfg->amqp_cert, rt->cfg->amqp_key,
+                         !rt->cfg->amqp_tls_no_verify};
     iw_error err = {0};
     char queue[256];
     long prefetch = rt->cfg->prefetch ? rt->cfg->prefetch : 2 * rt->cfg->concurrency;
 
-    rt->amqp = amqp_link_connect(rt->cfg->amqp_url, rt->process_name, &h, &err);
+    rt->amqp = amqp_link_connect_tls(rt->cfg->amqp_url, rt->process_name, &h, &tls, &err);
     if (!rt->amqp)
         goto transient;
+    amqp_link_set_limits(rt->amqp, (size_t)rt->cfg->max_message_bytes,
+                         (size_t)rt->cfg->max_held_bytes);
+    rt->topology_stale = 0;
     if (topology_declare(rt->amqp, rt->cfg, &err) != IW_OK) {
         if (strstr(err.msg, "PRECONDITION_FAILED")) {
             log_json(IW_LOG_ERROR,
@@ -285,6 +361,7 @@ static int connect_amqp(runtime *rt)
             goto transient;
     }
     rt->amqp_fd = amqp_link_fd(rt->amqp);
+    rt->amqp_events = LOOP_READ;
     if (loop_watch(rt->lp, rt->amqp_fd, LOOP_READ, amqp_readable, rt) != 0) {
         iw_error_set(&err, IW_ERR_IO, "cannot watch the broker socket");
         goto transient;
@@ -350,6 +427,7 @@ void rt_outcome_begin(rt_outcome *o, void (*done)(void *owner, int ok), void *ow
 {
     o->pending = 0;
     o->failed = 0;
+    o->status = IW_OK;
     o->sealed = 0;
     o->done = done;
     o->owner = owner;
@@ -360,8 +438,10 @@ static void outcome_confirmed(void *ud, int status)
     rt_outcome *o = ud;
 
     o->pending--;
-    if (status != IW_OK)
+    if (status != IW_OK && !o->failed) {
         o->failed = 1;
+        o->status = status;
+    }
     if (o->sealed && o->pending == 0)
         o->done(o->owner, !o->failed);
 }
@@ -373,20 +453,43 @@ void rt_outcome_seal(rt_outcome *o)
         o->done(o->owner, !o->failed);
 }
 
-static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p)
+/* An event or a reply that reached no queue (nobody subscribed to N.events
+ * for that key, the client's reply queue is gone) is not ours to repair:
+ * failing its group would requeue the job for ever.  on_amqp_return logs it. */
+static void outcome_confirmed_routable_or_not(void *ud, int status)
+{
+    outcome_confirmed(ud, status == IW_ERR_AMQP_RETURNED ? IW_OK : status);
+}
+
+/* strict: a return fails the group (a publish into our own topology: delay
+ * tiers, retry exchange, dead letters). */
+static void outcome_publish(runtime *rt, rt_outcome *o, const iw_publish *p, int strict)
 {
     o->pending++;
     if (!rt->amqp) {
         outcome_confirmed(o, IW_ERR_AMQP_CLOSED);
         return;
     }
-    amqp_link_publish(rt->amqp, p, outcome_confirmed, o);
+    amqp_link_publish(rt->amqp, p, strict ? outcome_confirmed : outcome_confirmed_routable_or_not,
+                      o);
+}
+
+/* The correlation_id of a job's messages (contract): its jobId, or its
+ * jobKey (sha256:...) when the jobId is longer than an AMQP short string
+ * holds (255 bytes).  NULL when there is no jobId. */
+static const char *correlation_of(const char *id, char key[JOBKEY_SIZE])
+{
+    if (!id)
+        return NULL;
+    if (strlen(id) <= 255)
+        return id;
+    return jobkey(id, strlen(id), key) == IW_OK ? key : NULL;
 }
 
 void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, const char *body,
                            size_t len, const char *job_id)
 {
-    char exchange[256];
+    char exchange[256], key[JOBKEY_SIZE];
     iw_publish p = {0};
 
     p.exchange = rt_name(rt, exchange, sizeof exchange, "events");
@@ -394,14 +497,14 @@ void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, 
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = job_id; /* left out by the link if over 255 bytes */
-    outcome_publish(rt, o, &p);
+    p.correlation_id = correlation_of(job_id, key);
+    outcome_publish(rt, o, &p, 0);
 }
 
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
                       const char *job_id)
 {
-    char exchange[256];
+    char exchange[256], key[JOBKEY_SIZE];
     char *text = json_dumps(body, JSON_COMPACT);
     iw_publish p = {0};
 
@@ -410,8 +513,8 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
     p.body = text ? text : "{}";
     p.body_len = strlen(p.body);
     p.content_type = "application/json";
-    p.correlation_id = job_id; /* left out by the link if over 255 bytes */
-    outcome_publish(rt, o, &p);
+    p.correlation_id = correlation_of(job_id, key);
+    outcome_publish(rt, o, &p, 0);
     free(text);
 }
 
@@ -428,7 +531,7 @@ void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const ch
     p.content_type = "application/json";
     p.correlation_id = correlation_id;
     p.transient = 1;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 0);
     free(text);
 }
 
@@ -468,8 +571,9 @@ static const char *dead_letter_id(char out[36])
     return out;
 }
 
-void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
-                     const char *code, const char *message, long http_status, int attempts)
+void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                     const char *queue_suffix, const char *code, const char *message,
+                     long http_status, int attempts)
 {
     char exchange[256], queue[256], ts[40], mid[36];
     json_t *h = rt_forward_headers(d);
@@ -477,7 +581,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     iw_publish p = {0};
 
     format_timestamp(clock_wall_ms(), ts, sizeof ts);
-    metrics_dead_letter(code);
+    metrics_dead_letter_role(role, code);
     json_object_set_new(h, "x-error-code", json_string(code));
     json_object_set_new(h, "x-error-message", json_string(message));
     if (http_status > 0)
@@ -506,7 +610,7 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const cha
     p.reply_to = d->reply_to;
     p.message_id = dead_letter_id(mid);
     p.headers = h;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 1);
     json_decref(h);
 }
 
@@ -517,9 +621,9 @@ json_t *rt_error_object(const char *code, const char *message, long http_status,
                      attempts);
 }
 
-void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
-                        const char *job_id, const char *code, const char *message, long http_status,
-                        int attempts)
+void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                        const char *queue_suffix, const char *job_id, const char *code,
+                        const char *message, long http_status, int attempts)
 {
     if (job_id) {
         json_t *ev = json_pack("{s:s, s:o}", "jobId", job_id, "error",
@@ -527,7 +631,7 @@ void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, const 
         rt_publish_event(rt, o, "submission.failed", ev, job_id);
         json_decref(ev);
     }
-    rt_publish_dead(rt, o, d, queue_suffix, code, message, http_status, attempts);
+    rt_publish_dead(rt, o, d, role, queue_suffix, code, message, http_status, attempts);
 }
 
 json_t *rt_onward_headers(const iw_delivery *d, int attempts, const char *last_error)
@@ -551,14 +655,14 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
                         size_t len, const char *correlation_id, const json_t *headers,
                         long delay_ms)
 {
-    char exchange[256], queue[256], suffix[64];
+    char exchange[256], queue[256], suffix[64], key[JOBKEY_SIZE];
     json_t *h = headers ? json_deep_copy(headers) : json_object();
     int tier = topology_pick_tier(delay_ms);
     iw_publish p = {0};
 
     json_object_set_new(h, "iw-target", json_string(target));
     json_object_set_new(h, "x-due-at",
-                        json_integer(clock_wall_ms() + (delay_ms > 0 ? delay_ms : 0)));
+                        json_integer(iw_add_ms(clock_wall_ms(), delay_ms > 0 ? delay_ms : 0)));
     if (tier < 0) {
         p.exchange = rt_name(rt, exchange, sizeof exchange, "retry");
         p.routing_key = "";
@@ -570,9 +674,9 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
     p.body = body;
     p.body_len = len;
     p.content_type = "application/json";
-    p.correlation_id = correlation_id;
+    p.correlation_id = correlation_of(correlation_id, key);
     p.headers = h;
-    outcome_publish(rt, o, &p);
+    outcome_publish(rt, o, &p, 1);
     json_decref(h);
 }
 
@@ -643,7 +747,7 @@ static void housekeeping(loop *l, loop_timer *t)
     }
     rt_redis_ready(rt);
     metrics_heartbeat(now);
-    metrics_connections(rt->amqp != NULL, redis_link_connected(rt->redis));
+    metrics_connections(rt->amqp != NULL && !rt->topology_stale, redis_link_connected(rt->redis));
     metrics_in_flight(http_client_in_flight(rt->http));
     loop_timer_at(rt->lp, &rt->housekeeping, now + HOUSEKEEPING_MS);
 }
@@ -668,11 +772,87 @@ static int amqp_buffered(loop *l, void *ud)
     runtime *rt = ud;
 
     (void)l;
+    if (rt->amqp && rt->topology_stale && !amqp_link_blocked(rt->amqp)) {
+        iw_error err = {0};
+        if (topology_declare(rt->amqp, rt->cfg, &err) == IW_OK) {
+            rt->topology_stale = 0;
+            log_msg(IW_LOG_INFO, NULL, "topology re-declared after an unroutable publish");
+        } else if (amqp_link_ok(rt->amqp)) {
+            log_msg(IW_LOG_ERROR, NULL, "re-declaring the topology failed: %s", err.msg);
+        }
+        if (!amqp_link_ok(rt->amqp))
+            link_lost(rt);
+    }
+    if (rt->amqp) {
+        /* writes wait in the link (the socket was full): wake when it drains */
+        int want = LOOP_READ | (amqp_link_wants_write(rt->amqp) ? LOOP_WRITE : 0);
+        if (want != rt->amqp_events &&
+            loop_watch(rt->lp, rt->amqp_fd, want, amqp_readable, rt) == 0)
+            rt->amqp_events = want;
+    }
     if (rt->amqp && amqp_link_has_buffered(rt->amqp)) {
         if (amqp_link_pump(rt->amqp) != IW_OK)
             link_lost(rt);
         return rt->amqp && amqp_link_has_buffered(rt->amqp);
     }
+    return 0;
+}
+
+/* "50/min", "1000/hour", "30/10s": a tier as IW_RATE_LIMITS writes it. */
+static void format_rate_tier(const iw_rate_tier *t, char *buf, size_t len)
+{
+    static const struct {
+        long ms;
+        const char *unit;
+    } units[] = {{1000, "s"}, {60000, "min"}, {3600000, "hour"}, {86400000, "day"}};
+    char d[32];
+
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
+        if (t->window_ms == units[i].ms) {
+            snprintf(buf, len, "%ld/%s", t->limit, units[i].unit);
+            return;
+        }
+    snprintf(buf, len, "%ld/%s", t->limit, format_duration(t->window_ms, d, sizeof d));
+}
+
+/* Every label set the metrics can have exists from the start, at 0. */
+static void declare_metrics(runtime *rt)
+{
+    const char *codes[IW_N_CODES];
+    const char *tiers[IW_MAX_TIERS];
+    char names[IW_MAX_TIERS][48];
+    size_t n = 0;
+
+    for (int c = 1; c < IW_N_CODES; c++)
+        codes[n++] = iw_code_name((iw_code)c);
+    metrics_dead_letter_codes(codes, n);
+    for (size_t i = 0; i < rt->cfg->n_rate_tiers; i++) {
+        format_rate_tier(&rt->cfg->rate_tiers[i], names[i], sizeof names[i]);
+        tiers[i] = names[i];
+    }
+    metrics_limiter_tiers(tiers, rt->cfg->n_rate_tiers);
+}
+
+/* Redis must not evict the records, the claims and the permit log: warn, or
+ * refuse to start with IW_REQUIRE_NOEVICTION=1.  Returns nonzero to refuse. */
+static int check_eviction(runtime *rt)
+{
+    limiter_redis_info info;
+    iw_error err = {0};
+
+    if (limiter_check_redis(rt->lim, &info, &err) != IW_OK || !info.can_evict)
+        return 0;
+    if (rt->cfg->require_noeviction) {
+        fprintf(stderr,
+                "integration-worker: IW_REQUIRE_NOEVICTION: Redis maxmemory-policy is %s, "
+                "which can evict the worker's records; set it to noeviction\n",
+                info.policy);
+        return 1;
+    }
+    log_msg(IW_LOG_WARN, NULL,
+            "Redis maxmemory-policy is %s: under memory pressure it can evict the records that "
+            "prevent double submissions and the rate-limit log; use noeviction",
+            info.policy);
     return 0;
 }
 
@@ -700,7 +880,11 @@ int runtime_run(runtime *rt)
         admin_http_stop(admin);
         return 1;
     }
-    rt_redis_ready(rt);
+    declare_metrics(rt);
+    if (rt_redis_ready(rt) && check_eviction(rt) != 0) {
+        admin_http_stop(admin);
+        return 2;
+    }
     housekeeping(rt->lp, &rt->housekeeping);
 
     for (;;) {

@@ -15,6 +15,7 @@
 #include "config.h"
 #include "http_client.h"
 #include "limiter.h"
+#include "metrics.h"
 #include "loop.h"
 #include "redis_link.h"
 #include "schema.h"
@@ -52,6 +53,7 @@ typedef struct rt_service {
 typedef struct rt_outcome {
     int pending;
     int failed;
+    int status; /* the first failure's status (IW_ERR_AMQP_ENCODE...), IW_OK */
     int sealed;
     void (*done)(void *owner, int ok);
     void *owner;
@@ -98,13 +100,14 @@ void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const ch
                       const json_t *body);
 /* Dead-letters d's original body to <ns>.dlx with the contract's headers.
  * http_status <= 0 omits x-http-status. */
-void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
-                     const char *code, const char *message, long http_status, int attempts);
+void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                     const char *queue_suffix, const char *code, const char *message,
+                     long http_status, int attempts);
 /* Ends a job without success: submission.failed (when job_id is known)
  * and the dead letter of d, in group o. */
-void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, const char *queue_suffix,
-                        const char *job_id, const char *code, const char *message, long http_status,
-                        int attempts);
+void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                        const char *queue_suffix, const char *job_id, const char *code,
+                        const char *message, long http_status, int attempts);
 /* The spec's error object {code, message, statusCode, retryAttempt} (new). */
 json_t *rt_error_object(const char *code, const char *message, long http_status, int attempts);
 /* Headers for sending d on through the broker (a retry or a long wait):

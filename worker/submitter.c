@@ -117,7 +117,6 @@ static void publish(job *j, const char *event)
     char *text = check ? json_dumps(check, JSON_COMPACT) : NULL;
     json_t *h = json_pack("{s:i, s:s}", "x-attempts", 0, "x-original-routing-key", "status.check");
 
-    metrics_job("submitter", "accepted");
     job_outcome_begin(j);
     job_publish_event(j, "submission.accepted", event, strlen(event));
     if (text)
@@ -140,20 +139,16 @@ static void republish(job *j, const char *event)
     job_outcome_seal(j, 0);
 }
 
-static long share(const iw_config *cfg)
-{
-    return cfg->submit_share_pct;
-}
-
 static const job_role submitter_role = {
     .name = "submitter",
+    .metric_role = IW_ROLE_SUBMITTER,
+    .outcome = IW_OUTCOME_ACCEPTED,
     .queue = "submit",
     .schema = "submission-job.schema.json",
     .record_kind = "job",
     .operation = "POST /external-resource",
     .cls = "submit",
     .route = IW_ROUTE_SUBMIT,
-    .share_pct = share,
     .job_size = sizeof(job),
     .prepare = prepare,
     .start = start,

@@ -29,7 +29,9 @@ static int new_arrival(void *ud)
 START_TEST(test_delivery_limit_dead_letters_a_poison_job)
 {
     const char *ns = iwt_namespace("poison");
-    const char *env[] = {"IW_DELIVERY_LIMIT=2", NULL};
+    /* the claim of a killed call lasts IW_HTTP_TIMEOUT + 5 s: the next
+     * delivery holds the job that long, then calls (and is killed) again */
+    const char *env[] = {"IW_DELIVERY_LIMIT=2", "IW_HTTP_TIMEOUT=6s", NULL};
     const char *declare[] = {"declare", NULL};
     const char *mock_args[] = {"--latency-ms", "5000", NULL};
     char queue[256];
@@ -49,7 +51,7 @@ START_TEST(test_delivery_limit_dead_letters_a_poison_job)
     while (kills < 6 && !dead) {
         long before = arrivals();
         pid_t w = iwt_start_worker("submitter", ns, mock_port, env, "poison");
-        if (iwt_eventually(new_arrival, &before, 10000)) {
+        if (iwt_eventually(new_arrival, &before, 20000)) {
             ck_assert_int_eq(iwt_stop(w, SIGKILL), 128 + SIGKILL);
             kills++;
         } else {
@@ -83,7 +85,7 @@ int main(void)
 {
     Suite *s = suite_create("poison");
     TCase *tc = tcase_create("delivery_limit");
-    tcase_set_timeout(tc, 120);
+    tcase_set_timeout(tc, 200);
     tcase_add_test(tc, test_delivery_limit_dead_letters_a_poison_job);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

@@ -303,40 +303,52 @@ START_TEST(unknown_tracking_id_and_bad_messages)
 }
 END_TEST
 
-START_TEST(server_errors_are_retried_then_fail)
+/* A status check that fails (5xx, timeout, no connection) never ends an
+ * accepted job early: it is tried again on the poll schedule, and only
+ * IW_POLL_MAX_AGE ends the job (contract). */
+START_TEST(server_errors_never_end_an_accepted_job_early)
 {
     static const char *const mock[] = {"--checks-to-complete", "2", NULL};
+    /* the breaker would open after 5 failures in a row: out of the way here */
     static const char *const env[] = {"IW_POLL_SCHEDULE=300ms", "IW_RETRY_SCHEDULE=0s,200ms,200ms",
-                                      NULL};
+                                      "IW_POLL_MAX_AGE=6s", "IW_BREAKER_FAILURES=1000", NULL};
     int port;
     iwt_amqp *a = setup("poll-5xx", mock, &port);
 
     iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
     iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));
-    /* two 503s, then answers: the check is retried and the job completes */
-    ck_assert_int_eq(
-        iwt_mock_post(port, "/__admin/faults", "{\"script\":{\"GET /api/v1/status\":[503,503]}}"),
-        200);
+    /* five 503s in a row, more than IW_RETRY_SCHEDULE allows a submission:
+     * the checks go on and the job completes */
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults",
+                                   "{\"script\":{\"GET /api/v1/status\":[503,503,503,503,503]}}"),
+                     200);
     publish_job(a, "r-1", NULL);
     iwt_msg *fin = iwt_wait_event(a, "status.final", "r-1", 15000);
     ck_assert_ptr_nonnull(fin);
     ck_assert_int_eq(num(fin->body, "checks"), 2);
+    ck_assert_int_eq(iwt_count_events(a, "submission.failed", "r-1", 300), 0);
     iwt_msg_free(fin);
-    /* three 503s in a row exhaust IW_RETRY_SCHEDULE: failed + dead letter */
-    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults",
-                                   "{\"script\":{\"GET /api/v1/status\":[503,503,503]}}"),
-                     200);
+    /* the provider fails every check: only IW_POLL_MAX_AGE ends the job */
+    char script[600] = "{\"script\":{\"GET /api/v1/status\":[503";
+    for (int i = 1; i < 60; i++)
+        strcat(script, ",503");
+    strcat(script, "]}}");
+    ck_assert_int_eq(iwt_mock_post(port, "/__admin/faults", script), 200);
+    long long t0 = iwt_now_ms();
     publish_job(a, "r-2", NULL);
-    iwt_msg *f = iwt_wait_event(a, "submission.failed", "r-2", 15000);
+    iwt_msg *f = iwt_wait_event(a, "submission.failed", "r-2", 20000);
     ck_assert_ptr_nonnull(f);
+    ck_assert_msg(iwt_now_ms() - t0 >= 5000, "failed after %lld ms, before IW_POLL_MAX_AGE",
+                  iwt_now_ms() - t0);
     json_t *e = json_object_get(f->body, "error");
-    ck_assert_str_eq(str(e, "code"), "EXTERNAL_API_ERROR");
-    ck_assert_int_eq(num(e, "statusCode"), 503);
-    ck_assert_int_eq(num(e, "retryAttempt"), 3);
+    ck_assert_str_eq(str(e, "code"), "POLL_EXPIRED");
     iwt_msg *d = get_dead(5000);
     ck_assert_ptr_nonnull(d);
-    ck_assert_int_eq(num(d->headers, "x-attempts"), 3);
+    ck_assert_str_eq(str(d->headers, "x-error-code"), "POLL_EXPIRED");
     ck_assert_int_eq(iwt_count_events(a, "status.final", "r-2", 500), 0);
+    json_t *stats = iwt_mock_stats(port);
+    ck_assert_int_ge(iwt_stat(stats, "GET /api/v1/status", "503"), 8);
+    json_decref(stats);
     iwt_msg_free(f);
     iwt_msg_free(d);
     teardown_all(a);
@@ -551,7 +563,7 @@ static Suite *poll_suite(void)
     tcase_add_test(tc, every_terminal_status_is_final);
     tcase_add_test(tc, expiry_fails_with_poll_expired);
     tcase_add_test(tc, unknown_tracking_id_and_bad_messages);
-    tcase_add_test(tc, server_errors_are_retried_then_fail);
+    tcase_add_test(tc, server_errors_never_end_an_accepted_job_early);
     tcase_add_test(tc, poller_killed_mid_check);
     tcase_add_test(tc, two_pollers_one_final_per_job);
     tcase_add_test(tc, recorded_outcome_wins_over_a_call);

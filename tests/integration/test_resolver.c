@@ -320,10 +320,26 @@ START_TEST(test_miss_then_hit)
     assert_found(m, "abc123", "provider");
     iwt_msg_free(m);
     ck_assert_int_eq(exists("resource@details:abc123"), 1);
+    ck_assert_int_eq(exists("resource:abc123"), 1);
     m = lookup("{\"id\":\"abc123\",\"expand\":\"details\",\"priority\":\"normal\"}", "c-4");
     assert_found(m, "abc123", "cache");
     iwt_msg_free(m);
     ck_assert_int_eq(resource_gets("abc123"), 2);
+
+    /* the contract's key holds the id's OurFormat after a look-up of any
+     * variant, and deleting it (as a system that follows the spec does when
+     * the resource changes) sends every variant back to the provider */
+    iwt_redis_int("DEL %s:resource:abc123", ns);
+    m = lookup("{\"id\":\"abc123\",\"expand\":\"details\"}", "c-5");
+    assert_found(m, "abc123", "provider");
+    iwt_msg_free(m);
+    ck_assert_int_eq(resource_gets("abc123"), 3);
+    ck_assert_int_eq(exists("resource:abc123"), 1);
+    iwt_redis_int("DEL %s:resource:abc123", ns);
+    m = lookup_id("abc123", "c-6");
+    assert_found(m, "abc123", "provider");
+    iwt_msg_free(m);
+    ck_assert_int_eq(resource_gets("abc123"), 4);
     json_decref(want);
     finish();
 }

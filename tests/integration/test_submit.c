@@ -1500,7 +1500,7 @@ END_TEST
 START_TEST(test_multibyte_job_ids)
 {
     scen a;
-    char x[300] = "", y[300], z[300] = "";
+    char x[300] = "", y[sizeof x + 8], z[300] = ""; /* y: room for x and 4 more bytes */
 
     open_links();
     scen_init(&a, "sub-mb", NULL);

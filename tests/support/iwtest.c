@@ -4,6 +4,7 @@
 #include <check.h>
 #include <arpa/inet.h>
 #include <curl/curl.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -142,16 +144,27 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
     out[n++] = buf[b++];
     snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
     out[n++] = buf[b++];
+    /* private servers (iwt_use_servers): the guest user of a fresh node, no
+     * Redis ACL; these replace the shared stack's defaults below */
+    const char *private_urls[3] = {NULL, NULL, NULL};
+    int n_private = 0;
     if (amqp_port_ != 5672) {
         snprintf(buf[b], sizeof buf[b], "IW_AMQP_URL=amqp://guest:guest@127.0.0.1:%d/%%2f",
                  amqp_port_);
+        private_urls[n_private++] = buf[b];
         out[n++] = buf[b++];
     }
     if (redis_port_ != 6379) {
         snprintf(buf[b], sizeof buf[b], "IW_REDIS_URL=redis://127.0.0.1:%d/0", redis_port_);
+        private_urls[n_private++] = buf[b];
         out[n++] = buf[b++];
     }
-    static const char *const defaults[] = {"IW_API_KEY=test-key-xxxxx",
+    /* Workers log in as the least-privilege test users that scripts/stack.sh derives
+     * from deploy/ (rabbitmq/definitions.json, redis/users.acl), so a permission the
+     * worker needs but those files lack fails a test. */
+    static const char *const defaults[] = {"IW_AMQP_URL=amqp://iw-test:iw-test@127.0.0.1:5672/%2f",
+                                           "IW_REDIS_URL=redis://iw-test:iw-test@127.0.0.1:6379/0",
+                                           "IW_API_KEY=test-key-xxxxx",
                                            "IW_API_SECRET=test-secret-xxxxx",
                                            "IW_HTTP_ADDR=off",
                                            "IW_POLL_SCHEDULE=1s",
@@ -165,6 +178,9 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
         size_t klen = strchr(defaults[i], '=') - defaults[i] + 1;
         for (int j = 0; extra && extra[j]; j++)
             if (strncmp(extra[j], defaults[i], klen) == 0)
+                overridden = 1;
+        for (int j = 0; private_urls[j]; j++)
+            if (strncmp(private_urls[j], defaults[i], klen) == 0)
                 overridden = 1;
         if (!overridden)
             out[n++] = (char *)defaults[i];
@@ -757,4 +773,199 @@ int iwt_eventually(int (*cond)(void *), void *ud, int timeout_ms)
     while (!(v = cond(ud)) && iwt_now_ms() < deadline)
         iwt_sleep_ms(20);
     return v;
+}
+
+/* ---- a private RabbitMQ node ---------------------------------------------- */
+
+#define RABBIT_BIN "/usr/lib/rabbitmq/bin/"
+
+/* Runs a RabbitMQ script of the node with the node's environment. */
+static int rabbit_run(const iwt_rabbit *r, const char *script, const char *const *args, int quiet)
+{
+    pid_t pid = fork();
+    int status;
+
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        char path[512], conf[512], envf[512], plugins[512], mnesia[512], logs[512], pidf[512];
+        char port[16], dist[16];
+        const char *argv[32];
+        int n = 0;
+
+        snprintf(path, sizeof path, RABBIT_BIN "%s", script);
+        snprintf(conf, sizeof conf, "%s/rabbitmq.conf", r->dir);
+        snprintf(envf, sizeof envf, "%s/rabbitmq-env.conf", r->dir);
+        snprintf(plugins, sizeof plugins, "%s/enabled_plugins", r->dir);
+        snprintf(mnesia, sizeof mnesia, "%s/mnesia", r->dir);
+        snprintf(logs, sizeof logs, "%s/log", r->dir);
+        snprintf(pidf, sizeof pidf, "%s/pid", r->dir);
+        snprintf(port, sizeof port, "%d", r->port);
+        snprintf(dist, sizeof dist, "%d", r->dist_port);
+        setenv("HOME", r->dir, 1); /* its own Erlang cookie */
+        setenv("RABBITMQ_NODENAME", r->node, 1);
+        setenv("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1", 1);
+        setenv("RABBITMQ_NODE_PORT", port, 1);
+        setenv("RABBITMQ_DIST_PORT", dist, 1);
+        setenv("RABBITMQ_CONFIG_FILE", conf, 1);
+        setenv("RABBITMQ_CONF_ENV_FILE", envf, 1);
+        setenv("RABBITMQ_ENABLED_PLUGINS_FILE", plugins, 1);
+        setenv("RABBITMQ_MNESIA_BASE", mnesia, 1);
+        setenv("RABBITMQ_LOG_BASE", logs, 1);
+        setenv("RABBITMQ_PID_FILE", pidf, 1);
+        setenv("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "-kernel inet_dist_use_interface {127,0,0,1}",
+               1);
+        if (chdir(r->dir) != 0)
+            _exit(126);
+        argv[n++] = path;
+        if (strcmp(script, "rabbitmqctl") == 0) {
+            argv[n++] = "-n";
+            argv[n++] = r->node;
+        }
+        for (int i = 0; args && args[i] && n < 31; i++)
+            argv[n++] = args[i];
+        argv[n] = NULL;
+        if (quiet) {
+            int fd = open("/dev/null", O_WRONLY);
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execv(path, (char *const *)argv);
+        _exit(127);
+    }
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static int write_file(const char *dir, const char *name, const char *text)
+{
+    char path[512];
+    FILE *f;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    f = fopen(path, "w");
+    if (!f)
+        return -1;
+    fputs(text, f);
+    return fclose(f);
+}
+
+int iwt_rabbit_start(iwt_rabbit *r, const char *tag, int tls, const char *extra_conf)
+{
+    char conf[4096], path[512];
+    const char *const start[] = {"-detached", NULL};
+    const char *const wait[] = {"-q", "await_startup", "--timeout", "90", NULL};
+    size_t len;
+    int up = 0;
+
+    memset(r, 0, sizeof *r);
+    if (access(RABBIT_BIN "rabbitmq-server", X_OK) != 0) {
+        fprintf(stderr, "private RabbitMQ: %s not found\n", RABBIT_BIN "rabbitmq-server");
+        return -1;
+    }
+    snprintf(r->node, sizeof r->node, "iwtest-%s-%ld@localhost", tag, (long)getpid());
+    snprintf(r->dir, sizeof r->dir, "/tmp/iwtest-%s-%ld-XXXXXX", tag, (long)getpid());
+    if (!mkdtemp(r->dir)) {
+        fprintf(stderr, "private RabbitMQ: mkdtemp: %s\n", strerror(errno));
+        return -1;
+    }
+    chmod(r->dir, 0755);
+    r->port = iwt_free_port();
+    do
+        r->dist_port = iwt_free_port();
+    while (r->dist_port == r->port);
+    if (tls)
+        do
+            r->tls_port = iwt_free_port();
+        while (r->tls_port == r->port || r->tls_port == r->dist_port);
+    len = (size_t)snprintf(conf, sizeof conf,
+                           "log.console = false\nlog.file.level = info\n"
+                           "listeners.tcp.default = 127.0.0.1:%d\nloopback_users = none\n",
+                           r->port);
+    if (tls)
+        len += (size_t)snprintf(conf + len, sizeof conf - len,
+                                "listeners.ssl.default = 127.0.0.1:%d\n", r->tls_port);
+    for (const char *p = extra_conf; p && *p && len + 300 < sizeof conf;) {
+        if (strncmp(p, "@DIR@", 5) == 0) {
+            len += (size_t)snprintf(conf + len, sizeof conf - len, "%s", r->dir);
+            p += 5;
+        } else {
+            conf[len++] = *p++;
+        }
+    }
+    conf[len] = '\0';
+    snprintf(path, sizeof path, "%s/mnesia", r->dir);
+    mkdir(path, 0755);
+    snprintf(path, sizeof path, "%s/log", r->dir);
+    mkdir(path, 0755);
+    if (write_file(r->dir, "rabbitmq.conf", conf) ||
+        write_file(r->dir, "enabled_plugins", "[].\n") ||
+        write_file(r->dir, "rabbitmq-env.conf", "")) {
+        fprintf(stderr, "private RabbitMQ: cannot write its config\n");
+        iwt_rabbit_stop(r);
+        return -1;
+    }
+    if (rabbit_run(r, "rabbitmq-server", start, 1) == 0) {
+        /* await_startup fails at once while the node is not yet registered */
+        long long deadline = iwt_now_ms() + 90000;
+        while ((up = rabbit_run(r, "rabbitmqctl", wait, 1) == 0) == 0 && iwt_now_ms() < deadline)
+            iwt_sleep_ms(250);
+    }
+    if (!up) {
+        fprintf(stderr, "private RabbitMQ: node %s did not start (see %s/log)\n", r->node, r->dir);
+        iwt_rabbit_stop(r);
+        return -1;
+    }
+    return 0;
+}
+
+int iwt_rabbitmqctl(const iwt_rabbit *r, const char *const *args)
+{
+    return rabbit_run(r, "rabbitmqctl", args, 1);
+}
+
+void iwt_rabbit_reap(const char *tag)
+{
+    char prefix[64];
+    size_t plen;
+    DIR *dir = opendir("/tmp");
+    struct dirent *e;
+
+    if (!dir)
+        return;
+    plen = (size_t)snprintf(prefix, sizeof prefix, "iwtest-%s-", tag);
+    while ((e = readdir(dir)) != NULL) {
+        iwt_rabbit r;
+        char *end;
+        long pid;
+
+        if (strncmp(e->d_name, prefix, plen) != 0 || strlen(e->d_name) > 100)
+            continue;
+        pid = strtol(e->d_name + plen, &end, 10);
+        /* iwtest-<tag>-<pid>-XXXXXX, made by a process that is gone */
+        if (pid <= 0 || *end != '-' || strlen(end) != 7 ||
+            (kill((pid_t)pid, 0) == 0 || errno != ESRCH))
+            continue;
+        memset(&r, 0, sizeof r);
+        snprintf(r.node, sizeof r.node, "iwtest-%s-%ld@localhost", tag, pid);
+        snprintf(r.dir, sizeof r.dir, "/tmp/%.100s", e->d_name);
+        fprintf(stderr, "private RabbitMQ: stopping %s, left by a failed test\n", r.node);
+        iwt_rabbit_stop(&r);
+    }
+    closedir(dir);
+}
+
+void iwt_rabbit_stop(iwt_rabbit *r)
+{
+    const char *const stop[] = {"-q", "stop", NULL};
+    char cmd[600];
+
+    if (!r->dir[0])
+        return;
+    rabbit_run(r, "rabbitmqctl", stop, 1);
+    if (strncmp(r->dir, "/tmp/iwtest-", 12) == 0 && !getenv("IWT_KEEP_RABBIT")) {
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", r->dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "private RabbitMQ: could not remove %s\n", r->dir);
+    }
+    r->dir[0] = '\0';
 }

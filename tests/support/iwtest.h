@@ -139,6 +139,32 @@ int iwt_eventually(int (*cond)(void *), void *ud, int timeout_ms);
 
 long long iwt_now_ms(void);
 
+/* A PRIVATE RabbitMQ node for tests that need a special broker (a memory
+ * alarm, a TLS listener): its own node name (iwtest-<tag>-<pid>@localhost),
+ * free loopback ports, data, logs and Erlang cookie in a temporary
+ * directory, no plugins.  The shared broker is never touched. */
+typedef struct iwt_rabbit {
+    char node[128];
+    char dir[256];
+    int port;      /* AMQP */
+    int tls_port;  /* 0 unless started with TLS */
+    int dist_port; /* Erlang distribution */
+} iwt_rabbit;
+
+/* Starts the node and waits until it serves AMQP (up to 90 s).  extra_conf is
+ * appended to its rabbitmq.conf (NULL ok); "@DIR@" in it is replaced by the
+ * node's directory.  With tls, a TLS listener goes on tls_port.  Returns 0, or
+ * -1 (with a message on stderr) when a node cannot be started here. */
+int iwt_rabbit_start(iwt_rabbit *r, const char *tag, int tls, const char *extra_conf);
+/* Runs `rabbitmqctl -n <node> args...` against the private node; its exit code. */
+int iwt_rabbitmqctl(const iwt_rabbit *r, const char *const *args);
+/* Stops the node and removes its directory. */
+void iwt_rabbit_stop(iwt_rabbit *r);
+/* Stops the nodes of `tag` whose test process is gone (a failed Check
+ * assertion ends the test at once): call it from an unchecked teardown, which
+ * runs in the suite's own process. */
+void iwt_rabbit_reap(const char *tag);
+
 /* Benchmarks: a process's peak resident set (VmHWM) in kB, -1 if unknown;
  * sorting samples ascending for percentiles. */
 long iwt_peak_rss_kb(pid_t pid);

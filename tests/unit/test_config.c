@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "limiter.h"
 
 /* Every warning the last config_from_env reported, one per line. */
 static char warnings[4096];
@@ -407,14 +408,16 @@ START_TEST(secret_file_keeps_inner_newlines)
     iw_error err;
     iw_config *cfg;
 
+    /* an OAuth2 secret is form-encoded, so inner newlines are kept; the
+     * header secrets refuse them (api_secret_file_with_newline_refused) */
     temp_file(path, "line1\nline2\n\n");
-    snprintf(e1, sizeof e1, "IW_API_SECRET_FILE=%s", path);
+    snprintf(e1, sizeof e1, "IW_OAUTH_CLIENT_SECRET_FILE=%s", path);
     const char *env[] = {e1, NULL};
     cfg = load(env, &err);
     unlink(path);
 
     ck_assert_ptr_nonnull(cfg);
-    ck_assert_str_eq(cfg->api_secret, "line1\nline2");
+    ck_assert_str_eq(cfg->oauth_client_secret, "line1\nline2");
     config_free(cfg);
 }
 END_TEST
@@ -740,6 +743,277 @@ START_TEST(help_lists_settings)
 }
 END_TEST
 
+/* ---------------------------------------------------------------------------
+ * Settings that cannot work (issue 9): refused at start-up, secrets unechoed
+ * ------------------------------------------------------------------------ */
+
+/* Malformed URL settings that hold a password: refused by name, and neither
+ * the password nor the user appears in the message. */
+static const struct {
+    const char *entry;
+    const char *name;
+} bad_urls[] = {
+    {"IW_AMQP_URL=admin:S3cret@rabbit/", "IW_AMQP_URL"},
+    {"IW_AMQP_URL=amqp://admin:S3cret@/", "IW_AMQP_URL"},
+    {"IW_AMQP_URL=amqp://admin:S3cret@rabbit:notaport/", "IW_AMQP_URL"},
+    {"IW_AMQP_URL=amqps//admin:S3cret@rabbit/", "IW_AMQP_URL"},
+    {"IW_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f,admin:S3cret@rabbit/", "IW_AMQP_URL"},
+    {"IW_REDIS_URL=admin:S3cret@redis/", "IW_REDIS_URL"},
+    {"IW_REDIS_URL=redis://admin:S3cret@redis:notaport/0", "IW_REDIS_URL"},
+    {"IW_REDIS_URL=redis://admin:S3cret@/0", "IW_REDIS_URL"},
+    {"IW_REDIS_URL=redis://admin:S3cret@redis/db", "IW_REDIS_URL"},
+    {"IW_REDIS_URL=rediss://admin:S3cret@redis/", "IW_REDIS_URL"},
+    {"IW_PROVIDER_URL=admin:S3cret@provider/", "IW_PROVIDER_URL"},
+    {"IW_PROVIDER_URL=http://admin:S3cret@", "IW_PROVIDER_URL"},
+    {"IW_PROVIDER_URL=http://admin:S3cret@127.0.0.1:99999/", "IW_PROVIDER_URL"},
+    {"IW_PROVIDER_URL=http://admin:S3cret@pro vider/", "IW_PROVIDER_URL"},
+    {"IW_PROVIDER_URL=ftp://admin:S3cret@provider/", "IW_PROVIDER_URL"},
+    {"IW_PROVIDER_URL=http://admin:S3cret@127.0.0.1/?q=1", "IW_PROVIDER_URL"},
+};
+
+START_TEST(bad_url_refused_without_echo)
+{
+    const char *env[] = {bad_urls[_i].entry, NULL};
+    iw_error err;
+
+    assert_refused(env, bad_urls[_i].name);
+    ck_assert_ptr_null(load(env, &err));
+    ck_assert_msg(strstr(err.msg, "S3cret") == NULL, "password echoed: %s", err.msg);
+    ck_assert_msg(strstr(err.msg, "admin") == NULL, "user echoed: %s", err.msg);
+}
+END_TEST
+
+START_TEST(good_urls_accepted)
+{
+    static const char *const good[] = {
+        "IW_AMQP_URL=amqps://u:p@rabbit.example.com:5671/vh",
+        "IW_AMQP_URL=amqp://a:b@127.0.0.1:5672/%2f, amqp://a:b@127.0.0.2:5672/%2f",
+        "IW_REDIS_URL=redis://:pw@127.0.0.1:6380/3",
+        "IW_PROVIDER_URL=https://provider.example.com/base",
+        "IW_PROVIDER_URL=http://localhost:8080",
+        "IW_PROVIDER_URL=http://127.0.0.2:8080/",
+        "IW_PROVIDER_URL=http://[::1]:8080",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        const char *env[] = {good[i], NULL};
+        iw_error err;
+        iw_config *cfg = load(env, &err);
+        ck_assert_msg(cfg != NULL, "%s refused: %s", good[i], err.msg);
+        ck_assert_int_eq(n_warnings, 0);
+        config_free(cfg);
+    }
+}
+END_TEST
+
+START_TEST(credentials_over_plain_http_refused)
+{
+    const char *env[] = {"IW_PROVIDER_URL=http://provider.example.com", NULL};
+    iw_error err;
+    assert_refused(env, "IW_PROVIDER_URL");
+    ck_assert_ptr_null(load(env, &err));
+    ck_assert_ptr_nonnull(strstr(err.msg, "IW_ALLOW_INSECURE_HTTP"));
+    /* 10.0.0.1 and 128.0.0.1 are not loopback */
+    const char *env2[] = {"IW_PROVIDER_URL=http://10.0.0.1:8080", "IW_AUTH_MODE=basic", NULL};
+    assert_refused(env2, "IW_PROVIDER_URL");
+    const char *env3[] = {"IW_PROVIDER_URL=http://127.0.0.1.example.com", NULL};
+    assert_refused(env3, "IW_PROVIDER_URL");
+}
+END_TEST
+
+START_TEST(insecure_http_allowed_with_warning)
+{
+    const char *env[] = {"IW_PROVIDER_URL=http://provider.example.com", "IW_ALLOW_INSECURE_HTTP=1",
+                         NULL};
+    iw_error err;
+    iw_config *cfg = load(env, &err);
+    ck_assert_msg(cfg != NULL, "refused: %s", err.msg);
+    ck_assert_int_eq(cfg->allow_insecure_http, 1);
+    ck_assert_int_eq(n_warnings, 1);
+    ck_assert_ptr_nonnull(strstr(warnings, "IW_ALLOW_INSECURE_HTTP"));
+    config_free(cfg);
+    /* no credentials, nothing to protect: no warning */
+    const char *env2[] = {"IW_PROVIDER_URL=http://provider.example.com", "IW_AUTH_MODE=none", NULL};
+    cfg = load(env2, &err);
+    ck_assert_msg(cfg != NULL, "refused: %s", err.msg);
+    ck_assert_int_eq(n_warnings, 0);
+    config_free(cfg);
+    const char *env3[] = {"IW_ALLOW_INSECURE_HTTP=yes", NULL};
+    assert_refused(env3, "IW_ALLOW_INSECURE_HTTP");
+}
+END_TEST
+
+START_TEST(namespace_length_and_reserved)
+{
+    char ns[200], entry[220];
+    iw_error err;
+    iw_config *cfg;
+
+    memset(ns, 'n', 100);
+    ns[100] = '\0';
+    snprintf(entry, sizeof entry, "IW_NAMESPACE=%s", ns);
+    const char *env[] = {entry, NULL};
+    cfg = load(env, &err);
+    ck_assert_msg(cfg != NULL, "100 bytes refused: %s", err.msg);
+    config_free(cfg);
+    ns[100] = 'n';
+    ns[101] = '\0';
+    snprintf(entry, sizeof entry, "IW_NAMESPACE=%s", ns);
+    assert_refused(env, "IW_NAMESPACE");
+    const char *env2[] = {"IW_NAMESPACE=amq.ext", NULL};
+    assert_refused(env2, "IW_NAMESPACE");
+    const char *env3[] = {"IW_NAMESPACE=ns\xe6\x97\xa5", NULL};
+    assert_refused(env3, "IW_NAMESPACE");
+    const char *env4[] = {"IW_NAMESPACE=ns\r\nx", NULL};
+    assert_refused(env4, "IW_NAMESPACE");
+}
+END_TEST
+
+START_TEST(header_secrets_with_control_bytes_refused)
+{
+    char path[PATH_LEN], e1[128];
+    iw_error err;
+
+    const char *env[] = {"IW_API_KEY=k\r\nX-Injected: yes", NULL};
+    assert_refused(env, "IW_API_KEY");
+    ck_assert_ptr_null(load(env, &err));
+    ck_assert_ptr_null(strstr(err.msg, "Injected"));
+    temp_file(path, "s1\ns2\n");
+    snprintf(e1, sizeof e1, "IW_API_SECRET_FILE=%s", path);
+    const char *env2[] = {e1, NULL};
+    assert_refused(env2, "IW_API_SECRET");
+    unlink(path);
+    const char *env3[] = {"IW_BASIC_USER=a:b", NULL};
+    assert_refused(env3, "IW_BASIC_USER");
+}
+END_TEST
+
+START_TEST(secret_file_never_cut)
+{
+    char path[PATH_LEN], e1[128];
+    static char big[70000];
+
+    memset(big, 'k', sizeof big - 1);
+    temp_file(path, big);
+    snprintf(e1, sizeof e1, "IW_API_KEY_FILE=%s", path);
+    const char *env[] = {e1, NULL};
+    assert_refused(env, "IW_API_KEY_FILE");
+    unlink(path);
+    /* 5,000 bytes: past the old 4 KiB buffer, read whole */
+    big[5000] = '\0';
+    temp_file(path, big);
+    snprintf(e1, sizeof e1, "IW_API_KEY_FILE=%s", path);
+    iw_error err;
+    iw_config *cfg = load(env, &err);
+    unlink(path);
+    ck_assert_msg(cfg != NULL, "refused: %s", err.msg);
+    ck_assert_uint_eq(strlen(cfg->api_key), 5000);
+    config_free(cfg);
+}
+END_TEST
+
+START_TEST(text_settings_must_be_utf8)
+{
+    const char *env[] = {"IW_CLIENT_ID=bad\xff", NULL};
+    assert_refused(env, "IW_CLIENT_ID");
+    const char *env2[] = {"IW_CLIENT_ID=a\nb", NULL};
+    assert_refused(env2, "IW_CLIENT_ID");
+    const char *env3[] = {"IW_CLIENT_ID=\xe6\x97\xa5\xe6\x9c\xac", NULL};
+    iw_error err;
+    iw_config *cfg = load(env3, &err);
+    ck_assert_msg(cfg != NULL, "refused: %s", err.msg);
+    config_free(cfg);
+}
+END_TEST
+
+START_TEST(unknown_variable_warning_is_text)
+{
+    const char *env[] = {"IW_\xff\x01X=1", NULL};
+    iw_error err;
+    iw_config *cfg = load(env, &err);
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert_int_eq(n_warnings, 1);
+    ck_assert_ptr_nonnull(strstr(warnings, "IW_\xef\xbf\xbd\\x01X"));
+    config_free(cfg);
+}
+END_TEST
+
+/* ---------------------------------------------------------------------------
+ * The provider-trouble settings (issue 10): IW_RATE_ALERT, IW_MAX_RATE_PAUSE,
+ * IW_MAINTENANCE_WINDOWS, IW_REQUIRE_NOEVICTION
+ * ------------------------------------------------------------------------ */
+
+START_TEST(guard_settings)
+{
+    iw_error err;
+    const char *none[] = {NULL};
+    iw_config *cfg = load(none, &err);
+
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert_int_eq(cfg->rate_alert_pct, 80);
+    ck_assert_int_eq(cfg->max_rate_pause_ms, 3600000L);
+    ck_assert_int_eq(cfg->require_noeviction, 0);
+    ck_assert_ptr_null(cfg->maintenance_raw);
+    ck_assert_uint_eq(maintenance_count(cfg->maintenance), 0);
+    config_free(cfg);
+
+    const char *set[] = {"IW_RATE_ALERT=90", "IW_MAX_RATE_PAUSE=10m", "IW_REQUIRE_NOEVICTION=1",
+                         "IW_MAINTENANCE_WINDOWS=Sun 02:00-04:00 America/New_York,"
+                         "Sat 23:00-01:00 UTC",
+                         NULL};
+    cfg = load(set, &err);
+    ck_assert_msg(cfg != NULL, "refused: %s", err.msg);
+    ck_assert_int_eq(cfg->rate_alert_pct, 90);
+    ck_assert_int_eq(cfg->max_rate_pause_ms, 600000);
+    ck_assert_int_eq(cfg->require_noeviction, 1);
+    ck_assert_uint_eq(maintenance_count(cfg->maintenance), 2);
+    ck_assert_ptr_nonnull(strstr(cfg->maintenance_raw, "America/New_York"));
+    ck_assert_int_eq(n_warnings, 0);
+    /* the limiter's policy follows the settings */
+    limiter_policy pol = limiter_policy_from_config(cfg);
+    ck_assert_int_eq(pol.alert_pct, 90);
+    ck_assert_int_eq(pol.max_pause_ms, 600000);
+    ck_assert_int_eq(pol.share_permille[0], 800);
+    ck_assert_int_eq(pol.share_permille[1], 500);
+    ck_assert_int_eq(pol.breaker_failures, 5);
+    ck_assert_int_eq(pol.breaker_open_ms, 60000);
+    ck_assert_int_eq(pol.probe_lease_ms, 15000);
+    config_free(cfg);
+
+    const char *empty[] = {"IW_MAINTENANCE_WINDOWS=", NULL};
+    cfg = load(empty, &err);
+    ck_assert_ptr_nonnull(cfg);
+    ck_assert_uint_eq(maintenance_count(cfg->maintenance), 0);
+    config_free(cfg);
+
+    static const char *const bad[][2] = {
+        {"IW_RATE_ALERT=0", "IW_RATE_ALERT"},
+        {"IW_RATE_ALERT=101", "IW_RATE_ALERT"},
+        {"IW_MAX_RATE_PAUSE=100ms", "IW_MAX_RATE_PAUSE"},
+        {"IW_MAX_RATE_PAUSE=30d", "IW_MAX_RATE_PAUSE"},
+        {"IW_REQUIRE_NOEVICTION=yes", "IW_REQUIRE_NOEVICTION"},
+        {"IW_MAINTENANCE_WINDOWS=Sun 02:00-04:00 Mars/Base", "IW_MAINTENANCE_WINDOWS"},
+        {"IW_MAINTENANCE_WINDOWS=Sunday 02:00-04:00 UTC", "IW_MAINTENANCE_WINDOWS"},
+        {"IW_MAINTENANCE_WINDOWS=Sun 02:00-04:00 UTC,", "IW_MAINTENANCE_WINDOWS"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *env[] = {bad[i][0], NULL};
+        assert_refused(env, bad[i][1]);
+    }
+
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    config_print_help(f);
+    fclose(f);
+    static const char *const names[] = {"IW_RATE_ALERT",          "IW_MAX_RATE_PAUSE",
+                                        "IW_MAINTENANCE_WINDOWS", "IW_REQUIRE_NOEVICTION",
+                                        "IW_BREAKER_FAILURES",    "IW_BREAKER_OPEN"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        ck_assert_msg(strstr(text, names[i]) != NULL, "--help lacks %s", names[i]);
+    free(text);
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -750,6 +1024,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, null_envp_is_defaults);
     tcase_add_test(tc, settings_override_defaults);
     tcase_add_test(tc, enum_values);
+    tcase_add_test(tc, guard_settings);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("refusals");
@@ -785,6 +1060,18 @@ static Suite *config_suite(void)
     tcase_add_test(tc, terminal_default);
     tcase_add_test(tc, terminal_custom);
     tcase_add_test(tc, terminal_max_items);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("hostile");
+    tcase_add_loop_test(tc, bad_url_refused_without_echo, 0, sizeof bad_urls / sizeof bad_urls[0]);
+    tcase_add_test(tc, good_urls_accepted);
+    tcase_add_test(tc, credentials_over_plain_http_refused);
+    tcase_add_test(tc, insecure_http_allowed_with_warning);
+    tcase_add_test(tc, namespace_length_and_reserved);
+    tcase_add_test(tc, header_secrets_with_control_bytes_refused);
+    tcase_add_test(tc, secret_file_never_cut);
+    tcase_add_test(tc, text_settings_must_be_utf8);
+    tcase_add_test(tc, unknown_variable_warning_is_text);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("help");

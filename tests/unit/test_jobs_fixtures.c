@@ -157,12 +157,49 @@ START_TEST(test_invalid_jobs)
 }
 END_TEST
 
+/* Intake messages quote the publisher's bytes and go into JSON: valid UTF-8
+ * without control bytes, never cut inside a character (issue 9; the fuzz
+ * target's seed corpus/intake/seed-content-type found '%.100s' cutting one). */
+START_TEST(test_messages_are_safe_text)
+{
+    iw_schema *s = job_schema();
+    char ct[200] = "text/plain; charset=";
+    intake_result in;
+    /* 3-byte characters so that byte 100 falls inside one */
+    while (strlen(ct) < 150)
+        strcat(ct, "\xe6\x97\xa5");
+    const struct {
+        const char *content_type, *body;
+    } cases[] = {
+        {ct, "{}"},
+        {"text/plain\r\nX-Injected: yes", "{}"},
+        {"text/\xff\xfe", "{}"},
+        {NULL, "[1, tru\xe6\x97"},
+        {NULL, "{\"jobId\":\"j\",\"userId\":\"u\",\"action\":\"a\",\"payload\":{},"
+               "\"\xe6\x97\xa5\xe6\x97\xa5\":1,\"\xe6\x97\xa5\xe6\x97\xa5\":2}"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        intake_json(cases[i].body, strlen(cases[i].body), cases[i].content_type, FIXTURE_MAX_BYTES,
+                    s, &in);
+        ck_assert_int_ne(in.code, IW_C_NONE);
+        for (const char *p = in.msg; *p; p++)
+            ck_assert_msg((unsigned char)*p >= 0x20 && *p != 0x7f, "case %zu: control byte", i);
+        json_t *j = json_string(in.msg);
+        ck_assert_msg(j != NULL, "case %zu: message is not UTF-8: %s", i, in.msg);
+        json_decref(j);
+        json_decref(in.doc);
+    }
+    schema_free(s);
+}
+END_TEST
+
 static Suite *jobs_suite(void)
 {
     Suite *s = suite_create("jobs_fixtures");
     TCase *tc = tcase_create("fixtures");
     tcase_add_test(tc, test_valid_jobs);
     tcase_add_test(tc, test_invalid_jobs);
+    tcase_add_test(tc, test_messages_are_safe_text);
     suite_add_tcase(s, tc);
     return s;
 }

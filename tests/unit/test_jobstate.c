@@ -21,7 +21,7 @@ START_TEST(names)
         for (int t = s + 1; t < JOB_N_STATES; t++)
             ck_assert_str_ne(job_state_name((job_state)s), job_state_name((job_state)t));
     }
-    ck_assert_str_eq(job_state_name(JOB_SENDING_ON), "sending-on");
+    ck_assert_str_eq(job_state_name(JOB_SENDING_ON), "sending_on");
     ck_assert_str_eq(job_state_name(JOB_N_STATES), "unknown");
 }
 END_TEST

@@ -1,6 +1,7 @@
 /* The retry module: the spec's error table (retry_classify), the retry
  * schedule, Retry-After parsing and jitter bounds. */
 #include <check.h>
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -64,7 +65,7 @@ static const struct {
 START_TEST(classify_table)
 {
     iw_http_result r = {classify_cases[_i].status, classify_cases[_i].transport,
-                        classify_cases[_i].retry_after_ms};
+                        classify_cases[_i].retry_after_ms, 0};
     iw_verdict v = retry_classify(&r);
 
     ck_assert_msg(v.kind == classify_cases[_i].kind, "status %ld transport %d: kind %d, want %d",
@@ -86,7 +87,7 @@ END_TEST
 START_TEST(classify_every_status)
 {
     for (long status = 100; status < 700; status++) {
-        iw_http_result r = {status, IW_TRANSPORT_OK, -1};
+        iw_http_result r = {status, IW_TRANSPORT_OK, -1, 0};
         iw_verdict v = retry_classify(&r);
 
         if (status >= 400 && status < 500)
@@ -143,6 +144,9 @@ END_TEST
  * retry_parse_retry_after
  * ------------------------------------------------------------------------ */
 
+/* A cap that leaves the values of these tests as they are. */
+#define DAYS30 (30L * 86400000L)
+
 /* An IMF-fixdate for a wall time in seconds. */
 static void imf_fixdate(time_t secs, char *buf, size_t len)
 {
@@ -158,12 +162,13 @@ static void imf_fixdate(time_t secs, char *buf, size_t len)
 
 START_TEST(retry_after_seconds)
 {
-    ck_assert_int_eq(retry_parse_retry_after("120", 0), 120000);
-    ck_assert_int_eq(retry_parse_retry_after(" 3 ", 0), 3000);
-    ck_assert_int_eq(retry_parse_retry_after("0", 123456789LL), 0);
-    ck_assert_int_eq(retry_parse_retry_after("1", 0), 1000);
-    ck_assert_int_eq(retry_parse_retry_after("\t7\r\n", 0), 7000);
-    ck_assert_int_eq(retry_parse_retry_after("2592000", 0), 2592000000L); /* 30 days */
+    ck_assert_int_eq(retry_parse_retry_after("120", 0, DAYS30, NULL), 120000);
+    ck_assert_int_eq(retry_parse_retry_after(" 3 ", 0, DAYS30, NULL), 3000);
+    ck_assert_int_eq(retry_parse_retry_after("0", 123456789LL, DAYS30, NULL), 0);
+    ck_assert_int_eq(retry_parse_retry_after("1", 0, DAYS30, NULL), 1000);
+    ck_assert_int_eq(retry_parse_retry_after("\t7\r\n", 0, DAYS30, NULL), 7000);
+    ck_assert_int_eq(retry_parse_retry_after("2592000", 0, DAYS30, NULL),
+                     2592000000L); /* 30 days */
 }
 END_TEST
 
@@ -172,12 +177,16 @@ START_TEST(retry_after_known_date)
     /* RFC 9110's example: Sun, 06 Nov 1994 08:49:37 GMT = 784111777 */
     const long long when_ms = 784111777LL * 1000;
 
-    ck_assert_int_eq(retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms - 10000),
-                     10000);
-    ck_assert_int_eq(retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms - 1500),
-                     1500);
-    ck_assert_int_eq(retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms), 0);
-    ck_assert_int_eq(retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms + 5000), 0);
+    ck_assert_int_eq(
+        retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms - 10000, DAYS30, NULL),
+        10000);
+    ck_assert_int_eq(
+        retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms - 1500, DAYS30, NULL),
+        1500);
+    ck_assert_int_eq(
+        retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms, DAYS30, NULL), 0);
+    ck_assert_int_eq(
+        retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", when_ms + 5000, DAYS30, NULL), 0);
 }
 END_TEST
 
@@ -188,15 +197,15 @@ START_TEST(retry_after_date_relative_to_now)
     char date[64];
 
     imf_fixdate(now + 10, date, sizeof date);
-    ck_assert_int_eq(retry_parse_retry_after(date, (long long)now * 1000), 10000);
+    ck_assert_int_eq(retry_parse_retry_after(date, (long long)now * 1000, DAYS30, NULL), 10000);
     /* the date has whole seconds; now's milliseconds are subtracted */
-    ck_assert_int_eq(retry_parse_retry_after(date, now_ms), 9750);
+    ck_assert_int_eq(retry_parse_retry_after(date, now_ms, DAYS30, NULL), 9750);
 
     imf_fixdate(now - 3600, date, sizeof date);
-    ck_assert_int_eq(retry_parse_retry_after(date, now_ms), 0);
+    ck_assert_int_eq(retry_parse_retry_after(date, now_ms, DAYS30, NULL), 0);
 
     imf_fixdate(now + 86400, date, sizeof date);
-    ck_assert_int_eq(retry_parse_retry_after(date, (long long)now * 1000), 86400000L);
+    ck_assert_int_eq(retry_parse_retry_after(date, (long long)now * 1000, DAYS30, NULL), 86400000L);
 }
 END_TEST
 
@@ -208,8 +217,6 @@ static const char *const junk_retry_after[] = {
     "1.5",
     "12abc",
     "12 34",
-    "99999999999999999999",
-    "2592001", /* more than 30 days */
     "Sun, 06 Nov 1994 08:49:37",
     "Sun, 06 Nov 1994 08:49:37 GMT trailing",
     "Sunday, 06-Nov-94 08:49:37 GMT",
@@ -220,14 +227,116 @@ static const char *const junk_retry_after[] = {
 
 START_TEST(retry_after_junk)
 {
-    ck_assert_msg(retry_parse_retry_after(junk_retry_after[_i], 0) == -1, "'%s' accepted",
-                  junk_retry_after[_i]);
+    ck_assert_msg(retry_parse_retry_after(junk_retry_after[_i], 0, DAYS30, NULL) == -1,
+                  "'%s' accepted", junk_retry_after[_i]);
 }
 END_TEST
 
 START_TEST(retry_after_null)
 {
-    ck_assert_int_eq(retry_parse_retry_after(NULL, 0), -1);
+    int capped = 7;
+    ck_assert_int_eq(retry_parse_retry_after(NULL, 0, DAYS30, &capped), -1);
+    ck_assert_int_eq(capped, 0);
+    capped = 7;
+    ck_assert_int_eq(retry_parse_reset_ms(NULL, DAYS30, &capped), -1);
+    ck_assert_int_eq(capped, 0);
+}
+END_TEST
+
+/* IW_MAX_RATE_PAUSE: every wait from the provider is capped, and the caller
+ * learns that the cap applied (it logs it). */
+START_TEST(retry_after_capped)
+{
+    const long hour = 3600000L;
+    const long long now_ms = 1700000000LL * 1000;
+    int capped = -1;
+
+    /* at the cap: not capped; one second over: capped */
+    ck_assert_int_eq(retry_parse_retry_after("3600", now_ms, hour, &capped), hour);
+    ck_assert_int_eq(capped, 0);
+    ck_assert_int_eq(retry_parse_retry_after("3601", now_ms, hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    /* values that overflowed a long before: saturated, then capped */
+    ck_assert_int_eq(retry_parse_retry_after("99999999999999999999", now_ms, hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    ck_assert_int_eq(retry_parse_retry_after("9223372036854775807", now_ms, hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    ck_assert_int_eq(retry_parse_retry_after("9223372036854776", now_ms, hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    /* the default cap is one hour */
+    ck_assert_int_eq(retry_parse_retry_after("86400", now_ms, 0, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    ck_assert_int_eq(retry_parse_retry_after("30", now_ms, 0, NULL), 30000);
+    /* an HTTP date far ahead (the example) */
+    ck_assert_int_eq(
+        retry_parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT", now_ms, hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    ck_assert_int_eq(
+        retry_parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now_ms, hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    /* a date in the past is 0, never negative, never capped */
+    ck_assert_int_eq(
+        retry_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now_ms, hour, &capped), 0);
+    ck_assert_int_eq(capped, 0);
+    /* an absurd "now" does not overflow the difference */
+    ck_assert_int_eq(
+        retry_parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT", LLONG_MIN, hour, &capped), hour);
+    ck_assert_int_eq(
+        retry_parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT", LLONG_MAX, hour, &capped), 0);
+}
+END_TEST
+
+START_TEST(reset_ms_parse)
+{
+    const long hour = 3600000L;
+    const long long epoch_ms = 1700000000123LL;
+    char buf[32];
+    int capped = -1;
+
+    ck_assert_int_eq(retry_parse_reset_ms("0", hour, &capped), 0);
+    ck_assert_int_eq(capped, 0);
+    ck_assert_int_eq(retry_parse_reset_ms("1500", hour, &capped), 1500);
+    ck_assert_int_eq(retry_parse_reset_ms(" 250\r\n", hour, &capped), 250);
+    ck_assert_int_eq(retry_parse_reset_ms("3600000", hour, &capped), hour);
+    ck_assert_int_eq(capped, 0);
+    ck_assert_int_eq(retry_parse_reset_ms("3600001", hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    /* an epoch timestamp where a delay was meant: capped, not 53 years */
+    snprintf(buf, sizeof buf, "%lld", epoch_ms);
+    ck_assert_int_eq(retry_parse_reset_ms(buf, hour, &capped), hour);
+    ck_assert_int_eq(capped, 1);
+    /* LONG_MAX and beyond: saturated, no undefined behaviour */
+    ck_assert_int_eq(retry_parse_reset_ms("9223372036854775807", hour, &capped), hour);
+    ck_assert_int_eq(retry_parse_reset_ms("9223372036854775808", hour, &capped), hour);
+    ck_assert_int_eq(retry_parse_reset_ms("1234567890123456789012345678901234567890", 0, &capped),
+                     hour);
+    ck_assert_int_eq(capped, 1);
+    /* junk */
+    static const char *const junk[] = {"", " ", "-1", "+5", "1.5", "5s", "0x10", "1 2", "abc"};
+    for (size_t i = 0; i < sizeof junk / sizeof junk[0]; i++) {
+        ck_assert_msg(retry_parse_reset_ms(junk[i], hour, &capped) == -1, "'%s' accepted", junk[i]);
+        ck_assert_int_eq(capped, 0);
+    }
+}
+END_TEST
+
+START_TEST(add_ms_saturates)
+{
+    ck_assert(iw_add_ms(1000, 500) == 1500);
+    ck_assert(iw_add_ms(1000, -1500) == -500);
+    ck_assert(iw_add_ms(LLONG_MAX - 10, 5) == LLONG_MAX - 5);
+    ck_assert(iw_add_ms(LLONG_MAX - 10, 11) == LLONG_MAX);
+    ck_assert(iw_add_ms(LLONG_MAX, LLONG_MAX) == LLONG_MAX);
+    ck_assert(iw_add_ms(LLONG_MIN + 10, -11) == LLONG_MIN);
+    ck_assert(iw_add_ms(LLONG_MIN, LLONG_MIN) == LLONG_MIN);
+    ck_assert(iw_add_ms(LLONG_MAX, LLONG_MIN) == -1);
+    /* a wall clock plus the largest possible provider wait */
+    ck_assert(iw_add_ms(1700000000000LL, LONG_MAX) == LLONG_MAX);
+    int capped;
+    ck_assert_int_eq(retry_cap_wait(-5, 1000, &capped), 0);
+    ck_assert_int_eq(capped, 0);
+    ck_assert_int_eq(retry_cap_wait(LLONG_MAX, 1000, &capped), 1000);
+    ck_assert_int_eq(capped, 1);
 }
 END_TEST
 
@@ -309,6 +418,9 @@ static Suite *retry_suite(void)
     tcase_add_loop_test(tc, retry_after_junk, 0,
                         sizeof junk_retry_after / sizeof junk_retry_after[0]);
     tcase_add_test(tc, retry_after_null);
+    tcase_add_test(tc, retry_after_capped);
+    tcase_add_test(tc, reset_ms_parse);
+    tcase_add_test(tc, add_ms_saturates);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("jitter");

@@ -576,6 +576,40 @@ START_TEST(test_null_arguments)
 }
 END_TEST
 
+/* A fuzz finding (tests/fuzz/corpus/schema/regress-del-in-dollar-schema): the
+ * schema's own strings reached error messages raw; a DEL, CR or LF in
+ * "$schema" or a "$ref" must come out escaped, as valid one-line UTF-8. */
+START_TEST(test_messages_are_safe_text)
+{
+    static const char *const docs[] = {
+        "{\"$schema\": \"http://js\\u007fn-schema.org/draft-07/schema#\"}",
+        "{\"$schema\": \"a\\r\\nX-Injected: yes\"}",
+        "{\"$ref\": \"#/definitions/\\u0001\\n\"}",
+        "{\"const\": \"\\u0000\\n\", \"x-\\n\": 1}",
+    };
+    for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
+        json_error_t je;
+        iw_error err = {0};
+        json_t *doc = json_loads(docs[i], JSON_ALLOW_NUL, &je);
+        ck_assert_msg(doc != NULL, "%s: %s", docs[i], je.text);
+        iw_schema *s = schema_new(doc, &err);
+        if (s) { /* const compiles: the failure message quotes it */
+            json_t *inst = json_string("other");
+            ck_assert_int_eq(schema_validate(s, inst, &err), IW_ERR_SCHEMA);
+            json_decref(inst);
+            schema_free(s);
+        }
+        ck_assert_msg(err.msg[0] != '\0', "no message for %s", docs[i]);
+        for (const char *p = err.msg; *p; p++)
+            ck_assert_msg((unsigned char)*p >= 0x20 && *p != 0x7f, "control byte in '%s'", err.msg);
+        json_t *j = json_string(err.msg);
+        ck_assert_msg(j != NULL, "not UTF-8: %s", err.msg);
+        json_decref(j);
+        json_decref(doc);
+    }
+}
+END_TEST
+
 /* ---------------------------------------------------------------------------
  * Depth caps
  * ------------------------------------------------------------------------ */
@@ -931,6 +965,7 @@ static Suite *schema_suite(void)
                         (int)(sizeof refusal_cases / sizeof refusal_cases[0]));
     tcase_add_test(tc, test_annotations_accepted);
     tcase_add_test(tc, test_null_arguments);
+    tcase_add_test(tc, test_messages_are_safe_text);
     tcase_add_test(tc, test_load_file);
     suite_add_tcase(s, tc);
 

@@ -1,0 +1,72 @@
+/* Growing strings with a hard cap (curl's lib/curlx/dynbuf is the model).
+ *
+ * Every string built from input (URLs, header lines, keys, messages) grows in
+ * an iw_buf up to the cap its owner sets; past the cap the addition fails with
+ * IW_ERR_TOO_LARGE and the buffer keeps what it held before, so a too-long
+ * string is refused by name instead of being truncated into another string.
+ *
+ * The text helpers make any bytes safe to quote in a message: the result is
+ * always valid UTF-8 (invalid sequences become U+FFFD), holds no control
+ * character (escaped as \n, \r, \t, \xNN or \u00NN) and is cut at a byte cap
+ * without splitting a character (the cut is marked with U+2026). */
+#ifndef IW_BUF_H
+#define IW_BUF_H
+
+#include <stdarg.h>
+#include <stddef.h>
+
+#include "status.h"
+
+typedef struct iw_buf {
+    char *ptr;    /* NULL until the first addition */
+    size_t len;   /* bytes held, without the terminating NUL */
+    size_t alloc; /* bytes allocated */
+    size_t cap;   /* most bytes it may hold (without the NUL) */
+} iw_buf;
+
+/* Sets b empty with a cap of `cap` bytes (the NUL is not counted). */
+void buf_init(iw_buf *b, size_t cap);
+/* Frees the memory and leaves b empty (same cap); NULL ok. */
+void buf_free(iw_buf *b);
+/* Empties b, keeping its memory. */
+void buf_reset(iw_buf *b);
+
+/* Appends n bytes: IW_OK, IW_ERR_TOO_LARGE past the cap, IW_ERR_NOMEM; on
+ * failure b is unchanged. */
+int buf_add(iw_buf *b, const void *mem, size_t n) __attribute__((warn_unused_result));
+/* Appends a NUL-terminated string (as buf_add). */
+int buf_adds(iw_buf *b, const char *s) __attribute__((warn_unused_result));
+/* Appends printf output (as buf_add; the whole output or nothing). */
+int buf_addf(iw_buf *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3), warn_unused_result));
+int buf_vaddf(iw_buf *b, const char *fmt, va_list ap)
+    __attribute__((format(printf, 2, 0), warn_unused_result));
+
+/* The content, always NUL-terminated ("" when empty); borrowed from b. */
+const char *buf_ptr(const iw_buf *b);
+size_t buf_len(const iw_buf *b);
+/* Hands the content to the caller (malloc'd, NUL-terminated, never NULL
+ * unless out of memory) and leaves b empty. */
+char *buf_steal(iw_buf *b);
+
+/* Appends bytes[0..n) as safe message text (see the top of this file), at
+ * most max_bytes of it: a longer text is cut at a character boundary and ends
+ * with U+2026 within max_bytes (max_bytes >= 3).  IW_ERR_TOO_LARGE only when
+ * b's own cap is reached (b then unchanged), IW_ERR_NOMEM. */
+int buf_add_text(iw_buf *b, const void *bytes, size_t n, size_t max_bytes)
+    __attribute__((warn_unused_result));
+
+/* bytes[0..n) as safe message text of at most max_bytes (as buf_add_text), in
+ * a new NUL-terminated string the caller frees; NULL only when out of memory.
+ * For messages that quote input, e.g. the content_type of a job. */
+char *text_quote(const void *bytes, size_t n, size_t max_bytes);
+
+/* The length of the longest prefix of s[0..len) of at most max bytes that
+ * does not end inside a UTF-8 sequence (for cutting valid UTF-8). */
+size_t utf8_prefix(const char *s, size_t len, size_t max);
+
+/* 1 if s[0..len) is valid UTF-8 (no overlong forms, surrogates or code
+ * points past U+10FFFF), else 0. */
+int utf8_valid(const void *s, size_t len);
+
+#endif

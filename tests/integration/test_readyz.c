@@ -1,0 +1,177 @@
+/* /readyz per the contract: non-200 within 5 s of losing Redis or the broker, busy or
+ * idle. An idle worker only notices a lost Redis through its own probes (a PING every
+ * second feeding metrics_connections), which the job engine adds: until then this suite
+ * fails, and tests/CMakeLists.txt marks it DISABLED. */
+#include <arpa/inet.h>
+#include <check.h>
+#include <curl/curl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "iwtest.h"
+
+typedef struct body {
+    char *p;
+    size_t n;
+} body;
+
+static size_t on_data(char *p, size_t size, size_t n, void *ud)
+{
+    body *b = ud;
+    size_t k = size * n;
+    char *q = realloc(b->p, b->n + k + 1);
+    if (!q)
+        return 0;
+    memcpy(q + b->n, p, k);
+    b->n += k;
+    q[b->n] = '\0';
+    b->p = q;
+    return k;
+}
+
+/* GET http://127.0.0.1:port/path: the status (0 when unreachable) and the body. */
+static long http_get(int port, const char *path, char **text)
+{
+    char url[128];
+    body b = {0};
+    long status = 0;
+    CURL *c = curl_easy_init();
+
+    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 3000L);
+    if (curl_easy_perform(c) == CURLE_OK)
+        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(c);
+    if (text)
+        *text = b.p;
+    else
+        free(b.p);
+    return status;
+}
+
+static int free_port(void)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof sa;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
+    close(fd);
+    return ntohs(sa.sin_port);
+}
+
+typedef struct probe {
+    int port;
+    const char *path;
+    long want; /* > 0: that status; 0: anything but 200 */
+} probe;
+
+static int answers(void *ud)
+{
+    probe *pr = ud;
+    long s = http_get(pr->port, pr->path, NULL);
+    return pr->want ? s == pr->want : (s != 200);
+}
+
+static int redis_port_up(void *ud)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "redis-cli -p %d ping 2>/dev/null | grep -q PONG", *(int *)ud);
+    return system(cmd) == 0;
+}
+
+static pid_t start_redis(int port)
+{
+    char p[16];
+    snprintf(p, sizeof p, "%d", port);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        freopen("/dev/null", "w", stdout);
+        freopen("/dev/null", "w", stderr);
+        execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--daemonize", "no", (char *)NULL);
+        _exit(127);
+    }
+    ck_assert_msg(iwt_eventually(redis_port_up, &port, 10000), "private redis on %d", port);
+    return pid;
+}
+
+/* The contract: non-200 within 5 s of losing Redis, busy or idle. The worker below gets no
+ * job after Redis dies, so only its own probing can notice. */
+START_TEST(readyz_turns_red_within_5s_of_losing_redis_while_idle)
+{
+    char ns[128], addr[64], redis_url[96];
+    int mock_port, http_port = free_port(), redis_port = free_port();
+
+    snprintf(ns, sizeof ns, "%s", iwt_namespace("readyz"));
+    iwt_cleanup(ns);
+    iwt_declare(ns);
+    pid_t mock = iwt_start_mock(NULL, &mock_port);
+    pid_t r = start_redis(redis_port);
+    snprintf(addr, sizeof addr, "IW_HTTP_ADDR=127.0.0.1:%d", http_port);
+    snprintf(redis_url, sizeof redis_url, "IW_REDIS_URL=redis://127.0.0.1:%d/0", redis_port);
+    const char *const env[] = {addr, redis_url, NULL};
+    pid_t w = iwt_start_worker("submitter", ns, mock_port, env, "readyz");
+
+    probe ready = {http_port, "/readyz", 200}, not_ready = {http_port, "/readyz", 0};
+    /* Outcomes are recorded and asserted after the cleanup, so that a failure leaves no
+     * process or namespace behind on the shared broker. */
+    int was_ready = iwt_eventually(answers, &ready, 15000);
+    int turned_red = 0, alive = 0, back = 0;
+    long long took = -1;
+    if (was_ready) {
+        usleep(1500 * 1000); /* idle for a while: nothing but probes touches Redis */
+        iwt_stop(r, SIGKILL);
+        r = -1;
+        long long t0 = iwt_now_ms();
+        turned_red = iwt_eventually(answers, &not_ready, 5000);
+        took = iwt_now_ms() - t0;
+        alive = http_get(http_port, "/healthz", NULL) == 200; /* alive, just not ready */
+        r = start_redis(redis_port);
+        back = iwt_eventually(answers, &ready, 10000);
+    }
+    int stopped = iwt_stop(w, SIGTERM) == 0;
+    if (r > 0)
+        iwt_stop(r, SIGTERM);
+    iwt_stop(mock, SIGTERM);
+    iwt_cleanup(ns);
+
+    ck_assert_msg(was_ready, "/readyz never 200");
+    ck_assert_msg(turned_red, "/readyz still 200 5 s after Redis died (idle worker)");
+    fprintf(stderr, "test_readyz: /readyz turned red %lld ms after Redis died\n", took);
+    ck_assert_msg(alive, "/healthz not 200 while Redis is down");
+    ck_assert_msg(back, "/readyz not 200 after Redis came back");
+    ck_assert_msg(stopped, "worker did not stop cleanly");
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("readyz");
+    TCase *tc = tcase_create("core");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, readyz_turns_red_within_5s_of_losing_redis_while_idle);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    SRunner *sr = srunner_create(suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    curl_global_cleanup();
+    return failed ? 1 : 0;
+}

@@ -1,0 +1,246 @@
+/* Growing strings with a hard cap, and safe message text: valid UTF-8 out of
+ * any bytes (invalid sequences, cut multibyte characters, NULs, controls),
+ * cut at a byte cap on a character boundary. */
+#include <check.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "buf.h"
+#include "log.h"
+#include "status.h"
+
+START_TEST(grows_within_cap)
+{
+    iw_buf b;
+    buf_init(&b, 10);
+    ck_assert_str_eq(buf_ptr(&b), "");
+    ck_assert_int_eq(buf_add(&b, "abc", 3), IW_OK);
+    ck_assert_int_eq(buf_addf(&b, "%d-%s", 42, "xy"), IW_OK);
+    ck_assert_str_eq(buf_ptr(&b), "abc42-xy");
+    ck_assert_int_eq(buf_len(&b), 8);
+    ck_assert_int_eq(buf_adds(&b, "zz"), IW_OK); /* exactly the cap */
+    ck_assert_int_eq(buf_len(&b), 10);
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(past_cap_refused_and_unchanged)
+{
+    iw_buf b;
+    buf_init(&b, 8);
+    ck_assert_int_eq(buf_adds(&b, "12345"), IW_OK);
+    ck_assert_int_eq(buf_adds(&b, "6789"), IW_ERR_TOO_LARGE);
+    ck_assert_int_eq(buf_addf(&b, "%s", "abcd"), IW_ERR_TOO_LARGE);
+    ck_assert_str_eq(buf_ptr(&b), "12345");
+    ck_assert_int_eq(buf_addf(&b, "%s", "abc"), IW_OK);
+    ck_assert_str_eq(buf_ptr(&b), "12345abc");
+    ck_assert_int_eq(buf_add(&b, "", 0), IW_OK);
+    ck_assert_int_eq(buf_add(&b, "x", 1), IW_ERR_TOO_LARGE);
+    char *s = buf_steal(&b);
+    ck_assert_str_eq(s, "12345abc");
+    free(s);
+    ck_assert_int_eq(buf_len(&b), 0);
+    buf_free(&b);
+    buf_free(NULL);
+}
+END_TEST
+
+START_TEST(large_growth)
+{
+    iw_buf b;
+    buf_init(&b, 1000010);
+    for (int i = 0; i < 100000; i++)
+        ck_assert_int_eq(buf_adds(&b, "0123456789"), IW_OK);
+    ck_assert_int_eq(buf_len(&b), 1000000);
+    ck_assert_int_eq(buf_adds(&b, "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdef"),
+                     IW_ERR_TOO_LARGE);
+    buf_reset(&b);
+    ck_assert_str_eq(buf_ptr(&b), "");
+    buf_free(&b);
+}
+END_TEST
+
+/* text_quote's output must always be a valid JSON string */
+static void assert_safe(const char *q, size_t max)
+{
+    ck_assert_ptr_nonnull(q);
+    ck_assert_msg(strlen(q) <= max, "'%s' is over %zu bytes", q, max);
+    ck_assert_msg(utf8_valid(q, strlen(q)), "'%s' is not UTF-8", q);
+    for (const char *p = q; *p; p++)
+        ck_assert_msg((unsigned char)*p >= 0x20 && *p != 0x7f, "control byte in '%s'", q);
+    json_t *j = json_string(q);
+    ck_assert_ptr_nonnull(j);
+    json_decref(j);
+}
+
+static void check_quote(const char *in, size_t n, size_t max, const char *want)
+{
+    char *q = text_quote(in, n, max);
+    assert_safe(q, max);
+    ck_assert_str_eq(q, want);
+    free(q);
+}
+
+START_TEST(text_valid_passes_unchanged)
+{
+    check_quote("text/plain", 10, 100, "text/plain");
+    check_quote("\xe6\x97\xa5\xe6\x9c\xac", 6, 100, "\xe6\x97\xa5\xe6\x9c\xac");
+    check_quote("a\\b", 3, 100, "a\\b");
+    check_quote("", 0, 100, "");
+}
+END_TEST
+
+START_TEST(text_invalid_utf8_replaced)
+{
+    /* a lone continuation byte, an overlong '/', a surrogate, past U+10FFFF */
+    check_quote("a\x80z", 3, 100, "a\xef\xbf\xbdz");
+    check_quote("\xc0\xaf", 2, 100, "\xef\xbf\xbd\xef\xbf\xbd");
+    check_quote("\xed\xa0\x80", 3, 100, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+    check_quote("\xf4\x90\x80\x80", 4, 100, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+    check_quote("\xff\xfe", 2, 100, "\xef\xbf\xbd\xef\xbf\xbd");
+    /* a multibyte character cut by the end of the input: one U+FFFD */
+    check_quote("ab\xe6\x97", 4, 100, "ab\xef\xbf\xbd");
+    check_quote("\xf0\x9f\x98", 3, 100, "\xef\xbf\xbd");
+}
+END_TEST
+
+START_TEST(text_controls_and_nul_escaped)
+{
+    check_quote("a\0b", 3, 100, "a\\x00b");
+    check_quote("j-1\r\nX-Injected: yes", 20, 100, "j-1\\r\\nX-Injected: yes");
+    check_quote("\t\x1b\x7f", 3, 100, "\\t\\x1b\\x7f");
+    check_quote("\xc2\x85", 2, 100, "\\u0085"); /* NEL, a C1 control */
+}
+END_TEST
+
+START_TEST(text_cut_on_character_boundary)
+{
+    /* 10 x U+65E5 (3 bytes each) = 30 bytes into 10: 2 characters + U+2026 */
+    char in[31] = "";
+    for (int i = 0; i < 10; i++)
+        strcat(in, "\xe6\x97\xa5");
+    check_quote(in, 30, 10, "\xe6\x97\xa5\xe6\x97\xa5\xe2\x80\xa6");
+    check_quote(in, 30, 30, in);
+    check_quote(in, 30, 29,
+                "\xe6\x97\xa5\xe6\x97\xa5\xe6\x97\xa5\xe6\x97\xa5\xe6\x97\xa5"
+                "\xe6\x97\xa5\xe6\x97\xa5\xe6\x97\xa5\xe2\x80\xa6");
+    /* ASCII that fits exactly is not cut */
+    check_quote("0123456789", 10, 10, "0123456789");
+    check_quote("0123456789A", 11, 10, "0123456\xe2\x80\xa6");
+    /* an escape is never split */
+    check_quote("abcdefg\n", 8, 8, "abcde\xe2\x80\xa6");
+}
+END_TEST
+
+START_TEST(text_random_bytes_always_safe)
+{
+    unsigned seed = 12345;
+    for (int round = 0; round < 5000; round++) {
+        unsigned char in[64];
+        size_t n = (size_t)(rand_r(&seed) % 64), max = 3 + (size_t)(rand_r(&seed) % 80);
+        for (size_t i = 0; i < n; i++)
+            in[i] = (unsigned char)rand_r(&seed);
+        char *q = text_quote(in, n, max);
+        assert_safe(q, max);
+        /* idempotent on its own output when nothing was cut */
+        char *q2 = text_quote(q, strlen(q), 1000);
+        ck_assert_str_eq(q, q2);
+        free(q);
+        free(q2);
+    }
+}
+END_TEST
+
+START_TEST(utf8_prefix_never_splits)
+{
+    const char *s = "a\xe6\x97\xa5\xf0\x9f\x98\x80"; /* a, U+65E5, U+1F600 */
+    ck_assert_int_eq(utf8_prefix(s, 8, 100), 8);
+    ck_assert_int_eq(utf8_prefix(s, 8, 8), 8);
+    ck_assert_int_eq(utf8_prefix(s, 8, 7), 4);
+    ck_assert_int_eq(utf8_prefix(s, 8, 5), 4);
+    ck_assert_int_eq(utf8_prefix(s, 8, 3), 1);
+    ck_assert_int_eq(utf8_prefix(s, 8, 1), 1);
+    ck_assert_int_eq(utf8_prefix(s, 8, 0), 0);
+}
+END_TEST
+
+START_TEST(error_message_is_valid_utf8)
+{
+    /* iw_error_set: input quoted raw is made safe and cut on a boundary */
+    iw_error err;
+    char big[1000] = "";
+    for (int i = 0; i < 300; i++)
+        strcat(big, "\xe6\x97\xa5");
+    iw_error_set(&err, IW_ERR_INVALID, "content_type '%s' is bad", big);
+    ck_assert_int_eq(err.status, IW_ERR_INVALID);
+    assert_safe(err.msg, IW_ERRMSG_LEN - 1);
+    iw_error_set(&err, IW_ERR_INVALID, "id '%s'\n", "a\xff\x80");
+    ck_assert_str_eq(err.msg, "id 'a\xef\xbf\xbd\xef\xbf\xbd'\\n");
+}
+END_TEST
+
+START_TEST(log_line_keeps_invalid_message)
+{
+    char out[4096];
+    FILE *f = tmpfile(); /* log_init sets its own buffer: no memstream */
+    ck_assert_ptr_nonnull(f);
+    log_init(IW_LOG_DEBUG, "test", f);
+    log_msg(IW_LOG_WARN, NULL, "content_type '%s'", "bad\xe6\x97"); /* cut character */
+    log_flush();
+    rewind(f);
+    size_t n = fread(out, 1, sizeof out - 1, f);
+    out[n] = '\0';
+    log_init(IW_LOG_DEBUG, "test", stderr);
+    fclose(f);
+    json_error_t je;
+    json_t *line = json_loads(out, 0, &je);
+    ck_assert_msg(line != NULL, "log line is not JSON: %s", out);
+    ck_assert_str_eq(json_string_value(json_object_get(line, "message")),
+                     "content_type 'bad\xef\xbf\xbd'");
+    json_decref(line);
+}
+END_TEST
+
+START_TEST(timestamp_formats_and_clamps)
+{
+    char ts[40];
+    format_timestamp(0, ts, sizeof ts);
+    ck_assert_str_eq(ts, "1970-01-01T00:00:00.000Z");
+    format_timestamp(1700000000123LL, ts, sizeof ts);
+    ck_assert_str_eq(ts, "2023-11-14T22:13:20.123Z");
+    format_timestamp(-5, ts, sizeof ts);
+    ck_assert_str_eq(ts, "1970-01-01T00:00:00.000Z");
+    format_timestamp(9223372036854775807LL, ts, sizeof ts);
+    ck_assert_str_eq(ts, "9999-12-31T23:59:59.999Z");
+    format_timestamp(0, ts, 10); /* too small: empty, never cut */
+    ck_assert_str_eq(ts, "");
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("buf");
+    TCase *tc = tcase_create("buf");
+    tcase_add_test(tc, grows_within_cap);
+    tcase_add_test(tc, past_cap_refused_and_unchanged);
+    tcase_add_test(tc, large_growth);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("text");
+    tcase_set_timeout(tc, 60); /* the random round trips on a loaded CI machine */
+    tcase_add_test(tc, text_valid_passes_unchanged);
+    tcase_add_test(tc, text_invalid_utf8_replaced);
+    tcase_add_test(tc, text_controls_and_nul_escaped);
+    tcase_add_test(tc, text_cut_on_character_boundary);
+    tcase_add_test(tc, text_random_bytes_always_safe);
+    tcase_add_test(tc, utf8_prefix_never_splits);
+    tcase_add_test(tc, error_message_is_valid_utf8);
+    tcase_add_test(tc, log_line_keeps_invalid_message);
+    tcase_add_test(tc, timestamp_formats_and_clamps);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,363 @@
+/* The HTTP client against a capturing server on loopback (raw sockets, so the
+ * test sees the exact bytes curl sends): Idempotency-Key is the jobKey, a
+ * jobId with CR/LF never adds a header line, header values with control bytes
+ * and URLs past HTTP_URL_MAX are refused with no request, long CJK paths go
+ * out whole, and a provider token with CR/LF is never sent. */
+#include <arpa/inet.h>
+#include <check.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "buf.h"
+#include "config.h"
+#include "http_client.h"
+#include "jobkey.h"
+
+#define MAX_REQ 16
+
+typedef struct capture {
+    int fd, port;
+    pthread_mutex_t lock;
+    int n;
+    char *heads[MAX_REQ]; /* request line + headers of each request */
+    const char *token;    /* access_token answered at /oauth/token */
+} capture;
+
+static capture cap;
+
+static void *capture_main(void *ud)
+{
+    capture *c = ud;
+    for (;;) {
+        int conn = accept(c->fd, NULL, NULL);
+        char *buf = calloc(1, 65536);
+        size_t len = 0;
+        char *hend = NULL;
+        if (conn < 0)
+            return NULL;
+        while (len < 65535 && !(hend = strstr(buf, "\r\n\r\n"))) {
+            ssize_t r = read(conn, buf + len, 65535 - len);
+            if (r <= 0)
+                break;
+            len += (size_t)r;
+            buf[len] = '\0';
+        }
+        if (!hend) {
+            free(buf);
+            close(conn);
+            continue;
+        }
+        size_t head = (size_t)(hend + 4 - buf), clen = 0;
+        const char *cl = strcasestr(buf, "\r\nContent-Length:");
+        if (cl)
+            clen = strtoul(cl + 17, NULL, 10);
+        while (len < head + clen && len < 65535) {
+            ssize_t r = read(conn, buf + len, 65535 - len);
+            if (r <= 0)
+                break;
+            len += (size_t)r;
+        }
+        pthread_mutex_lock(&c->lock);
+        if (c->n < MAX_REQ)
+            c->heads[c->n++] = strndup(buf, head);
+        pthread_mutex_unlock(&c->lock);
+        iw_buf body, resp;
+        buf_init(&body, 4096);
+        buf_init(&resp, 8192);
+        if (strncmp(buf, "POST /oauth/token", 17) == 0)
+            ck_assert_int_eq(buf_addf(&body, "{\"access_token\":\"%s\",\"expires_in\":3600}",
+                                      c->token ? c->token : "tok"),
+                             IW_OK);
+        else
+            ck_assert_int_eq(buf_adds(&body, "{\"ok\":true}"), IW_OK);
+        ck_assert_int_eq(buf_addf(&resp,
+                                  "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                  "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+                                  buf_len(&body), buf_ptr(&body)),
+                         IW_OK);
+        (void)!write(conn, buf_ptr(&resp), buf_len(&resp));
+        buf_free(&body);
+        buf_free(&resp);
+        free(buf);
+        close(conn);
+    }
+}
+
+static void capture_start(void)
+{
+    struct sockaddr_in a;
+    socklen_t alen = sizeof a;
+    pthread_t th;
+
+    memset(&cap, 0, sizeof cap);
+    pthread_mutex_init(&cap.lock, NULL);
+    cap.fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(cap.fd, 0);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(cap.fd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(listen(cap.fd, 16), 0);
+    ck_assert_int_eq(getsockname(cap.fd, (struct sockaddr *)&a, &alen), 0);
+    cap.port = ntohs(a.sin_port);
+    ck_assert_int_eq(pthread_create(&th, NULL, capture_main, &cap), 0);
+    pthread_detach(th);
+}
+
+static int n_captured(void)
+{
+    pthread_mutex_lock(&cap.lock);
+    int n = cap.n;
+    pthread_mutex_unlock(&cap.lock);
+    return n;
+}
+
+static loop *lp; /* the reactor the client puts its sockets in */
+
+static http_client *client(int auth_mode, const char *api_key, iw_error *err)
+{
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", cap.port);
+    http_client_opts o = {.base_url = url,
+                          .auth_mode = auth_mode,
+                          .api_key = api_key,
+                          .api_secret = "secret",
+                          .oauth_client_id = "id",
+                          .oauth_client_secret = "sec",
+                          .timeout_ms = 5000,
+                          .connect_timeout_ms = 2000,
+                          .max_response_bytes = 65536,
+                          .max_connections = 4};
+    http_client *c = http_client_new(&o, err);
+    if (c) {
+        if (!lp)
+            lp = loop_new();
+        ck_assert_ptr_nonnull(lp);
+        ck_assert_int_eq(http_client_attach(c, lp), IW_OK);
+    }
+    return c;
+}
+
+static int done;
+static long last_status;
+static void on_done(void *ud, const http_response *r)
+{
+    (void)ud;
+    done++;
+    last_status = r->result.status;
+}
+
+/* Runs one call to completion; returns the start code. */
+static int call(http_client *c, const char *path, const char *idem)
+{
+    int before = done;
+    int rc = http_client_start(c, "POST", path, "{}", 2, idem, on_done, NULL);
+    if (rc != IW_OK)
+        return rc;
+    for (int i = 0; i < 500 && done == before; i++) {
+        loop_turn(lp, 20);
+    }
+    ck_assert_int_eq(done, before + 1);
+    return rc;
+}
+
+/* Counts the header lines of a captured request named name. */
+static int count_headers(const char *head, const char *name)
+{
+    int n = 0;
+    size_t len = strlen(name);
+    for (const char *p = strstr(head, "\r\n"); p; p = strstr(p + 2, "\r\n"))
+        if (strncasecmp(p + 2, name, len) == 0 && p[2 + len] == ':')
+            n++;
+    return n;
+}
+
+static const char *header_value(const char *head, const char *name, char *out, size_t cap_len)
+{
+    size_t len = strlen(name);
+    for (const char *p = strstr(head, "\r\n"); p; p = strstr(p + 2, "\r\n")) {
+        if (strncasecmp(p + 2, name, len) == 0 && p[2 + len] == ':') {
+            const char *v = p + 3 + len;
+            while (*v == ' ')
+                v++;
+            size_t n = strcspn(v, "\r\n");
+            ck_assert_uint_lt(n, cap_len);
+            memcpy(out, v, n);
+            out[n] = '\0';
+            return out;
+        }
+    }
+    return NULL;
+}
+
+START_TEST(idempotency_key_is_jobkey)
+{
+    iw_error err;
+    char v[512];
+    capture_start();
+    http_client *c = client(IW_AUTH_API_KEY, "key", &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-1"), IW_OK);
+    ck_assert_int_eq(n_captured(), 1);
+    ck_assert_str_eq(header_value(cap.heads[0], "Idempotency-Key", v, sizeof v), "j-1");
+    ck_assert_str_eq(header_value(cap.heads[0], "X-API-Key", v, sizeof v), "key");
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+START_TEST(crlf_job_id_never_adds_a_header)
+{
+    iw_error err;
+    char v[512], want[JOBKEY_SIZE];
+    const char *id = "j-1\r\nX-Injected: yes";
+    capture_start();
+    http_client *c = client(IW_AUTH_API_KEY, "key", &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", id), IW_OK);
+    ck_assert_int_eq(n_captured(), 1);
+    ck_assert_int_eq(count_headers(cap.heads[0], "X-Injected"), 0);
+    ck_assert_ptr_null(strstr(cap.heads[0], "X-Injected"));
+    ck_assert_int_eq(count_headers(cap.heads[0], "Idempotency-Key"), 1);
+    ck_assert_int_eq(jobkey(id, strlen(id), want), IW_OK);
+    ck_assert_str_eq(header_value(cap.heads[0], "Idempotency-Key", v, sizeof v),
+                     "sha256:f24392df0b9ed3f37d522a5db29e1eca54fbeb0b300a21921e28a0d9ffcc922d");
+    ck_assert_str_eq(v, want);
+    /* non-ASCII jobIds are hashed too: header values stay ASCII */
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "\xe3\x82\xb8\xe3\x83\xa7\xe3\x83\x96-1"),
+                     IW_OK);
+    ck_assert_str_eq(header_value(cap.heads[1], "Idempotency-Key", v, sizeof v),
+                     "sha256:3998882e99d572b18950f6f28b2e155fa27a9da5137b27473d76609b9484d344");
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+START_TEST(api_key_with_crlf_refused)
+{
+    iw_error err;
+    capture_start();
+    http_client *c = client(IW_AUTH_API_KEY, "k\r\nX-Injected: yes", &err);
+    ck_assert_ptr_null(c);
+    ck_assert_int_eq(err.status, IW_ERR_HEADER_VALUE);
+    ck_assert_msg(strncmp(err.msg, "IW_API_KEY: ", 12) == 0, "%s", err.msg);
+    ck_assert_ptr_null(strstr(err.msg, "Injected")); /* never echoes the secret */
+    ck_assert_int_eq(n_captured(), 0);
+}
+END_TEST
+
+START_TEST(url_too_long_refused_whole_or_nothing)
+{
+    iw_error err;
+    capture_start();
+    http_client *c = client(IW_AUTH_NONE, NULL, &err);
+    ck_assert_ptr_nonnull(c);
+    /* a 128-character CJK id, percent-encoded (1,152 bytes): built whole */
+    iw_buf path;
+    buf_init(&path, HTTP_URL_MAX * 2);
+    ck_assert_int_eq(buf_adds(&path, "/api/v1/external-resource/"), IW_OK);
+    for (int i = 0; i < 128; i++)
+        ck_assert_int_eq(buf_adds(&path, "%E6%97%A5"), IW_OK);
+    ck_assert_int_eq(call(c, buf_ptr(&path), NULL), IW_OK);
+    ck_assert_int_eq(n_captured(), 1);
+    ck_assert_ptr_nonnull(strstr(cap.heads[0], buf_ptr(&path)));
+    /* past HTTP_URL_MAX: refused by name, nothing sent */
+    while (buf_len(&path) < HTTP_URL_MAX)
+        ck_assert_int_eq(buf_adds(&path, "%E6%97%A5"), IW_OK);
+    ck_assert_int_eq(http_client_start(c, "GET", buf_ptr(&path), NULL, 0, NULL, on_done, NULL),
+                     IW_ERR_URL_TOO_LONG);
+    ck_assert_int_eq(http_client_in_flight(c), 0);
+    buf_free(&path);
+    /* raw control bytes or spaces in a path: refused */
+    ck_assert_int_eq(
+        http_client_start(c, "GET", "/a\r\nX-Injected: yes", NULL, 0, NULL, on_done, NULL),
+        IW_ERR_URL_INVALID);
+    ck_assert_int_eq(http_client_start(c, "GET", "/a b", NULL, 0, NULL, on_done, NULL),
+                     IW_ERR_URL_INVALID);
+    ck_assert_int_eq(http_client_start(c, "GET", "/\xe6\x97\xa5", NULL, 0, NULL, on_done, NULL),
+                     IW_ERR_URL_INVALID);
+    usleep(100000);
+    ck_assert_int_eq(n_captured(), 1);
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+START_TEST(token_with_crlf_never_sent)
+{
+    iw_error err;
+    capture_start();
+    cap.token = "t\\r\\nX-Injected: yes"; /* JSON escapes: the token holds CR LF */
+    http_client *c = client(IW_AUTH_OAUTH2, NULL, &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-2"), IW_OK);
+    ck_assert_int_eq(n_captured(), 2); /* the token request, then the call */
+    ck_assert_int_eq(strncmp(cap.heads[0], "POST /oauth/token", 17), 0);
+    ck_assert_int_eq(count_headers(cap.heads[1], "Authorization"), 0);
+    ck_assert_ptr_null(strstr(cap.heads[1], "X-Injected"));
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+START_TEST(good_token_sent)
+{
+    iw_error err;
+    char v[512];
+    capture_start();
+    cap.token = "abc.def";
+    http_client *c = client(IW_AUTH_OAUTH2, NULL, &err);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-3"), IW_OK);
+    ck_assert_int_eq(n_captured(), 2);
+    ck_assert_str_eq(header_value(cap.heads[1], "Authorization", v, sizeof v), "Bearer abc.def");
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+START_TEST(header_and_path_checks)
+{
+    ck_assert_int_eq(http_header_value_check("abc def", 7), IW_OK);
+    ck_assert_int_eq(http_header_value_check("a\rb", 3), IW_ERR_HEADER_VALUE);
+    ck_assert_int_eq(http_header_value_check("a\nb", 3), IW_ERR_HEADER_VALUE);
+    ck_assert_int_eq(http_header_value_check("a\0b", 3), IW_ERR_HEADER_VALUE);
+    ck_assert_int_eq(http_header_value_check("a\tb", 3), IW_ERR_HEADER_VALUE);
+    ck_assert_int_eq(http_header_value_check("a\x7f", 2), IW_ERR_HEADER_VALUE);
+    ck_assert_int_eq(http_url_path_check("/x/%20", 6), IW_OK);
+    ck_assert_int_eq(http_url_path_check("x", 1), IW_ERR_URL_INVALID);
+    ck_assert_int_eq(http_url_path_check("", 0), IW_ERR_URL_INVALID);
+}
+END_TEST
+
+int main(void)
+{
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    Suite *s = suite_create("http_client");
+    TCase *tc = tcase_create("http_client");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, idempotency_key_is_jobkey);
+    tcase_add_test(tc, crlf_job_id_never_adds_a_header);
+    tcase_add_test(tc, api_key_with_crlf_refused);
+    tcase_add_test(tc, url_too_long_refused_whole_or_nothing);
+    tcase_add_test(tc, token_with_crlf_never_sent);
+    tcase_add_test(tc, good_token_sent);
+    tcase_add_test(tc, header_and_path_checks);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    curl_global_cleanup();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
