@@ -9,7 +9,8 @@
 #   --jobs N           jobs to publish (default 20000)
 #   --duration S       seconds over which they are published, faults included (default: N/100, >= 20)
 #   --build-dir DIR    where bin/integration-worker, bin/mock-provider, bin/soak are (default ./build)
-#   --keep             keep the work directory (logs, broker and Redis data) even on success
+#   --keep             keep the whole work directory (logs, broker and Redis data) even on
+#                      success; a failed run keeps its logs and the audit's problem list
 #   other flags go to the driver (`build/bin/soak --help`): --submitters, --pollers,
 #   --kill-every-ms, --error-rate, --latency-ms, --latency-jitter-ms, --checks,
 #   --log-level, --seed, --drain-s, --rabbit-restart shutdown|kill ...
@@ -152,6 +153,7 @@ JOBS=20000
 DURATION=""
 BUILD="$ROOT/build"
 KEEP=0
+SABOTAGE=0 # a run broken on purpose: its failure is expected, its files are not kept
 PASS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -160,6 +162,7 @@ while [ $# -gt 0 ]; do
     --build-dir) BUILD="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h | --help) sed -n '2,24p' "$SELF" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --sabotage) SABOTAGE=1; PASS+=("$1"); shift ;;
     *) PASS+=("$1"); shift ;;
   esac
 done
@@ -195,10 +198,15 @@ cleanup() {
   fi
   redis_stop
   rabbit_stop
-  if [ "$rc" -eq 0 ] && [ "$KEEP" -eq 0 ]; then
+  if [ "$KEEP" -eq 1 ]; then
+    log "work directory kept: $W (worker logs: $W/logs)"
+  elif [ "$rc" -eq 0 ] || [ "$SABOTAGE" -eq 1 ]; then
     rm -rf "$W"
   else
-    log "work directory kept: $W (worker logs: $W/logs)"
+    # a failed run keeps what explains it (worker and broker logs, the audit's list
+    # of problem jobs), not the broker's and Redis's data
+    rm -rf "$W/rabbit/mnesia" "$W/redis/appendonlydir" "$W/redis"/*.aof
+    log "work directory kept: $W (worker logs: $W/logs, problem jobs: $W/audit-problems.txt)"
   fi
   exit "$rc"
 }
