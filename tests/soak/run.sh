@@ -123,7 +123,7 @@ if [ "${1:-}" = ctl ]; then
       t0=$(date +%s.%N)
       rabbit_stop
       rabbit_start
-      log "rabbitmq restarted in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
+      log "$(date -u +%T.%3NZ) rabbitmq restarted in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
       ;;
     rabbit-kill)
       # a crash, not a shutdown: SIGKILL the node (its pid file), then start it again
@@ -140,7 +140,7 @@ if [ "${1:-}" = ctl ]; then
       redis_stop
       sleep "${SOAK_REDIS_DOWN_S:-2}"
       redis_start
-      log "redis restarted in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
+      log "$(date -u +%T.%3NZ) redis restarted in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
       ;;
     *) die "unknown ctl command $2" ;;
   esac
@@ -206,7 +206,7 @@ cleanup() {
     # a failed run keeps what explains it (worker and broker logs, the audit's list
     # of problem jobs), not the broker's and Redis's data
     rm -rf "$W/rabbit/mnesia" "$W/redis/appendonlydir" "$W/redis"/*.aof
-    log "work directory kept: $W (worker logs: $W/logs, problem jobs: $W/audit-problems.txt)"
+    log "work directory kept: $W (worker logs: $W/logs, problem jobs: $W/audit-problems.txt, the driver's output with the kill times: $W/driver.log)"
   fi
   exit "$rc"
 }
@@ -226,7 +226,7 @@ set +e
 IWT_LOG_DIR="$W/logs" SOAK_REDIS_DOWN_S="${SOAK_REDIS_DOWN_S:-2}" \
   setsid timeout -k 10 "$LIMIT" "$BUILD/bin/soak" --jobs "$JOBS" --duration "$DURATION" \
   --amqp-port "$AMQP_PORT" --redis-port "$REDIS_PORT" --ctl "$SELF" --workdir "$W" \
-  ${PASS[@]+"${PASS[@]}"} &
+  ${PASS[@]+"${PASS[@]}"} > >(tee -a "$W/driver.log") 2>&1 &
 DRIVER_PID=$!
 wait "$DRIVER_PID"
 rc=$?

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "amqp_link.h"
@@ -516,6 +517,13 @@ static void start_worker(worker *w)
 static void kill_one(void)
 {
     worker *w = &workers[kills % n_workers];
+    /* wall-clock time, to match the workers' log lines */
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    fprintf(stderr, "soak: %02d:%02d:%02d.%03ldZ SIGKILL %s (pid %ld)\n", tm.tm_hour, tm.tm_min,
+            tm.tm_sec, ts.tv_nsec / 1000000, w->tag, (long)w->pid);
     iwt_stop_tracked(w->pid, SIGKILL);
     start_worker(w);
     kills++;
