@@ -51,7 +51,7 @@
 
 /* The kinds of job the soak publishes, by index, so that both outcomes and
  * every path to them run under the faults. */
-enum kind { K_NORMAL, K_REJECTED, K_FAIL_503, K_FAIL_400 };
+enum kind { K_NORMAL, K_REJECTED, K_FAIL_503, K_FAIL_400, K_TWICE_503_400 };
 
 typedef struct seen {
     uint64_t hash; /* of the first copy */
@@ -132,8 +132,13 @@ static uint64_t fnv1a(const char *rk, const void *p, size_t n)
     return h;
 }
 
+/* K_TWICE_503_400: the "upstream" publishes the job twice, and the provider
+ * answers its key 503, then 400, then 201: whichever delivery calls first, the
+ * job must still end in exactly one outcome. */
 static enum kind kind_of(long i)
 {
+    if (i % 200 == 101)
+        return K_TWICE_503_400;
     if (i % 200 == 7)
         return K_FAIL_503;
     if (i % 200 == 13)
@@ -251,6 +256,9 @@ static void job_body(long i, char *buf, size_t cap)
     case K_FAIL_400:
         hook = ",\"mock\":{\"fail_always\":400}";
         break;
+    case K_TWICE_503_400:
+        hook = ",\"mock\":{\"fail\":[503,400]}";
+        break;
     case K_NORMAL:
         break;
     }
@@ -289,7 +297,8 @@ static void publish_range(long from, long to)
             bad = publish_one(i) != 0;
             /* an upstream double publish: the same bytes twice */
             if (!bad && round == 0 &&
-                (double)((i * 2654435761UL) % 10000) / 10000.0 < o.double_rate) {
+                (jobs[i].kind == K_TWICE_503_400 ||
+                 (double)((i * 2654435761UL) % 10000) / 10000.0 < o.double_rate)) {
                 bad = publish_one(i) != 0;
                 double_published++;
             }
@@ -987,9 +996,13 @@ int main(int argc, char **argv)
     long long until = iwt_now_ms() + o.settle_ms;
     while (iwt_now_ms() < until)
         tap_read(100);
+    /* A check a poller holds unacked is in no queue's count: the queues must
+     * look empty three times in a row, half a second apart. */
     until = iwt_now_ms() + 60000;
-    while (stranded(0) > 0 && iwt_now_ms() < until)
+    for (int empty = 0; empty < 3 && iwt_now_ms() < until;) {
+        empty = stranded(0) == 0 ? empty + 1 : 0;
         tap_read(500);
+    }
 
     int unclean = 0;
     for (int k = 0; k < n_workers; k++) {
