@@ -1096,7 +1096,7 @@ int main(int argc, char **argv)
     printf(
         "soak: %s: lost %ld, duplicate outcomes %ld, final without accepted %ld, failed without "
         "dead letter %ld, dead letter without failed %ld, delivery-limit dead letters %ld, wrong "
-        "outcomes %ld, repeats away from faults %ld, accepted jobs failed by a status check %ld, "
+        "outcomes %ld, repeats away from faults %ld, accepted jobs ended by submission.failed %ld, "
         "stranded messages %ld, extra provider "
         "submissions %ld; workers not exiting 0 on SIGTERM: %d\n",
         ok ? "PASS" : "FAIL", lost, dup, nacc, fnd, dnf, lim, wrong, quiet, atf, left_over,
