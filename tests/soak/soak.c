@@ -9,12 +9,18 @@
  * restarts one worker every --kill-every-ms, restarts RabbitMQ once (at 30% of
  * the duration; a clean shutdown, or SIGKILL with --rabbit-restart kill) and
  * Redis once (at 55%) through `run.sh ctl`.  The last quarter of the duration
- * and the tail are free of faults.
+ * and the tail are free of faults.  Among the jobs (by index, see kind_of):
+ * 2% end "rejected", 0.5% fail always with 503 and 0.5% with 400 (per-job mock
+ * hooks), 0.5% are published twice and answered 503, 400, then 201; another
+ * 1% are published twice (--double-rate), as an upstream double publish.
  *
  * The audit is from the outside only: every event read from the tap, the dead
  * letters in <ns>.dead, the depth of every work and delay queue once the
  * workers are stopped, and the mock's /__admin/stats.  A job must end in
- * exactly one outcome; an event may repeat only byte-identical (repeats are
+ * exactly one outcome (status.final, or submission.failed with its dead
+ * letter; an accepted job fails only by POLL_EXPIRED or TRACKING_NOT_FOUND,
+ * and a final carries the status the mock was told); an event may repeat only
+ * byte-identical (repeats are
  * counted apart: the contract allows them across faults, and none may arrive
  * more than QUIET_MARGIN_MS after the last fault); the provider must
  * have created exactly one submission per accepted job; nothing may stay in a
@@ -100,7 +106,7 @@ static opts o = {.jobs = 20000,
                  .latency_ms = 5,
                  .jitter_ms = 25,
                  .drain_s = 180,
-                 .settle_ms = 5000,
+                 .settle_ms = 15000,
                  .error_rate = "500=0.04,503=0.03,0=0.01,429=0.001",
                  .log_level = "info",
                  .http_timeout = "5s",
@@ -992,7 +998,9 @@ int main(int argc, char **argv)
             (all_in - t0) / 1000.0);
 
     /* Late repeats and stray chains: listen while the workers still run and
-     * the queues drain (delay tiers hold at most a few seconds of waits). */
+     * the queues drain (delay tiers hold at most a few seconds of waits).  The
+     * default settle (15 s) outlasts a record's or claim's lease
+     * (IW_HTTP_TIMEOUT + 5 s), for which a redelivery may wait unacked. */
     long long until = iwt_now_ms() + o.settle_ms;
     while (iwt_now_ms() < until)
         tap_read(100);
