@@ -237,6 +237,104 @@ static int no_controls(const char *s)
     return 1;
 }
 
+/* The items of a comma-separated list setting (IW_TERMINAL_STATUSES). */
+static int apply_list(iw_config *cfg, const setting *s, const char *value, iw_error *err)
+{
+    char *copy = strdup(value), *save = NULL;
+    size_t n = 0;
+    int rc = IW_OK;
+
+    if (!copy)
+        return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < cfg->n_terminal; i++)
+        free(cfg->terminal[i]);
+    for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        while (*t == ' ' || *t == '\t')
+            t++;
+        for (char *end = t + strlen(t); end > t && (end[-1] == ' ' || end[-1] == '\t');)
+            *--end = '\0';
+        if (!*t)
+            continue;
+        if (n == IW_MAX_TERMINAL) {
+            rc = iw_error_set(err, IW_ERR_CONFIG, "%s: at most %d items", s->name, IW_MAX_TERMINAL);
+            break;
+        }
+        cfg->terminal[n++] = strdup(t);
+    }
+    free(copy);
+    *(size_t *)((char *)cfg + s->count_offset) = n;
+    if (rc == IW_OK && n == 0)
+        rc = iw_error_set(err, IW_ERR_CONFIG, "%s: must list at least one", s->name);
+    return rc;
+}
+
+/* Strings, secrets, URLs and lists: text, kept as given. */
+static int apply_text(iw_config *cfg, const setting *s, const char *value, iw_error *err)
+{
+    char **dst = (char **)((char *)cfg + s->offset);
+
+    /* URLs may hold passwords: never echoed (check_urls says what is wrong) */
+    if (s->type == T_URL && !strstr(value, "://"))
+        return iw_error_set(err, IW_ERR_CONFIG,
+                            "%s: not a URL (scheme://...); the value is not shown, it may "
+                            "hold a password",
+                            s->name);
+    if (s->type != T_SECRET && s->type != T_URL && !*value)
+        return iw_error_set(err, IW_ERR_CONFIG, "%s: must not be empty", s->name);
+    /* Values go into JSON bodies, headers, names and logs: text only */
+    if (s->type != T_SECRET && (!utf8_valid(value, strlen(value)) || !no_controls(value)))
+        return iw_error_set(err, IW_ERR_CONFIG, "%s: must be UTF-8 text without control characters",
+                            s->name);
+    free(*dst);
+    if (!(*dst = strdup(value)))
+        return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+    return s->type == T_LIST ? apply_list(cfg, s, value, err) : IW_OK;
+}
+
+static int apply_duration(iw_config *cfg, const setting *s, const char *value, iw_error *err)
+{
+    char lo[32], hi[32];
+    iw_error e = {0};
+    long v;
+
+    if (parse_duration_ms(value, &v, &e) != IW_OK)
+        return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+    if (v < s->min || v > s->max)
+        return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is outside %s..%s", s->name, value,
+                            format_duration(s->min, lo, sizeof lo),
+                            format_duration(s->max, hi, sizeof hi));
+    *(long *)((char *)cfg + s->offset) = v;
+    return IW_OK;
+}
+
+static int apply_windows(iw_config *cfg, const setting *s, const char *value, iw_error *err)
+{
+    char **dst = (char **)((char *)cfg + s->offset);
+    maintenance *m = NULL;
+    iw_error e = {0};
+
+    if (maintenance_parse(value, &m, &e) != IW_OK)
+        return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
+    maintenance_free(cfg->maintenance);
+    cfg->maintenance = m;
+    free(*dst);
+    *dst = strdup(value);
+    return IW_OK;
+}
+
+static int apply_enum(iw_config *cfg, const setting *s, const char *value, iw_error *err)
+{
+    for (int i = 0; s->choices[i]; i++) {
+        if (strcmp(value, s->choices[i]) == 0) {
+            *(int *)((char *)cfg + s->offset) = i;
+            return IW_OK;
+        }
+    }
+    return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is not one of the allowed values", s->name,
+                        value);
+}
+
+/* Parses value into the setting's field of cfg, by the setting's type. */
 static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *err)
 {
     char *base = (char *)cfg;
@@ -247,95 +345,29 @@ static int apply(iw_config *cfg, const setting *s, const char *value, iw_error *
     case T_STRING:
     case T_SECRET:
     case T_URL:
-    case T_LIST: {
-        char **dst = (char **)(base + s->offset);
-        /* URLs may hold passwords: never echoed (check_urls says what is wrong) */
-        if (s->type == T_URL && !strstr(value, "://"))
-            return iw_error_set(err, IW_ERR_CONFIG,
-                                "%s: not a URL (scheme://...); the value is not shown, it may "
-                                "hold a password",
-                                s->name);
-        if (s->type != T_SECRET && s->type != T_URL && !*value)
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: must not be empty", s->name);
-        /* Values go into JSON bodies, headers, names and logs: text only */
-        if (s->type != T_SECRET && (!utf8_valid(value, strlen(value)) || !no_controls(value)))
-            return iw_error_set(err, IW_ERR_CONFIG,
-                                "%s: must be UTF-8 text without control characters", s->name);
-        free(*dst);
-        *dst = strdup(value);
-        if (s->type == T_LIST) {
-            char *copy = strdup(value), *save = NULL;
-            size_t n = 0;
-            for (size_t i = 0; i < cfg->n_terminal; i++)
-                free(cfg->terminal[i]);
-            for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-                while (*t == ' ' || *t == '\t')
-                    t++;
-                for (char *end = t + strlen(t); end > t && (end[-1] == ' ' || end[-1] == '\t');)
-                    *--end = '\0';
-                if (!*t)
-                    continue;
-                if (n == IW_MAX_TERMINAL) {
-                    rc = iw_error_set(err, IW_ERR_CONFIG, "%s: at most %d items", s->name,
-                                      IW_MAX_TERMINAL);
-                    break;
-                }
-                cfg->terminal[n++] = strdup(t);
-            }
-            free(copy);
-            *(size_t *)(base + s->count_offset) = n;
-            if (rc == IW_OK && n == 0)
-                rc = iw_error_set(err, IW_ERR_CONFIG, "%s: must list at least one", s->name);
-        }
-        return rc;
-    }
-    case T_LONG:
-        if (parse_long(value, s->min, s->max, (long *)(base + s->offset), &e) != IW_OK)
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
-        return IW_OK;
-    case T_DURATION: {
-        long v;
-        char lo[32], hi[32];
-        if (parse_duration_ms(value, &v, &e) != IW_OK)
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
-        if (v < s->min || v > s->max)
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is outside %s..%s", s->name, value,
-                                format_duration(s->min, lo, sizeof lo),
-                                format_duration(s->max, hi, sizeof hi));
-        *(long *)(base + s->offset) = v;
-        return IW_OK;
-    }
-    case T_RATE_LIMITS:
-        if (parse_rate_limits(value, (iw_rate_tier *)(base + s->offset),
-                              (size_t *)(base + s->count_offset), &e) != IW_OK)
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
-        return IW_OK;
-    case T_SCHEDULE:
-        if (parse_schedule(value, (long *)(base + s->offset), (size_t *)(base + s->count_offset),
-                           &e) != IW_OK)
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
-        return IW_OK;
-    case T_WINDOWS: {
-        maintenance *m = NULL;
-        if (maintenance_parse(value, &m, &e) != IW_OK)
-            return iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
-        maintenance_free(cfg->maintenance);
-        cfg->maintenance = m;
-        free(*(char **)(base + s->offset));
-        *(char **)(base + s->offset) = strdup(value);
-        return IW_OK;
-    }
+    case T_LIST:
+        return apply_text(cfg, s, value, err);
+    case T_DURATION:
+        return apply_duration(cfg, s, value, err);
+    case T_WINDOWS:
+        return apply_windows(cfg, s, value, err);
     case T_ENUM:
-        for (int i = 0; s->choices[i]; i++) {
-            if (strcmp(value, s->choices[i]) == 0) {
-                *(int *)(base + s->offset) = i;
-                return IW_OK;
-            }
-        }
-        return iw_error_set(err, IW_ERR_CONFIG, "%s: '%s' is not one of the allowed values",
-                            s->name, value);
+        return apply_enum(cfg, s, value, err);
+    case T_LONG:
+        rc = parse_long(value, s->min, s->max, (long *)(base + s->offset), &e);
+        break;
+    case T_RATE_LIMITS:
+        rc = parse_rate_limits(value, (iw_rate_tier *)(base + s->offset),
+                               (size_t *)(base + s->count_offset), &e);
+        break;
+    case T_SCHEDULE:
+        rc = parse_schedule(value, (long *)(base + s->offset), (size_t *)(base + s->count_offset),
+                            &e);
+        break;
+    default:
+        return iw_error_set(err, IW_ERR_CONFIG, "%s: unhandled type", s->name);
     }
-    return iw_error_set(err, IW_ERR_CONFIG, "%s: unhandled type", s->name);
+    return rc == IW_OK ? IW_OK : iw_error_set(err, IW_ERR_CONFIG, "%s: %s", s->name, e.msg);
 }
 
 static const char *env_lookup(char **envp, const char *name)
@@ -409,7 +441,7 @@ static int check_amqp_url(const char *url, iw_error *err)
             *--end = '\0';
         if (strncmp(node, "amqp://", 7) && strncmp(node, "amqps://", 8)) {
             rc = iw_error_set(err, IW_ERR_CONFIG,
-                              "IW_AMQP_URL: node %d must start with amqp:// or amqps:// (the value "
+                              "IW_AMQP_URL: URL %d must start with amqp:// or amqps:// (the value "
                               "is not shown: it may hold a password)",
                               i);
             break;
@@ -425,7 +457,7 @@ static int check_amqp_url(const char *url, iw_error *err)
         amqp_default_connection_info(&ci);
         if (empty_host || amqp_parse_url(node, &ci) != AMQP_STATUS_OK || !ci.host || !*ci.host) {
             rc = iw_error_set(err, IW_ERR_CONFIG,
-                              "IW_AMQP_URL: node %d is not amqp[s]://[user:password@]host[:port]"
+                              "IW_AMQP_URL: URL %d is not amqp[s]://[user:password@]host[:port]"
                               "[/vhost] (the value is not shown: it may hold a password)",
                               i);
             break;

@@ -228,8 +228,10 @@ static const char outcomes_source[] =
     "    end\n"
     "  end\n"
     "end\n"
-    "if bs ~= stored or fails ~= before then\n"
-    "  redis.call('HSET', KEYS[1], 'state', bs, 'fails', fails)\n"
+    "local store = bs\n"
+    "if store == 2 and stored == 1 and changes == 0 then store = 1 end\n"
+    "if store ~= stored or fails ~= before then\n"
+    "  redis.call('HSET', KEYS[1], 'state', store, 'fails', fails)\n"
     "end\n"
     "return {from, bs, changes, fails, before}\n";
 

@@ -567,7 +567,8 @@ static void render_provider(out *o, long long now)
     head(o, "iw_provider_down", "gauge",
          "1 after 3 or more consecutive failed provider calls (the spec's API down).");
     if (have_fleet || have_local)
-        put(o, "iw_provider_down %d\n", failures >= IW_PROVIDER_DOWN_AFTER);
+        put(o, "iw_provider_down %d\n", /* failures inside a maintenance window are expected */
+            failures >= IW_PROVIDER_DOWN_AFTER && !atomic_load(&m.maintenance));
     head(o, "iw_breaker_state", "gauge",
          "The shared circuit breaker: 0 closed, 1 open, 2 half-open (absent when not read "
          "from Redis in 60 s).");

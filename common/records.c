@@ -9,10 +9,15 @@
     "local t = redis.call('TIME')\n"                                                               \
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
-/* KEYS: record.  ARGV: event, owner token, lease ms, ttl ms.
- * {1}: stored; {2, record}: one exists. */
+/* KEYS: record, and the job's call claim (may be the record key itself when
+ * there is none).  ARGV: event, owner token, lease ms, ttl ms, claim token.
+ * {1}: stored; {2, record}: one exists.  The claim is dropped in the same
+ * step when it is still the caller's: the record guards the job from now on. */
 static const char put_source[] =
-    NOW_MS "local cur = redis.call('GET', KEYS[1])\n"
+    NOW_MS "if KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) == ARGV[5] then\n"
+           "  redis.call('DEL', KEYS[2])\n"
+           "end\n"
+           "local cur = redis.call('GET', KEYS[1])\n"
            "if cur then return {2, cur} end\n"
            "redis.call('SET', KEYS[1], cjson.encode({event = ARGV[1], published = false,\n"
            "  recordedAt = now, owner = ARGV[2], leaseUntil = now + tonumber(ARGV[3])}),\n"
@@ -118,21 +123,29 @@ static int push_op(records *rec, op o, iw_error *err)
     return IW_OK;
 }
 
-static int append(records *rec, op o, const redis_script *s, int argc, const char **argv,
-                  iw_error *err)
+static int append_keys(records *rec, op o, const redis_script *s, int nkeys, int argc,
+                       const char **argv, iw_error *err)
 {
     int rc = push_op(rec, o, err);
 
-    if (rc == IW_OK && (rc = redis_link_append_script(rec->redis, s, 1, argc, argv, err)) != IW_OK)
+    if (rc == IW_OK &&
+        (rc = redis_link_append_script(rec->redis, s, nkeys, argc, argv, err)) != IW_OK)
         rec->n--;
     return rc;
 }
 
-int records_append_put(records *rec, const char *key, const char *event, const char *token,
-                       iw_error *err)
+static int append(records *rec, op o, const redis_script *s, int argc, const char **argv,
+                  iw_error *err)
 {
-    const char *argv[5] = {key, event, token, rec->lease, rec->ttl};
-    return append(rec, OP_PUT, &rec->put, 5, argv, err);
+    return append_keys(rec, o, s, 1, argc, argv, err);
+}
+
+int records_append_put(records *rec, const char *key, const char *event, const char *token,
+                       const char *claim_key, const char *claim_token, iw_error *err)
+{
+    const char *argv[7] = {key,      claim_key ? claim_key : key,   event, token, rec->lease,
+                           rec->ttl, claim_token ? claim_token : ""};
+    return append_keys(rec, OP_PUT, &rec->put, 2, 7, argv, err);
 }
 
 int records_append_adopt(records *rec, const char *key, const char *token, iw_error *err)

@@ -59,8 +59,9 @@ void records_free(records *rec);
 /* <ns>:<kind>:<id> into buf (RECORDS_KEY_MAX bytes); -1 when it does not fit. */
 int records_key(const records *rec, char *buf, const char *kind, const char *id);
 
+/* put also drops the job's call claim (NULL: none) when claim_token holds it. */
 int records_append_put(records *rec, const char *key, const char *event, const char *token,
-                       iw_error *err);
+                       const char *claim_key, const char *claim_token, iw_error *err);
 int records_append_adopt(records *rec, const char *key, const char *token, iw_error *err);
 int records_append_mark(records *rec, const char *key, iw_error *err);
 int records_append_release(records *rec, const char *claim_key, const char *token, iw_error *err);

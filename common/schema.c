@@ -933,53 +933,79 @@ static int ref_unresolved(struct compiler *c, const char *ref, const char *why)
     return compile_error(c, IW_ERR_JSON, "malformed schema: \"$ref\" \"%s\" %s", ref, why);
 }
 
+/* The fragment of a same-document $ref ("#..."), percent-decoded, into a
+ * new buffer *out (*len bytes, not NUL-terminated). */
+static int decode_fragment(struct compiler *c, const char *ref, char **out, size_t *len)
+{
+    char *frag;
+
+    *out = NULL;
+    if (ref[0] != '#')
+        return compile_error(c, IW_ERR_SCHEMA_UNSUPPORTED,
+                             "unsupported \"$ref\" \"%s\": only references within the same "
+                             "document (\"#/...\") are supported",
+                             ref);
+    if (!(frag = malloc(strlen(ref + 1) + 1)))
+        return nomem(c);
+    *len = 0;
+    for (const char *p = ref + 1; *p; p++) {
+        if (*p == '%') {
+            int hi = hex_value(p[1]), lo = hi < 0 ? -1 : hex_value(p[2]);
+            if (lo < 0) {
+                free(frag);
+                return ref_unresolved(c, ref, "has a malformed percent-escape");
+            }
+            frag[(*len)++] = (char)(hi * 16 + lo);
+            p += 2;
+        } else {
+            frag[(*len)++] = *p;
+        }
+    }
+    if (*len > 0 && frag[0] != '/') {
+        free(frag);
+        return compile_error(c, IW_ERR_SCHEMA_UNSUPPORTED,
+                             "unsupported \"$ref\" \"%s\": named anchors need $id resolution", ref);
+    }
+    *out = frag;
+    return IW_OK;
+}
+
+/* The member or element of cur that a pointer token names, or NULL. */
+static const json_t *pointer_step(const json_t *cur, const char *tok, size_t tok_len)
+{
+    size_t index = 0;
+
+    if (json_is_object(cur))
+        return json_object_getn(cur, tok, tok_len);
+    if (!json_is_array(cur) || tok_len == 0 || tok_len >= 10 || (tok_len > 1 && tok[0] == '0'))
+        return NULL;
+    for (size_t i = 0; i < tok_len; i++) {
+        if (tok[i] < '0' || tok[i] > '9')
+            return NULL;
+        index = index * 10 + (size_t)(tok[i] - '0');
+    }
+    return json_array_get(cur, index);
+}
+
 /* Follows a same-document $ref ("#" or "#/a/b": a URI fragment holding a
  * JSON pointer, so percent-decoded first, then split, then ~1 and ~0) to
  * the value it names, noting every value on the way (see check_unknown()).
  * *depth is the number of tokens, the target's nesting in the document. */
 static int resolve_pointer(struct compiler *c, const char *ref, const json_t **target, int *depth)
 {
-    int rc = IW_OK;
-    char *frag = NULL;
     const json_t *cur = c->s->doc;
+    size_t len = 0, pos = 0;
+    char *frag;
+    int rc = decode_fragment(c, ref, &frag, &len);
+
     *depth = 0;
-
-    if (ref[0] != '#') {
-        rc = compile_error(c, IW_ERR_SCHEMA_UNSUPPORTED,
-                           "unsupported \"$ref\" \"%s\": only references within the same "
-                           "document (\"#/...\") are supported",
-                           ref);
-        goto out;
-    }
-    size_t n = strlen(ref + 1), len = 0;
-    frag = malloc(n + 1);
-    if (!frag) {
-        rc = nomem(c);
-        goto out;
-    }
-    for (const char *p = ref + 1; *p; p++) {
-        if (*p == '%') {
-            int hi = hex_value(p[1]), lo = hi < 0 ? -1 : hex_value(p[2]);
-            if (lo < 0) {
-                rc = ref_unresolved(c, ref, "has a malformed percent-escape");
-                goto out;
-            }
-            frag[len++] = (char)(hi * 16 + lo);
-            p += 2;
-        } else {
-            frag[len++] = *p;
-        }
-    }
-    if (len > 0 && frag[0] != '/') {
-        rc = compile_error(c, IW_ERR_SCHEMA_UNSUPPORTED,
-                           "unsupported \"$ref\" \"%s\": named anchors need $id resolution", ref);
-        goto out;
-    }
-
+    if (rc != IW_OK)
+        return rc;
     /* Each token is unescaped in place: it only ever gets shorter. */
-    size_t pos = 0;
     while (pos < len) {
         size_t start = ++pos, tok_len = 0;
+        const json_t *next;
+        struct hop *route;
         while (pos < len && frag[pos] != '/') {
             char ch = frag[pos++];
             if (ch == '~') {
@@ -991,26 +1017,11 @@ static int resolve_pointer(struct compiler *c, const char *ref, const json_t **t
             }
             frag[start + tok_len++] = ch;
         }
-        const char *tok = frag + start;
-        const json_t *next = NULL;
-        if (json_is_object(cur)) {
-            next = json_object_getn(cur, tok, tok_len);
-        } else if (json_is_array(cur) && tok_len > 0 && tok_len < 10 &&
-                   (tok_len == 1 || tok[0] != '0')) {
-            size_t index = 0;
-            bool digits = true;
-            for (size_t i = 0; i < tok_len; i++) {
-                digits = digits && tok[i] >= '0' && tok[i] <= '9';
-                index = index * 10 + (size_t)(tok[i] - '0');
-            }
-            next = digits ? json_array_get(cur, index) : NULL;
-        }
-        if (!next) {
+        if (!(next = pointer_step(cur, frag + start, tok_len))) {
             rc = ref_unresolved(c, ref, "does not resolve within the document");
             goto out;
         }
-        struct hop *route = grow(c->ref_route, &c->route_cap, c->nroute + 1, sizeof *route);
-        if (!route) {
+        if (!(route = grow(c->ref_route, &c->route_cap, c->nroute + 1, sizeof *route))) {
             rc = nomem(c);
             goto out;
         }

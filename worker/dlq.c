@@ -379,7 +379,12 @@ static char *clean_str(const void *bytes, size_t len, size_t cap)
             n--; /* drop a character cut in half */
     if ((probe = json_stringn((const char *)b, n)) != NULL) {
         json_decref(probe);
-        return strndup((const char *)b, n);
+        /* the bytes are not NUL-terminated: no strndup (it may look past n) */
+        if ((out = malloc(n + 1)) != NULL) {
+            memcpy(out, b, n);
+            out[n] = '\0';
+        }
+        return out;
     }
     if (!(out = malloc(n * 4 + 1)))
         return NULL;

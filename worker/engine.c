@@ -14,7 +14,6 @@
 
 #define MAX_ROLES 4
 #define LIMITER_RETRY_MS 1000L
-#define USAGE_WARN_MS 60000L
 #define START_RETRY_MS 1000L
 /* No wait we set is longer than a month: a larger x-due-at is not ours. */
 #define MAX_DELAY_MS (30L * 24 * 3600 * 1000)
@@ -55,6 +54,7 @@ struct engine {
     /* what the fleet's breaker and limiter said last */
     int breaker_state, above_alert;
     long breaker_failures;
+    long long breaker_seen_ms;   /* monotonic time of the last breaker report */
     long long maintenance_until; /* monotonic end of the current window, 0 none */
     /* breaker outcomes of the calls finished since the last report */
     release *releases; /* claims to drop at the next round trip */
@@ -294,6 +294,13 @@ static void note_breaker(engine *e, int state, long failures, long failures_befo
                            iw_code_name(IW_C_EXTERNAL_API_UNAVAILABLE)));
     e->breaker_state = state;
     e->breaker_failures = failures;
+    e->breaker_seen_ms = now;
+}
+
+int engine_provider_down(const engine *e)
+{
+    return e->breaker_failures >= IW_PROVIDER_DOWN_AFTER && e->maintenance_until == 0 &&
+           clock_mono_ms() - e->breaker_seen_ms < e->cfg->breaker_open_ms;
 }
 
 static void note_usage(engine *e, const limiter_result *res)
@@ -378,7 +385,9 @@ static size_t take_batches(engine *e, batch *b, size_t cap, long window)
 
     for (int prio = 0; prio < 2; prio++)
         for (int cls = 0; cls < LIMITER_N_CLASSES; cls++) {
-            while (window > 0 && prio == 1 && e->ready[cls][prio].head) {
+            /* look-ups, critical or not, answer from the cache inside a window */
+            while (window > 0 && (prio == 1 || cls == class_index("resource")) &&
+                   e->ready[cls][prio].head) {
                 call *c = call_pop(&e->ready[cls][prio]);
                 c->queued = 0;
                 c->eng = e;
@@ -407,18 +416,19 @@ static int append_batch(engine *e, const batch *x, iw_error *err)
 {
     const char *keys[LIMITER_MAX_RECORDS], *claims[LIMITER_MAX_RECORDS];
     limiter_ask ask = {0};
-    size_t nk = 0;
+    size_t nk = 0, nc = 0;
 
-    for (size_t i = 0; i < x->n; i++)
-        if (x->calls[i]->record_key && x->calls[i]->claim_key) {
-            keys[nk] = x->calls[i]->record_key;
-            claims[nk++] = x->calls[i]->claim_key;
-        }
+    for (size_t i = 0; i < x->n; i++) {
+        if (x->calls[i]->record_key)
+            keys[nk++] = x->calls[i]->record_key;
+        if (x->calls[i]->claim_key)
+            claims[nc++] = x->calls[i]->claim_key;
+    }
     ask.cls = x->calls[0]->kind->cls;
     ask.critical = x->prio == 0;
     ask.n = x->n;
     ask.record_keys = nk == x->n ? keys : NULL;
-    ask.claim_keys = nk == x->n ? claims : NULL;
+    ask.claim_keys = nc == x->n ? claims : NULL;
     ask.claim_token = x->token;
     ask.claim_ms = e->cfg->http_timeout_ms + LEASE_SLACK_MS;
     return limiter_append_ask(rt_limiter(e->rt), &ask, err);
@@ -447,6 +457,13 @@ static void decide_batch(engine *e, const batch *x, limiter_result *res)
             c->ops->on_permit(c, CALL_CLAIMED, limiter_claim_ttl(res, m) + 1, 0, NULL, 0);
             break;
         default:
+            if (res->wait_reason != LIMITER_WAIT_BREAKER)
+                metrics_limiter_refused(c->kind->route,
+                                        res->wait_reason == LIMITER_WAIT_PAUSE ? IW_REFUSAL_PAUSE
+                                        : res->wait_reason == LIMITER_WAIT_THROTTLE
+                                            ? IW_REFUSAL_RESERVE
+                                            : IW_REFUSAL_TIER,
+                                        res->wait_ms);
             c->ops->on_permit(c, CALL_REFUSED, res->wait_ms, res->wait_reason, NULL, 0);
             break;
         }
@@ -625,6 +642,7 @@ static void job_free(job *j)
     delivery_free(j->d);
     json_decref(j->doc);
     free(j->event);
+    free(j->fail_msg);
     free(j);
 }
 
@@ -665,6 +683,20 @@ static void outcome_done(void *owner, int ok)
             job_fail(j, IW_C_OUTCOME_NOT_ENCODABLE,
                      "the outcome of this job cannot be encoded as an AMQP message", 0,
                      j->attempts);
+            return;
+        }
+        if (!j->bare_dead && j->fail_code != IW_C_NONE && job_live(j)) {
+            /* the upstream's own headers cannot be written again: the dead
+             * letter goes with the contract's headers only (the failure
+             * event, if any, was the rest of the group) */
+            log_msg(IW_LOG_WARN, job_fields(j),
+                    "the dead letter cannot carry this message's headers; sent without them");
+            j->bare_dead = 1;
+            rt_outcome_begin(&j->out, outcome_done, j);
+            rt_publish_dead_headers(e->rt, &j->out, j->d, j->role->metric_role, j->role->queue,
+                                    iw_code_name(j->fail_code), j->fail_msg ? j->fail_msg : "", 0,
+                                    j->attempts, 0);
+            rt_outcome_seal(&j->out);
             return;
         }
         log_msg(IW_LOG_ERROR, job_fields(j),
@@ -773,6 +805,9 @@ void job_fail(job *j, iw_code code, const char *message, long http_status, int a
     if (!job_live(j))
         return;
     job_set_state(j, JOB_FAILING);
+    j->fail_code = code;
+    free(j->fail_msg);
+    j->fail_msg = strdup(message);
     metrics_job_outcome(j->role->metric_role, j->job_id ? IW_OUTCOME_FAILED : IW_OUTCOME_DEAD);
     f = job_fields(j);
     json_object_set_new(f, "operation", json_string(j->role->operation));
@@ -862,6 +897,7 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
                           size_t len)
 {
     job *j = (job *)c;
+    int rc;
 
     (void)record;
     (void)len;
@@ -870,9 +906,17 @@ static void job_on_permit(call *c, call_permit p, long wait_ms, int reason, cons
         job_set_state(j, JOB_PERMITTED);
         c->attempt = j->attempts + 1;
         job_set_state(j, JOB_CALLING);
-        if (j->role->start(j) != IW_OK) {
-            log_msg(IW_LOG_ERROR, job_fields(j), "cannot start the provider call; retrying in 1 s");
+        if ((rc = j->role->start(j)) != IW_OK) {
             release_claim(j->e, c);
+            if (rc == IW_ERR_URL_TOO_LONG || rc == IW_ERR_HEADER_VALUE ||
+                rc == IW_ERR_URL_INVALID) {
+                /* the request built from this job can never be sent as it is:
+                 * trying again would loop for ever */
+                job_fail(j, IW_C_REQUEST_NOT_SENT, iw_strerror(rc), 0, j->attempts);
+                break;
+            }
+            log_msg(IW_LOG_ERROR, job_fields(j),
+                    "cannot start the provider call (%s); retrying in 1 s", iw_strerror(rc));
             job_wait(j, START_RETRY_MS);
         }
         break;
@@ -912,8 +956,10 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
 {
     job *j = (job *)c;
 
-    /* the answer (or its record, next) decides now: the claim can go */
-    release_claim(j->e, c);
+    /* the answer decides now: the claim can go (an accepted answer drops it
+     * with its record, in the same step) */
+    if (v->kind != IW_V_ACCEPT)
+        release_claim(j->e, c);
     job_set_state(j, JOB_CLASSIFIED);
     if (v->kind == IW_V_WAIT) {
         engine_log_call(c, r, v, NULL);
@@ -1059,7 +1105,8 @@ static int append_steps(engine *e, job_fifo taken[3], iw_error *err)
     for (int q = 0; q < 3; q++) {
         job *j;
         while ((j = queues[q]->head)) {
-            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token, err)
+            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token,
+                                                   j->call.claim_key, j->call.claim_token, err)
                      : q == 1 ? records_append_adopt(e->rec, j->key, j->token, err)
                               : records_append_mark(e->rec, j->key, err);
             if (rc != IW_OK)
@@ -1287,9 +1334,8 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
     intake_json(j->d->body, j->d->body_len, j->d->content_type,
                 (size_t)j->e->cfg->max_message_bytes, schema, &in);
     j->doc = in.doc;
+    /* any readable jobId gets its submission.failed, even "" (contract) */
     j->job_id = json_string_value(json_object_get(j->doc, "jobId"));
-    if (j->job_id && !*j->job_id)
-        j->job_id = NULL;
     if (in.code != IW_C_NONE) {
         snprintf(msg, len, "%s", in.msg);
         return in.code;
@@ -1308,7 +1354,7 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
         return IW_C_INTERNAL_ERROR;
     }
     j->call.record_key = j->key;
-    j->call.claim_key = j->claim;
+    j->call.claim_key = j->role->claims ? j->claim : NULL;
     return IW_C_NONE;
 }
 

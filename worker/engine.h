@@ -108,9 +108,13 @@ void engine_answer_message(const http_response *r, char *buf, size_t len);
 typedef struct job job;
 
 typedef struct job_role {
-    const char *name;        /* "submitter": logs, consumer tag */
-    iw_role metric_role;     /* its metrics label */
-    iw_outcome outcome;      /* what its recorded outcome is (accepted, final) */
+    const char *name;    /* "submitter": logs, consumer tag */
+    iw_role metric_role; /* its metrics label */
+    iw_outcome outcome;  /* what its recorded outcome is (accepted, final) */
+    /* 1: a call is claimed (N:claim:<jobId>) with its permit, so that two
+     * deliveries of one job never call at once (calls that are not safe to
+     * repeat: the submitter's POST) */
+    int claims;
     const char *queue;       /* the consumed queue: <ns>.<queue> */
     const char *schema;      /* schemas/<file> of the delivery */
     const char *record_kind; /* outcome records <ns>:<kind>:<jobId> */
@@ -150,8 +154,11 @@ struct job {
     /* wall ms of the job's first attempt (x-first-attempt), 0 before it: the
      * body of every attempt is built from it, so that all are identical */
     long long first_attempt_ms;
-    int mark;       /* the outcome group publishes a record: mark it after */
-    char *event;    /* the recorded outcome being recorded or published */
+    int mark;          /* the outcome group publishes a record: mark it after */
+    char *event;       /* the recorded outcome being recorded or published */
+    iw_code fail_code; /* job_fail's code and message, for a dead letter sent again */
+    char *fail_msg;
+    int bare_dead;  /* the dead letter was sent again without upstream headers */
     char token[48]; /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
     char claim[RECORDS_KEY_MAX];
@@ -199,6 +206,10 @@ void engine_free(engine *e);
 records *engine_records(engine *e);
 /* Jobs alive: received and not yet acked, returned or dropped. */
 size_t engine_busy(const engine *e);
+/* The spec's "API down": the fleet saw IW_PROVIDER_DOWN_AFTER (3) or more
+ * consecutive failures, reported within the last IW_BREAKER_OPEN (after
+ * that, callers try the provider again so that the count can move). */
+int engine_provider_down(const engine *e);
 /* Stop: return every job that has not started a call (nack, requeue). */
 void engine_stop(engine *e);
 /* The broker connection was lost: every delivery is void; drop the jobs

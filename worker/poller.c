@@ -23,6 +23,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "buf.h"
 #include "clock.h"
 #include "engine.h"
 #include "log.h"
@@ -119,9 +120,11 @@ static iw_code prepare(job *base, char *msg, size_t len)
      * pause, a maintenance window) ends without a call */
     if (clock_wall_ms() > j->accepted_ms + cfg->poll_max_age_ms + IW_DELAY_SLACK_MS) {
         char age[32];
-        snprintf(msg, len, "no terminal status within IW_POLL_MAX_AGE=%s (last: %.64s)",
-                 format_duration(cfg->poll_max_age_ms, age, sizeof age),
-                 json_string_value(json_object_get(base->doc, "lastStatus")) ?: "none");
+        const char *last = json_string_value(json_object_get(base->doc, "lastStatus")) ?: "none";
+        char *q = text_quote(last, strlen(last), 64);
+        snprintf(msg, len, "no terminal status within IW_POLL_MAX_AGE=%s (last: %s)",
+                 format_duration(cfg->poll_max_age_ms, age, sizeof age), q ? q : "?");
+        free(q);
         metrics_status_check(IW_CHECK_EXPIRED);
         return IW_C_POLL_EXPIRED;
     }
@@ -216,8 +219,10 @@ static void answered(pjob *j, const char *status, json_t *body)
         record_final(j, status, body, now);
     } else if (now + IW_DELAY_SLACK_MS >= j->accepted_ms + cfg->poll_max_age_ms) {
         char m[200], age[32];
-        snprintf(m, sizeof m, "no terminal status within IW_POLL_MAX_AGE=%s (last: %.64s)",
-                 format_duration(cfg->poll_max_age_ms, age, sizeof age), status);
+        char *q = text_quote(status, strlen(status), 64);
+        snprintf(m, sizeof m, "no terminal status within IW_POLL_MAX_AGE=%s (last: %s)",
+                 format_duration(cfg->poll_max_age_ms, age, sizeof age), q ? q : "?");
+        free(q);
         metrics_status_check(IW_CHECK_EXPIRED);
         job_fail(&j->base, IW_C_POLL_EXPIRED, m, 0, j->base.call.attempt);
     } else {
@@ -236,7 +241,7 @@ static void check_failed(pjob *j, iw_code code, const char *msg, int attempt)
     metrics_status_check(IW_CHECK_RETRY);
     if (now + IW_DELAY_SLACK_MS >= j->accepted_ms + cfg->poll_max_age_ms) {
         char m[400], age[32];
-        snprintf(m, sizeof m, "no terminal status within IW_POLL_MAX_AGE=%s (last check: %.300s)",
+        snprintf(m, sizeof m, "no terminal status within IW_POLL_MAX_AGE=%s (last check: %s)",
                  format_duration(cfg->poll_max_age_ms, age, sizeof age), msg);
         metrics_status_check(IW_CHECK_EXPIRED);
         job_fail(&j->base, IW_C_POLL_EXPIRED, m, 0, attempt);
@@ -271,8 +276,10 @@ static void answer(job *base, const http_response *r, iw_verdict *v)
     } else if (v->kind == IW_V_FAIL && r->result.status == 404) {
         metrics_status_check(IW_CHECK_NOT_FOUND);
         v->code = IW_C_TRACKING_NOT_FOUND;
-        snprintf(msg, sizeof msg, "External API returned 404: tracking id %.200s is unknown",
-                 j->tracking_id);
+        char *q = text_quote(j->tracking_id, strlen(j->tracking_id), 200);
+        snprintf(msg, sizeof msg, "External API returned 404: tracking id %s is unknown",
+                 q ? q : "?");
+        free(q);
     }
     engine_log_call(
         &base->call, r, v,

@@ -36,6 +36,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "buf.h"
 #include "cache.h"
 #include "clock.h"
 #include "intake.h"
@@ -107,10 +108,11 @@ typedef enum flight_state {
     F_PERMIT,
     F_CALLING,
     F_STORING,
+    F_PREFER_STALE,
 } flight_state;
 
-static const char *const flight_state_names[] = {"lookup",     "waiting-for-peer", "deferred",
-                                                 "permitting", "calling",          "storing"};
+static const char *const flight_state_names[] = {
+    "lookup", "waiting-for-peer", "deferred", "permitting", "calling", "storing", "stale-first"};
 
 typedef enum flight_result {
     RES_NONE,
@@ -178,6 +180,7 @@ struct resolver {
     iw_schema *get_schema, *inval_schema, *reply_schema;
     flight *buckets[FLIGHT_BUCKETS];
     fqueue lookup_q, store_q;
+    fqueue prefer_q; /* flights that try the stale copy first (the API is down) */
     dlink fallback_q, inval_q;
     dlink requests, flights; /* everything alive, for the free and link-lost paths */
     size_t alive;
@@ -533,6 +536,8 @@ static void start_call(flight *f)
 {
     resolver *r = f->r;
 
+    int rc;
+
     f->state = F_CALLING;
     f->attempts++;
     f->call.attempt = f->attempts;
@@ -540,10 +545,14 @@ static void start_call(flight *f)
              "the External API did not answer within IW_RESOLVER_WAIT "
              "(%ld ms)",
              r->cfg->resolver_wait_ms);
-    if (engine_call(r->e, &f->call, "GET", f->path, NULL, 0, NULL) == IW_OK) {
+    if ((rc = engine_call(r->e, &f->call, "GET", f->path, NULL, 0, NULL)) == IW_OK) {
         r->calling++;
+    } else if (rc == IW_ERR_URL_TOO_LONG || rc == IW_ERR_URL_INVALID) {
+        /* this id can never be asked for: an error reply, not a fallback */
+        flight_fail(f, IW_C_REQUEST_NOT_SENT, iw_strerror(rc), 0);
     } else {
-        log_msg(IW_LOG_ERROR, flight_fields(f), "cannot start the provider call");
+        log_msg(IW_LOG_ERROR, flight_fields(f), "cannot start the provider call (%s)",
+                iw_strerror(rc));
         flight_fail(f, IW_C_EXTERNAL_API_UNAVAILABLE, "cannot start the provider call", 1);
     }
 }
@@ -801,10 +810,12 @@ static void on_delivery(void *self, iw_delivery *d)
     }
     q->invalidate = strcmp(rk, "resource.invalidate") == 0;
     if (!q->invalidate && strcmp(rk, "resource.get") != 0) {
+        char *quoted = text_quote(rk, strlen(rk), 100);
         snprintf(msg, sizeof msg,
-                 "routing key '%.100s' is neither resource.get nor "
+                 "routing key '%s' is neither resource.get nor "
                  "resource.invalidate",
-                 rk);
+                 quoted ? quoted : "?");
+        free(quoted);
         reject(q, IW_C_UNKNOWN_ROUTING_KEY, msg);
         return;
     }
@@ -827,7 +838,7 @@ static void on_delivery(void *self, iw_delivery *d)
 
 /* ---- Redis round trips ---------------------------------------------------------- */
 
-typedef enum op_kind { OP_STORE, OP_INVALIDATE, OP_LOOKUP, OP_STALE } op_kind;
+typedef enum op_kind { OP_STORE, OP_INVALIDATE, OP_LOOKUP, OP_STALE, OP_PREFER } op_kind;
 
 typedef struct pending_op {
     op_kind kind;
@@ -951,6 +962,11 @@ static void done_lookup(resolver *r, flight *f, const redisReply *rep, const iw_
         f->poll_ms = PEER_POLL_MIN_MS;
         if (!f->n_waiters) {
             flight_drop(f);
+        } else if (engine_provider_down(r->e) && f->state != F_PREFER_STALE) {
+            /* the spec's "API down": the cache first, the provider only when
+             * there is no stale copy of this slot */
+            f->state = F_PREFER_STALE;
+            fq_push(&r->prefer_q, f);
         } else {
             f->state = F_PERMIT;
             set_wait(f, IW_C_RATE_LIMITED, "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
@@ -992,6 +1008,31 @@ static void done_stale(resolver *r, rreq *q, const redisReply *rep)
     }
 }
 
+/* The API is down and this slot's lock is ours: a stale copy answers every
+ * waiter now (the lock is released); without one the flight asks for a
+ * permit after all. */
+static void done_prefer(resolver *r, flight *f, const redisReply *rep)
+{
+    json_t *data = NULL;
+
+    if (rep && rep->type == REDIS_REPLY_STRING)
+        data = cached_data(r, f->id, rep->str, rep->len);
+    if (!data) {
+        f->state = F_PERMIT;
+        set_wait(f, IW_C_RATE_LIMITED, "no rate-limit permit within IW_RESOLVER_WAIT (%ld ms)",
+                 r->cfg->resolver_wait_ms);
+        f->call.critical = f->critical;
+        engine_ask(r->e, &f->call);
+        return;
+    }
+    log_msg(IW_LOG_WARN, flight_fields(f),
+            "External API down: answered from the stale copy without a call");
+    f->result = RES_FOUND;
+    f->data = data;
+    flight_answer(f, "stale-cache");
+    flight_drop(f); /* releases the lock */
+}
+
 /* One round trip: stores first (a look-up or invalidation later in the same
  * batch sees them), then invalidations, look-ups and stale reads. */
 static void run_pipeline(resolver *r)
@@ -1030,6 +1071,10 @@ static void run_pipeline(resolver *r)
             ops[n++] = (pending_op){OP_STALE, q};
         }
     }
+    while (ok && n < MAX_PIPELINE && r->prefer_q.head) {
+        if ((ok = redis_link_append(link, &err, "GET %s", r->prefer_q.head->slot.stale) == IW_OK))
+            ops[n++] = (pending_op){OP_PREFER, fq_pop(&r->prefer_q)};
+    }
     for (size_t i = 0; i < n; i++) {
         redisReply *rep = NULL;
         if (redis_link_read(link, &rep, &err) != IW_OK)
@@ -1046,6 +1091,9 @@ static void run_pipeline(resolver *r)
             break;
         case OP_STALE:
             done_stale(r, ops[i].item, rep);
+            break;
+        case OP_PREFER:
+            done_prefer(r, ops[i].item, rep);
             break;
         }
         if (rep)
@@ -1069,6 +1117,10 @@ static void redis_down(resolver *r)
         flight_free(f);
     }
     while ((f = fq_pop(&r->lookup_q))) {
+        f->owns_lock = 0;
+        flight_fail(f, IW_C_CACHE_UNAVAILABLE, msg, 0);
+    }
+    while ((f = fq_pop(&r->prefer_q))) {
         f->owns_lock = 0;
         flight_fail(f, IW_C_CACHE_UNAVAILABLE, msg, 0);
     }
@@ -1097,7 +1149,7 @@ static void redis_down(resolver *r)
 
 static int redis_work(const resolver *r)
 {
-    return r->store_q.head || r->lookup_q.head || !dl_empty(&r->fallback_q) ||
+    return r->store_q.head || r->lookup_q.head || r->prefer_q.head || !dl_empty(&r->fallback_q) ||
            !dl_empty(&r->inval_q);
 }
 
@@ -1118,7 +1170,7 @@ static int resolver_flush(loop *l, void *ud)
     if (!redis_work(r))
         return 0;
     now = clock_mono_ms();
-    if (!r->store_q.head && !r->lookup_q.head && dl_empty(&r->fallback_q) &&
+    if (!r->store_q.head && !r->lookup_q.head && !r->prefer_q.head && dl_empty(&r->fallback_q) &&
         now < r->redis_retry_at)
         return 0;
     if (!rt_redis_ready(r->rt)) {
@@ -1130,7 +1182,7 @@ static int resolver_flush(loop *l, void *ud)
         return 0;
     }
     run_pipeline(r);
-    return r->store_q.head || r->lookup_q.head || !dl_empty(&r->fallback_q);
+    return r->store_q.head || r->lookup_q.head || r->prefer_q.head || !dl_empty(&r->fallback_q);
 }
 
 /* Frees every request that waits (not those whose reply is being confirmed);

@@ -209,9 +209,16 @@ const char *rt_name(const runtime *rt, char *buf, size_t len, const char *suffix
 
 iw_schema *rt_load_schema(const runtime *rt, const char *file, iw_error *err)
 {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/%s", rt->cfg->schema_dir, file);
-    return schema_load_file(path, err);
+    char *path = NULL;
+    iw_schema *s;
+
+    if (asprintf(&path, "%s/%s", rt->cfg->schema_dir, file) < 0) {
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    s = schema_load_file(path, err);
+    free(path);
+    return s;
 }
 
 /* ---- connections --------------------------------------------------------- */
@@ -575,8 +582,15 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role r
                      const char *queue_suffix, const char *code, const char *message,
                      long http_status, int attempts)
 {
+    rt_publish_dead_headers(rt, o, d, role, queue_suffix, code, message, http_status, attempts, 1);
+}
+
+void rt_publish_dead_headers(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                             const char *queue_suffix, const char *code, const char *message,
+                             long http_status, int attempts, int forward)
+{
     char exchange[256], queue[256], ts[40], mid[36];
-    json_t *h = rt_forward_headers(d);
+    json_t *h = forward ? rt_forward_headers(d) : json_object();
     const char *orig_key = rt_header_str(d, "x-original-routing-key");
     iw_publish p = {0};
 

@@ -105,6 +105,11 @@ void rt_publish_dead(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role r
                      long http_status, int attempts);
 /* Ends a job without success: submission.failed (when job_id is known)
  * and the dead letter of d, in group o. */
+/* The same; forward = 0 leaves the upstream's headers out (only the
+ * contract's), for a message whose own headers cannot be encoded again. */
+void rt_publish_dead_headers(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
+                             const char *queue_suffix, const char *code, const char *message,
+                             long http_status, int attempts, int forward);
 void rt_publish_failure(runtime *rt, rt_outcome *o, const iw_delivery *d, iw_role role,
                         const char *queue_suffix, const char *job_id, const char *code,
                         const char *message, long http_status, int attempts);

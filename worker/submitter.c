@@ -142,6 +142,7 @@ static void republish(job *j, const char *event)
 static const job_role submitter_role = {
     .name = "submitter",
     .metric_role = IW_ROLE_SUBMITTER,
+    .claims = 1,
     .outcome = IW_OUTCOME_ACCEPTED,
     .queue = "submit",
     .schema = "submission-job.schema.json",

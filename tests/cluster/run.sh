@@ -101,9 +101,13 @@ rmqctl() { # $1: node index, rest: rabbitmqctl arguments
   env HOME="$TMP" "$RMQ_BIN/rabbitmqctl" -n "${RMQ_NODES[$i]}" "$@"
 }
 # The shell command that starts node $1 in the background and waits until it has booted.
+# It first waits (up to 120 s) for the node to be down: the stop it follows runs in the
+# background too, and a start that raced it would "succeed" against the stopping node.
 rmq_start_cmd() {
   local i=$1
-  echo "( . '$TMP/rmq$i/env.sh'; exec '$RMQ_BIN/rabbitmq-server' ) >>'$TMP/rmq$i/log/stdout' 2>&1 &" \
+  echo "d=\$((\$(date +%s) + 120)); while env HOME='$TMP' '$RMQ_BIN/rabbitmqctl' -n '${RMQ_NODES[$i]}'" \
+    "-q ping >/dev/null 2>&1; do [ \$(date +%s) -lt \$d ] || exit 1; sleep 1; done;" \
+    "( . '$TMP/rmq$i/env.sh'; exec '$RMQ_BIN/rabbitmq-server' ) >>'$TMP/rmq$i/log/stdout' 2>&1 &" \
     "d=\$((\$(date +%s) + 180)); until env HOME='$TMP' '$RMQ_BIN/rabbitmqctl' -n '${RMQ_NODES[$i]}'" \
     "-q await_startup --timeout 10 >/dev/null 2>&1; do [ \$(date +%s) -lt \$d ] || exit 1; sleep 1; done"
 }

@@ -83,7 +83,8 @@ START_TEST(long_multibyte_job_ids_each_get_their_own_final)
      * but their last character */
     for (int i = 0; i < 127; i++)
         strcat(x, "\xf0\x9f\x98\x80"); /* U+1F600, 4 bytes */
-    snprintf(y, sizeof y, "%sb", x);
+    memcpy(y, x, strlen(x));
+    strcpy(y + strlen(x), "b");
     strcat(x, "a");
     iwt_track(iwt_start_worker("submitter", ns, port, env, "submitter"));
     iwt_track(iwt_start_worker("poller", ns, port, env, "poller"));

@@ -397,7 +397,8 @@ static iwt_msg *msg_from(const amqp_bytes_t *rk, const amqp_message_t *m)
     r->headers =
         (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? amqp_table_to_json(&p->headers) : json_object();
     r->raw = malloc(m->body.len + 1);
-    memcpy(r->raw, m->body.bytes, m->body.len);
+    if (m->body.len) /* an empty body has no bytes pointer (memcpy from NULL is UB) */
+        memcpy(r->raw, m->body.bytes, m->body.len);
     r->raw[m->body.len] = '\0';
     r->raw_len = m->body.len;
     r->body = json_loadb(r->raw, r->raw_len, 0, NULL);
