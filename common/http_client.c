@@ -1142,24 +1142,21 @@ static void complete_done(http_client *c)
         unlink_active(c, t);
         if (code == CURLE_OK)
             curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+        int refused = 0;
         if (status == 401 && t->carried_token && !t->token_retried) {
-            /* the token expired or was revoked early: renew once, same call;
-             * a newer token than the one sent is simply used */
+            /* the token expired or was revoked early: it is dropped and a new
+             * one fetched; the caller retries the call once, under a permit
+             * of its own (a newer token than the one sent is simply used) */
             t->token_retried = 1;
             if (t->token_gen == c->token_gen) {
                 store_forget(c, c->stored);
                 token_drop(c);
             }
-            t->start_us = clock_mono_us();
-            if (http_client_auth_ready(c)) {
-                if (launch(c, t) == IW_OK)
-                    continue;
-            } else {
-                wait_for_token(c, t);
-                continue;
-            }
+            (void)http_client_token_wait_ms(c); /* starts the fetch */
+            refused = 1;
         }
         memset(&r, 0, sizeof r);
+        r.result.token_refused = refused;
         r.result.status = code == CURLE_OK ? status : 0;
         r.result.transport = transport_of(code, t->too_large);
         /* bounded parses, capped at IW_MAX_RATE_PAUSE; an unreadable reset

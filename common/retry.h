@@ -23,6 +23,8 @@ typedef struct iw_http_result {
     long retry_after_ms; /* from Retry-After / X-RateLimit-Reset-Ms, -1 when absent;
                             already capped at IW_MAX_RATE_PAUSE */
     int wait_capped;     /* 1 when the provider asked for longer and the cap applied */
+    int token_refused;   /* a 401 on a call that carried a token: the token is dropped
+                            and a new one is being fetched; the caller retries once */
 } iw_http_result;
 
 typedef enum iw_verdict_kind {

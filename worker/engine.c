@@ -1075,6 +1075,16 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
     if (v->kind != IW_V_ACCEPT)
         release_claim(j->e, c);
     job_set_state(j, JOB_CLASSIFIED);
+    if (r->result.token_refused && !j->token_retried) {
+        /* a 401 on a call that carried a token (expired or revoked early):
+         * one retry with the new token, under a permit of its own, no attempt
+         * used; a 401 after that is the answer */
+        engine_log_call(c, r, v, NULL);
+        j->token_retried = 1;
+        metrics_retry(c->kind->route, IW_RETRY_UNAUTHORIZED);
+        job_wait(j, 0);
+        return;
+    }
     if (v->kind == IW_V_WAIT) {
         engine_log_call(c, r, v, NULL);
         metrics_job_wait(j->role->metric_role, r->result.transport == IW_TRANSPORT_NO_TOKEN

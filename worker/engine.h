@@ -160,9 +160,10 @@ struct job {
     char *event;       /* the recorded outcome being recorded or published */
     iw_code fail_code; /* job_fail's code and message, for a dead letter sent again */
     char *fail_msg;
-    int bare_dead;   /* the dead letter was sent again without upstream headers */
-    int claim_waits; /* times it found another attempt's claim (logged once) */
-    char token[48];  /* this delivery's record owner token */
+    int bare_dead;     /* the dead letter was sent again without upstream headers */
+    int claim_waits;   /* times it found another attempt's claim (logged once) */
+    int token_retried; /* a 401 was retried once with a new token */
+    char token[48];    /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
     char claim[RECORDS_KEY_MAX];
     char first[RECORDS_KEY_MAX];

@@ -152,7 +152,8 @@ typedef struct flight {
     char token[64];
     flight_state state;
     int in_map, owns_lock, critical, attempts;
-    int purge; /* the fresh value was not OurFormat: the next look-up deletes it */
+    int purge;         /* the fresh value was not OurFormat: the next look-up deletes it */
+    int token_retried; /* a 401 was retried once with a new token */
     long poll_ms;
     dlink waiters;
     size_t n_waiters;
@@ -632,6 +633,15 @@ static void on_answer(call *c, const http_response *resp, iw_verdict *v)
     engine_answer_message(resp, msg, sizeof msg);
     if (v->kind == IW_V_ACCEPT) {
         answer_found(f, resp, v);
+        return;
+    }
+    if (resp->result.token_refused && !f->token_retried && f->n_waiters) {
+        /* a 401 with a token: one retry with the new one, under a permit */
+        engine_log_call(c, resp, v, NULL);
+        f->token_retried = 1;
+        f->attempts--;
+        metrics_retry(c->kind->route, IW_RETRY_UNAUTHORIZED);
+        flight_wait(f, F_DEFERRED, 0);
         return;
     }
     engine_log_call(c, resp, v, NULL);

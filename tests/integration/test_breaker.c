@@ -137,7 +137,7 @@ static void open_breaker(pod *p)
 /* The letter the engine reports for an answer: 'F' for a breaker failure. */
 static char letter(long status, iw_transport tr)
 {
-    iw_http_result h = {status, tr, -1, 0};
+    iw_http_result h = {status, tr, -1, 0, 0};
     return retry_classify(&h).breaker_failure ? 'F' : 'S';
 }
 

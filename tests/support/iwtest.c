@@ -27,6 +27,17 @@ extern char **environ;
 
 int iwt_standalone;
 
+/* The servers the test side and the workers it starts talk to: the shared
+ * loopback stack unless iwt_use_servers() picked private ones. */
+static int amqp_port_ = 5672;
+static int redis_port_ = 6379;
+
+void iwt_use_servers(int amqp_port, int redis_port)
+{
+    amqp_port_ = amqp_port;
+    redis_port_ = redis_port;
+}
+
 /* Fails the current Check test, or (in a benchmark) exits with a message. */
 static void iwt_fail(const char *file, int line, const char *what)
 {
@@ -140,6 +151,21 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
         snprintf(buf[b], sizeof buf[b], "IW_PROVIDER_URL=http://127.0.0.1:%d", port);
         out[n++] = buf[b++];
     }
+    /* private servers (iwt_use_servers): the guest user of a fresh node, no
+     * Redis ACL; these replace the shared stack's defaults below */
+    const char *private_urls[3] = {NULL, NULL, NULL};
+    int n_private = 0;
+    if (amqp_port_ != 5672) {
+        snprintf(buf[b], sizeof buf[b], "IW_AMQP_URL=amqp://guest:guest@127.0.0.1:%d/%%2f",
+                 amqp_port_);
+        private_urls[n_private++] = buf[b];
+        out[n++] = buf[b++];
+    }
+    if (redis_port_ != 6379) {
+        snprintf(buf[b], sizeof buf[b], "IW_REDIS_URL=redis://127.0.0.1:%d/0", redis_port_);
+        private_urls[n_private++] = buf[b];
+        out[n++] = buf[b++];
+    }
     /* Workers log in as the least-privilege test users that scripts/stack.sh derives
      * from deploy/ (rabbitmq/definitions.json, redis/users.acl), so a permission the
      * worker needs but those files lack fails a test. */
@@ -159,6 +185,9 @@ static void build_env(const char *ns, int port, const char *const *extra, char *
         size_t klen = strchr(defaults[i], '=') - defaults[i] + 1;
         for (int j = 0; extra && extra[j]; j++)
             if (strncmp(extra[j], defaults[i], klen) == 0)
+                overridden = 1;
+        for (int j = 0; private_urls[j]; j++)
+            if (strncmp(private_urls[j], defaults[i], klen) == 0)
                 overridden = 1;
         if (!overridden)
             out[n++] = (char *)defaults[i];
@@ -182,7 +211,9 @@ pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *c
         char log[512];
         const char *argv[] = {IW_BIN_DIR "/integration-worker", role, NULL};
         build_env(ns, port, env, envp, 512);
-        snprintf(log, sizeof log, "/tmp/iwtest-%s-%s.log", ns, tag ? tag : role);
+        const char *dir = getenv("IWT_LOG_DIR");
+        snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", dir && *dir ? dir : "/tmp", ns,
+                 tag ? tag : role);
         int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {
             dup2(fd, 2);
@@ -274,7 +305,7 @@ iwt_amqp *iwt_amqp_open(void)
 
     a->conn = amqp_new_connection();
     s = amqp_tcp_socket_new(a->conn);
-    REQUIRE(amqp_socket_open(s, "127.0.0.1", 5672) == AMQP_STATUS_OK);
+    REQUIRE(amqp_socket_open(s, "127.0.0.1", amqp_port_) == AMQP_STATUS_OK);
     die_on_amqp_error(
         amqp_login(a->conn, "/", 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest", "guest"), "login");
     amqp_channel_open(a->conn, 1);
@@ -519,7 +550,7 @@ void iwt_cleanup(const char *ns)
     }
     iwt_amqp_close(a);
 
-    redisContext *c = redisConnect("127.0.0.1", 6379);
+    redisContext *c = redisConnect("127.0.0.1", redis_port_);
     if (c && !c->err) {
         char cursor[32] = "0";
         do {
@@ -711,7 +742,7 @@ static redisReply *redis_vcmd(const char *fmt, va_list ap)
 {
     static redisContext *c;
     if (!c) {
-        c = redisConnect("127.0.0.1", 6379);
+        c = redisConnect("127.0.0.1", redis_port_);
         REQUIRE(c && !c->err);
     }
     redisReply *r = redisvCommand(c, fmt, ap);

@@ -14,6 +14,12 @@
  * requirement then prints and exits instead of failing a test. */
 extern int iwt_standalone;
 
+/* Talk to a private RabbitMQ (AMQP port) and Redis instead of the shared
+ * 5672/6379: the test side's connections, iwt_cleanup, and the workers and
+ * commands started afterwards (IW_AMQP_URL, IW_REDIS_URL) all use them.
+ * Worker logs go to $IWT_LOG_DIR (default /tmp). */
+void iwt_use_servers(int amqp_port, int redis_port);
+
 /* A namespace unique to this process: "t-<name>-<pid>". */
 const char *iwt_namespace(const char *name);
 
@@ -25,7 +31,8 @@ pid_t iwt_start_mock(const char *const *args, int *port);
  * port, with the default test settings (api-key auth, IW_HTTP_ADDR=off,
  * short poll schedule) overridden/extended by env ("NAME=value", NULL-
  * terminated, may be NULL; an IW_PROVIDER_URL there replaces the http:// one).
- * Its stderr goes to /tmp/iwtest-<ns>-<tag>.log. */
+ * Its stderr goes to /tmp/iwtest-<ns>-<tag>.log (appended; the directory is
+ * $IWT_LOG_DIR when set). */
 pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *const *env,
                        const char *tag);
 /* Runs `integration-worker <args...>` to completion with the same env;

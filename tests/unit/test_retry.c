@@ -65,7 +65,7 @@ static const struct {
 START_TEST(classify_table)
 {
     iw_http_result r = {classify_cases[_i].status, classify_cases[_i].transport,
-                        classify_cases[_i].retry_after_ms, 0};
+                        classify_cases[_i].retry_after_ms, 0, 0};
     iw_verdict v = retry_classify(&r);
 
     ck_assert_msg(v.kind == classify_cases[_i].kind, "status %ld transport %d: kind %d, want %d",
@@ -87,7 +87,7 @@ END_TEST
 START_TEST(classify_every_status)
 {
     for (long status = 100; status < 700; status++) {
-        iw_http_result r = {status, IW_TRANSPORT_OK, -1, 0};
+        iw_http_result r = {status, IW_TRANSPORT_OK, -1, 0, 0};
         iw_verdict v = retry_classify(&r);
 
         if (status >= 400 && status < 500)
