@@ -10,7 +10,8 @@
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
 /* KEYS: record, and the job's call claim (may be the record key itself when
- * there is none).  ARGV: event, owner token, lease ms, ttl ms, claim token.
+ * there is none).  ARGV: event, owner token, lease ms, ttl ms, claim token,
+ * "1" when the outcome is a failure (submission.failed).
  * {1}: stored; {2, record}: one exists.  The claim is dropped in the same
  * step when it is still the caller's: the record guards the job from now on. */
 static const char put_source[] =
@@ -20,8 +21,8 @@ static const char put_source[] =
            "local cur = redis.call('GET', KEYS[1])\n"
            "if cur then return {2, cur} end\n"
            "redis.call('SET', KEYS[1], cjson.encode({event = ARGV[1], published = false,\n"
-           "  recordedAt = now, owner = ARGV[2], leaseUntil = now + tonumber(ARGV[3])}),\n"
-           "  'PX', ARGV[4])\n"
+           "  recordedAt = now, owner = ARGV[2], leaseUntil = now + tonumber(ARGV[3]),\n"
+           "  failed = (ARGV[6] == '1')}), 'PX', ARGV[4])\n"
            "return {1}\n";
 
 /* KEYS: record.  ARGV: token, lease ms.
@@ -152,11 +153,21 @@ static int append(records *rec, op o, const redis_script *s, int argc, const cha
 }
 
 int records_append_put(records *rec, const char *key, const char *event, const char *token,
-                       const char *claim_key, const char *claim_token, iw_error *err)
+                       const char *claim_key, const char *claim_token, long failed_ttl_ms,
+                       iw_error *err)
 {
-    const char *argv[7] = {key,      claim_key ? claim_key : key,   event, token, rec->lease,
-                           rec->ttl, claim_token ? claim_token : ""};
-    return append_keys(rec, OP_PUT, &rec->put, 2, 7, argv, err);
+    char ttl[24];
+    const char *argv[8] = {key,
+                           claim_key ? claim_key : key,
+                           event,
+                           token,
+                           rec->lease,
+                           failed_ttl_ms > 0 ? ttl : rec->ttl,
+                           claim_token ? claim_token : "",
+                           failed_ttl_ms > 0 ? "1" : "0"};
+
+    snprintf(ttl, sizeof ttl, "%ld", failed_ttl_ms);
+    return append_keys(rec, OP_PUT, &rec->put, 2, 8, argv, err);
 }
 
 int records_append_adopt(records *rec, const char *key, const char *token, iw_error *err)
@@ -178,7 +189,7 @@ int records_append_release(records *rec, const char *claim_key, const char *toke
 }
 
 /* The "event" of a stored record (a new string), or NULL. */
-static char *event_of(const redisReply *e)
+static char *event_of(const redisReply *e, int *failed)
 {
     json_error_t jerr;
     json_t *r;
@@ -189,6 +200,7 @@ static char *event_of(const redisReply *e)
     r = json_loadb(e->str, e->len, 0, &jerr);
     if (json_is_string(json_object_get(r, "event")))
         out = strdup(json_string_value(json_object_get(r, "event")));
+    *failed = json_is_true(json_object_get(r, "failed"));
     json_decref(r);
     return out;
 }
@@ -216,7 +228,8 @@ int records_read(records *rec, records_reply *out, iw_error *err)
     switch (o) {
     case OP_PUT:
         out->answer = kind == 1 ? REC_STORED : REC_EXISTS;
-        if (kind != 1 && (rep->elements < 2 || !(out->event = event_of(rep->element[1]))))
+        if (kind != 1 &&
+            (rep->elements < 2 || !(out->event = event_of(rep->element[1], &out->failed))))
             goto out;
         break;
     case OP_ADOPT:
@@ -229,7 +242,7 @@ int records_read(records *rec, records_reply *out, iw_error *err)
                                ? (long)rep->element[1]->integer
                                : 1000;
         if ((kind == 1 || kind == 2) &&
-            (rep->elements < 2 || !(out->event = event_of(rep->element[1]))))
+            (rep->elements < 2 || !(out->event = event_of(rep->element[1], &out->failed))))
             goto out;
         break;
     case OP_MARK:

@@ -50,6 +50,7 @@ typedef struct records_reply {
     records_answer answer;
     char *event;  /* REC_EXISTS, REC_ADOPTED, REC_PUBLISHED: the event (malloc'd) */
     long wait_ms; /* REC_BUSY */
+    int failed;   /* the recorded outcome is a failure (submission.failed) */
 } records_reply;
 
 /* The link is borrowed; the scripts are registered on it. */
@@ -59,9 +60,13 @@ void records_free(records *rec);
 /* <ns>:<kind>:<id> into buf (RECORDS_KEY_MAX bytes); -1 when it does not fit. */
 int records_key(const records *rec, char *buf, const char *kind, const char *id);
 
-/* put also drops the job's call claim (NULL: none) when claim_token holds it. */
+/* put also drops the job's call claim (NULL: none) when claim_token holds it.
+ * failed_ttl_ms > 0 records a failure (submission.failed) for that long
+ * only: a second delivery of the job meanwhile gets the same failure, a later
+ * one (an ops replay) is tried again. */
 int records_append_put(records *rec, const char *key, const char *event, const char *token,
-                       const char *claim_key, const char *claim_token, iw_error *err);
+                       const char *claim_key, const char *claim_token, long failed_ttl_ms,
+                       iw_error *err);
 int records_append_adopt(records *rec, const char *key, const char *token, iw_error *err);
 int records_append_mark(records *rec, const char *key, iw_error *err);
 int records_append_release(records *rec, const char *claim_key, const char *token, iw_error *err);

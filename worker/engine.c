@@ -26,6 +26,10 @@
 /* A job whose claim another attempt holds asks again this often: the same
  * script answers with the holder's record as soon as it exists. */
 #define CLAIM_POLL_MS 250L
+/* How long a job's failure is remembered: a second delivery meanwhile (an
+ * upstream double publish) gets the same submission.failed; a later one (a
+ * dlq replay) is tried again. */
+#define FAILED_RECORD_MS 120000L
 
 typedef struct call_fifo {
     call *head, *tail;
@@ -911,9 +915,31 @@ static void park_waiting_jobs(engine *e, long long now, int wait_reason)
     }
 }
 
+/* submission.failed (event text given) and this delivery's dead letter, one
+ * group; with `mark` the failure was recorded and is marked published. */
+static void publish_failure(job *j, const char *event, int mark)
+{
+    json_t *ev = json_loads(event, 0, NULL), *e = json_object_get(ev, "error");
+    const char *code = json_string_value(json_object_get(e, "code"));
+    const char *msg = json_string_value(json_object_get(e, "message"));
+    json_t *st = json_object_get(e, "statusCode");
+
+    if (j->state != JOB_FAILING)
+        job_set_state(j, JOB_FAILING);
+    job_outcome_begin(j);
+    job_publish_event(j, "submission.failed", event, strlen(event));
+    rt_publish_dead(j->e->rt, &j->out, j->d, j->role->metric_role, j->role->queue,
+                    code ? code : iw_code_name(j->fail_code), msg ? msg : "",
+                    json_is_integer(st) ? (long)json_integer_value(st) : 0,
+                    (int)json_integer_value(json_object_get(e, "retryAttempt")));
+    json_decref(ev);
+    job_outcome_seal(j, mark);
+}
+
 void job_fail(job *j, iw_code code, const char *message, long http_status, int attempts)
 {
-    json_t *f;
+    json_t *f, *ev;
+    char *text;
 
     if (!job_live(j))
         return;
@@ -927,10 +953,30 @@ void job_fail(job *j, iw_code code, const char *message, long http_status, int a
     json_object_set_new(f, "error",
                         rt_error_object(iw_code_name(code), message, http_status, attempts));
     log_json(IW_LOG_ERROR, f);
-    job_outcome_begin(j);
-    rt_publish_failure(j->e->rt, &j->out, j->d, j->role->metric_role, j->role->queue, j->job_id,
-                       iw_code_name(code), message, http_status, attempts);
-    job_outcome_seal(j, 0);
+    if (!j->job_id) { /* unreadable: the dead letter alone */
+        job_outcome_begin(j);
+        rt_publish_failure(j->e->rt, &j->out, j->d, j->role->metric_role, j->role->queue, NULL,
+                           iw_code_name(code), message, http_status, attempts);
+        job_outcome_seal(j, 0);
+        return;
+    }
+    ev = json_pack("{s:s, s:o}", "jobId", j->job_id, "error",
+                   rt_error_object(iw_code_name(code), message, http_status, attempts));
+    text = ev ? json_dumps(ev, JSON_COMPACT) : NULL;
+    json_decref(ev);
+    if (text && j->role->claims && j->call.record_key) {
+        /* a job that can be called twice records its failure like an
+         * acceptance (briefly): a second delivery meanwhile gets this one */
+        j->failing = 1;
+        job_record(j, text);
+        return;
+    }
+    if (!text) {
+        job_end(j, JOB_RETURNED, 1);
+        return;
+    }
+    publish_failure(j, text, 0);
+    free(text);
 }
 
 static void count_retry(const job *j, iw_code code)
@@ -1103,7 +1149,11 @@ static const call_ops job_call_ops = {job_on_permit, job_on_answer, call_fields}
 static void after_put(job *j, records_reply *rr)
 {
     if (rr->answer == REC_STORED) {
-        if (job_live(j))
+        if (!job_live(j))
+            return;
+        if (j->failing)
+            publish_failure(j, j->event, 1);
+        else
             j->role->publish(j, j->event);
         return;
     }
@@ -1126,18 +1176,28 @@ static void after_adopt(job *j, records_reply *rr)
             return;
         log_msg(IW_LOG_INFO, job_fields(j),
                 "outcome recorded but not published (a crash?); publishing it without a call");
-        j->role->publish(j, j->event);
+        if (rr->failed)
+            publish_failure(j, j->event, 1);
+        else
+            j->role->publish(j, j->event);
         break;
     case REC_PUBLISHED:
         if (!job_live(j))
             return;
-        if (j->role->republish) {
+        if (rr->failed || j->role->republish) {
             log_msg(IW_LOG_INFO, job_fields(j),
                     "job done before; its recorded outcome is published again without a call");
             free(j->event);
             j->event = rr->event;
             rr->event = NULL;
-            j->role->republish(j, j->event);
+            if (rr->failed) { /* the same submission.failed; its dead letter exists */
+                job_set_state(j, JOB_FAILING);
+                job_outcome_begin(j);
+                job_publish_event(j, "submission.failed", j->event, strlen(j->event));
+                job_outcome_seal(j, 0);
+            } else {
+                j->role->republish(j, j->event);
+            }
             return;
         }
         log_msg(IW_LOG_INFO, job_fields(j), "job already done and published; acked without a call");
@@ -1232,7 +1292,8 @@ static int append_steps(engine *e, job_fifo taken[3], iw_error *err)
         job *j;
         while ((j = queues[q]->head)) {
             int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token,
-                                                   j->call.claim_key, j->call.claim_token, err)
+                                                   j->call.claim_key, j->call.claim_token,
+                                                 j->failing ? FAILED_RECORD_MS : 0, err)
                      : q == 1 ? records_append_adopt(e->rec, j->key, j->token, err)
                               : records_append_mark(e->rec, j->key, err);
             if (rc != IW_OK)

@@ -163,6 +163,7 @@ struct job {
     int bare_dead;     /* the dead letter was sent again without upstream headers */
     int claim_waits;   /* times it found another attempt's claim (logged once) */
     int token_retried; /* a 401 was retried once with a new token */
+    int failing;       /* its recorded outcome is a failure (submission.failed) */
     char token[48];    /* this delivery's record owner token */
     char key[RECORDS_KEY_MAX];
     char claim[RECORDS_KEY_MAX];
