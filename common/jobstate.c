@@ -22,7 +22,7 @@ static const unsigned next[JOB_N_STATES] = {
     [JOB_PUBLISHING] = S(MARKING) | S(ACKED) | S(FAILING),
     [JOB_MARKING] = S(ACKED),
     [JOB_SENDING_ON] = S(ACKED) | S(FAILING),
-    [JOB_FAILING] = S(ACKED) | S(RECORDING),
+    [JOB_FAILING] = S(ACKED) | S(RECORDING) | S(MARKING),
 };
 #undef S
 

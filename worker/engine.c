@@ -425,6 +425,17 @@ static long maintenance_left(engine *e, long long now)
     return 0;
 }
 
+/* True when the batch already holds a call with c's claim key. */
+static int claims_twice(const batch *x, const call *c)
+{
+    if (!c->claim_key)
+        return 0;
+    for (size_t i = 0; i < x->n; i++)
+        if (x->calls[i]->claim_key && strcmp(x->calls[i]->claim_key, c->claim_key) == 0)
+            return 1;
+    return 0;
+}
+
 /* Takes the queued calls that fit the free slots off their queues, in
  * batches of one class and priority (critical first); returns how many.
  * Inside a maintenance window normal calls wait for its end instead. */
@@ -449,11 +460,24 @@ static size_t take_batches(engine *e, batch *b, size_t cap, long window)
                 x->prio = prio;
                 x->n = 0;
                 snprintf(x->token, sizeof x->token, "%s-%llu", e->proc_token, ++e->seq);
+                call_fifo later = {0};
                 while (x->n < LIMITER_MAX_RECORDS && slots > 0 && e->ready[cls][prio].head) {
                     call *c = call_pop(&e->ready[cls][prio]);
+                    if (claims_twice(x, c)) {
+                        /* one ask claims with one token: two deliveries of
+                         * one job in it would both get the claim */
+                        call_push(&later, c);
+                        continue;
+                    }
                     c->queued = 0;
                     x->calls[x->n++] = c;
                     slots--;
+                }
+                if (later.head) { /* back at the front, in order, for the next batch */
+                    later.tail->next = e->ready[cls][prio].head;
+                    if (!e->ready[cls][prio].head)
+                        e->ready[cls][prio].tail = later.tail;
+                    e->ready[cls][prio].head = later.head;
                 }
             }
         }
