@@ -990,11 +990,13 @@ void job_fail(job *j, iw_code code, const char *message, long http_status, int a
     json_decref(ev);
     if (text && j->role->claims && j->call.record_key) {
         /* a job that can be called twice records its failure like an
-         * acceptance (briefly): a second delivery meanwhile gets this one */
+         * acceptance (briefly): a second delivery meanwhile gets this one;
+         * the record's script drops the claim */
         j->failing = 1;
         job_record(j, text);
         return;
     }
+    release_claim(j->e, &j->call);
     if (!text) {
         job_end(j, JOB_RETURNED, 1);
         return;
@@ -1014,6 +1016,7 @@ static void count_retry(const job *j, iw_code code)
 
 void job_retry_in(job *j, iw_code code, long delay_ms, int attempt)
 {
+    release_claim(j->e, &j->call);
     count_retry(j, code);
     job_send_on(j, delay_ms, attempt, iw_code_name(code));
 }
@@ -1140,10 +1143,9 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
 {
     job *j = (job *)c;
 
-    /* the answer decides now: the claim can go (an accepted answer drops it
-     * with its record, in the same step) */
-    if (v->kind != IW_V_ACCEPT)
-        release_claim(j->e, c);
+    /* the claim stays until the answer's consequence is in Redis: a recorded
+     * outcome (accepted or failed) drops it in the same script; a retry or a
+     * wait releases it (job_retry_in, below) */
     job_set_state(j, JOB_CLASSIFIED);
     if (r->result.token_refused && !j->token_retried) {
         /* a 401 on a call that carried a token (expired or revoked early):
@@ -1152,10 +1154,12 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
         engine_log_call(c, r, v, NULL);
         j->token_retried = 1;
         metrics_retry(c->kind->route, IW_RETRY_UNAUTHORIZED);
+        release_claim(j->e, c);
         job_wait(j, 0);
         return;
     }
     if (v->kind == IW_V_WAIT) {
+        release_claim(j->e, c);
         engine_log_call(c, r, v, NULL);
         metrics_job_wait(j->role->metric_role, r->result.transport == IW_TRANSPORT_NO_TOKEN
                                                    ? IW_WAIT_TOKEN
