@@ -1639,6 +1639,9 @@ static void svc_exit(void *self)
         free(r);
     }
     loop_timer_cancel(e->lp, &e->unblock);
+    /* the HTTP client outlives this call by a moment (runtime_free frees it
+     * next): it must not call back into the engine */
+    http_client_on_token(rt_http(e->rt), NULL, NULL);
     e->lp = NULL;
 }
 
@@ -1704,10 +1707,8 @@ void engine_free(engine *e)
 {
     if (!e)
         return;
-    if (e->lp)
+    if (e->lp) /* the runtime was never run or freed: its HTTP client still exists */
         svc_exit(e);
-    if (e->rt)
-        http_client_on_token(rt_http(e->rt), NULL, NULL);
     for (size_t i = 0; i < e->n_roles; i++)
         schema_free(e->roles[i].schema);
     records_free(e->rec);
