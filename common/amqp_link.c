@@ -112,25 +112,65 @@ size_t amqp_link_held_bytes(void)
 
 /* ---- AMQP tables <-> JSON ------------------------------------------------ */
 
-static json_t *field_to_json(const amqp_field_value_t *v);
+/* A malloc'd NUL-terminated copy of at most cap bytes of b: kept as is when it
+ * is UTF-8 (cut at a character boundary), else printable ASCII with every
+ * other byte as \xNN, so that it is always a valid string.  NULL on OOM. */
+char *amqp_clean_str(const void *bytes, size_t len, size_t cap)
+{
+    const unsigned char *b = bytes;
+    size_t n = len < cap ? len : cap;
+    json_t *probe;
+    char *out;
 
-json_t *amqp_table_to_json(const amqp_table_t *t)
+    if (n < len)
+        while (n > 0 && (b[n] & 0xC0) == 0x80)
+            n--; /* drop a character cut in half */
+    if ((probe = json_stringn((const char *)b, n)) != NULL) {
+        json_decref(probe);
+        /* the bytes are not NUL-terminated: no strndup (it may look past n) */
+        if ((out = malloc(n + 1)) != NULL) {
+            memcpy(out, b, n);
+            out[n] = '\0';
+        }
+        return out;
+    }
+    if (!(out = malloc(n * 4 + 1)))
+        return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (b[i] >= 0x20 && b[i] < 0x7f && b[i] != '\\')
+            out[o++] = (char)b[i];
+        else
+            o += (size_t)sprintf(out + o, "\\x%02x", b[i]);
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static json_t *field_to_json(const amqp_field_value_t *v, amqp_bytes_json_fn on_binary);
+
+json_t *amqp_table_to_json_with(const amqp_table_t *t, amqp_bytes_json_fn on_binary)
 {
     json_t *obj = json_object();
-    for (int i = 0; i < t->num_entries; i++) {
+    for (int i = 0; obj && i < t->num_entries; i++) {
         const amqp_table_entry_t *e = &t->entries[i];
-        char key[256];
-        size_t n = e->key.len < sizeof key - 1 ? e->key.len : sizeof key - 1;
-        memcpy(key, e->key.bytes, n);
-        key[n] = '\0';
-        json_t *val = field_to_json(&e->value);
-        if (val)
+        char *key = amqp_clean_str(e->key.bytes, e->key.len, 255);
+        json_t *val = field_to_json(&e->value, on_binary);
+        if (key && val)
             json_object_set_new(obj, key, val);
+        else
+            json_decref(val);
+        free(key);
     }
     return obj;
 }
 
-static json_t *field_to_json(const amqp_field_value_t *v)
+json_t *amqp_table_to_json(const amqp_table_t *t)
+{
+    return amqp_table_to_json_with(t, NULL);
+}
+
+static json_t *field_to_json(const amqp_field_value_t *v, amqp_bytes_json_fn on_binary)
 {
     switch (v->kind) {
     case AMQP_FIELD_KIND_BOOLEAN:
@@ -156,22 +196,26 @@ static json_t *field_to_json(const amqp_field_value_t *v)
         return json_real(v->value.f32);
     case AMQP_FIELD_KIND_F64:
         return json_real(v->value.f64);
+    case AMQP_FIELD_KIND_DECIMAL:
+        return json_pack("{s:i, s:I}", "decimals", v->value.decimal.decimals, "value",
+                         (json_int_t)v->value.decimal.value);
     case AMQP_FIELD_KIND_UTF8:
     case AMQP_FIELD_KIND_BYTES: {
-        /* a binary value that is not UTF-8 cannot be a JSON string: null */
         json_t *str = json_stringn(v->value.bytes.bytes, v->value.bytes.len);
-        return str ? str : json_null();
+        if (str)
+            return str;
+        return on_binary ? on_binary(v->value.bytes) : json_null();
     }
     case AMQP_FIELD_KIND_ARRAY: {
         json_t *arr = json_array();
-        for (int i = 0; i < v->value.array.num_entries; i++) {
-            json_t *item = field_to_json(&v->value.array.entries[i]);
+        for (int i = 0; arr && i < v->value.array.num_entries; i++) {
+            json_t *item = field_to_json(&v->value.array.entries[i], on_binary);
             json_array_append_new(arr, item ? item : json_null());
         }
         return arr;
     }
     case AMQP_FIELD_KIND_TABLE:
-        return amqp_table_to_json(&v->value.table);
+        return amqp_table_to_json_with(&v->value.table, on_binary);
     default:
         return json_null();
     }

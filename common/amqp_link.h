@@ -63,8 +63,19 @@ void delivery_free(iw_delivery *d);
 /* Bytes of delivery bodies held by the whole process right now. */
 size_t amqp_link_held_bytes(void);
 
-/* An AMQP field table as a JSON object (new reference); binary values that
- * are not UTF-8 become null. */
+/* A malloc'd NUL-terminated copy of at most cap bytes: kept as is when it is
+ * UTF-8 (cut at a character boundary), else printable ASCII with every other
+ * byte as \xNN, so that it is always a valid string.  NULL on OOM. */
+char *amqp_clean_str(const void *bytes, size_t len, size_t cap);
+
+/* Turns a binary value that is not UTF-8 into JSON (new reference). */
+typedef json_t *(*amqp_bytes_json_fn)(amqp_bytes_t b);
+
+/* An AMQP field table as a JSON object (new reference).  Keys are cut to 255
+ * bytes at a character boundary and escaped when not UTF-8; a decimal is
+ * {decimals, value}; a binary value that is not UTF-8 goes to on_binary, or
+ * becomes null when on_binary is NULL (amqp_table_to_json). */
+json_t *amqp_table_to_json_with(const amqp_table_t *t, amqp_bytes_json_fn on_binary);
 json_t *amqp_table_to_json(const amqp_table_t *t);
 
 /* What to publish; every pointer is borrowed for the duration of the call.

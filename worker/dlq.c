@@ -22,6 +22,8 @@
  * sits in N.dead (the broker's x-delivery-count is left out on purpose). */
 #include "dlq.h"
 
+#include "amqp_link.h"
+
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
@@ -364,41 +366,6 @@ static int parse_opts(int argc, char **argv, dlq_opts *o)
 
 /* ---- small pure helpers -------------------------------------------------- */
 
-/* A malloc'd NUL-terminated copy of at most cap bytes of b: kept as is when it
- * is UTF-8 (cut at a character boundary), else printable ASCII with every
- * other byte as \xNN, so that it is always a valid string.  NULL on OOM. */
-static char *clean_str(const void *bytes, size_t len, size_t cap)
-{
-    const unsigned char *b = bytes;
-    size_t n = len < cap ? len : cap;
-    json_t *probe;
-    char *out;
-
-    if (n < len)
-        while (n > 0 && (b[n] & 0xC0) == 0x80)
-            n--; /* drop a character cut in half */
-    if ((probe = json_stringn((const char *)b, n)) != NULL) {
-        json_decref(probe);
-        /* the bytes are not NUL-terminated: no strndup (it may look past n) */
-        if ((out = malloc(n + 1)) != NULL) {
-            memcpy(out, b, n);
-            out[n] = '\0';
-        }
-        return out;
-    }
-    if (!(out = malloc(n * 4 + 1)))
-        return NULL;
-    size_t o = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (b[i] >= 0x20 && b[i] < 0x7f && b[i] != '\\')
-            out[o++] = (char)b[i];
-        else
-            o += (size_t)sprintf(out + o, "\\x%02x", b[i]);
-    }
-    out[o] = '\0';
-    return out;
-}
-
 static int is_utf8(const void *b, size_t len)
 {
     json_t *probe = json_stringn(b, len);
@@ -573,63 +540,9 @@ static json_t *bytes_json(amqp_bytes_t b)
     return s;
 }
 
-static json_t *table_json(const amqp_table_t *t);
-
-static json_t *field_json(const amqp_field_value_t *v)
-{
-    switch (v->kind) {
-    case AMQP_FIELD_KIND_BOOLEAN:
-        return json_boolean(v->value.boolean);
-    case AMQP_FIELD_KIND_I8:
-        return json_integer(v->value.i8);
-    case AMQP_FIELD_KIND_U8:
-        return json_integer(v->value.u8);
-    case AMQP_FIELD_KIND_I16:
-        return json_integer(v->value.i16);
-    case AMQP_FIELD_KIND_U16:
-        return json_integer(v->value.u16);
-    case AMQP_FIELD_KIND_I32:
-        return json_integer(v->value.i32);
-    case AMQP_FIELD_KIND_U32:
-        return json_integer(v->value.u32);
-    case AMQP_FIELD_KIND_I64:
-        return json_integer(v->value.i64);
-    case AMQP_FIELD_KIND_U64:
-    case AMQP_FIELD_KIND_TIMESTAMP:
-        return json_integer((json_int_t)v->value.u64);
-    case AMQP_FIELD_KIND_F32:
-        return json_real(v->value.f32);
-    case AMQP_FIELD_KIND_F64:
-        return json_real(v->value.f64);
-    case AMQP_FIELD_KIND_DECIMAL:
-        return json_pack("{s:i, s:I}", "decimals", v->value.decimal.decimals, "value",
-                         (json_int_t)v->value.decimal.value);
-    case AMQP_FIELD_KIND_UTF8:
-    case AMQP_FIELD_KIND_BYTES:
-        return bytes_json(v->value.bytes);
-    case AMQP_FIELD_KIND_ARRAY: {
-        json_t *arr = json_array();
-        for (int i = 0; arr && i < v->value.array.num_entries; i++)
-            json_array_append_new(arr, field_json(&v->value.array.entries[i]));
-        return arr;
-    }
-    case AMQP_FIELD_KIND_TABLE:
-        return table_json(&v->value.table);
-    default:
-        return json_null();
-    }
-}
-
 static json_t *table_json(const amqp_table_t *t)
 {
-    json_t *obj = json_object();
-    for (int i = 0; obj && i < t->num_entries; i++) {
-        char *key = clean_str(t->entries[i].key.bytes, t->entries[i].key.len, 256);
-        if (key)
-            json_object_set_new(obj, key, field_json(&t->entries[i].value));
-        free(key);
-    }
-    return obj;
+    return amqp_table_to_json_with(t, bytes_json);
 }
 
 static json_t *props_json(const amqp_basic_properties_t *p)
@@ -713,7 +626,7 @@ static char *field_str(const amqp_field_value_t *v, size_t cap)
 {
     if (!v || (v->kind != AMQP_FIELD_KIND_UTF8 && v->kind != AMQP_FIELD_KIND_BYTES))
         return NULL;
-    return clean_str(v->value.bytes.bytes, v->value.bytes.len, cap);
+    return amqp_clean_str(v->value.bytes.bytes, v->value.bytes.len, cap);
 }
 
 static int field_int(const amqp_field_value_t *v, long long *out)
@@ -823,7 +736,7 @@ static int info_from(dl_info *i, const amqp_message_t *m, amqp_bytes_t delivery_
      * with, else the x-death entry's first routing key */
     i->routing_key = field_str(table_get(h, "x-original-routing-key"), 255);
     if (!i->routing_key && delivery_key.len)
-        i->routing_key = clean_str(delivery_key.bytes, delivery_key.len, 255);
+        i->routing_key = amqp_clean_str(delivery_key.bytes, delivery_key.len, 255);
     if (!i->routing_key && death && (v = table_get(death, "routing-keys")) &&
         v->kind == AMQP_FIELD_KIND_ARRAY && v->value.array.num_entries > 0)
         i->routing_key = field_str(&v->value.array.entries[0], 255);
@@ -848,7 +761,7 @@ static int info_from(dl_info *i, const amqp_message_t *m, amqp_bytes_t delivery_
         json_t *body = json_loadb(m->body.bytes, m->body.len, 0, NULL);
         json_t *job = json_object_get(body, "jobId");
         if (json_is_string(job))
-            i->job_id = clean_str(json_string_value(job), json_string_length(job), JOB_CAP);
+            i->job_id = amqp_clean_str(json_string_value(job), json_string_length(job), JOB_CAP);
         json_decref(body);
     }
 
@@ -1507,7 +1420,7 @@ static void show_body_text(const amqp_message_t *m)
         return;
     }
     if (is_utf8(b, len)) {
-        char *s = clean_str(b, len, len);
+        char *s = amqp_clean_str(b, len, len);
         fputs("(UTF-8 text, not JSON)\n", stdout);
         if (s)
             put_safe(stdout, s, 1);
