@@ -25,6 +25,14 @@ static long job_index(const char *id)
     return dash ? atol(dash + 1) : -1;
 }
 
+static double workers_cpu(const pid_t *workers, long procs)
+{
+    double sum = 0;
+    for (long p = 0; p < procs; p++)
+        sum += iwt_cpu_seconds(workers[p]);
+    return sum;
+}
+
 int main(int argc, char **argv)
 {
     long jobs = 20000, latency = 0, concurrency = 64, procs = 1, paced = 2000, paced_rate = 200;
@@ -87,6 +95,7 @@ int main(int argc, char **argv)
     long long *accepted_at = calloc((size_t)jobs, sizeof *accepted_at);
     long long t0 = iwt_now_ms(), first_accept = 0, last_accept = 0;
     long got = 0, failed = 0, dup = 0;
+    double cpu_first = 0, cpu_last = 0; /* the workers' CPU seconds at the first and last accept */
     for (long i = 0; i < jobs; i++) {
         snprintf(buf, sizeof buf,
                  "{\"jobId\":\"b-1-%ld\",\"userId\":\"u-%ld\",\"action\":\"transaction\","
@@ -107,9 +116,13 @@ int main(int argc, char **argv)
             else {
                 accepted_at[idx] = iwt_now_ms();
                 got++;
-                if (!first_accept)
+                if (!first_accept) {
                     first_accept = accepted_at[idx];
+                    cpu_first = workers_cpu(workers, procs);
+                }
                 last_accept = accepted_at[idx];
+                if (got == jobs)
+                    cpu_last = workers_cpu(workers, procs);
             }
         } else if (!strcmp(m->routing_key, "submission.failed")) {
             failed++;
@@ -171,6 +184,11 @@ int main(int argc, char **argv)
         printf("  added latency (publish -> submission.accepted, provider time excluded) at %ld "
                "jobs/s: p50 %lld ms, p99 %lld ms (n=%ld)\n",
                paced_rate, lat_ms[n_lat / 2], lat_ms[(n_lat * 99) / 100], n_lat);
+    if (got == jobs && got > 1)
+        printf(
+            "  worker CPU per job (first to last accepted): %.1f us (%.2f CPU s per 1,000 jobs)\n",
+            (cpu_last - cpu_first) * 1e6 / (double)(got - 1),
+            (cpu_last - cpu_first) * 1000 / (double)(got - 1));
     printf("  worker peak RSS: %.1f MB (max over %ld process(es))\n", rss_max / 1024.0, procs);
     printf("  mock: submissions_created=%ld rate_limited(429)=%ld\n", created, r429);
     json_decref(stats);

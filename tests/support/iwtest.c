@@ -88,6 +88,25 @@ long iwt_peak_rss_kb(pid_t pid)
     return kb;
 }
 
+double iwt_cpu_seconds(pid_t pid)
+{
+    char path[64], line[1024];
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%ld/stat", (long)pid);
+    if (!(f = fopen(path, "r")))
+        return -1;
+    char *ok = fgets(line, sizeof line, f);
+    fclose(f);
+    /* fields after the command name (which may hold spaces): state is field 3,
+     * utime and stime fields 14 and 15 */
+    char *p = ok ? strrchr(line, ')') : NULL;
+    unsigned long ut, st;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
 const char *iwt_namespace(const char *name)
 {
     static char ns[128];
