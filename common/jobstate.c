@@ -1,9 +1,9 @@
 #include "jobstate.h"
 
 static const char *const names[JOB_N_STATES] = {
-    "received",   "validated", "ready",    "held",       "permitted", "calling",
-    "classified", "recording", "adopting", "publishing", "marking",   "sending_on",
-    "failing",    "acked",     "returned", "dropped"};
+    "received",   "validated",  "ready",     "held",     "permitted",
+    "calling",    "classified", "recording", "adopting", "publishing",
+    "sending_on", "failing",    "acked",     "returned", "dropped"};
 
 #define S(x) (1u << JOB_##x)
 /* Each state's allowed next states.  Every non-final state may also be
@@ -19,10 +19,9 @@ static const unsigned next[JOB_N_STATES] = {
     [JOB_CLASSIFIED] = S(RECORDING) | S(PUBLISHING) | S(SENDING_ON) | S(FAILING) | S(HELD),
     [JOB_RECORDING] = S(PUBLISHING) | S(ADOPTING) | S(FAILING),
     [JOB_ADOPTING] = S(PUBLISHING) | S(ACKED) | S(HELD) | S(SENDING_ON) | S(READY) | S(FAILING),
-    [JOB_PUBLISHING] = S(MARKING) | S(ACKED) | S(FAILING),
-    [JOB_MARKING] = S(ACKED),
+    [JOB_PUBLISHING] = S(ACKED) | S(FAILING),
     [JOB_SENDING_ON] = S(ACKED) | S(FAILING),
-    [JOB_FAILING] = S(ACKED) | S(RECORDING) | S(MARKING),
+    [JOB_FAILING] = S(ACKED) | S(RECORDING),
 };
 #undef S
 

@@ -26,7 +26,6 @@ typedef enum job_state {
     JOB_RECORDING,
     JOB_ADOPTING,
     JOB_PUBLISHING,
-    JOB_MARKING,
     JOB_SENDING_ON,
     JOB_FAILING,
     JOB_ACKED,

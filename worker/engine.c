@@ -49,6 +49,13 @@ typedef struct role_slot {
 
 typedef struct release release;
 
+/* A published outcome's record, to mark at a coming round trip. */
+typedef struct pending_mark {
+    struct pending_mark *next;
+    long long since; /* monotonic ms it was queued */
+    char key[];
+} pending_mark;
+
 struct engine {
     runtime *rt;
     const iw_config *cfg;
@@ -69,7 +76,10 @@ struct engine {
     size_t n_outcomes;
     int probe_outcome;
     /* jobs waiting for a Redis step of the next round trip */
-    job_fifo to_put, to_adopt, to_mark;
+    job_fifo to_put, to_adopt;
+    /* records of published outcomes to mark, oldest first */
+    pending_mark *marks, *marks_tail;
+    loop_timer mark_due; /* wakes the loop when they may not wait longer */
     long long records_blocked_until;
     job *all;
     size_t alive;
@@ -630,20 +640,28 @@ static int read_outcomes(engine *e, iw_error *err)
     return 0;
 }
 
-/* Every queued call that can get a slot, in batches of one class and
- * priority, all asked for in ONE pipelined round trip, together with the
- * breaker outcomes of the calls that finished.  Returns 1 when calls are
- * left that could go at once (more than the batches took). */
-static int permits(engine *e, long long now)
-{
+/* The permit half of a turn's round trip: every queued call that can get a
+ * slot, in batches of one class and priority, with the breaker outcomes of
+ * the calls that finished. */
+typedef struct asks {
     batch b[LIMITER_N_CLASSES * 2 * 4];
-    size_t nb = 0, appended = 0;
-    iw_error err = {0};
-    int outcomes = 0;
-    long token_wait = 0;
+    size_t nb, appended;
+    int outcomes; /* 1: the outcomes script is in the pipeline; -1: it failed */
+    long token_wait;
+    enum { ASKS_NONE, ASKS_HOLD, ASKS_SENT } state;
+    iw_error err;
+} asks;
 
+/* Appends the turn's asks to the pipeline (read by asks_read). */
+static void asks_append(engine *e, asks *a, long long now)
+{
+    a->nb = a->appended = 0;
+    a->outcomes = 0;
+    a->token_wait = 0;
+    a->state = ASKS_NONE;
+    memset(&a->err, 0, sizeof a->err);
     if (now < e->blocked_until)
-        return 0;
+        return;
     /* no OAuth token yet (being fetched, or the token endpoint fails): no
      * permit for a call that could not be sent; the breaker outcomes (the
      * token fetches' own) still go.  Not while the breaker is open or
@@ -651,51 +669,67 @@ static int permits(engine *e, long long now)
      * limiter holds the calls, and the half-open probe fetches the token
      * as part of its call. */
     if (any_ready(e) && e->breaker_state == 0)
-        token_wait = http_client_token_wait_ms(rt_http(e->rt));
-    if (!token_wait)
-        nb = take_batches(e, b, sizeof b / sizeof b[0], maintenance_left(e, now));
-    if (!nb && !e->n_outcomes)
-        goto token_hold;
+        a->token_wait = http_client_token_wait_ms(rt_http(e->rt));
+    if (!a->token_wait)
+        a->nb = take_batches(e, a->b, sizeof a->b / sizeof a->b[0], maintenance_left(e, now));
+    a->state = ASKS_HOLD;
+    if (!a->nb && !e->n_outcomes)
+        return;
     if (!rt_redis_ready(e->rt)) {
-        requeue(e, b, nb);
-        iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
-        limiter_unavailable(e, now, &err);
-        return 0;
+        requeue(e, a->b, a->nb);
+        iw_error_set(&a->err, IW_ERR_REDIS, "Redis unavailable");
+        limiter_unavailable(e, now, &a->err);
+        a->state = ASKS_NONE;
+        return;
     }
-    outcomes = append_outcomes(e, &err);
-    while (outcomes >= 0 && appended < nb && append_batch(e, &b[appended], &err) == IW_OK)
-        appended++;
-    if (outcomes > 0 && read_outcomes(e, &err) != 0)
-        appended = 0; /* the connection is gone: nothing after it can be read */
-    for (size_t i = 0; i < appended; i++) {
-        limiter_result res;
+    a->outcomes = append_outcomes(e, &a->err);
+    while (a->outcomes >= 0 && a->appended < a->nb &&
+           append_batch(e, &a->b[a->appended], &a->err) == IW_OK)
+        a->appended++;
+    a->state = ASKS_SENT;
+}
 
-        if (limiter_read_ask(rt_limiter(e->rt), &res, &err) != IW_OK) {
-            requeue(e, b + i, nb - i); /* the rest is lost with the connection */
-            limiter_unavailable(e, now, &err);
-            return 0;
-        }
-        if (read_firsts(e, &b[i], &err) != IW_OK) {
-            limiter_result_release(&res);
-            requeue(e, b + i, nb - i);
-            limiter_unavailable(e, now, &err);
-            return 0;
-        }
-        note_usage(e, &res);
-        decide_batch(e, &b[i], &res);
-        limiter_result_release(&res);
-    }
-    if (appended < nb) { /* not even appended: nothing was sent for these */
-        requeue(e, b + appended, nb - appended);
-        limiter_unavailable(e, now, &err);
+/* Reads the replies to asks_append's scripts and hands out the permits.
+ * Returns 1 when calls are left that could go at once (more than the
+ * batches took). */
+static int asks_read(engine *e, asks *a, long long now)
+{
+    iw_error *err = &a->err;
+
+    if (a->state == ASKS_NONE)
         return 0;
+    if (a->state == ASKS_SENT) {
+        if (a->outcomes > 0 && read_outcomes(e, err) != 0)
+            a->appended = 0; /* the connection is gone: nothing after it can be read */
+        for (size_t i = 0; i < a->appended; i++) {
+            limiter_result res;
+
+            if (limiter_read_ask(rt_limiter(e->rt), &res, err) != IW_OK) {
+                requeue(e, a->b + i, a->nb - i); /* the rest is lost with the connection */
+                limiter_unavailable(e, now, err);
+                return 0;
+            }
+            if (read_firsts(e, &a->b[i], err) != IW_OK) {
+                limiter_result_release(&res);
+                requeue(e, a->b + i, a->nb - i);
+                limiter_unavailable(e, now, err);
+                return 0;
+            }
+            note_usage(e, &res);
+            decide_batch(e, &a->b[i], &res);
+            limiter_result_release(&res);
+        }
+        if (a->appended < a->nb) { /* not even appended: nothing was sent for these */
+            requeue(e, a->b + a->appended, a->nb - a->appended);
+            limiter_unavailable(e, now, err);
+            return 0;
+        }
     }
-token_hold:
-    if (token_wait > 0) {
+    if (a->token_wait > 0) {
         /* jobs held longer than IW_HOLD_MAX wait in the delay tiers, no
          * attempt used; the rest are asked for again when a token may be there */
         park_waiting_jobs(e, now, IW_WAIT_TOKEN);
-        e->blocked_until = now + token_wait;
+        e->blocked_until = now + a->token_wait;
         loop_timer_at(e->lp, &e->unblock, e->blocked_until);
         return 0;
     }
@@ -807,6 +841,8 @@ static int job_live(job *j)
 
 /* ---- jobs: outcome groups --------------------------------------------------------------- */
 
+static void queue_mark(engine *e, const char *key);
+
 static void outcome_done(void *owner, int ok)
 {
     job *j = owner;
@@ -852,10 +888,12 @@ static void outcome_done(void *owner, int ok)
         job_end(j, JOB_RETURNED, 1);
         return;
     }
+    /* The events are in the broker: ack now.  The record is marked published
+     * with a coming round trip; a later delivery of the job that finds it
+     * unmarked (this process died first) adopts it and repeats the event. */
     if (j->mark) {
-        job_set_state(j, JOB_MARKING);
-        job_push(&e->to_mark, j);
-        return;
+        queue_mark(e, j->key);
+        metrics_job_outcome(j->role->metric_role, j->role->outcome);
     }
     rt_ack(e->rt, j->d);
     metrics_delivery(j->role->metric_role, IW_DELIVERY_ACKED);
@@ -1247,16 +1285,16 @@ static void after_adopt(job *j, records_reply *rr)
     }
 }
 
-static void after_mark(job *j, const records_reply *rr, const iw_error *err, int ok)
+/* A mark's reply: the job was acked at its confirm, the record only tells
+ * a later delivery that the outcome is out. */
+static void after_mark(const char *key, const records_reply *rr, const iw_error *err, int ok)
 {
     if (!ok || rr->answer != REC_DONE)
-        log_msg(IW_LOG_WARN, job_fields(j),
-                "outcome published but not marked in Redis (%s); acked anyway",
-                ok ? "record gone" : err->msg);
-    rt_ack(j->e->rt, j->d);
-    metrics_delivery(j->role->metric_role, IW_DELIVERY_ACKED);
-    metrics_job_outcome(j->role->metric_role, j->role->outcome);
-    job_end(j, JOB_ACKED, 0);
+        log_json(IW_LOG_WARN,
+                 json_pack("{s:s, s:s, s:s}", "key", key, "error", ok ? "record gone" : err->msg,
+                           "message",
+                           "outcome published but not marked in Redis; a later delivery of the "
+                           "job repeats its event"));
 }
 
 /* Jobs whose Redis step has failed for longer than IW_HOLD_MAX stop holding
@@ -1288,45 +1326,105 @@ static void give_up_waiting_steps(engine *e, long long now)
     e->to_adopt = keep;
 }
 
-/* Drops the claims queued for release (a claim that cannot be dropped
- * expires after its lease). */
-static void drop_claims(engine *e)
-{
-    size_t released = 0;
+/* The records half of a turn's round trip: claims dropped, published
+ * outcomes marked, outcomes recorded, records adopted. */
+typedef struct steps {
+    job_fifo taken[2];    /* puts, adopts appended */
+    size_t released;      /* claim releases appended */
+    pending_mark *marked; /* marks appended, oldest first */
+    size_t n_marked;
+    int waiting; /* a WAIT follows the records */
+    int active;  /* something was appended or failed */
+    int failed;
     iw_error err;
+} steps;
 
-    while (e->releases) {
-        release *r = e->releases;
-        if (records_append_release(e->rec, r->key, r->token, &err) != IW_OK)
-            break;
-        e->releases = r->next;
-        free(r);
-        released++;
-    }
-    for (size_t i = 0; i < released; i++) {
-        records_reply rr;
-        if (records_read(e->rec, &rr, &err) == IW_OK)
-            free(rr.event);
+/* Marks ride along with the next round trip; alone, they go after this. */
+#define MARK_LINGER_MS 5L
+
+static void mark_free_list(pending_mark *m)
+{
+    while (m) {
+        pending_mark *next = m->next;
+        free(m);
+        m = next;
     }
 }
 
-/* Appends the put, adopt and mark of every queued job, moving them to
- * taken[]; returns 0, or -1 when the pipeline broke (err says why). */
-static int append_steps(engine *e, job_fifo taken[3], iw_error *err)
+/* Queues the mark of a published outcome's record (key copied). */
+static void queue_mark(engine *e, const char *key)
 {
-    job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+    size_t n = strlen(key) + 1;
+    pending_mark *m = malloc(sizeof *m + n);
 
-    for (int q = 0; q < 3; q++) {
+    if (!m) { /* the record's lease expires instead: a later delivery repeats the event */
+        log_msg(IW_LOG_WARN, NULL, "out of memory queueing a record's mark");
+        return;
+    }
+    m->next = NULL;
+    m->since = clock_mono_ms();
+    memcpy(m->key, key, n);
+    if (e->marks_tail)
+        e->marks_tail->next = m;
+    else
+        e->marks = m;
+    e->marks_tail = m;
+    if (!loop_timer_armed(&e->mark_due))
+        loop_timer_at(e->lp, &e->mark_due, m->since + MARK_LINGER_MS);
+}
+
+/* Whether this turn's round trip carries the queued marks: when there is
+ * one anyway, or the oldest has waited long enough, or the process stops. */
+static int marks_go(engine *e, long long now)
+{
+    if (!e->marks)
+        return 0;
+    return e->to_put.head || e->to_adopt.head || e->releases || e->n_outcomes ||
+           now - e->marks->since >= MARK_LINGER_MS || rt_stopping(e->rt) ||
+           (any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt)));
+}
+
+/* Appends the put, adopt and mark of every queued job (and the claims to
+ * drop), moving them to s; returns 0, or -1 when the pipeline broke. */
+static int append_steps(engine *e, steps *s, long long now)
+{
+    job_fifo *queues[2] = {&e->to_put, &e->to_adopt};
+
+    while (e->releases) {
+        release *r = e->releases;
+        if (records_append_release(e->rec, r->key, r->token, &s->err) != IW_OK)
+            return -1;
+        e->releases = r->next;
+        free(r);
+        s->released++;
+    }
+    /* marks first: a put or adopt of the same job later in this pipeline
+     * finds its record published */
+    if (marks_go(e, now)) {
+        pending_mark **tail = &s->marked;
+        while (e->marks) {
+            pending_mark *m = e->marks;
+            if (records_append_mark(e->rec, m->key, &s->err) != IW_OK)
+                return -1;
+            e->marks = m->next;
+            m->next = NULL;
+            *tail = m;
+            tail = &m->next;
+            s->n_marked++;
+        }
+        e->marks_tail = NULL;
+        loop_timer_cancel(e->lp, &e->mark_due);
+    }
+    for (int q = 0; q < 2; q++) {
         job *j;
         while ((j = queues[q]->head)) {
-            int rc = q == 0   ? records_append_put(e->rec, j->key, j->event, j->token,
-                                                   j->call.claim_key, j->call.claim_token,
-                                                 j->failing ? FAILED_RECORD_MS : 0, err)
-                     : q == 1 ? records_append_adopt(e->rec, j->key, j->token, err)
-                              : records_append_mark(e->rec, j->key, err);
+            int rc = q == 0 ? records_append_put(e->rec, j->key, j->event, j->token,
+                                                 j->call.claim_key, j->call.claim_token,
+                                                 j->failing ? FAILED_RECORD_MS : 0, &s->err)
+                            : records_append_adopt(e->rec, j->key, j->token, &s->err);
             if (rc != IW_OK)
                 return -1;
-            job_push(&taken[q], job_pop(queues[q]));
+            job_push(&s->taken[q], job_pop(queues[q]));
         }
     }
     return 0;
@@ -1353,25 +1451,22 @@ static void wait_replicas(engine *e, int appended)
 
 /* Acts on each job's reply; returns 1 when a put or adopt must be tried
  * again (the connection broke). */
-static int dispatch_steps(engine *e, job_fifo taken[3], records_reply *rr, int *ok, size_t n,
-                          iw_error *err)
+static int dispatch_steps(engine *e, steps *s, records_reply *rr, int *ok, size_t n)
 {
-    job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
+    job_fifo *queues[2] = {&e->to_put, &e->to_adopt};
     int failed = 0;
     size_t i = 0;
 
-    for (int q = 0; q < 3; q++) {
+    for (int q = 0; q < 2; q++) {
         job *j;
-        while (i < n && (j = job_pop(&taken[q]))) {
+        while (i < n && (j = job_pop(&s->taken[q]))) {
             records_reply *r = &rr[i];
             int good = ok[i++];
-            if (q == 2) {
-                after_mark(j, r, err, good);
-            } else if (!good && err->status == IW_ERR_REDIS_SCRIPT &&
-                       redis_link_connected(rt_redis(e->rt))) {
+            if (!good && s->err.status == IW_ERR_REDIS_SCRIPT &&
+                redis_link_connected(rt_redis(e->rt))) {
                 /* Redis answers, the record does not parse: trying again
                  * cannot help */
-                job_fail(j, IW_C_RECORD_CORRUPT, err->msg, 0, j->attempts);
+                job_fail(j, IW_C_RECORD_CORRUPT, s->err.msg, 0, j->attempts);
             } else if (!good) {
                 failed = 1;
                 job_push(queues[q], j); /* tried again */
@@ -1386,74 +1481,93 @@ static int dispatch_steps(engine *e, job_fifo taken[3], records_reply *rr, int *
     return failed;
 }
 
-/* One round trip for every Redis step queued this turn: claims dropped,
- * outcomes recorded, records adopted, published outcomes marked.  Every reply
- * is read before any job acts on its own, so that WAIT (when configured)
- * covers them all.  Jobs whose step failed wait for the next try (1 s). */
-static int record_steps(engine *e, long long now)
+/* Appends the turn's records steps to the pipeline (read by steps_read). */
+static void steps_append(engine *e, steps *s, long long now)
 {
-    job_fifo taken[3] = {{0}};
-    iw_error err = {0};
+    memset(s, 0, sizeof *s);
+    if (!e->to_put.head && !e->to_adopt.head && !e->releases && !marks_go(e, now))
+        return;
+    if (now < e->records_blocked_until)
+        return;
+    s->active = 1;
+    if (!rt_redis_ready(e->rt)) {
+        s->failed = 1;
+        iw_error_set(&s->err, IW_ERR_REDIS, "Redis unavailable");
+        return;
+    }
+    s->failed = append_steps(e, s, now) != 0;
+    if (s->taken[0].head)
+        s->waiting = redis_link_append_wait(rt_redis(e->rt), e->cfg->redis_wait_replicas,
+                                            e->cfg->redis_wait_timeout_ms, &s->err);
+}
+
+/* Reads the replies to steps_append's scripts, in pipeline order, and acts
+ * on them once all are read (so that WAIT, when configured, covers them
+ * all).  Jobs whose step failed wait for the next try (1 s); marks that
+ * failed are logged (their jobs are acked: the event is out).  Returns 1
+ * when steps are left for another turn at once. */
+static int steps_read(engine *e, steps *s, long long now)
+{
     records_reply *rr = NULL;
-    int failed = 0, waiting = 0, *ok = NULL;
+    int *ok = NULL;
     size_t n = 0;
 
-    if (!e->to_put.head && !e->to_adopt.head && !e->to_mark.head && !e->releases)
+    if (!s->active)
         return 0;
-    if (now < e->records_blocked_until && !e->to_mark.head)
-        return 0;
-    if (!rt_redis_ready(e->rt)) {
-        failed = 1;
-        iw_error_set(&err, IW_ERR_REDIS, "Redis unavailable");
-    } else {
-        drop_claims(e);
-        failed = append_steps(e, taken, &err) != 0;
-        for (int q = 0; q < 3; q++)
-            for (job *j = taken[q].head; j; j = j->next)
+    if (!s->failed || s->released || s->marked || s->taken[0].head || s->taken[1].head) {
+        for (size_t i = 0; i < s->released; i++) {
+            records_reply r;
+            if (records_read(e->rec, &r, &s->err) == IW_OK)
+                free(r.event);
+        }
+        for (pending_mark *m = s->marked; m; m = m->next) {
+            records_reply r = {0};
+            int good = records_read(e->rec, &r, &s->err) == IW_OK;
+            after_mark(m->key, &r, &s->err, good);
+            free(r.event);
+        }
+        for (int q = 0; q < 2; q++)
+            for (job *j = s->taken[q].head; j; j = j->next)
                 n++;
-        if (taken[0].head)
-            waiting = redis_link_append_wait(rt_redis(e->rt), e->cfg->redis_wait_replicas,
-                                             e->cfg->redis_wait_timeout_ms, &err);
         rr = calloc(n ? n : 1, sizeof *rr);
         ok = calloc(n ? n : 1, sizeof *ok);
         for (size_t i = 0; i < n && rr && ok; i++)
-            ok[i] = records_read(e->rec, &rr[i], &err) == IW_OK;
-        wait_replicas(e, waiting);
+            ok[i] = records_read(e->rec, &rr[i], &s->err) == IW_OK;
+        wait_replicas(e, s->waiting);
         if (rr && ok) {
-            failed |= dispatch_steps(e, taken, rr, ok, n, &err);
+            s->failed |= dispatch_steps(e, s, rr, ok, n);
         } else { /* out of memory: the replies are lost, the steps tried again */
-            job_fifo *queues[3] = {&e->to_put, &e->to_adopt, &e->to_mark};
-            for (int q = 0; q < 3; q++)
-                for (job *j; (j = job_pop(&taken[q]));)
+            job_fifo *queues[2] = {&e->to_put, &e->to_adopt};
+            for (int q = 0; q < 2; q++)
+                for (job *j; (j = job_pop(&s->taken[q]));)
                     job_push(queues[q], j);
-            failed = 1;
+            s->failed = 1;
         }
         free(rr);
         free(ok);
     }
-    /* a mark that cannot be written is logged and the job acked (the event
-     * is out): only the put and adopt steps wait for Redis */
-    while (failed && e->to_mark.head) {
-        records_reply none = {0};
-        after_mark(job_pop(&e->to_mark), &none, &err, 0);
-    }
-    if (failed) {
+    mark_free_list(s->marked);
+    s->marked = NULL;
+    if (s->failed) {
         log_msg(IW_LOG_WARN, NULL, "could not record outcomes in Redis (%s); retrying in %ld ms",
-                err.msg[0] ? err.msg : "unexpected reply", LIMITER_RETRY_MS);
+                s->err.msg[0] ? s->err.msg : "unexpected reply", LIMITER_RETRY_MS);
         give_up_waiting_steps(e, now);
         e->records_blocked_until = now + LIMITER_RETRY_MS;
         loop_timer_at(e->lp, &e->unblock, e->records_blocked_until);
         return 0;
     }
-    return e->to_put.head || e->to_adopt.head || e->to_mark.head;
+    return e->to_put.head || e->to_adopt.head;
 }
 
-/* The turn-end hook: Redis steps first (they finish jobs), then permits. */
+/* The turn-end hook: ONE pipelined Redis round trip for the whole turn, the
+ * records steps first (they finish jobs), then the permits. */
 static int engine_flush(loop *l, void *ud)
 {
     engine *e = ud;
     long long now = clock_mono_ms();
-    int again = record_steps(e, now);
+    steps s;
+    asks a;
+    int again;
 
     (void)l;
     if (rt_stopping(e->rt)) {
@@ -1469,7 +1583,10 @@ static int engine_flush(loop *l, void *ud)
                 }
             }
     }
-    return permits(e, now) || again;
+    steps_append(e, &s, now);
+    asks_append(e, &a, now);
+    again = steps_read(e, &s, now);
+    return asks_read(e, &a, now) || again;
 }
 
 /* ---- jobs: intake
@@ -1639,6 +1756,9 @@ static void svc_exit(void *self)
         free(r);
     }
     loop_timer_cancel(e->lp, &e->unblock);
+    loop_timer_cancel(e->lp, &e->mark_due);
+    mark_free_list(e->marks);
+    e->marks = e->marks_tail = NULL;
     /* the HTTP client outlives this call by a moment (runtime_free frees it
      * next): it must not call back into the engine */
     http_client_on_token(rt_http(e->rt), NULL, NULL);
@@ -1696,6 +1816,7 @@ engine *engine_new(runtime *rt, iw_error *err)
         return NULL;
     }
     loop_timer_init(&e->unblock, unblock_fired, e);
+    loop_timer_init(&e->mark_due, unblock_fired, e);
     e->probe_outcome = -1;
     http_client_on_token(rt_http(rt), on_token, e);
     snprintf(e->proc_token, sizeof e->proc_token, "%ld-%lx", (long)getpid(),
@@ -1720,9 +1841,11 @@ records *engine_records(engine *e)
     return e->rec;
 }
 
-size_t engine_busy(const engine *e)
+size_t engine_busy(engine *e)
 {
-    return e->alive;
+    /* a stop waits for the marks too, unless Redis is away (then the records'
+     * leases expire, and a later delivery repeats the event) */
+    return e->alive + (e->marks && rt_redis_ready(e->rt));
 }
 
 /* Returns the jobs that wait for a permit or in memory to their queue; calls
@@ -1738,16 +1861,13 @@ void engine_stop(engine *e)
 
 void engine_link_lost(engine *e)
 {
-    job_fifo *qs[2] = {&e->to_adopt, &e->to_mark};
+    job *j, *next;
 
     /* the redelivery decides again; a put still runs: its record saves the
-     * redelivery a second call */
-    for (int q = 0; q < 2; q++) {
-        job *j;
-        while ((j = job_pop(qs[q])))
-            job_end(j, JOB_DROPPED, 0);
-    }
-    for (job *j = e->all, *next; j; j = next) {
+     * redelivery a second call (and marks are not the link's business) */
+    while ((j = job_pop(&e->to_adopt)))
+        job_end(j, JOB_DROPPED, 0);
+    for (j = e->all; j; j = next) {
         next = j->next_all;
         if (j->state == JOB_READY || j->state == JOB_HELD)
             job_end(j, JOB_DROPPED, 0);

@@ -211,7 +211,7 @@ engine *engine_new(runtime *rt, iw_error *err);
 void engine_free(engine *e);
 records *engine_records(engine *e);
 /* Jobs alive: received and not yet acked, returned or dropped. */
-size_t engine_busy(const engine *e);
+size_t engine_busy(engine *e);
 /* The spec's "API down": the fleet saw IW_PROVIDER_DOWN_AFTER (3) or more
  * consecutive failures, reported within the last IW_BREAKER_OPEN (after
  * that, callers try the provider again so that the count can move). */

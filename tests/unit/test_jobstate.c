@@ -28,9 +28,9 @@ END_TEST
 
 START_TEST(the_paths_jobs_take)
 {
-    static const job_state accepted[] = {
-        JOB_RECEIVED,   JOB_VALIDATED, JOB_READY,      JOB_PERMITTED, JOB_CALLING,
-        JOB_CLASSIFIED, JOB_RECORDING, JOB_PUBLISHING, JOB_MARKING,   JOB_ACKED};
+    static const job_state accepted[] = {JOB_RECEIVED,  JOB_VALIDATED,  JOB_READY,
+                                         JOB_PERMITTED, JOB_CALLING,    JOB_CLASSIFIED,
+                                         JOB_RECORDING, JOB_PUBLISHING, JOB_ACKED};
     static const job_state next_check[] = {JOB_READY,      JOB_PERMITTED,  JOB_CALLING,
                                            JOB_CLASSIFIED, JOB_PUBLISHING, JOB_ACKED};
     static const job_state retried[] = {JOB_READY,      JOB_PERMITTED,  JOB_CALLING,
@@ -38,8 +38,7 @@ START_TEST(the_paths_jobs_take)
     static const job_state held[] = {JOB_READY, JOB_HELD, JOB_READY, JOB_PERMITTED};
     static const job_state rate_limited[] = {JOB_CALLING, JOB_CLASSIFIED, JOB_HELD, JOB_READY};
     static const job_state invalid[] = {JOB_RECEIVED, JOB_FAILING, JOB_ACKED};
-    static const job_state redelivered[] = {JOB_READY, JOB_ADOPTING, JOB_PUBLISHING, JOB_MARKING,
-                                            JOB_ACKED};
+    static const job_state redelivered[] = {JOB_READY, JOB_ADOPTING, JOB_PUBLISHING, JOB_ACKED};
     static const job_state lost_race[] = {JOB_CLASSIFIED, JOB_RECORDING, JOB_ADOPTING, JOB_HELD,
                                           JOB_READY,      JOB_ADOPTING,  JOB_ACKED};
     walk(accepted, sizeof accepted / sizeof accepted[0]);
@@ -63,7 +62,7 @@ START_TEST(final_states_have_no_exit)
                           job_state_name((job_state)f), job_state_name((job_state)t));
     }
     ck_assert(job_state_final(JOB_ACKED) && job_state_final(JOB_RETURNED) &&
-              job_state_final(JOB_DROPPED) && !job_state_final(JOB_MARKING));
+              job_state_final(JOB_DROPPED) && !job_state_final(JOB_PUBLISHING));
 }
 END_TEST
 
@@ -75,9 +74,10 @@ START_TEST(what_never_happens)
     ck_assert(!job_state_allowed(JOB_HELD, JOB_CALLING));
     ck_assert(!job_state_allowed(JOB_CALLING, JOB_ACKED));
     ck_assert(!job_state_allowed(JOB_CLASSIFIED, JOB_ACKED));
-    ck_assert(!job_state_allowed(JOB_CLASSIFIED, JOB_MARKING));
+    ck_assert(!job_state_allowed(JOB_CLASSIFIED, JOB_ACKED) &&
+              !job_state_allowed(JOB_READY, JOB_ACKED));
     ck_assert(!job_state_allowed(JOB_RECORDING, JOB_ACKED));
-    ck_assert(!job_state_allowed(JOB_MARKING, JOB_PUBLISHING));
+    ck_assert(!job_state_allowed(JOB_PUBLISHING, JOB_CALLING));
     ck_assert(!job_state_allowed(JOB_RECEIVED, JOB_RECEIVED));
     /* every live state can be dropped or returned */
     for (int s = 0; s < JOB_N_STATES; s++)
