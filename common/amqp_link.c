@@ -86,6 +86,11 @@ struct amqp_link {
     size_t cap, head, count; /* ring buffer of unconfirmed publishes, in seq order */
     amqp_link_handlers h;
     int blocked;
+    /* Bytes the socket takes without a write waiting, known from its last
+     * POLLOUT: checked once per so many bytes, not before every write. */
+    size_t room;
+    int batching; /* publishes of a turn go out together (amqp_link_push) */
+    int corked;
     out_op *out_head, *out_tail;
     size_t out_bytes, out_publishes;
     consumer *consumers;
@@ -784,7 +789,7 @@ static void content_reset(amqp_link *l)
 }
 
 static int out_enqueue(amqp_link *l, out_op *op);
-static int must_queue(amqp_link *l);
+static int must_queue(amqp_link *l, size_t bytes);
 static int send_op(amqp_link *l, out_op *op);
 
 /* Sends (or buffers) a small method of ours: ack, nack, reject, consume, cancel. */
@@ -797,7 +802,7 @@ static int write_simple(amqp_link *l, out_kind kind, uint64_t tag, int requeue, 
     op.kind = kind;
     op.tag = tag;
     op.requeue = requeue;
-    if (!must_queue(l)) {
+    if (!must_queue(l, 64 + (queue ? strlen(queue) : 0) + (ctag ? strlen(ctag) : 0))) {
         op.name = (char *)queue;
         op.ctag = (char *)ctag;
         return send_op(l, &op) == AMQP_STATUS_OK ? IW_OK : IW_ERR_AMQP_CLOSED;
@@ -1084,12 +1089,11 @@ int amqp_link_pump(amqp_link *l)
         int rc;
 
         /* Always make one call even when nothing is readable: librabbitmq
-         * sends heartbeats from inside its wait functions. */
-        if (!first && !amqp_frames_enqueued(l->conn) && !amqp_data_in_buffer(l->conn)) {
-            struct pollfd p = {amqp_get_sockfd(l->conn), POLLIN, 0};
-            if (poll(&p, 1, 0) <= 0)
-                break;
-        }
+         * sends heartbeats from inside its wait functions.  After it, read
+         * on only what librabbitmq holds already: what the socket has more
+         * wakes the loop again (asking the socket each time costs a poll). */
+        if (!first && !amqp_frames_enqueued(l->conn) && !amqp_data_in_buffer(l->conn))
+            break;
         first = 0;
         rc = amqp_simple_wait_frame_noblock(l->conn, &f, &tv);
         if (rc == AMQP_STATUS_TIMEOUT)
@@ -1186,7 +1190,7 @@ static long long short_size(const char *s)
 
 /* Checks that a publish can be encoded, before any frame is written: one
  * refused half-way fails the connection for every job on it. */
-static int publish_check(const amqp_link *l, const iw_publish *p)
+static int publish_check(const amqp_link *l, const iw_publish *p, size_t *bytes)
 {
     long long header, tbl;
     int frame_max = l->conn ? amqp_get_frame_max(l->conn) : FRAME_MAX;
@@ -1206,6 +1210,9 @@ static int publish_check(const amqp_link *l, const iw_publish *p)
              short_size(p->reply_to) + short_size(p->message_id);
     if (header + FRAME_OVERHEAD > frame_max)
         return IW_ERR_AMQP_ENCODE;
+    /* the method frame's names, the header frame, the body's frames */
+    *bytes = (size_t)header + p->body_len + 600 +
+             FRAME_OVERHEAD * (3 + p->body_len / (size_t)(frame_max - FRAME_OVERHEAD));
     return IW_OK;
 }
 
@@ -1248,6 +1255,30 @@ static int publish_headers(amqp_pool_t *pool, const json_t *obj, uint64_t seq, a
     return 0;
 }
 
+/* TCP_CORK on the broker's socket: while set, the kernel sends only full
+ * segments, so the publishes of one turn leave in one segment (one wake of
+ * the broker) instead of one each. */
+static void cork(amqp_link *l, int on)
+{
+    int fd = amqp_get_sockfd(l->conn);
+
+    if (fd >= 0 && setsockopt(fd, IPPROTO_TCP, TCP_CORK, &on, sizeof on) == 0)
+        l->corked = on;
+}
+
+void amqp_link_batch_writes(amqp_link *l, int on)
+{
+    if (!on && l->corked)
+        cork(l, 0);
+    l->batching = on;
+}
+
+void amqp_link_push(amqp_link *l)
+{
+    if (l && l->corked && l->conn)
+        cork(l, 0);
+}
+
 /* Writes one checked publish now (mandatory, with our sequence header). */
 static int send_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, void *ud)
 {
@@ -1278,6 +1309,8 @@ static int send_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, v
             cb(ud, rc);
         goto out;
     }
+    if (l->batching && !l->corked)
+        cork(l, 1);
     arc = amqp_basic_publish(l->conn, CHANNEL, amqp_cstring_bytes(p->exchange ? p->exchange : ""),
                              amqp_cstring_bytes(p->routing_key), 1, 0, &props, body);
     l->next_seq++;
@@ -1293,15 +1326,46 @@ out:
 
 /* ---- the write buffer ------------------------------------------------------ */
 
+/* What a write of `bytes` may cost the socket's send buffer: the kernel
+ * counts each segment's bookkeeping too (up to one per frame). */
+#define WRITE_COST(bytes) ((bytes) + 3 * 1024)
+
+/* Asks the socket for room: POLLOUT on a TCP socket means at least a third
+ * of its send buffer is free (tcp_poll: free space >= half of what is
+ * queued), so that much can be written before asking again. */
+static int refill_room(amqp_link *l)
+{
+    int fd = amqp_get_sockfd(l->conn), sndbuf = 0;
+    socklen_t len = sizeof sndbuf;
+    struct pollfd p = {fd, POLLOUT, 0};
+
+    l->room = 0;
+    if (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT))
+        return 0;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) == 0 && sndbuf > 0)
+        l->room = (size_t)sndbuf / 3;
+    return 1;
+}
+
+/* Takes room for a write of `bytes` now: 0 when the socket has it (or is
+ * writable at all, for a write larger than any room it reports). */
+static int take_room(amqp_link *l, size_t bytes)
+{
+    size_t cost = WRITE_COST(bytes);
+
+    if (cost > l->room && !refill_room(l))
+        return -1;
+    l->room = cost < l->room ? l->room - cost : 0;
+    return 0;
+}
+
 /* Writes go to the buffer while the broker blocks us, while older writes wait
  * there (order), and while the socket has no room (a write would wait). */
-static int must_queue(amqp_link *l)
+static int must_queue(amqp_link *l, size_t bytes)
 {
-    struct pollfd p = {amqp_get_sockfd(l->conn), POLLOUT, 0};
-
     if (l->blocked || l->out_head)
         return 1;
-    return poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT);
+    return take_room(l, bytes) != 0;
 }
 
 static int out_enqueue(amqp_link *l, out_op *op)
@@ -1366,10 +1430,9 @@ static int send_op(amqp_link *l, out_op *op)
 static void flush_out_mode(amqp_link *l, int through)
 {
     while (l->ok && l->out_head && !l->blocked) {
-        struct pollfd p = {amqp_get_sockfd(l->conn), POLLOUT, 0};
         out_op *op = l->out_head;
 
-        if (!through && (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT)))
+        if (!through && take_room(l, op->bytes) != 0)
             break;
         l->out_head = op->next;
         if (!l->out_head)
@@ -1400,7 +1463,7 @@ static char *dup_or_null(const char *s, int *failed)
 }
 
 /* A copy of a checked publish for the buffer (its pointers are borrowed). */
-static out_op *publish_copy(const iw_publish *p, amqp_confirm_fn cb, void *ud)
+static out_op *publish_copy(const iw_publish *p, amqp_confirm_fn cb, void *ud, size_t bytes)
 {
     out_op *op = calloc(1, sizeof *op);
     int failed = 0;
@@ -1429,7 +1492,7 @@ static out_op *publish_copy(const iw_publish *p, amqp_confirm_fn cb, void *ud)
         if (!op->headers)
             failed = 1;
     }
-    op->bytes = p->body_len + 512;
+    op->bytes = bytes;
     if (failed || !body) {
         out_free(op);
         return NULL;
@@ -1441,6 +1504,7 @@ static out_op *publish_copy(const iw_publish *p, amqp_confirm_fn cb, void *ud)
 
 int amqp_link_qos(amqp_link *l, uint16_t prefetch, iw_error *err)
 {
+    amqp_link_push(l); /* a synchronous request must not sit in a corked socket */
     amqp_basic_qos(l->conn, CHANNEL, 0, prefetch, 0);
     return rpc_check(l, amqp_get_rpc_reply(l->conn), "basic.qos", err);
 }
@@ -1450,6 +1514,7 @@ int amqp_link_consume(amqp_link *l, const char *queue, const char *consumer_tag,
     consumer *n;
     int rc;
 
+    amqp_link_push(l);
     amqp_basic_consume(l->conn, CHANNEL, amqp_cstring_bytes(queue),
                        amqp_cstring_bytes(consumer_tag), 0, 0, 0, amqp_empty_table);
     rc = rpc_check(l, amqp_get_rpc_reply(l->conn), "basic.consume", err);
@@ -1492,18 +1557,19 @@ int amqp_link_cancel(amqp_link *l, const char *consumer_tag)
 int amqp_link_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, void *ud)
 {
     int rc;
+    size_t bytes = 0;
     out_op *op;
 
     if (!l || !l->ok) {
         rc = IW_ERR_AMQP_CLOSED;
         goto fail;
     }
-    rc = publish_check(l, p);
+    rc = publish_check(l, p, &bytes);
     if (rc != IW_OK)
         goto fail;
-    if (!must_queue(l))
+    if (!must_queue(l, bytes))
         return send_publish(l, p, cb, ud);
-    if (l->out_bytes + p->body_len + 512 > AMQP_LINK_MAX_BUFFERED) {
+    if (l->out_bytes + bytes > AMQP_LINK_MAX_BUFFERED) {
         if (l->blocked) {
             rc = IW_ERR_AMQP_BLOCKED;
             goto fail;
@@ -1522,7 +1588,7 @@ int amqp_link_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, voi
             goto fail;
         }
     }
-    op = publish_copy(p, cb, ud);
+    op = publish_copy(p, cb, ud, bytes);
     if (!op) {
         rc = IW_ERR_NOMEM;
         goto fail;
@@ -1555,6 +1621,7 @@ int amqp_link_nack(amqp_link *l, const iw_delivery *d, int requeue)
 int amqp_link_declare_exchange(amqp_link *l, const char *name, const char *type, iw_error *err)
 {
     char what[300];
+    amqp_link_push(l);
     amqp_exchange_declare(l->conn, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(type), 0,
                           1, 0, 0, amqp_empty_table);
     snprintf(what, sizeof what, "declaring exchange %s", name);
@@ -1573,6 +1640,7 @@ int amqp_link_declare_queue(amqp_link *l, const char *name, const json_t *args, 
         empty_amqp_pool(&pool);
         return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
     }
+    amqp_link_push(l);
     amqp_queue_declare(l->conn, CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, table);
     snprintf(what, sizeof what, "declaring queue %s", name);
     rc = rpc_check(l, amqp_get_rpc_reply(l->conn), what, err);
@@ -1593,6 +1661,7 @@ int amqp_link_bind(amqp_link *l, const char *queue, const char *exchange, const 
         empty_amqp_pool(&pool);
         return iw_error_set(err, IW_ERR_NOMEM, "out of memory");
     }
+    amqp_link_push(l);
     amqp_queue_bind(l->conn, CHANNEL, amqp_cstring_bytes(queue), amqp_cstring_bytes(exchange),
                     amqp_cstring_bytes(key), table);
     snprintf(what, sizeof what, "binding %s to %s", queue, exchange);
@@ -1604,8 +1673,10 @@ int amqp_link_bind(amqp_link *l, const char *queue, const char *exchange, const 
 int amqp_link_queue_depth(amqp_link *l, const char *name, uint32_t *messages, iw_error *err)
 {
     char what[300];
-    amqp_queue_declare_ok_t *ok = amqp_queue_declare(l->conn, CHANNEL, amqp_cstring_bytes(name), 1,
-                                                     0, 0, 0, amqp_empty_table);
+    amqp_queue_declare_ok_t *ok;
+    amqp_link_push(l);
+    ok = amqp_queue_declare(l->conn, CHANNEL, amqp_cstring_bytes(name), 1, 0, 0, 0,
+                            amqp_empty_table);
     snprintf(what, sizeof what, "queue %s", name);
     int rc = rpc_check(l, amqp_get_rpc_reply(l->conn), what, err);
     if (rc == IW_OK && ok)
@@ -1615,8 +1686,11 @@ int amqp_link_queue_depth(amqp_link *l, const char *name, uint32_t *messages, iw
 
 int amqp_link_get(amqp_link *l, const char *queue, iw_delivery **out, iw_error *err)
 {
-    amqp_rpc_reply_t r = amqp_basic_get(l->conn, CHANNEL, amqp_cstring_bytes(queue), 0);
+    amqp_rpc_reply_t r;
     int rc = IW_OK;
+
+    amqp_link_push(l);
+    r = amqp_basic_get(l->conn, CHANNEL, amqp_cstring_bytes(queue), 0);
 
     *out = NULL;
     if (rpc_check(l, r, "basic.get", err) != IW_OK)

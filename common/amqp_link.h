@@ -173,6 +173,12 @@ int amqp_link_pump(amqp_link *l);
 int amqp_link_has_buffered(const amqp_link *l);
 /* True while writes wait in the link's buffer (poll for POLLOUT then). */
 int amqp_link_wants_write(const amqp_link *l);
+/* With on, publishes are held in the socket (TCP_CORK) until amqp_link_push,
+ * so that those of one reactor turn reach the broker together: call
+ * amqp_link_push at the end of every turn.  The link pushes by itself before
+ * a synchronous request (declare, qos, consume, get). */
+void amqp_link_batch_writes(amqp_link *l, int on);
+void amqp_link_push(amqp_link *l);
 
 int amqp_link_qos(amqp_link *l, uint16_t prefetch, iw_error *err);
 /* Consumes queue under consumer_tag (synchronous: start-up only). */

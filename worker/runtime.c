@@ -372,6 +372,7 @@ static int connect_amqp(runtime *rt)
             goto transient;
     }
     rt->amqp_fd = amqp_link_fd(rt->amqp);
+    amqp_link_batch_writes(rt->amqp, 1); /* amqp_buffered pushes at every turn's end */
     rt->amqp_events = LOOP_READ;
     if (loop_watch(rt->lp, rt->amqp_fd, LOOP_READ, amqp_readable, rt) != 0) {
         iw_error_set(&err, IW_ERR_IO, "cannot watch the broker socket");
@@ -788,6 +789,7 @@ static void amqp_readable(loop *l, int fd, int events, void *ud)
 static int amqp_buffered(loop *l, void *ud)
 {
     runtime *rt = ud;
+    int again = 0;
 
     (void)l;
     if (rt->amqp && rt->topology_stale && !amqp_link_blocked(rt->amqp)) {
@@ -811,9 +813,12 @@ static int amqp_buffered(loop *l, void *ud)
     if (rt->amqp && amqp_link_has_buffered(rt->amqp)) {
         if (amqp_link_pump(rt->amqp) != IW_OK)
             link_lost(rt);
-        return rt->amqp && amqp_link_has_buffered(rt->amqp);
+        again = rt->amqp && amqp_link_has_buffered(rt->amqp);
     }
-    return 0;
+    /* the turn's publishes leave together */
+    if (rt->amqp)
+        amqp_link_push(rt->amqp);
+    return again;
 }
 
 /* "50/min", "1000/hour", "30/10s": a tier as IW_RATE_LIMITS writes it. */
