@@ -1,6 +1,7 @@
 #include "amqp_link.h"
 
 #include <amqp.h>
+#include <errno.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
 #include <netinet/in.h>
@@ -91,6 +92,12 @@ struct amqp_link {
     size_t room;
     int batching; /* publishes of a turn go out together (amqp_link_push) */
     int corked;
+    /* Plain TCP: the frames of a turn's publishes and acks, encoded here and
+     * written in one send() by amqp_link_push (TLS goes through librabbitmq,
+     * corked). */
+    int raw;
+    unsigned char *wb;
+    size_t wb_len, wb_cap;
     out_op *out_head, *out_tail;
     size_t out_bytes, out_publishes;
     consumer *consumers;
@@ -392,6 +399,7 @@ static int connect_one(amqp_link *l, const char *url, const char *name, int node
         goto out;
     }
     l->conn = amqp_new_connection();
+    l->raw = !ci.ssl;
     sock = ci.ssl ? amqp_ssl_socket_new(l->conn) : amqp_tcp_socket_new(l->conn);
     if (!sock) {
         rc = iw_error_set(err, IW_ERR_AMQP, "cannot create AMQP socket");
@@ -480,6 +488,7 @@ static void close_conn(amqp_link *l)
     /* A polite close is two round trips: not while the broker blocks us
      * (it does not read; they would wait out the RPC timeout). */
     if (l->ok && !l->blocked) {
+        amqp_link_push(l); /* the last acks */
         amqp_channel_close(l->conn, CHANNEL, AMQP_REPLY_SUCCESS);
         amqp_connection_close(l->conn, AMQP_REPLY_SUCCESS);
     }
@@ -591,6 +600,7 @@ void amqp_link_free(amqp_link *l)
     free(l->ct.ret_exchange);
     free(l->ct.ret_routing_key);
     delivery_free(l->got);
+    free(l->wb);
     free(l);
 }
 
@@ -1089,11 +1099,13 @@ int amqp_link_pump(amqp_link *l)
         int rc;
 
         /* Always make one call even when nothing is readable: librabbitmq
-         * sends heartbeats from inside its wait functions.  After it, read
-         * on only what librabbitmq holds already: what the socket has more
-         * wakes the loop again (asking the socket each time costs a poll). */
-        if (!first && !amqp_frames_enqueued(l->conn) && !amqp_data_in_buffer(l->conn))
-            break;
+         * sends heartbeats from inside its wait functions.  Then read on while
+         * the socket has more: a poll costs less than another turn. */
+        if (!first && !amqp_frames_enqueued(l->conn) && !amqp_data_in_buffer(l->conn)) {
+            struct pollfd p = {amqp_get_sockfd(l->conn), POLLIN, 0};
+            if (poll(&p, 1, 0) <= 0)
+                break;
+        }
         first = 0;
         rc = amqp_simple_wait_frame_noblock(l->conn, &f, &tv);
         if (rc == AMQP_STATUS_TIMEOUT)
@@ -1255,9 +1267,9 @@ static int publish_headers(amqp_pool_t *pool, const json_t *obj, uint64_t seq, a
     return 0;
 }
 
-/* TCP_CORK on the broker's socket: while set, the kernel sends only full
- * segments, so the publishes of one turn leave in one segment (one wake of
- * the broker) instead of one each. */
+/* TCP_CORK on the broker's socket (TLS links): while set, the kernel sends
+ * only full segments, so the publishes of one turn leave in one segment (one
+ * wake of the broker) instead of one each. */
 static void cork(amqp_link *l, int on)
 {
     int fd = amqp_get_sockfd(l->conn);
@@ -1266,16 +1278,157 @@ static void cork(amqp_link *l, int on)
         l->corked = on;
 }
 
+/* ---- the write buffer of a turn (plain TCP) -------------------------------- */
+
+/* Frames of ours are written whole and in order, so librabbitmq's own frames
+ * (heartbeats, synchronous requests: amqp_link_push first) never land inside
+ * one of them.  A turn's buffer is written once it holds this much. */
+#define WB_FLUSH_AT (256u * 1024)
+
+static int raw_writes(const amqp_link *l)
+{
+    return l->batching && l->raw;
+}
+
+static int wb_reserve(amqp_link *l, size_t n)
+{
+    size_t cap = l->wb_cap ? l->wb_cap : 16384;
+    unsigned char *p;
+
+    if (l->wb_len + n <= l->wb_cap)
+        return 0;
+    while (cap < l->wb_len + n)
+        cap *= 2;
+    if (!(p = realloc(l->wb, cap)))
+        return -1;
+    l->wb = p;
+    l->wb_cap = cap;
+    return 0;
+}
+
+static void put_be(unsigned char *b, uint64_t v, int bytes)
+{
+    for (int i = bytes - 1; i >= 0; i--, v >>= 8)
+        b[i] = (unsigned char)(v & 0xff);
+}
+
+/* Starts a frame of `type` at the end of the buffer (room for its header
+ * and `payload` bytes reserved); returns where its payload goes. */
+static unsigned char *wb_frame(amqp_link *l, int type, size_t payload)
+{
+    unsigned char *f;
+
+    if (wb_reserve(l, 7 + payload + 1) != 0)
+        return NULL;
+    f = l->wb + l->wb_len;
+    f[0] = (unsigned char)type;
+    put_be(f + 1, CHANNEL, 2);
+    return f + 7;
+}
+
+/* Closes the frame started by wb_frame with `len` bytes of payload. */
+static void wb_close(amqp_link *l, size_t len)
+{
+    unsigned char *f = l->wb + l->wb_len;
+
+    put_be(f + 3, len, 4);
+    f[7 + len] = AMQP_FRAME_END;
+    l->wb_len += 7 + len + 1;
+}
+
+/* Our methods (publish, ack, nack, reject) encode in well under this. */
+#define WB_METHOD_MAX 1024
+
+static int wb_method(amqp_link *l, amqp_method_number_t id, void *m)
+{
+    unsigned char *p = wb_frame(l, AMQP_FRAME_METHOD, WB_METHOD_MAX);
+    int n;
+
+    if (!p)
+        return AMQP_STATUS_NO_MEMORY;
+    put_be(p, id, 4);
+    n = amqp_encode_method(id, m, (amqp_bytes_t){WB_METHOD_MAX - 4, p + 4});
+    if (n < 0)
+        return n;
+    wb_close(l, (size_t)n + 4);
+    return AMQP_STATUS_OK;
+}
+
+static int wb_content(amqp_link *l, amqp_basic_properties_t *props, const void *body,
+                      size_t body_len)
+{
+    size_t max = (size_t)amqp_get_frame_max(l->conn) - FRAME_OVERHEAD;
+    unsigned char *p = wb_frame(l, AMQP_FRAME_HEADER, max);
+    int n;
+
+    if (!p)
+        return AMQP_STATUS_NO_MEMORY;
+    put_be(p, AMQP_BASIC_CLASS, 2);
+    put_be(p + 2, 0, 2); /* weight */
+    put_be(p + 4, body_len, 8);
+    n = amqp_encode_properties(AMQP_BASIC_CLASS, props, (amqp_bytes_t){max - 12, p + 12});
+    if (n < 0)
+        return n;
+    wb_close(l, (size_t)n + 12);
+    for (size_t off = 0; off < body_len;) {
+        size_t chunk = body_len - off < max ? body_len - off : max;
+        if (!(p = wb_frame(l, AMQP_FRAME_BODY, chunk)))
+            return AMQP_STATUS_NO_MEMORY;
+        memcpy(p, (const char *)body + off, chunk);
+        wb_close(l, chunk);
+        off += chunk;
+    }
+    return AMQP_STATUS_OK;
+}
+
+/* Writes the buffer whole.  The room taken for each write makes a wait rare;
+ * when the socket is full it waits as librabbitmq does (TCP_USER_TIMEOUT
+ * ends a connection to a broker that stopped reading). */
+static void wb_write(amqp_link *l)
+{
+    int fd = amqp_get_sockfd(l->conn);
+    size_t off = 0;
+
+    while (l->ok && off < l->wb_len) {
+        ssize_t n = send(fd, l->wb + off, l->wb_len - off, MSG_NOSIGNAL);
+        if (n > 0) {
+            off += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pf = {fd, POLLOUT, 0};
+            if (poll(&pf, 1, -1) < 0 && errno != EINTR)
+                link_fail(l, "waiting to write: %s", strerror(errno));
+        } else {
+            link_fail(l, "connection lost writing: %s", n < 0 ? strerror(errno) : "closed");
+        }
+    }
+    l->wb_len = 0;
+}
+
+/* After a frame was added: write at once when the buffer is large. */
+static int wb_added(amqp_link *l, int arc)
+{
+    if (arc == AMQP_STATUS_OK && l->wb_len >= WB_FLUSH_AT)
+        wb_write(l);
+    return arc == AMQP_STATUS_OK && !l->ok ? AMQP_STATUS_SOCKET_ERROR : arc;
+}
+
 void amqp_link_batch_writes(amqp_link *l, int on)
 {
-    if (!on && l->corked)
-        cork(l, 0);
+    if (!on)
+        amqp_link_push(l);
     l->batching = on;
 }
 
 void amqp_link_push(amqp_link *l)
 {
-    if (l && l->corked && l->conn)
+    if (!l || !l->conn)
+        return;
+    if (l->wb_len && l->ok)
+        wb_write(l);
+    l->wb_len = 0;
+    if (l->corked)
         cork(l, 0);
 }
 
@@ -1309,10 +1462,20 @@ static int send_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, v
             cb(ud, rc);
         goto out;
     }
-    if (l->batching && !l->corked)
-        cork(l, 1);
-    arc = amqp_basic_publish(l->conn, CHANNEL, amqp_cstring_bytes(p->exchange ? p->exchange : ""),
-                             amqp_cstring_bytes(p->routing_key), 1, 0, &props, body);
+    if (raw_writes(l)) {
+        amqp_basic_publish_t m = {0, amqp_cstring_bytes(p->exchange ? p->exchange : ""),
+                                  amqp_cstring_bytes(p->routing_key), 1, 0};
+        arc = wb_method(l, AMQP_BASIC_PUBLISH_METHOD, &m);
+        if (arc == AMQP_STATUS_OK)
+            arc = wb_content(l, &props, body.bytes, body.len);
+        arc = wb_added(l, arc);
+    } else {
+        if (l->batching && !l->corked)
+            cork(l, 1);
+        arc =
+            amqp_basic_publish(l->conn, CHANNEL, amqp_cstring_bytes(p->exchange ? p->exchange : ""),
+                               amqp_cstring_bytes(p->routing_key), 1, 0, &props, body);
+    }
     l->next_seq++;
     if (arc != AMQP_STATUS_OK) {
         link_fail(l, "publish failed: %s", amqp_error_string2(arc));
@@ -1393,15 +1556,31 @@ static int send_op(amqp_link *l, out_op *op)
         return send_publish(l, &op->pub, op->cb, op->ud) == IW_OK ? AMQP_STATUS_OK
                                                                   : AMQP_STATUS_SOCKET_ERROR;
     case OUT_ACK:
-        arc = amqp_basic_ack(l->conn, CHANNEL, op->tag, 0);
+        if (raw_writes(l)) {
+            amqp_basic_ack_t m = {op->tag, 0};
+            arc = wb_added(l, wb_method(l, AMQP_BASIC_ACK_METHOD, &m));
+        } else {
+            arc = amqp_basic_ack(l->conn, CHANNEL, op->tag, 0);
+        }
         break;
     case OUT_NACK:
-        arc = amqp_basic_nack(l->conn, CHANNEL, op->tag, 0, op->requeue);
+        if (raw_writes(l)) {
+            amqp_basic_nack_t m = {op->tag, 0, (amqp_boolean_t)op->requeue};
+            arc = wb_added(l, wb_method(l, AMQP_BASIC_NACK_METHOD, &m));
+        } else {
+            arc = amqp_basic_nack(l->conn, CHANNEL, op->tag, 0, op->requeue);
+        }
         break;
     case OUT_REJECT:
-        arc = amqp_basic_reject(l->conn, CHANNEL, op->tag, op->requeue);
+        if (raw_writes(l)) {
+            amqp_basic_reject_t m = {op->tag, (amqp_boolean_t)op->requeue};
+            arc = wb_added(l, wb_method(l, AMQP_BASIC_REJECT_METHOD, &m));
+        } else {
+            arc = amqp_basic_reject(l->conn, CHANNEL, op->tag, op->requeue);
+        }
         break;
     case OUT_CONSUME: {
+        amqp_link_push(l); /* in order after the turn's frames */
         amqp_basic_consume_t m = {0,
                                   amqp_cstring_bytes(op->name),
                                   amqp_cstring_bytes(op->ctag),
@@ -1415,6 +1594,7 @@ static int send_op(amqp_link *l, out_op *op)
     }
     case OUT_CANCEL: {
         amqp_basic_cancel_t m = {amqp_cstring_bytes(op->ctag), 0};
+        amqp_link_push(l);
         arc = amqp_send_method(l->conn, CHANNEL, AMQP_BASIC_CANCEL_METHOD, &m);
         break;
     }
