@@ -82,8 +82,16 @@ void log_json(int level, json_t *fields)
         json_object_update(line, fields);
     json_decref(fields);
     if (line) {
-        json_dumpf(line, logger.out, JSON_COMPACT | JSON_PRESERVE_ORDER);
-        fputc('\n', logger.out);
+        /* one write into the stream's buffer, not one per token */
+        char text[2048];
+        size_t n = json_dumpb(line, text, sizeof text - 1, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        if (n > 0 && n < sizeof text) {
+            text[n] = '\n';
+            fwrite(text, 1, n + 1, logger.out);
+        } else {
+            json_dumpf(line, logger.out, JSON_COMPACT | JSON_PRESERVE_ORDER);
+            fputc('\n', logger.out);
+        }
         json_decref(line);
     }
     if (level >= IW_LOG_ERROR)

@@ -220,7 +220,7 @@ int records_read(records *rec, records_reply *out, iw_error *err)
     rec->n--;
     if ((rc = redis_link_read(rec->redis, &rep, err)) != IW_OK)
         return rc;
-    rc = iw_error_set(err, IW_ERR_REDIS_SCRIPT, "records: unexpected reply");
+    rc = IW_ERR_REDIS_SCRIPT; /* until the reply has the shape of o's */
     if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 1 ||
         rep->element[0]->type != REDIS_REPLY_INTEGER)
         goto out;
@@ -255,6 +255,8 @@ int records_read(records *rec, records_reply *out, iw_error *err)
     rc = IW_OK;
 out:
     freeReplyObject(rep);
+    if (rc != IW_OK) /* the message is formatted only when it is needed */
+        iw_error_set(err, rc, "records: unexpected reply");
     return rc;
 }
 
