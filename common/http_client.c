@@ -39,6 +39,7 @@ typedef struct transfer {
     size_t req_len;
     int token_retried;
     int is_token;            /* the POST /oauth/token of the client itself */
+    int configured;          /* the handle's fixed options are set (common_opts) */
     int carried_token;       /* sent with a bearer token */
     unsigned long token_gen; /* which token it carried */
     long long wait_deadline; /* waiting for a token: fail with NO_TOKEN past it */
@@ -682,31 +683,44 @@ static int build_url(const http_client *c, const char *path, iw_buf *url)
  * body and the headers we read. */
 static void common_opts(http_client *c, transfer *t)
 {
-    curl_easy_reset(t->easy);
     curl_slist_free_all(t->headers);
     t->headers = NULL;
     t->len = 0;
     t->too_large = 0;
     t->retry_after[0] = t->reset_ms[0] = '\0';
     t->errbuf[0] = '\0';
-    curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, t->errbuf);
+    if (!t->configured) {
+        /* what every call of this handle shares: set once, curl keeps it
+         * from one transfer to the next (a reused handle is not reset) */
+        curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, t->errbuf);
+        curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
+        curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, c->timeout_ms);
+        curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
+        curl_easy_setopt(t->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+        curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, on_body);
+        curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
+        curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, on_header);
+        curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
+        curl_easy_setopt(t->easy, CURLOPT_USERAGENT, "integration-worker/1");
+        /* the provider's answers are small: a 4 KiB receive buffer instead
+         * of curl's 16 KiB keeps thousands of calls in flight cheap (a
+         * larger answer is read in more pieces, capped as before) */
+        curl_easy_setopt(t->easy, CURLOPT_BUFFERSIZE, 4096L);
+        if (c->tls_cert)
+            curl_easy_setopt(t->easy, CURLOPT_SSLCERT, c->tls_cert);
+        if (c->tls_key)
+            curl_easy_setopt(t->easy, CURLOPT_SSLKEY, c->tls_key);
+        if (c->tls_ca)
+            curl_easy_setopt(t->easy, CURLOPT_CAINFO, c->tls_ca);
+        if (!t->is_token && c->auth_mode == IW_AUTH_BASIC) {
+            curl_easy_setopt(t->easy, CURLOPT_HTTPAUTH, CURLAUTH_BASIC);
+            curl_easy_setopt(t->easy, CURLOPT_USERNAME, c->basic_user);
+            curl_easy_setopt(t->easy, CURLOPT_PASSWORD, c->basic_password);
+        }
+        t->configured = 1;
+    }
     curl_easy_setopt(t->easy, CURLOPT_URL, t->url); /* curl copies it */
-    curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
-    curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, c->timeout_ms);
-    curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
-    curl_easy_setopt(t->easy, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
-    curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
-    curl_easy_setopt(t->easy, CURLOPT_USERAGENT, "integration-worker/1");
-    if (c->tls_cert)
-        curl_easy_setopt(t->easy, CURLOPT_SSLCERT, c->tls_cert);
-    if (c->tls_key)
-        curl_easy_setopt(t->easy, CURLOPT_SSLKEY, c->tls_key);
-    if (c->tls_ca)
-        curl_easy_setopt(t->easy, CURLOPT_CAINFO, c->tls_ca);
     t->headers = curl_slist_append(t->headers, "Accept: application/json");
     t->headers = curl_slist_append(t->headers, "Expect:");
 }
@@ -720,6 +734,9 @@ static int launch(http_client *c, transfer *t)
         curl_easy_setopt(t->easy, CURLOPT_CUSTOMREQUEST, t->method);
         curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long)t->req_len);
         curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->req_body ? t->req_body : "");
+    } else { /* the handle may have POSTed last time */
+        curl_easy_setopt(t->easy, CURLOPT_CUSTOMREQUEST, NULL);
+        curl_easy_setopt(t->easy, CURLOPT_HTTPGET, 1L);
     }
     t->carried_token = 0;
     switch (c->auth_mode) {
@@ -729,10 +746,7 @@ static int launch(http_client *c, transfer *t)
         if (c->api_secret_header)
             t->headers = curl_slist_append(t->headers, c->api_secret_header);
         break;
-    case IW_AUTH_BASIC:
-        curl_easy_setopt(t->easy, CURLOPT_HTTPAUTH, CURLAUTH_BASIC);
-        curl_easy_setopt(t->easy, CURLOPT_USERNAME, c->basic_user);
-        curl_easy_setopt(t->easy, CURLOPT_PASSWORD, c->basic_password);
+    case IW_AUTH_BASIC: /* set with the handle (common_opts) */
         break;
     case IW_AUTH_OAUTH2:
         /* only ever called with a token: a call without one waits for it */
