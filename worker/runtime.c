@@ -346,7 +346,11 @@ static int connect_amqp(runtime *rt)
                          !rt->cfg->amqp_tls_no_verify};
     iw_error err = {0};
     char queue[256];
-    long prefetch = rt->cfg->prefetch ? rt->cfg->prefetch : 2 * rt->cfg->concurrency;
+    /* by default a backlog of up to 256 deliveries beside the calls in
+     * flight (IW_CONCURRENCY at most): enough to keep every slot busy, and
+     * each one held costs memory */
+    long c = rt->cfg->concurrency,
+         prefetch = rt->cfg->prefetch ? rt->cfg->prefetch : c + (c < 256 ? c : 256);
 
     rt->amqp = amqp_link_connect_tls(rt->cfg->amqp_url, rt->process_name, &h, &tls, &err);
     if (!rt->amqp)
