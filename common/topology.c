@@ -2,9 +2,20 @@
 
 #include <stdio.h>
 
+#include "retry.h"
+
 long topology_tier_ms(int k)
 {
     return IW_DELAY_BASE_MS << k;
+}
+
+long topology_hop_tolerance(long remaining_ms)
+{
+    long rel = remaining_ms / 16;
+
+    return rel < IW_DELAY_SLACK_MS      ? IW_DELAY_SLACK_MS
+           : rel > IW_DELAY_HOP_LATE_MS ? IW_DELAY_HOP_LATE_MS
+                                        : rel;
 }
 
 int topology_pick_tier(long remaining_ms)
@@ -12,9 +23,43 @@ int topology_pick_tier(long remaining_ms)
     if (remaining_ms <= IW_DELAY_SLACK_MS)
         return -1;
     for (int k = IW_DELAY_TIERS - 1; k >= 0; k--)
-        if (topology_tier_ms(k) <= remaining_ms)
+        if (topology_tier_ms(k) - topology_hop_tolerance(remaining_ms) <= remaining_ms)
             return k;
     return 0;
+}
+
+long topology_hops(long wait_ms)
+{
+    long hops = 0;
+
+    for (int k; (k = topology_pick_tier(wait_ms)) >= 0; hops++)
+        wait_ms -= topology_tier_ms(k);
+    return hops;
+}
+
+long topology_poll_wait(const iw_config *cfg, size_t idx, double rnd)
+{
+    long base = cfg->poll_schedule_ms[idx < cfg->n_poll ? idx : cfg->n_poll - 1];
+    long span = (long)((double)base * (double)cfg->poll_jitter_pct / 100.0);
+
+    return topology_few_hops(retry_jitter(base, cfg->poll_jitter_pct, rnd), base - span,
+                             base + span);
+}
+
+long topology_few_hops(long target_ms, long lo_ms, long hi_ms)
+{
+    long best = target_ms, best_dist = -1;
+
+    for (int a = 0; a < IW_DELAY_TIERS; a++)
+        for (int b = -1; b <= a; b++) {
+            long v = topology_tier_ms(a) + (b >= 0 ? topology_tier_ms(b) : 0);
+            long d = v > target_ms ? v - target_ms : target_ms - v;
+            if (v >= lo_ms && v <= hi_ms && (best_dist < 0 || d < best_dist)) {
+                best = v;
+                best_dist = d;
+            }
+        }
+    return best;
 }
 
 const char *topology_name(char *buf, size_t len, const char *ns, const char *suffix)

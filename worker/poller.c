@@ -146,9 +146,8 @@ static int start(job *base)
 static long next_check_in(const pjob *j, long long now_wall)
 {
     const iw_config *cfg = ((poller *)j->base.self)->cfg;
-    size_t idx = (size_t)j->checks < cfg->n_poll ? (size_t)j->checks : cfg->n_poll - 1;
-    long delay = retry_jitter(cfg->poll_schedule_ms[idx], cfg->poll_jitter_pct,
-                              (double)random() / ((double)RAND_MAX + 1.0));
+    long delay =
+        topology_poll_wait(cfg, (size_t)j->checks, (double)random() / ((double)RAND_MAX + 1.0));
     long long deadline = j->accepted_ms + cfg->poll_max_age_ms;
 
     if (now_wall + delay > deadline)

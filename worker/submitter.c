@@ -18,6 +18,7 @@
 #include "engine.h"
 #include "log.h"
 #include "roles.h"
+#include "topology.h"
 #include "transform.h"
 
 struct submitter {
@@ -107,8 +108,7 @@ static void publish(job *j, const char *event)
     submitter *s = j->self;
     const iw_config *cfg = s->cfg;
     json_t *rec = json_loads(event, 0, NULL);
-    long delay = retry_jitter(cfg->poll_schedule_ms[0], cfg->poll_jitter_pct,
-                              (double)random() / ((double)RAND_MAX + 1.0));
+    long delay = topology_poll_wait(cfg, 0, (double)random() / ((double)RAND_MAX + 1.0));
     json_t *check = json_pack(
         "{s:O, s:O, s:O, s:O, s:i, s:O, s:s}", "jobId", json_object_get(rec, "jobId"), "trackingId",
         json_object_get(rec, "trackingId"), "externalId", json_object_get(rec, "externalId"),

@@ -2,7 +2,7 @@
  * submission, status checks through the delay tiers, status.final.
  *
  *   bench_lifecycle [--jobs N] [--mode all|split] [--pollers P] [--poll-schedule D]
- *                   [--concurrency C] [--checks K]
+ *                   [--concurrency C] [--checks K] [--jitter PCT]
  *
  * Starts a mock (--checks-to-complete K, default 3, no rate limits), declares
  * a fresh namespace, starts one `integration-worker all` (or, with --mode
@@ -38,13 +38,13 @@ static void usage(const char *argv0)
 {
     fprintf(stderr,
             "usage: %s [--jobs N] [--mode all|split] [--pollers P] [--poll-schedule D] "
-            "[--concurrency C] [--checks K]\n",
+            "[--concurrency C] [--checks K] [--jitter PCT]\n",
             argv0);
 }
 
 int main(int argc, char **argv)
 {
-    long jobs = 10000, pollers = 1, concurrency = 64, checks = 3;
+    long jobs = 10000, pollers = 1, concurrency = 64, checks = 3, jitter = 0;
     const char *mode = "all", *schedule = "250ms";
     char buf[512], conc[64], sched[64], kbuf[24];
     pid_t procs[MAX_PROCS];
@@ -65,6 +65,8 @@ int main(int argc, char **argv)
             concurrency = atol(v), i++;
         else if (!strcmp(argv[i], "--checks"))
             checks = atol(v), i++;
+        else if (!strcmp(argv[i], "--jitter"))
+            jitter = atol(v), i++;
         else {
             usage(argv[0]);
             return 2;
@@ -86,9 +88,18 @@ int main(int argc, char **argv)
 
     snprintf(conc, sizeof conc, "IW_CONCURRENCY=%ld", concurrency);
     snprintf(sched, sizeof sched, "IW_POLL_SCHEDULE=%s", schedule);
-    const char *env[] = {conc, sched, "IW_RATE_LIMITS=1000000/s", "IW_LOG_LEVEL=info", NULL};
+    /* the `all` worker serves /metrics: its delivery counters give the broker
+     * messages a job's life cost */
+    int http_port = iwt_free_port();
+    char http_addr[64];
+    snprintf(http_addr, sizeof http_addr, "IW_HTTP_ADDR=127.0.0.1:%d", http_port);
+    char jit[64];
+    snprintf(jit, sizeof jit, "IW_POLL_JITTER=%ld", jitter);
+    const char *env[] = {conc, sched, jit, "IW_RATE_LIMITS=1000000/s", "IW_LOG_LEVEL=info", NULL};
+    const char *env_all[] = {conc,      sched, jit, "IW_RATE_LIMITS=1000000/s", "IW_LOG_LEVEL=info",
+                             http_addr, NULL};
     if (!strcmp(mode, "all")) {
-        procs[n_procs++] = iwt_start_worker("all", ns, port, env, "bench-all");
+        procs[n_procs++] = iwt_start_worker("all", ns, port, env_all, "bench-all");
     } else {
         procs[n_procs++] = iwt_start_worker("submitter", ns, port, env, "bench-submitter");
         for (long p = 0; p < pollers; p++) {
@@ -159,6 +170,20 @@ int main(int argc, char **argv)
         if (kb > rss_max)
             rss_max = kb;
     }
+    /* Broker messages per job, as the worker sees them: every delivery is
+     * one consume and one ack (or nack); every delivery but the N jobs was
+     * published by the worker (status checks, delay-tier hops), and so was
+     * every event. */
+    double recv = -1, delayed = -1;
+    char *metrics = NULL;
+    if (!strcmp(mode, "all") && iwt_http_get(http_port, "/metrics", &metrics) == 200) {
+        recv = iwt_metric(metrics, "iw_deliveries_total{role=\"submitter\",action=\"received\"}") +
+               iwt_metric(metrics, "iw_deliveries_total{role=\"poller\",action=\"received\"}");
+        delayed =
+            iwt_metric(metrics, "iw_deliveries_total{role=\"submitter\",action=\"delayed\"}") +
+            iwt_metric(metrics, "iw_deliveries_total{role=\"poller\",action=\"delayed\"}");
+    }
+    free(metrics);
     json_t *stats = iwt_mock_stats(port);
     long created = (long)json_integer_value(json_object_get(stats, "submissions_created"));
     long r429 = (long)json_integer_value(json_object_get(stats, "rate_limited"));
@@ -178,6 +203,15 @@ int main(int argc, char **argv)
            missing, failed);
     printf("  other events: submission.accepted %ld, status.progress %ld, unrelated %ld\n",
            accepted, progress, foreign);
+    if (recv >= 0) {
+        double events = (double)(accepted + progress + got + dup + failed);
+        double publishes = recv - (double)jobs + events;
+        printf("  broker messages per job: %.2f (%.2f deliveries + as many acks, %.2f publishes: "
+               "%.2f events, %.2f status checks and delay-tier hops; %.2f deliveries went on to "
+               "a delay tier)\n",
+               (2 * recv + publishes) / (double)jobs, recv / (double)jobs, publishes / (double)jobs,
+               events / (double)jobs, (recv - (double)jobs) / (double)jobs, delayed / (double)jobs);
+    }
     printf("  worker peak RSS: %.1f MB (max over %ld process(es))\n", rss_max / 1024.0, n_procs);
     printf("  mock: submissions_created=%ld (want %ld) rate_limited=%ld status_checks=%ld "
            "duplicates_refused=%ld\n",

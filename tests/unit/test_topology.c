@@ -3,6 +3,7 @@
 #include <check.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "topology.h"
@@ -40,17 +41,25 @@ static const struct {
     {60, 250},
     {249, 250},
     {250, 250},
-    {499, 250},
+    {449, 250}, /* + 50 ms tolerance: still short of 500 */
+    {450, 500}, /* within 50 ms of 500: one hop of 500, at most 50 ms late */
+    {499, 500},
     {500, 500},
-    {999, 500},
+    {941, 500}, /* tolerance 941/16 = 58: 999 < 1000 */
+    {999, 1000},
     {1000, 1000},
-    {1999, 1000},
+    {1880, 1000},
+    {1999, 2000},
     {2000, 2000},
     {2001, 2000},
-    {7999, 4000},
+    {7799, 4000},
+    {7999, 8000}, /* tolerance capped at 200 ms from here on */
     {8000, 8000},
+    {62000, 32000},
+    {63800, 64000},
     {300000, 256000},
-    {65535999L, 32768000L},
+    {65535799L, 32768000L},
+    {65535800L, 65536000L},
     {65536000L, 65536000L},
     {DAY_MS, 65536000L},
     {30 * DAY_MS, 65536000L},
@@ -76,8 +85,10 @@ START_TEST(pick_exact_tiers)
 {
     for (int k = 0; k < IW_DELAY_TIERS; k++) {
         ck_assert_int_eq(topology_pick_tier(topology_tier_ms(k)), k);
-        if (k > 0)
-            ck_assert_int_eq(topology_pick_tier(topology_tier_ms(k) - 1), k - 1);
+        if (k > 0) /* just below a tier's tolerance: the tier below */
+            ck_assert_int_eq(topology_pick_tier(topology_tier_ms(k) - 1 -
+                                                topology_hop_tolerance(topology_tier_ms(k))),
+                             k - 1);
     }
 }
 END_TEST
@@ -103,9 +114,10 @@ static hops_result compose(long delay_ms)
         if (k < 0 || k >= IW_DELAY_TIERS)
             ck_abort_msg("%ld: pick(%ld) = %d", delay_ms, r.rest, k);
         long tier = topology_tier_ms(k);
-        /* greedy: the largest tier that fits, or the smallest */
-        if ((tier > r.rest && k != 0) ||
-            (k < IW_DELAY_TIERS - 1 && topology_tier_ms(k + 1) <= r.rest))
+        /* greedy: the largest tier that fits (with its tolerance), or the smallest */
+        long tol = topology_hop_tolerance(r.rest);
+        if ((tier - tol > r.rest && k != 0) ||
+            (k < IW_DELAY_TIERS - 1 && topology_tier_ms(k + 1) - tol <= r.rest))
             ck_abort_msg("%ld: pick(%ld) = tier %ld is not the largest that fits", delay_ms, r.rest,
                          tier);
         r.rest -= tier;
@@ -201,6 +213,48 @@ START_TEST(compose_edges)
 END_TEST
 
 /* ---------------------------------------------------------------------------
+ * Jittered poll waits of at most two hops
+ * ------------------------------------------------------------------------ */
+
+START_TEST(few_hops_stay_in_range)
+{
+    static const long bases[] = {1000, 5000, 10000, 30000, 60000, 300000, 3600000L};
+    uint64_t state = 0x243f6a8885a308d3ULL;
+
+    for (size_t i = 0; i < sizeof bases / sizeof bases[0]; i++) {
+        long lo = bases[i] * 8 / 10, hi = bases[i] * 12 / 10, distinct = 0, last = -1;
+        for (long t = lo; t <= hi; t += (hi - lo) / 200) {
+            long w = topology_few_hops(t, lo, hi);
+            ck_assert_msg(w >= lo && w <= hi, "%ld in [%ld, %ld]: %ld", t, lo, hi, w);
+            ck_assert_msg(topology_hops(w) <= 2, "%ld: %ld hops", w, topology_hops(w));
+            if (w != last)
+                distinct++;
+            last = w;
+        }
+        /* the jitter still spreads the waits (every hop ends on the 250 ms
+         * grid anyway: 1 s +-20% holds one point of it) */
+        ck_assert_msg(distinct >= (bases[i] < 5000 ? 1 : 4), "base %ld: %ld distinct waits",
+                      bases[i], distinct);
+        /* nearest: no wait of at most two hops is closer to the target */
+        for (int n = 0; n < 1000; n++) {
+            long t = lo + (long)(next_random(&state) % (uint64_t)(hi - lo + 1));
+            long w = topology_few_hops(t, lo, hi), d = labs(w - t);
+            for (long v = lo; v <= hi; v += 250)
+                if (topology_hops(v) <= 2 && labs(v - t) < d && v % 250 == 0)
+                    ck_abort_msg("%ld: %ld is closer than %ld", t, v, w);
+        }
+    }
+    /* no wait of two hops in the range: the target as it is */
+    ck_assert_int_eq(topology_few_hops(5300, 5300, 5300), 5300);
+    ck_assert_int_eq(topology_few_hops(4000, 4000, 4000), 4000);
+    ck_assert_int_eq(topology_hops(4000), 1);
+    ck_assert_int_eq(topology_hops(5000), 2);
+    ck_assert_int_eq(topology_hops(7750), 5);
+    ck_assert_int_eq(topology_hops(0), 0);
+}
+END_TEST
+
+/* ---------------------------------------------------------------------------
  * Names
  * ------------------------------------------------------------------------ */
 
@@ -234,6 +288,7 @@ static Suite *topology_suite(void)
     tcase_add_test(tc, compose_small_exhaustive);
     tcase_add_test(tc, compose_random_up_to_a_day);
     tcase_add_test(tc, compose_edges);
+    tcase_add_test(tc, few_hops_stay_in_range);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("names");
