@@ -43,19 +43,30 @@ void format_timestamp(long long wall_ms, char *buf, size_t len)
     long long clamped = wall_ms < 0 ? 0 : wall_ms > 253402300799999LL ? 253402300799999LL : wall_ms;
     time_t secs = (time_t)(clamped / 1000);
     unsigned ms = (unsigned)(clamped % 1000);
+    /* the second's text, kept: most calls fall in the same second (one
+     * reactor thread; a per-thread cache would serve others as well) */
+    static _Thread_local time_t cached_secs = -1;
+    static _Thread_local char cached[32];
+    static _Thread_local size_t cached_n;
     struct tm tm;
     size_t n;
 
     if (!len)
         return;
     buf[0] = '\0';
-    if (!gmtime_r(&secs, &tm))
-        return;
-    n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
-    if (n == 0 || len - n < 6) {
+    if (secs != cached_secs) {
+        cached_secs = -1;
+        if (!gmtime_r(&secs, &tm) ||
+            !(cached_n = strftime(cached, sizeof cached, "%Y-%m-%dT%H:%M:%S", &tm)))
+            return;
+        cached_secs = secs;
+    }
+    n = cached_n;
+    if (len - 1 < n || len - n < 6) {
         buf[0] = '\0';
         return;
     }
+    memcpy(buf, cached, n);
     buf[n++] = '.';
     buf[n++] = (char)('0' + ms / 100);
     buf[n++] = (char)('0' + ms / 10 % 10);

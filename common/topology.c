@@ -50,11 +50,13 @@ long topology_few_hops(long target_ms, long lo_ms, long hi_ms)
 {
     long best = target_ms, best_dist = -1;
 
-    for (int a = 0; a < IW_DELAY_TIERS; a++)
-        for (int b = -1; b <= a; b++) {
+    for (int a = 0; a < IW_DELAY_TIERS && topology_tier_ms(a) <= hi_ms; a++)
+        for (int b = -1; b <= a; b++) { /* b = -1: tier a alone */
             long v = topology_tier_ms(a) + (b >= 0 ? topology_tier_ms(b) : 0);
             long d = v > target_ms ? v - target_ms : target_ms - v;
-            if (v >= lo_ms && v <= hi_ms && (best_dist < 0 || d < best_dist)) {
+            if (v > hi_ms)
+                break;
+            if (v >= lo_ms && (best_dist < 0 || d < best_dist)) {
                 best = v;
                 best_dist = d;
             }

@@ -814,6 +814,7 @@ static void job_free(job *j)
     delivery_free(j->d);
     json_decref(j->doc);
     free(j->event);
+    json_decref(j->event_doc);
     free(j->fail_msg);
     free(j);
 }
@@ -1101,10 +1102,19 @@ void job_wait(job *j, long wait_ms)
     job_wait_up_to(j, wait_ms, j->e->cfg->hold_max_ms);
 }
 
+void job_record_doc(job *j, json_t *doc)
+{
+    job_record(j, doc ? json_dumps(doc, JSON_COMPACT) : NULL);
+    if (doc && j->event)
+        j->event_doc = json_incref(doc);
+}
+
 void job_record(job *j, char *event)
 {
     free(j->event);
     j->event = event;
+    json_decref(j->event_doc);
+    j->event_doc = NULL;
     if (!event) {
         log_msg(IW_LOG_ERROR, job_fields(j), "out of memory building the outcome; requeued");
         job_end(j, JOB_RETURNED, 1);
@@ -1238,6 +1248,8 @@ static void after_adopt(job *j, records_reply *rr)
         free(j->event);
         j->event = rr->event;
         rr->event = NULL;
+        json_decref(j->event_doc);
+        j->event_doc = NULL;
         if (!job_live(j))
             return;
         log_msg(IW_LOG_INFO, job_fields(j),
@@ -1256,6 +1268,8 @@ static void after_adopt(job *j, records_reply *rr)
             free(j->event);
             j->event = rr->event;
             rr->event = NULL;
+            json_decref(j->event_doc);
+            j->event_doc = NULL;
             if (rr->failed) { /* the same submission.failed; its dead letter exists */
                 job_set_state(j, JOB_FAILING);
                 job_outcome_begin(j);

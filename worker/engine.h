@@ -158,6 +158,7 @@ struct job {
     long long first_attempt_ms;
     int mark;          /* the outcome group publishes a record: mark it after */
     char *event;       /* the recorded outcome being recorded or published */
+    json_t *event_doc; /* event as built by this process (NULL: text from Redis) */
     iw_code fail_code; /* job_fail's code and message, for a dead letter sent again */
     char *fail_msg;
     int bare_dead;     /* the dead letter was sent again without upstream headers */
@@ -182,6 +183,10 @@ void job_set_state(job *j, job_state s);
 /* Records `event` (stolen, compact JSON text) as j's outcome; the role's
  * publish runs once it is recorded (or with the outcome recorded first). */
 void job_record(job *j, char *event);
+/* The same for an outcome built here: its text is dumped from doc, and doc
+ * (a reference taken) stays with the job as j->event_doc, so that the role's
+ * publish need not parse the text again. */
+void job_record_doc(job *j, json_t *doc);
 /* The next attempt after the retry schedule's gap, or failing with code
  * when the schedule is used up. */
 void job_retry(job *j, iw_code code, const char *message, long http_status, int attempt);

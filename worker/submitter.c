@@ -91,7 +91,7 @@ static void answer(job *j, const http_response *r, iw_verdict *v)
         engine_log_call(
             &j->call, r, v,
             json_pack("{s:O}", "externalTrackingId", json_object_get(rec, "trackingId")));
-        job_record(j, json_dumps(rec, JSON_COMPACT));
+        job_record_doc(j, rec);
         json_decref(rec);
         return;
     }
@@ -107,7 +107,8 @@ static void publish(job *j, const char *event)
 {
     submitter *s = j->self;
     const iw_config *cfg = s->cfg;
-    json_t *rec = json_loads(event, 0, NULL);
+    /* the record as built here, or the text recorded by another delivery */
+    json_t *rec = j->event_doc ? json_incref(j->event_doc) : json_loads(event, 0, NULL);
     long delay = topology_poll_wait(cfg, 0, (double)random() / ((double)RAND_MAX + 1.0));
     json_t *check = json_pack(
         "{s:O, s:O, s:O, s:O, s:i, s:O, s:s}", "jobId", json_object_get(rec, "jobId"), "trackingId",
