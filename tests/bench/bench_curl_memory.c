@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "iwtest.h"
 
@@ -25,17 +26,7 @@ static size_t discard(char *p, size_t size, size_t n, void *ud)
 
 static long rss_kb(void)
 {
-    char line[256];
-    long kb = -1;
-    FILE *f = fopen("/proc/self/status", "r");
-
-    if (!f)
-        return -1;
-    while (fgets(line, sizeof line, f))
-        if (strncmp(line, "VmRSS:", 6) == 0)
-            kb = atol(line + 6);
-    fclose(f);
-    return kb;
+    return iwt_status_kb(getpid(), "VmRSS");
 }
 
 int main(int argc, char **argv)

@@ -72,9 +72,10 @@ void iwt_sort_ll(long long *v, size_t n)
     qsort(v, n, sizeof *v, cmp_ll);
 }
 
-long iwt_peak_rss_kb(pid_t pid)
+long iwt_status_kb(pid_t pid, const char *field)
 {
     char path[64], line[256];
+    size_t n = strlen(field);
     long kb = -1;
     FILE *f;
 
@@ -82,10 +83,15 @@ long iwt_peak_rss_kb(pid_t pid)
     if (!(f = fopen(path, "r")))
         return -1;
     while (fgets(line, sizeof line, f))
-        if (strncmp(line, "VmHWM:", 6) == 0)
-            kb = atol(line + 6);
+        if (strncmp(line, field, n) == 0 && line[n] == ':')
+            kb = atol(line + n + 1);
     fclose(f);
     return kb;
+}
+
+long iwt_peak_rss_kb(pid_t pid)
+{
+    return iwt_status_kb(pid, "VmHWM");
 }
 
 double iwt_cpu_seconds(pid_t pid)

@@ -169,6 +169,8 @@ void iwt_rabbit_reap(const char *tag);
 /* Benchmarks: a process's peak resident set (VmHWM) in kB, -1 if unknown;
  * its CPU time; sorting samples ascending for percentiles. */
 long iwt_peak_rss_kb(pid_t pid);
+/* A "<field>: <n> kB" line of /proc/<pid>/status (VmRSS, VmHWM...), -1 if absent. */
+long iwt_status_kb(pid_t pid, const char *field);
 /* A process's CPU time (user + system) in seconds, -1 if unknown. */
 double iwt_cpu_seconds(pid_t pid);
 void iwt_sort_ll(long long *v, size_t n);
