@@ -172,7 +172,8 @@ cluster_down() {
     [ -n "${RMQ_NODES[$i]:-}" ] || continue
     rmq_stop_node "$i"
     # the VM can linger a moment; kill it by the pid file we gave it
-    if [ -f "$TMP/rmq$i/pid" ]; then kill -9 "$(cat "$TMP/rmq$i/pid")" 2>/dev/null || true; fi
+    local p
+    p=$(cat "$TMP/rmq$i/pid" 2>/dev/null) && kill -9 "$p" 2>/dev/null || true
   done
 }
 
@@ -276,7 +277,7 @@ phase_rabbit() {
     log "phase rabbit: this worker takes ONE broker URL (the amqp branch is not merged):" \
       "it connects to node 1 and node 3 is stopped (quorum leaders move; the worker's connection stays)"
   fi
-  # The restart comes at 3/5 of the outcomes, or 60 s after the stop if they are not reached:
+  # The restart comes at 3/5 of the outcomes, or 30 s after the stop if they are not reached:
   # with RabbitMQ before 3.13 a delay tier can stop dead-lettering until the stopped node is
   # back (see the advanced.config above), which holds up status checks, hence outcomes.
   # --require-moved still proves that the worker went on through another node meanwhile.
@@ -288,7 +289,7 @@ phase_rabbit() {
     --env "IW_REDIS_SENTINELS=$SENTINELS" --env IW_POLL_SCHEDULE=250ms \
     --env IW_RATE_LIMITS=1000000/s --env IW_LOG_LEVEL=info \
     --at "$half" "$(rmq_stop_cmd "$stop_node")" \
-    --at-or-after "$late" 60 "$(rmq_start_cmd "$stop_node")" || return 1
+    --at-or-after "$late" 30 "$(rmq_start_cmd "$stop_node")" || return 1
   failover_times "cjr$$"
 }
 
