@@ -21,7 +21,8 @@
  * events before the second one starts (the worker works on through another
  * node), and the second waits for the first such event as well as for its
  * COUNT (or for its SECS); the time from the first milestone's start to that
- * event is printed.
+ * event is printed.  The last tenth of the jobs is then published only after
+ * the first milestone ended, so that there are such jobs however long it takes.
  *
  * The audit: every job has exactly one outcome (status.final or
  * submission.failed), never both and never two different ones; an outcome
@@ -385,12 +386,23 @@ int main(int argc, char **argv)
     long long t0 = iwt_now_ms(), last_event = t0;
     long long done_at = 0;
 
+    /* --require-moved: a tenth of the jobs (at least one, and never so many that the first
+     * milestone's count cannot be reached) waits for the first milestone to end, so that
+     * however long it takes there are jobs to publish after it */
+    long reserve = 0;
+    if (require_moved) {
+        reserve = jobs / 10 > 0 ? jobs / 10 : 1;
+        if (reserve > jobs - at[0].count)
+            reserve = jobs - at[0].count > 0 ? jobs - at[0].count : 0;
+    }
     for (;;) {
         long long now = iwt_now_ms();
         /* publish what is due */
         long due = rate > 0 ? (long)((now - t0) * rate / 1000) + 1 : jobs;
         if (due > jobs)
             due = jobs;
+        if (!at[0].ended && due > jobs - reserve)
+            due = jobs - reserve;
         if (due > published) {
             long to = due - published > 500 ? published + 500 : due;
             if (!publish_jobs(pub, ns, tag, published, to)) {
