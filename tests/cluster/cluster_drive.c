@@ -3,7 +3,8 @@
  *
  *   cluster_drive --nodes H:P,H:P,... --tap-node I --jobs N [--rate J/s]
  *                 [--mock-arg ARG]... [--env NAME=VALUE]... [--pollers P]
- *                 [--at COUNT CMD]... [--allow-repeats] [--timeout S] [--tag NAME]
+ *                 [--at COUNT CMD]... [--at-or-after COUNT SECS CMD]...
+ *                 [--require-moved] [--allow-repeats] [--timeout S] [--tag NAME]
  *
  * Starts a mock provider (with the --mock-arg flags), declares a fresh
  * namespace through `integration-worker declare` (with the --env settings:
@@ -12,7 +13,16 @@
  * (paced at --rate, with publisher confirms) to node --tap-node, and reads the
  * audit queue there.  When the number of jobs with an outcome reaches COUNT it
  * runs CMD (sh -c, in the background): that is how run.sh stops and restarts
- * nodes mid-run.
+ * nodes mid-run.  Milestones run in order, each once the one before it has
+ * finished; --at-or-after also runs CMD SECS seconds after the one before it
+ * finished if COUNT is not reached by then (a restart that must not wait for
+ * progress the stop itself may hold up: see run.sh).  --require-moved: jobs
+ * published after the first milestone finished (e.g. a node stopped) must get
+ * events before the second one starts (the worker works on through another
+ * node), and the second waits for the first such event as well as for its
+ * COUNT (or for its SECS); the time from the first milestone's start to that
+ * event is printed.  The last tenth of the jobs is then published only after
+ * the first milestone ended, so that there are such jobs however long it takes.
  *
  * The audit: every job has exactly one outcome (status.final or
  * submission.failed), never both and never two different ones; an outcome
@@ -47,6 +57,7 @@ typedef struct node {
 
 typedef struct milestone {
     long count;
+    long long after_ms; /* also run this long after the previous milestone ended; 0: never */
     const char *cmd;
     pid_t pid;
     long long started, ended;
@@ -191,6 +202,70 @@ static long job_index(const char *id, const char *tag, long n)
     return *end == '\0' && i >= 0 && i < n ? i : -1;
 }
 
+/* What the audit counted. */
+typedef struct audit_counts {
+    long outcomes, repeats, conflicts, foreign, accepted, progress, failed_jobs, tap_redeliveries;
+    long long last_outcome, max_gap, gap_at;
+    /* --require-moved: events of jobs numbered from window_from on, while the window is open */
+    int window_open;
+    long window_from, window_events;
+    long long window_first;
+} audit_counts;
+
+/* One event read from the audit queue. */
+static void audit_event(const amqp_envelope_t *e, const char *tag, long jobs, job_seen *seen,
+                        audit_counts *a, long long t0)
+{
+    char rk[64], corr[256];
+    long long now = iwt_now_ms();
+    const amqp_basic_properties_t *p = &e->message.properties;
+    snprintf(rk, sizeof rk, "%.*s", (int)e->routing_key.len, (char *)e->routing_key.bytes);
+    snprintf(corr, sizeof corr, "%.*s",
+             (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) ? (int)p->correlation_id.len : 0,
+             (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) ? (char *)p->correlation_id.bytes : "");
+    long idx = job_index(corr, tag, jobs);
+    int is_final = !strcmp(rk, "status.final"), is_failed = !strcmp(rk, "submission.failed");
+    if (idx >= 0 && a->window_open && idx >= a->window_from) {
+        if (!a->window_events++)
+            a->window_first = now;
+    }
+    if (idx < 0) {
+        a->foreign++;
+    } else if (is_final || is_failed) {
+        job_seen *s = &seen[idx];
+        char *body = strndup(e->message.body.bytes, e->message.body.len);
+        if (!s->finals && !s->failed) {
+            s->first = body;
+            body = NULL;
+            s->at = now;
+            a->outcomes++;
+            if (a->last_outcome && now - a->last_outcome > a->max_gap) {
+                a->max_gap = now - a->last_outcome;
+                a->gap_at = a->last_outcome - t0;
+            }
+            a->last_outcome = now;
+        } else if (e->redelivered && !strcmp(body, s->first)) {
+            a->tap_redeliveries++; /* our own audit queue redelivered it */
+        } else if (!strcmp(body, s->first) &&
+                   ((is_final && s->finals) || (is_failed && s->failed))) {
+            a->repeats++;
+        } else {
+            a->conflicts++;
+            fprintf(stderr, "cluster_drive: job %s has a second, different outcome %s\n", corr, rk);
+        }
+        if (is_final)
+            s->finals++;
+        else {
+            s->failed++;
+            a->failed_jobs += s->failed == 1 && !s->finals;
+        }
+        free(body);
+    } else if (!strcmp(rk, "submission.accepted"))
+        a->accepted++;
+    else if (!strcmp(rk, "status.progress"))
+        a->progress++;
+}
+
 static pid_t run_background(const char *cmd)
 {
     pid_t pid = fork();
@@ -205,13 +280,15 @@ static void usage(void)
 {
     fprintf(stderr, "usage: cluster_drive --nodes H:P,... --tap-node I --jobs N [--rate J] "
                     "[--mock-arg A]... [--env N=V]... [--pollers P] [--at COUNT CMD]... "
-                    "[--allow-repeats] [--timeout S] [--tag NAME]\n");
+                    "[--at-or-after COUNT SECS CMD]... [--require-moved] [--allow-repeats] "
+                    "[--timeout S] [--tag NAME]\n");
 }
 
 int main(int argc, char **argv)
 {
     node nodes[MAX_NODES];
-    int n_nodes = 0, tap_node = 0, allow_repeats = 0, pollers = 1, port = 0, rc = 1;
+    int n_nodes = 0, tap_node = 0, allow_repeats = 0, require_moved = 0, pollers = 1, port = 0,
+        rc = 1;
     long jobs = 1000, rate = 0, timeout_s = 600;
     const char *env[MAX_ENV + 1] = {0}, *mock_args[MAX_MOCK_ARGS + 1] = {0}, *tag = "cj";
     int n_env = 0, n_mock = 0, n_at = 0;
@@ -223,6 +300,10 @@ int main(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--allow-repeats")) {
             allow_repeats = 1;
+            continue;
+        }
+        if (!strcmp(argv[i], "--require-moved")) {
+            require_moved = 1;
             continue;
         }
         if (!v) {
@@ -251,6 +332,12 @@ int main(int argc, char **argv)
             at[n_at].count = atol(v);
             at[n_at++].cmd = argv[i + 2];
             i++;
+        } else if (!strcmp(argv[i], "--at-or-after") && n_at > 0 && n_at < MAX_AT && i + 3 < argc &&
+                   atol(argv[i + 2]) > 0) {
+            at[n_at].count = atol(v);
+            at[n_at].after_ms = atol(argv[i + 2]) * 1000LL;
+            at[n_at++].cmd = argv[i + 3];
+            i += 2;
         } else {
             usage();
             return 2;
@@ -258,7 +345,7 @@ int main(int argc, char **argv)
         i++;
     }
     if (n_nodes < 1 || tap_node < 0 || tap_node >= n_nodes || jobs < 1 || pollers < 1 ||
-        pollers > MAX_POLLERS) {
+        pollers > MAX_POLLERS || (require_moved && n_at < 2)) {
         usage();
         return 2;
     }
@@ -294,17 +381,28 @@ int main(int argc, char **argv)
            ns, port, jobs, rate, ns);
 
     job_seen *seen = calloc((size_t)jobs, sizeof *seen);
-    long outcomes = 0, repeats = 0, conflicts = 0, foreign = 0, accepted = 0, progress = 0;
-    long published = 0, failed_jobs = 0, tap_redeliveries = 0;
-    long long t0 = iwt_now_ms(), last_outcome = 0, max_gap = 0, gap_at = 0, last_event = t0;
+    audit_counts a = {0};
+    long published = 0;
+    long long t0 = iwt_now_ms(), last_event = t0;
     long long done_at = 0;
 
+    /* --require-moved: a tenth of the jobs (at least one, and never so many that the first
+     * milestone's count cannot be reached) waits for the first milestone to end, so that
+     * however long it takes there are jobs to publish after it */
+    long reserve = 0;
+    if (require_moved) {
+        reserve = jobs / 10 > 0 ? jobs / 10 : 1;
+        if (reserve > jobs - at[0].count)
+            reserve = jobs - at[0].count > 0 ? jobs - at[0].count : 0;
+    }
     for (;;) {
         long long now = iwt_now_ms();
         /* publish what is due */
         long due = rate > 0 ? (long)((now - t0) * rate / 1000) + 1 : jobs;
         if (due > jobs)
             due = jobs;
+        if (!at[0].ended && due > jobs - reserve)
+            due = jobs - reserve;
         if (due > published) {
             long to = due - published > 500 ? published + 500 : due;
             if (!publish_jobs(pub, ns, tag, published, to)) {
@@ -313,13 +411,30 @@ int main(int argc, char **argv)
             }
             published = to;
         }
-        /* milestones */
+        /* milestones, in order: one starts only once the one before it has finished (a
+         * restart must not race the stop it follows, however fast the outcomes come) */
         for (int i = 0; i < n_at; i++) {
-            if (!at[i].pid && outcomes >= at[i].count) {
+            /* with --require-moved the second one also waits for the proof (a short run can
+             * reach its count while the first is still going) */
+            int reached =
+                a.outcomes >= at[i].count && (!require_moved || i != 1 || a.window_events);
+            int late = i > 0 && at[i].after_ms && at[i - 1].ended &&
+                       now - at[i - 1].ended >= at[i].after_ms;
+            if (!at[i].pid && (reached || late) && (i == 0 || at[i - 1].ended)) {
                 at[i].started = now;
                 at[i].pid = run_background(at[i].cmd);
+                if (i == 1)
+                    a.window_open = 0;
                 printf("cluster_drive: %.1f s, %ld outcomes: running '%s'\n", (now - t0) / 1000.0,
-                       outcomes, at[i].cmd);
+                       a.outcomes, at[i].cmd);
+                if (!reached)
+                    printf("cluster_drive: WARNING: %lld s after the previous command, %ld "
+                           "outcomes (wanted %ld)%s: progress stalled while it was in effect (see "
+                           "tests/cluster/run.sh on RabbitMQ before 3.13)\n",
+                           at[i].after_ms / 1000, a.outcomes, at[i].count,
+                           require_moved && i == 1 && !a.window_events
+                               ? ", no event of a job published since"
+                               : "");
             }
             if (at[i].pid > 0 && !at[i].ended) {
                 int st;
@@ -328,6 +443,10 @@ int main(int argc, char **argv)
                     at[i].rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
                     printf("cluster_drive: '%s' finished (rc %d) after %.1f s\n", at[i].cmd,
                            at[i].rc, (at[i].ended - at[i].started) / 1000.0);
+                    if (i == 0 && require_moved && !at[1].pid) {
+                        a.window_open = 1;
+                        a.window_from = published;
+                    }
                 }
             }
         }
@@ -335,7 +454,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < n_at; i++)
             if (!at[i].ended)
                 commands_done = 0;
-        if (outcomes >= jobs && commands_done && !done_at)
+        if (a.outcomes >= jobs && commands_done && !done_at)
             done_at = now;
         if (done_at && now - done_at >= TAIL_MS)
             break;
@@ -345,66 +464,33 @@ int main(int argc, char **argv)
             break;
         }
 
-        /* read the audit queue */
-        amqp_envelope_t e;
-        struct timeval tv = {0, 50000};
-        amqp_maybe_release_buffers(tap);
-        amqp_rpc_reply_t r = amqp_consume_message(tap, &e, &tv, 0);
-        if (r.reply_type != AMQP_RESPONSE_NORMAL) {
-            if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
-                r.library_error == AMQP_STATUS_TIMEOUT)
-                continue;
+        /* read the audit queue: everything that is there, for at most 200 ms (a job makes
+         * three events; reading one per turn of this loop, which also waits for publish
+         * confirms, fell behind and counted outcomes late) */
+        long long read_until = iwt_now_ms() + 200;
+        int tap_failed = 0;
+        for (int waited = 0; iwt_now_ms() < read_until;) {
+            amqp_envelope_t e;
+            struct timeval tv = {0, waited ? 0 : 50000};
+            amqp_maybe_release_buffers(tap);
+            amqp_rpc_reply_t r = amqp_consume_message(tap, &e, &tv, 0);
+            waited = 1;
+            if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+                if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+                    r.library_error == AMQP_STATUS_TIMEOUT)
+                    break;
+                tap_failed = 1;
+                break;
+            }
+            audit_event(&e, tag, jobs, seen, &a, t0);
+            last_event = iwt_now_ms();
+            amqp_basic_ack(tap, 1, e.delivery_tag, 0);
+            amqp_destroy_envelope(&e);
+        }
+        if (tap_failed) {
             fprintf(stderr, "cluster_drive: the audit connection failed\n");
             break;
         }
-        now = last_event = iwt_now_ms();
-        char rk[64], corr[256];
-        const amqp_basic_properties_t *p = &e.message.properties;
-        snprintf(rk, sizeof rk, "%.*s", (int)e.routing_key.len, (char *)e.routing_key.bytes);
-        snprintf(corr, sizeof corr, "%.*s",
-                 (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) ? (int)p->correlation_id.len : 0,
-                 (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) ? (char *)p->correlation_id.bytes
-                                                              : "");
-        long idx = job_index(corr, tag, jobs);
-        int is_final = !strcmp(rk, "status.final"), is_failed = !strcmp(rk, "submission.failed");
-        if (idx < 0) {
-            foreign++;
-        } else if (is_final || is_failed) {
-            job_seen *s = &seen[idx];
-            char *body = strndup(e.message.body.bytes, e.message.body.len);
-            if (!s->finals && !s->failed) {
-                s->first = body;
-                body = NULL;
-                s->at = now;
-                outcomes++;
-                if (last_outcome && now - last_outcome > max_gap) {
-                    max_gap = now - last_outcome;
-                    gap_at = last_outcome - t0;
-                }
-                last_outcome = now;
-            } else if (e.redelivered && !strcmp(body, s->first)) {
-                tap_redeliveries++; /* our own audit queue redelivered it */
-            } else if (!strcmp(body, s->first) &&
-                       ((is_final && s->finals) || (is_failed && s->failed))) {
-                repeats++;
-            } else {
-                conflicts++;
-                fprintf(stderr, "cluster_drive: job %s has a second, different outcome %s\n", corr,
-                        rk);
-            }
-            if (is_final)
-                s->finals++;
-            else {
-                s->failed++;
-                failed_jobs += s->failed == 1 && !s->finals;
-            }
-            free(body);
-        } else if (!strcmp(rk, "submission.accepted"))
-            accepted++;
-        else if (!strcmp(rk, "status.progress"))
-            progress++;
-        amqp_basic_ack(tap, 1, e.delivery_tag, 0);
-        amqp_destroy_envelope(&e);
     }
 
     long missing = 0;
@@ -417,20 +503,20 @@ int main(int argc, char **argv)
     long refused = (long)json_integer_value(json_object_get(stats, "duplicates_refused"));
     long checks = (long)json_integer_value(json_object_get(stats, "status_checks"));
     char *requests = json_dumps(json_object_get(stats, "requests"), JSON_COMPACT);
-    double secs = (last_outcome - t0) / 1000.0;
+    double secs = (a.last_outcome - t0) / 1000.0;
 
     printf("cluster_drive: %ld of %ld jobs have an outcome in %.1f s (%.0f jobs/s); "
            "status.final %ld, submission.failed %ld\n",
            jobs - missing, jobs, secs, secs > 0 ? (jobs - missing) / secs : 0.0,
-           jobs - missing - failed_jobs, failed_jobs);
+           jobs - missing - a.failed_jobs, a.failed_jobs);
     printf("  missing outcomes: %ld   conflicting outcomes: %ld   byte-identical repeats: %ld "
            "(%s)   audit-queue redeliveries: %ld\n",
-           missing, conflicts, repeats, allow_repeats ? "allowed in this phase" : "not allowed",
-           tap_redeliveries);
+           missing, a.conflicts, a.repeats, allow_repeats ? "allowed in this phase" : "not allowed",
+           a.tap_redeliveries);
     printf("  other events: submission.accepted %ld, status.progress %ld, unrelated %ld\n",
-           accepted, progress, foreign);
+           a.accepted, a.progress, a.foreign);
     printf("  longest gap between two outcomes: %.2f s (starting %.1f s into the run)\n",
-           max_gap / 1000.0, gap_at / 1000.0);
+           a.max_gap / 1000.0, a.gap_at / 1000.0);
     printf("  mock: submissions_created=%ld (want %ld) duplicates_refused=%ld status_checks=%ld "
            "rate_limited(429)=%ld\n  mock requests: %s\n",
            created, jobs, refused, checks, r429, requests ? requests : "?");
@@ -444,8 +530,21 @@ int main(int argc, char **argv)
     int cmds_ok = 1;
     for (int i = 0; i < n_at; i++)
         cmds_ok = cmds_ok && at[i].ended && at[i].rc == 0;
-    rc = missing == 0 && conflicts == 0 && (allow_repeats || repeats == 0) && created == jobs &&
-                 cmds_ok
+    int moved_ok = 1;
+    if (require_moved) {
+        moved_ok = a.window_events > 0;
+        if (moved_ok)
+            printf("  moved: %ld events of jobs published after '%s' finished, before the next "
+                   "command; the first %.1f s after it started\n",
+                   a.window_events, at[0].cmd, (a.window_first - at[0].started) / 1000.0);
+        else
+            fprintf(stderr,
+                    "cluster_drive: no job published after '%s' finished got an event before "
+                    "the next command: the worker did not work on through another node\n",
+                    at[0].cmd);
+    }
+    rc = missing == 0 && a.conflicts == 0 && (allow_repeats || a.repeats == 0) && created == jobs &&
+                 cmds_ok && moved_ok
              ? 0
              : 1;
     printf("cluster_drive: audit %s\n", rc == 0 ? "PASSED" : "FAILED");

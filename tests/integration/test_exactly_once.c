@@ -412,7 +412,7 @@ static void *cap_conn_main(void *ud)
     static const size_t cap_buf = 65536;
     char *buf = malloc(cap_buf);
     size_t len = 0, head, clen = 0;
-    char *hend = NULL, key[256] = "", body[512];
+    char *hend = NULL, key[256] = "", body[1024];
 
     if (!buf)
         goto out;
