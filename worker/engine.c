@@ -615,6 +615,12 @@ static int any_ready(const engine *e)
     return 0;
 }
 
+/* Calls wait for a permit and a slot is free: the next turn asks. */
+static int calls_could_go(engine *e)
+{
+    return any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
+}
+
 /* Appends the breaker outcomes of this turn's finished calls, if any. */
 static int append_outcomes(engine *e, iw_error *err)
 {
@@ -733,7 +739,7 @@ static int asks_read(engine *e, asks *a, long long now)
         loop_timer_at(e->lp, &e->unblock, e->blocked_until);
         return 0;
     }
-    return any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt));
+    return calls_could_go(e);
 }
 
 static const call_ops job_call_ops;
@@ -1394,8 +1400,7 @@ static int marks_go(engine *e, long long now)
     if (!e->marks)
         return 0;
     return e->to_put.head || e->to_adopt.head || e->releases || e->n_outcomes ||
-           now - e->marks->since >= MARK_LINGER_MS || rt_stopping(e->rt) ||
-           (any_ready(e) && e->cfg->concurrency > http_client_in_flight(rt_http(e->rt)));
+           now - e->marks->since >= MARK_LINGER_MS || rt_stopping(e->rt) || calls_could_go(e);
 }
 
 /* Appends the put, adopt and mark of every queued job (and the claims to

@@ -95,11 +95,11 @@ int main(int argc, char **argv)
     snprintf(http_addr, sizeof http_addr, "IW_HTTP_ADDR=127.0.0.1:%d", http_port);
     char jit[64];
     snprintf(jit, sizeof jit, "IW_POLL_JITTER=%ld", jitter);
-    const char *env[] = {conc, sched, jit, "IW_RATE_LIMITS=1000000/s", "IW_LOG_LEVEL=info", NULL};
-    const char *env_all[] = {conc,      sched, jit, "IW_RATE_LIMITS=1000000/s", "IW_LOG_LEVEL=info",
-                             http_addr, NULL};
+    const char *env[] = {conc, sched, jit, "IW_RATE_LIMITS=1000000/s", "IW_LOG_LEVEL=info",
+                         NULL, NULL};
     if (!strcmp(mode, "all")) {
-        procs[n_procs++] = iwt_start_worker("all", ns, port, env_all, "bench-all");
+        env[5] = http_addr;
+        procs[n_procs++] = iwt_start_worker("all", ns, port, env, "bench-all");
     } else {
         procs[n_procs++] = iwt_start_worker("submitter", ns, port, env, "bench-submitter");
         for (long p = 0; p < pollers; p++) {

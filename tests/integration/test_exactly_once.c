@@ -52,30 +52,6 @@
 
 static iwt_amqp *tap; /* the events of the case's namespace */
 static iwt_amqp *ctl; /* publishes, basic.get, queue depths */
-static pid_t runner_pid;
-
-/* Check ends a failed test with _exit(): the test writes its namespace to a
- * file named after the runner, and the runner's unchecked teardown removes it. */
-static char *ns_file(char *buf, size_t len)
-{
-    snprintf(buf, len, "/tmp/iwtest-once-%ld.ns", (long)runner_pid);
-    return buf;
-}
-
-static void remove_leftovers(void)
-{
-    char path[128], line[256];
-    FILE *f = fopen(ns_file(path, sizeof path), "r");
-    if (!f)
-        return;
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\n")] = '\0';
-        if (line[0])
-            iwt_cleanup(line);
-    }
-    fclose(f);
-    unlink(path);
-}
 
 typedef struct scen {
     char ns[128];
@@ -89,15 +65,11 @@ typedef struct scen {
 static void scen_init(scen *s, const char *name, const char *const *declare_env,
                       const char *const *mock_args, int capture_port)
 {
-    char path[128];
     static const char *const declare[] = {"declare", NULL};
 
     memset(s, 0, sizeof *s);
     snprintf(s->ns, sizeof s->ns, "%s", iwt_namespace(name));
-    FILE *f = fopen(ns_file(path, sizeof path), "a");
-    ck_assert_ptr_nonnull(f);
-    fprintf(f, "%s\n", s->ns);
-    fclose(f);
+    iwt_ns_remember(s->ns);
     tap = iwt_amqp_open();
     ctl = iwt_amqp_open();
     ck_assert_int_eq(iwt_run_worker_cmd(declare, s->ns, 1, declare_env, NULL), 0);
@@ -110,7 +82,7 @@ static void scen_init(scen *s, const char *name, const char *const *declare_env,
 
 static void scen_finish(scen *s)
 {
-    char pattern[256], path[128];
+    char pattern[256];
     glob_t g;
 
     ck_assert_int_eq(iwt_stop_all(), 0);
@@ -125,7 +97,7 @@ static void scen_finish(scen *s)
     iwt_amqp_close(tap);
     iwt_amqp_close(ctl);
     tap = ctl = NULL;
-    unlink(ns_file(path, sizeof path));
+    iwt_ns_forget();
 }
 
 static pid_t start(const scen *s, const char *role, const char *const *env, const char *tag)
@@ -1133,7 +1105,7 @@ static void add(Suite *s, const char *name, const TTest *t)
 {
     TCase *tc = tcase_create(name);
     tcase_set_timeout(tc, 90);
-    tcase_add_unchecked_fixture(tc, NULL, remove_leftovers);
+    tcase_add_unchecked_fixture(tc, NULL, iwt_ns_remove_leftovers);
     tcase_add_test(tc, t);
     suite_add_tcase(s, tc);
 }
@@ -1153,7 +1125,7 @@ static Suite *once_suite(void)
 
 int main(void)
 {
-    runner_pid = getpid();
+    iwt_ns_suite("once");
     SRunner *sr = srunner_create(once_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

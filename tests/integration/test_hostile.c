@@ -45,38 +45,7 @@ static iwt_amqp *rpc; /* the reply queue of resource look-ups */
 static char reply_queue[256];
 
 /* A failed test ends with _exit(); the runner's unchecked teardown removes
- * the namespaces it recorded (the test_submit pattern). */
-static pid_t runner_pid;
-
-static char *ns_file(char *buf, size_t len)
-{
-    snprintf(buf, len, "/tmp/iwtest-hostile-%ld.ns", (long)runner_pid);
-    return buf;
-}
-
-static void remember_ns(const char *ns)
-{
-    char path[128];
-    FILE *f = fopen(ns_file(path, sizeof path), "a");
-    ck_assert_ptr_nonnull(f);
-    fprintf(f, "%s\n", ns);
-    fclose(f);
-}
-
-static void remove_leftovers(void)
-{
-    char path[128], line[256];
-    FILE *f = fopen(ns_file(path, sizeof path), "r");
-    if (!f)
-        return;
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\n")] = '\0';
-        if (line[0])
-            iwt_cleanup(line);
-    }
-    fclose(f);
-    unlink(path);
-}
+ * the namespaces it recorded (iwt_ns_remember, iwt_ns_remove_leftovers). */
 
 static char findings[16384]; /* see "findings" below */
 
@@ -93,7 +62,7 @@ static void scen_init(scen *s, const char *name)
     memset(s, 0, sizeof *s);
     snprintf(s->ns, sizeof s->ns, "%s", iwt_namespace(name));
     snprintf(s->requests, sizeof s->requests, "%s.requests", s->ns);
-    remember_ns(s->ns);
+    iwt_ns_remember(s->ns);
     iwt_declare(s->ns);
     iwt_tap_events(tap, s->ns, "#");
 }
@@ -137,12 +106,11 @@ static void open_links(void)
 
 static void close_links(void)
 {
-    char path[128];
     iwt_amqp_close(tap);
     iwt_amqp_close(ctl);
     iwt_amqp_close(rpc);
     tap = ctl = rpc = NULL;
-    unlink(ns_file(path, sizeof path));
+    iwt_ns_forget();
 }
 
 /* ---- schemas: every event and reply is checked as it arrives ---------------------- */
@@ -1572,7 +1540,7 @@ static void add(Suite *s, const char *name, const TTest *t)
 {
     TCase *tc = tcase_create(name);
     tcase_set_timeout(tc, 100);
-    tcase_add_unchecked_fixture(tc, NULL, remove_leftovers);
+    tcase_add_unchecked_fixture(tc, NULL, iwt_ns_remove_leftovers);
     tcase_add_test(tc, t);
     suite_add_tcase(s, tc);
 }
@@ -1580,7 +1548,7 @@ static void add(Suite *s, const char *name, const TTest *t)
 int main(void)
 {
     Suite *s = suite_create("hostile");
-    runner_pid = getpid();
+    iwt_ns_suite("hostile");
     add(s, "upstream_messages", test_upstream_messages);
     add(s, "provider_side", test_provider_side);
     add(s, "absurd_waits", test_absurd_waits);

@@ -47,39 +47,7 @@
 static iwt_amqp *tap; /* the events of every namespace of the test */
 static iwt_amqp *ctl; /* publishes, basic.get, queue depths */
 
-/* ---- namespaces left by a failed test --------------------------------------------------- */
-
-static pid_t runner_pid;
-
-static char *ns_file(char *buf, size_t len)
-{
-    snprintf(buf, len, "/tmp/iwtest-outage-%ld.ns", (long)runner_pid);
-    return buf;
-}
-
-static void remember_ns(const char *ns)
-{
-    char path[128];
-    FILE *f = fopen(ns_file(path, sizeof path), "a");
-    ck_assert_ptr_nonnull(f);
-    fprintf(f, "%s\n", ns);
-    fclose(f);
-}
-
-static void remove_leftovers(void)
-{
-    char path[128], line[256];
-    FILE *f = fopen(ns_file(path, sizeof path), "r");
-    if (!f)
-        return;
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\n")] = '\0';
-        if (line[0])
-            iwt_cleanup(line);
-    }
-    fclose(f);
-    unlink(path);
-}
+/* Namespaces: iwt_ns_remember, and iwt_ns_remove_leftovers after a failed test. */
 
 static void open_links(void)
 {
@@ -89,11 +57,10 @@ static void open_links(void)
 
 static void close_links(void)
 {
-    char path[128];
     iwt_amqp_close(tap);
     iwt_amqp_close(ctl);
     tap = ctl = NULL;
-    unlink(ns_file(path, sizeof path));
+    iwt_ns_forget();
 }
 
 /* ---- scenarios and workers ------------------------------------------------------------- */
@@ -108,7 +75,7 @@ static void scen_init(scen *s, const char *name, const char *const *mock_args)
 {
     memset(s, 0, sizeof *s);
     snprintf(s->ns, sizeof s->ns, "%s", iwt_namespace(name));
-    remember_ns(s->ns);
+    iwt_ns_remember(s->ns);
     iwt_declare(s->ns);
     iwt_tap_events(tap, s->ns, "#");
     s->mock = iwt_track(iwt_start_mock(mock_args, &s->port));
@@ -1296,7 +1263,7 @@ static void add(Suite *s, const char *name, const TTest *t)
 {
     TCase *tc = tcase_create(name);
     tcase_set_timeout(tc, 100);
-    tcase_add_unchecked_fixture(tc, NULL, remove_leftovers);
+    tcase_add_unchecked_fixture(tc, NULL, iwt_ns_remove_leftovers);
     tcase_add_test(tc, t);
     suite_add_tcase(s, tc);
 }
@@ -1319,6 +1286,6 @@ static Suite *outage_suite(void)
 
 int main(void)
 {
-    runner_pid = getpid();
+    iwt_ns_suite("outage");
     return iwt_run_suite(outage_suite());
 }

@@ -37,41 +37,8 @@
 static iwt_amqp *tap; /* consumes the events of every namespace of the test */
 static iwt_amqp *ctl; /* publishes, basic.get, queue depths */
 
-/* What a failed test leaves behind.  Check ends a failed test with _exit()
- * and then kills its process group (the workers and mocks it started), so the
- * test records its namespaces in a file named after the runner process, and
- * the runner's unchecked teardown removes them. */
-static pid_t runner_pid;
-
-static char *ns_file(char *buf, size_t len)
-{
-    snprintf(buf, len, "/tmp/iwtest-submit-%ld.ns", (long)runner_pid);
-    return buf;
-}
-
-static void remember_ns(const char *ns)
-{
-    char path[128];
-    FILE *f = fopen(ns_file(path, sizeof path), "a");
-    ck_assert_ptr_nonnull(f);
-    fprintf(f, "%s\n", ns);
-    fclose(f);
-}
-
-static void remove_leftovers(void)
-{
-    char path[128], line[256];
-    FILE *f = fopen(ns_file(path, sizeof path), "r");
-    if (!f)
-        return;
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\n")] = '\0';
-        if (line[0])
-            iwt_cleanup(line);
-    }
-    fclose(f);
-    unlink(path);
-}
+/* Namespaces are recorded with iwt_ns_remember and removed by the runner
+ * when a failed test could not (iwt_ns_remove_leftovers). */
 
 static void open_links(void)
 {
@@ -85,8 +52,7 @@ static void close_links(void)
     iwt_amqp_close(ctl);
     tap = ctl = NULL;
     /* the test passed: each scen_finish removed its namespace already */
-    char path[128];
-    unlink(ns_file(path, sizeof path));
+    iwt_ns_forget();
 }
 
 typedef struct scen {
@@ -101,7 +67,7 @@ static void scen_init(scen *s, const char *name, const char *const *mock_args)
 {
     memset(s, 0, sizeof *s);
     snprintf(s->ns, sizeof s->ns, "%s", iwt_namespace(name));
-    remember_ns(s->ns);
+    iwt_ns_remember(s->ns);
     iwt_declare(s->ns);
     iwt_tap_events(tap, s->ns, "#");
     s->mock = iwt_start_mock(mock_args, &s->port);
@@ -1559,7 +1525,7 @@ static void add(Suite *s, const char *name, const TTest *t)
 {
     TCase *tc = tcase_create(name);
     tcase_set_timeout(tc, 90);
-    tcase_add_unchecked_fixture(tc, NULL, remove_leftovers);
+    tcase_add_unchecked_fixture(tc, NULL, iwt_ns_remove_leftovers);
     tcase_add_test(tc, t);
     suite_add_tcase(s, tc);
 }
@@ -1583,7 +1549,7 @@ static Suite *submit_suite(void)
 
 int main(void)
 {
-    runner_pid = getpid();
+    iwt_ns_suite("submit");
     SRunner *sr = srunner_create(submit_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

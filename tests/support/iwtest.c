@@ -113,6 +113,56 @@ double iwt_cpu_seconds(pid_t pid)
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* ---- namespaces a failed test leaves behind ---- */
+
+static char ns_suite[32];
+static pid_t ns_runner;
+
+static char *ns_file(char *buf, size_t len)
+{
+    snprintf(buf, len, "/tmp/iwtest-%s-%ld.ns", ns_suite, (long)ns_runner);
+    return buf;
+}
+
+void iwt_ns_suite(const char *suite)
+{
+    snprintf(ns_suite, sizeof ns_suite, "%s", suite);
+    ns_runner = getpid();
+}
+
+void iwt_ns_remember(const char *ns)
+{
+    char path[128];
+    FILE *f = fopen(ns_file(path, sizeof path), "a");
+
+    REQUIRE(f != NULL);
+    fprintf(f, "%s\n", ns);
+    fclose(f);
+}
+
+void iwt_ns_remove_leftovers(void)
+{
+    char path[128], line[256];
+    FILE *f = fopen(ns_file(path, sizeof path), "r");
+
+    if (!f)
+        return;
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        if (line[0])
+            iwt_cleanup(line);
+    }
+    fclose(f);
+    unlink(path);
+}
+
+void iwt_ns_forget(void)
+{
+    char path[128];
+
+    unlink(ns_file(path, sizeof path));
+}
+
 const char *iwt_namespace(const char *name)
 {
     static char ns[128];

@@ -166,6 +166,17 @@ void iwt_rabbit_stop(iwt_rabbit *r);
  * runs in the suite's own process. */
 void iwt_rabbit_reap(const char *tag);
 
+/* Namespaces outlive a test that Check ends with _exit() on a failed
+ * assertion.  main calls iwt_ns_suite(name) before the runner forks; a test
+ * records each namespace it creates (iwt_ns_remember) in a file named after
+ * the suite and the runner process; the runner's unchecked teardown
+ * (iwt_ns_remove_leftovers) removes what a failed test left; a test that
+ * cleaned up after itself ends with iwt_ns_forget. */
+void iwt_ns_suite(const char *suite);
+void iwt_ns_remember(const char *ns);
+void iwt_ns_remove_leftovers(void);
+void iwt_ns_forget(void);
+
 /* Benchmarks: a process's peak resident set (VmHWM) in kB, -1 if unknown;
  * its CPU time; sorting samples ascending for percentiles. */
 long iwt_peak_rss_kb(pid_t pid);
