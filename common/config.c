@@ -91,11 +91,13 @@ static const setting settings[] = {
      "added to every rate window: absorbs the jitter between taking a permit and the call "
      "reaching the provider"},
     {"IW_SUBMIT_SHARE", T_LONG, "80", 1, 100, NULL, F(submit_share_pct), 0,
-     "percent of each rate tier submissions may use while other calls wait (critical: 100)"},
+     "percent of the normal part of each rate tier (IW_RATE_ALERT) submissions may use while "
+     "other calls wait (critical: 100)"},
     {"IW_POLL_SHARE", T_LONG, "50", 1, 100, NULL, F(poll_share_pct), 0,
-     "percent of each rate tier status checks may use while other calls wait"},
+     "percent of the normal part of each rate tier status checks may use while other calls wait"},
     {"IW_RESOURCE_SHARE", T_LONG, "50", 1, 100, NULL, F(resource_share_pct), 0,
-     "percent of each rate tier normal resource look-ups may use while other calls wait"},
+     "percent of the normal part of each rate tier resource look-ups may use while other calls "
+     "wait"},
     {"IW_CONCURRENCY", T_LONG, "64", 1, 10000, NULL, F(concurrency), 0,
      "provider calls in flight per process"},
     {"IW_PREFETCH", T_LONG, "0", 0, 65535, NULL, F(prefetch), 0,

@@ -32,10 +32,11 @@
  * every tier, the class cap and the throttle allow.  A class cap binds only
  * while another class has shown demand (was refused within the last 2 s): the
  * limiter stays work-conserving when one class is alone, and fair when they
- * compete.  The score of new permits is max(now, latest score): a step back
- * of the clock stalls the scores instead of opening room.  The windows are
- * counted from `now`, which after such a step only counts more permits
- * (errs on the safe side).
+ * compete.  The cap is a share of what the ask may use of each tier (the
+ * throttle's part for normal calls): a share of the whole tier would let one
+ * class of normal calls fill all of the throttle's part.  The score of new permits is max(now,
+ * latest score): a step back of the clock stalls the scores instead of opening room.  The windows
+ * are counted from `now`, which after such a step only counts more permits (errs on the safe side).
  *
  * Returns {granted, wait_ms, reason, probe index (0-based, -1), breaker
  * state, fails, transition from, to, usage before (max permille), above
@@ -116,7 +117,7 @@ static const char ask_source[] =
     "    for i = 1, nt do\n"
     "      local room = eff(i) - counts[i]\n"
     "      if share < 1000 then\n"
-    "        clim[i] = math.max(1, math.floor(lim[i] * share / 1000))\n"
+    "        clim[i] = math.max(1, math.floor(eff(i) * share / 1000))\n"
     "        ccounts[i] = redis.call('ZCOUNT', KEYS[3], '(' .. fmt(now - win[i]), '+inf')\n"
     "        room = math.min(room, clim[i] - ccounts[i])\n"
     "      end\n"

@@ -14,9 +14,9 @@
  * through a second sorted set; the cap binds only while another class is
  * waiting (work-conserving).  The throttle keeps the top of every tier for
  * critical calls: a normal call may use at most IW_RATE_ALERT percent of any
- * tier.  A 429 sets a fleet-wide pause key that the script honours before
- * the tiers.  Memory: one member per call in the longest window (20,000 for
- * the default day tier, ~1 MB).
+ * tier, and a class's share is of that part.  A 429 sets a fleet-wide pause key that the script
+ * honours before the tiers.  Memory: one member per call in the longest window (20,000 for the
+ * default day tier, ~1 MB).
  *
  * Circuit breaker: one for the provider, shared by every process, under
  * N:breaker:* and changed only by the scripts here.  IW_BREAKER_FAILURES

@@ -650,6 +650,51 @@ START_TEST(test_throttle_keeps_top_for_critical)
 }
 END_TEST
 
+/* The class shares divide what normal calls may use (IW_RATE_ALERT of the
+ * tier), not the whole tier: with the defaults (alert 80, submit 80%, status
+ * 50%) a submitter capped at 80% of the tier would take all of the normal
+ * room, and status checks waiting beside it would never get a permit. */
+START_TEST(test_shares_divide_the_normal_room)
+{
+    const char *ns = test_ns("share-room");
+    lim_fixture f = open_limiter(ns, "10/1s");
+    limiter_ask submit = {"submit", 0, 10, NULL, NULL, NULL, 0};
+    limiter_ask status = {"status", 0, 10, NULL, NULL, NULL, 0};
+
+    del_keys(ns);
+    limiter_policy p = limiter_policy_default();
+    p.alert_pct = 80;
+    limiter_set_policy(f.lim, &p); /* shares 800/500/500 */
+    /* submissions alone use all of the normal room (work-conserving) */
+    limiter_result r = ask(&f, &submit);
+    ck_assert_int_eq(r.granted, 8);
+    limiter_result_release(&r);
+    /* status checks find it taken and show demand */
+    r = ask(&f, &status);
+    ck_assert_int_eq(r.granted, 0);
+    long wait = r.wait_ms;
+    limiter_result_release(&r);
+    ck_assert_int_eq(key_int(ns, "EXISTS", "limiter:demand:status"), 1);
+    iwt_sleep_ms(wait + 5);
+
+    /* the window is free: submissions ask first, and get 80% of the 8 */
+    r = ask(&f, &submit);
+    ck_assert_int_eq(r.granted, 6);
+    limiter_result_release(&r);
+    /* the status checks get the rest of the normal room, within their 50% */
+    r = ask(&f, &status);
+    ck_assert_int_eq(r.granted, 2);
+    limiter_result_release(&r);
+    /* the top 20% is still kept for critical calls */
+    limiter_ask crit = {"submit", 1, 5, NULL, NULL, NULL, 0};
+    r = ask(&f, &crit);
+    ck_assert_int_eq(r.granted, 2);
+    limiter_result_release(&r);
+    close_limiter(&f);
+    del_keys(ns);
+}
+END_TEST
+
 /* Records and claims answer without a permit; a granted item takes its claim;
  * a claim ends with its lease. */
 START_TEST(test_claims_and_records)
@@ -895,6 +940,7 @@ static Suite *limiter_suite(void)
     tcase_add_test(tc, test_class_share);
     tcase_add_test(tc, test_two_pods_share_one_limit);
     tcase_add_test(tc, test_throttle_keeps_top_for_critical);
+    tcase_add_test(tc, test_shares_divide_the_normal_room);
     tcase_add_test(tc, test_claims_and_records);
     tcase_add_test(tc, test_clock_step_back_scores_forward);
     tcase_add_test(tc, test_pause_capped);
