@@ -11,7 +11,8 @@
 #define MAX_EVENTS 64
 
 typedef struct watcher {
-    int events; /* 0: not watched */
+    int events; /* in the epoll set; 0: not watched */
+    int parked; /* loop_park: kept in the set for the owner's next watch */
     loop_file_fn *fn;
     void *ud;
 } watcher;
@@ -76,6 +77,13 @@ int loop_watch(loop *l, int fd, int events, loop_file_fn *fn, void *ud)
         l->w = w;
         l->n_w = n;
     }
+    if (l->w[fd].parked && events && events == l->w[fd].events) {
+        l->w[fd].parked = 0; /* still in the set with these events */
+        l->w[fd].fn = fn;
+        l->w[fd].ud = ud;
+        return 0;
+    }
+    l->w[fd].parked = 0;
     memset(&ev, 0, sizeof ev);
     ev.data.fd = fd;
     ev.events = (events & LOOP_READ ? EPOLLIN : 0) | (events & LOOP_WRITE ? EPOLLOUT : 0);
@@ -99,6 +107,27 @@ int loop_watch(loop *l, int fd, int events, loop_file_fn *fn, void *ud)
     l->w[fd].fn = events ? fn : NULL;
     l->w[fd].ud = events ? ud : NULL;
     return 0;
+}
+
+int loop_watched(const loop *l, int fd)
+{
+    return fd >= 0 && (size_t)fd < l->n_w ? l->w[fd].events : 0;
+}
+
+int loop_park(loop *l, int fd, loop_file_fn *fn, void *ud)
+{
+    if (!loop_watched(l, fd))
+        return -1;
+    l->w[fd].parked = 1;
+    l->w[fd].fn = fn;
+    l->w[fd].ud = ud;
+    return 0;
+}
+
+void loop_forget(loop *l, int fd)
+{
+    if (fd >= 0 && (size_t)fd < l->n_w)
+        memset(&l->w[fd], 0, sizeof l->w[fd]);
 }
 
 /* ---- timers: a binary min-heap of intrusive nodes ---------------------------- */

@@ -51,6 +51,19 @@ void loop_free(loop *l);
 /* Watches fd for `events` (LOOP_READ|LOOP_WRITE); 0 stops watching it.
  * Calling it again for the same fd changes the mask and callback. */
 int loop_watch(loop *l, int fd, int events, loop_file_fn *fn, void *ud);
+/* The events fd is watched for (0: none). */
+int loop_watched(const loop *l, int fd);
+/* Stops handing fd's events to its owner without leaving the epoll set:
+ * they go to fn (which should stop watching: loop_watch(fd, 0)), and the
+ * owner's next loop_watch with the same events costs no system call.  For a
+ * descriptor idle between uses (a keep-alive connection between requests).
+ * The owner must call loop_forget before it closes a parked descriptor, or a
+ * new one with the same number could be taken for registered.  -1 when fd is
+ * not watched. */
+int loop_park(loop *l, int fd, loop_file_fn *fn, void *ud);
+/* fd is being closed (closing it leaves the epoll set): forgets its watch
+ * without a system call.  For a descriptor with no duplicate. */
+void loop_forget(loop *l, int fd);
 
 /* Prepares a timer (not armed). */
 void loop_timer_init(loop_timer *t, loop_timer_fn *fn, void *ud);

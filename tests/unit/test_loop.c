@@ -168,6 +168,70 @@ START_TEST(file_events_and_hooks)
 }
 END_TEST
 
+static int parked_events;
+
+/* A parked descriptor's events: stop watching it (as the HTTP client does). */
+static void on_parked(loop *l, int fd, int events, void *ud)
+{
+    (void)events;
+    (void)ud;
+    parked_events++;
+    loop_watch(l, fd, 0, NULL, NULL);
+}
+
+/* loop_park keeps a descriptor in the epoll set between uses: its events go
+ * to the parking callback, the owner's next watch takes it back, and a
+ * descriptor forgotten before its close leaves no trace for the next one
+ * that gets its number. */
+START_TEST(parked_descriptors)
+{
+    loop *l = loop_new();
+    int p[2], q[2];
+
+    ck_assert_int_eq(pipe(p), 0);
+    readable = parked_events = 0;
+    ck_assert_int_eq(loop_park(l, p[0], on_parked, NULL), -1); /* not watched */
+    ck_assert_int_eq(loop_watch(l, p[0], LOOP_READ, on_read, NULL), 0);
+    ck_assert_int_eq(loop_park(l, p[0], on_parked, NULL), 0);
+    ck_assert_int_eq(loop_watched(l, p[0]), LOOP_READ);
+    /* taken back with the same events: they reach the owner again */
+    ck_assert_int_eq(loop_watch(l, p[0], LOOP_READ, on_read, NULL), 0);
+    ck_assert_int_eq(write(p[1], "x", 1), 1);
+    loop_turn(l, 1000);
+    ck_assert_int_eq(readable, 1);
+    /* parked, an event goes to the parking callback, which stops watching */
+    ck_assert_int_eq(loop_park(l, p[0], on_parked, NULL), 0);
+    ck_assert_int_eq(write(p[1], "y", 1), 1);
+    loop_turn(l, 1000);
+    ck_assert_int_eq(parked_events, 1);
+    ck_assert_int_eq(readable, 1);
+    ck_assert_int_eq(loop_watched(l, p[0]), 0);
+    loop_turn(l, 20); /* no longer in the set: nothing more */
+    ck_assert_int_eq(parked_events, 1);
+    /* watched again (a real registration), parked, forgotten and closed: the
+     * next descriptor with that number is registered afresh */
+    ck_assert_int_eq(loop_watch(l, p[0], LOOP_READ, on_read, NULL), 0);
+    loop_turn(l, 1000);
+    ck_assert_int_eq(readable, 2);
+    ck_assert_int_eq(loop_park(l, p[0], on_parked, NULL), 0);
+    int old = p[0];
+    loop_forget(l, p[0]);
+    close(p[0]);
+    close(p[1]);
+    ck_assert_int_eq(pipe(q), 0);
+    ck_assert_int_eq(q[0], old); /* the lowest free number */
+    ck_assert_int_eq(loop_watched(l, q[0]), 0);
+    ck_assert_int_eq(loop_watch(l, q[0], LOOP_READ, on_read, NULL), 0);
+    ck_assert_int_eq(write(q[1], "z", 1), 1);
+    loop_turn(l, 1000);
+    ck_assert_int_eq(readable, 3);
+    ck_assert_int_eq(parked_events, 1);
+    close(q[0]);
+    close(q[1]);
+    loop_free(l);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("loop");
@@ -176,6 +240,7 @@ int main(void)
     tcase_add_test(tc, timers_fire_in_due_order);
     tcase_add_test(tc, cancel_and_rearm_keep_the_heap_ordered);
     tcase_add_test(tc, file_events_and_hooks);
+    tcase_add_test(tc, parked_descriptors);
     suite_add_tcase(s, tc);
     return iwt_run_suite(s);
 }
