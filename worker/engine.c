@@ -822,6 +822,7 @@ static void job_free(job *j)
     free(j->event);
     json_decref(j->event_doc);
     free(j->fail_msg);
+    free(j->keys);
     free(j);
 }
 
@@ -1638,6 +1639,7 @@ static job *job_new(engine *e, role_slot *rs, iw_delivery *d)
     j->self = rs->self;
     j->e = e;
     j->d = d;
+    j->key = j->claim = j->first = "";
     j->call.kind = &rs->kind;
     j->call.ops = &job_call_ops;
     loop_timer_init(&j->hold, hold_over, j);
@@ -1674,6 +1676,40 @@ static void read_headers(job *j)
         j->first_attempt_ms = 0;
 }
 
+/* The job's Redis keys in one block sized to them: a job in the backlog
+ * holds its ~100 bytes of keys, not three arrays of RECORDS_KEY_MAX. */
+static int job_make_keys(job *j, char *msg, size_t len)
+{
+    static const char *const what[] = {"record", "claim", "first-attempt"};
+    const char *kinds[] = {j->role->record_kind, "claim", "first"};
+    const char **dst[] = {&j->key, &j->claim, &j->first};
+    char buf[3][RECORDS_KEY_MAX];
+    size_t sz[3], total = 0;
+    int n = j->role->claims ? 3 : 2;
+
+    for (int i = 0; i < n; i++) {
+        if (records_key(j->e->rec, buf[i], kinds[i], j->job_id) != 0) {
+            snprintf(msg, len, "the %s key of this jobId does not fit", what[i]);
+            return -1;
+        }
+        sz[i] = strlen(buf[i]) + 1;
+        total += sz[i];
+    }
+    char *p = malloc(total);
+    if (!p) {
+        snprintf(msg, len, "out of memory for the job's keys");
+        return -1;
+    }
+    free(j->keys);
+    j->keys = p;
+    for (int i = 0; i < n; i++) {
+        memcpy(p, buf[i], sz[i]);
+        *dst[i] = p;
+        p += sz[i];
+    }
+    return 0;
+}
+
 /* Intake, the role's own reading of the job, and its record key: IW_C_NONE,
  * or the code (msg filled) that fails the job. */
 static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len)
@@ -1696,18 +1732,8 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
     j->call.critical = prio && strcmp(prio, "critical") == 0;
     if ((code = j->role->prepare(j, msg, len)) != IW_C_NONE)
         return code;
-    if (records_key(j->e->rec, j->key, j->role->record_kind, j->job_id) != 0) {
-        snprintf(msg, len, "the record key of this jobId does not fit");
+    if (job_make_keys(j, msg, len) != 0)
         return IW_C_INTERNAL_ERROR;
-    }
-    if (records_key(j->e->rec, j->claim, "claim", j->job_id) != 0) {
-        snprintf(msg, len, "the claim key of this jobId does not fit");
-        return IW_C_INTERNAL_ERROR;
-    }
-    if (j->role->claims && records_key(j->e->rec, j->first, "first", j->job_id) != 0) {
-        snprintf(msg, len, "the first-attempt key of this jobId does not fit");
-        return IW_C_INTERNAL_ERROR;
-    }
     j->call.record_key = j->key;
     j->call.claim_key = j->role->claims ? j->claim : NULL;
     j->call.first_key = j->role->claims ? j->first : NULL;

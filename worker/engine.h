@@ -166,9 +166,10 @@ struct job {
     int token_retried; /* a 401 was retried once with a new token */
     int failing;       /* its recorded outcome is a failure (submission.failed) */
     char token[48];    /* this delivery's record owner token */
-    char key[RECORDS_KEY_MAX];
-    char claim[RECORDS_KEY_MAX];
-    char first[RECORDS_KEY_MAX];
+    /* its Redis keys (record, claim, first attempt: <ns>:<kind>:<jobId>),
+     * "" until read from a valid delivery; one block, `keys`, sized to them */
+    const char *key, *claim, *first;
+    char *keys;
     loop_timer hold;      /* while held */
     long long step_since; /* monotonic ms it began to wait for its Redis step */
     rt_outcome out;

@@ -63,7 +63,7 @@ int main(int argc, char **argv)
         easy[i] = curl_easy_init();
         curl_easy_setopt(easy[i], CURLOPT_URL, url);
         curl_easy_setopt(easy[i], CURLOPT_WRITEFUNCTION, discard);
-        curl_easy_setopt(easy[i], CURLOPT_BUFFERSIZE, 4096L); /* as the worker */
+        curl_easy_setopt(easy[i], CURLOPT_BUFFERSIZE, 1024L); /* as the worker */
         curl_easy_setopt(easy[i], CURLOPT_POSTFIELDS,
                          "{\"userId\":\"u-1\",\"action\":\"transaction\",\"payload\":{}}");
         curl_multi_add_handle(multi, easy[i]);

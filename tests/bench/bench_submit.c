@@ -95,6 +95,12 @@ int main(int argc, char **argv)
     iwt_amqp *tap = iwt_amqp_open();
     iwt_tap_events(tap, ns, "submission.*");
     iwt_sleep_ms(500); /* let the workers connect and consume */
+    long idle_kb = 0;  /* a connected worker with nothing to do: what every process costs */
+    for (long p = 0; p < procs; p++) {
+        long kb = iwt_status_kb(workers[p], "VmRSS");
+        if (kb > idle_kb)
+            idle_kb = kb;
+    }
 
     /* ---- phase 1: throughput ---- */
     long long *accepted_at = calloc((size_t)jobs, sizeof *accepted_at);
@@ -194,7 +200,11 @@ int main(int argc, char **argv)
             "  worker CPU per job (first to last accepted): %.1f us (%.2f CPU s per 1,000 jobs)\n",
             (cpu_last - cpu_first) * 1e6 / (double)(got - 1),
             (cpu_last - cpu_first) * 1000 / (double)(got - 1));
-    printf("  worker peak RSS: %.1f MB (max over %ld process(es))\n", rss_max / 1024.0, procs);
+    printf("  worker peak RSS: %.1f MB (max over %ld process(es)); idle %.1f MB\n",
+           rss_max / 1024.0, procs, idle_kb / 1024.0);
+    printf("  per call in flight: %.1f KB of the peak, %.1f KB above the idle worker\n",
+           (double)rss_max / (double)concurrency,
+           (double)(rss_max - idle_kb) / (double)concurrency);
     printf("  mock: submissions_created=%ld rate_limited(429)=%ld\n", created, r429);
     json_decref(stats);
 
