@@ -1,86 +1,15 @@
 /* /readyz per the contract: non-200 within 5 s of losing Redis or the broker, busy or
  * idle. An idle worker only notices a lost Redis through its own probes (a PING every
- * second feeding metrics_connections), which the job engine adds: until then this suite
- * fails, and tests/CMakeLists.txt marks it DISABLED. */
-#include <arpa/inet.h>
+ * second feeding metrics_connections). */
 #include <check.h>
 #include <curl/curl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "iwtest.h"
-
-typedef struct body {
-    char *p;
-    size_t n;
-} body;
-
-static size_t on_data(char *p, size_t size, size_t n, void *ud)
-{
-    body *b = ud;
-    size_t k = size * n;
-    char *q = realloc(b->p, b->n + k + 1);
-    if (!q)
-        return 0;
-    memcpy(q + b->n, p, k);
-    b->n += k;
-    q[b->n] = '\0';
-    b->p = q;
-    return k;
-}
-
-/* GET http://127.0.0.1:port/path: the status (0 when unreachable) and the body. */
-static long http_get(int port, const char *path, char **text)
-{
-    char url[128];
-    body b = {0};
-    long status = 0;
-    CURL *c = curl_easy_init();
-
-    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 3000L);
-    if (curl_easy_perform(c) == CURLE_OK)
-        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-    curl_easy_cleanup(c);
-    if (text)
-        *text = b.p;
-    else
-        free(b.p);
-    return status;
-}
-
-static int free_port(void)
-{
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof sa;
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    close(fd);
-    return ntohs(sa.sin_port);
-}
-
-typedef struct probe {
-    int port;
-    const char *path;
-    long want; /* > 0: that status; 0: anything but 200 */
-} probe;
-
-static int answers(void *ud)
-{
-    probe *pr = ud;
-    long s = http_get(pr->port, pr->path, NULL);
-    return pr->want ? s == pr->want : (s != 200);
-}
 
 static int redis_port_up(void *ud)
 {
@@ -111,7 +40,7 @@ static pid_t start_redis(int port)
 START_TEST(readyz_turns_red_within_5s_of_losing_redis_while_idle)
 {
     char ns[128], addr[64], redis_url[96];
-    int mock_port, http_port = free_port(), redis_port = free_port();
+    int mock_port, http_port = iwt_free_port(), redis_port = iwt_free_port();
 
     snprintf(ns, sizeof ns, "%s", iwt_namespace("readyz"));
     iwt_cleanup(ns);
@@ -123,10 +52,10 @@ START_TEST(readyz_turns_red_within_5s_of_losing_redis_while_idle)
     const char *const env[] = {addr, redis_url, NULL};
     pid_t w = iwt_start_worker("submitter", ns, mock_port, env, "readyz");
 
-    probe ready = {http_port, "/readyz", 200}, not_ready = {http_port, "/readyz", 0};
+    iwt_probe ready = {http_port, "/readyz", 200}, not_ready = {http_port, "/readyz", 0};
     /* Outcomes are recorded and asserted after the cleanup, so that a failure leaves no
      * process or namespace behind on the shared broker. */
-    int was_ready = iwt_eventually(answers, &ready, 15000);
+    int was_ready = iwt_eventually(iwt_answers, &ready, 15000);
     int turned_red = 0, alive = 0, back = 0;
     long long took = -1;
     if (was_ready) {
@@ -134,11 +63,11 @@ START_TEST(readyz_turns_red_within_5s_of_losing_redis_while_idle)
         iwt_stop(r, SIGKILL);
         r = -1;
         long long t0 = iwt_now_ms();
-        turned_red = iwt_eventually(answers, &not_ready, 5000);
+        turned_red = iwt_eventually(iwt_answers, &not_ready, 5000);
         took = iwt_now_ms() - t0;
-        alive = http_get(http_port, "/healthz", NULL) == 200; /* alive, just not ready */
+        alive = iwt_http_get(http_port, "/healthz", NULL) == 200; /* alive, just not ready */
         r = start_redis(redis_port);
-        back = iwt_eventually(answers, &ready, 10000);
+        back = iwt_eventually(iwt_answers, &ready, 10000);
     }
     int stopped = iwt_stop(w, SIGTERM) == 0;
     if (r > 0)

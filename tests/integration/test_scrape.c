@@ -1,97 +1,17 @@
 /* /metrics, /healthz and /readyz of a running worker (issue 11 item 2): the counters a
  * scrape shows agree with what the mock provider itself saw. (/readyz after losing Redis:
  * test_readyz.) */
-#include <arpa/inet.h>
 #include <check.h>
 #include <curl/curl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "iwtest.h"
 
 #define ROUTE "POST /api/v1/external-resource"
-
-typedef struct body {
-    char *p;
-    size_t n;
-} body;
-
-static size_t on_data(char *p, size_t size, size_t n, void *ud)
-{
-    body *b = ud;
-    size_t k = size * n;
-    char *q = realloc(b->p, b->n + k + 1);
-    if (!q)
-        return 0;
-    memcpy(q + b->n, p, k);
-    b->n += k;
-    q[b->n] = '\0';
-    b->p = q;
-    return k;
-}
-
-/* GET http://127.0.0.1:port/path: the status (0 when unreachable) and the body. */
-static long http_get(int port, const char *path, char **text)
-{
-    char url[128];
-    body b = {0};
-    long status = 0;
-    CURL *c = curl_easy_init();
-
-    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 3000L);
-    if (curl_easy_perform(c) == CURLE_OK)
-        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-    curl_easy_cleanup(c);
-    if (text)
-        *text = b.p;
-    else
-        free(b.p);
-    return status;
-}
-
-static int free_port(void)
-{
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof sa;
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    close(fd);
-    return ntohs(sa.sin_port);
-}
-
-/* The value of the sample `series` (name and labels exactly) in a scrape; -1 if absent. */
-static double sample(const char *text, const char *series)
-{
-    size_t n = strlen(series);
-    for (const char *p = text; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL)
-        if (!strncmp(p, series, n) && p[n] == ' ')
-            return strtod(p + n + 1, NULL);
-    return -1;
-}
-
-typedef struct probe {
-    int port;
-    const char *path;
-    long want; /* > 0: that status; 0: anything but 200 */
-} probe;
-
-static int answers(void *ud)
-{
-    probe *pr = ud;
-    long s = http_get(pr->port, pr->path, NULL);
-    return pr->want ? s == pr->want : (s != 200);
-}
 
 typedef struct accepted {
     iwt_amqp *a;
@@ -113,7 +33,7 @@ static int all_accepted(void *ud)
 START_TEST(scrape_agrees_with_the_mock)
 {
     char ns[128], addr[64], *text = NULL;
-    int mock_port, http_port = free_port();
+    int mock_port, http_port = iwt_free_port();
 
     snprintf(ns, sizeof ns, "%s", iwt_namespace("scrape"));
     iwt_cleanup(ns);
@@ -128,9 +48,9 @@ START_TEST(scrape_agrees_with_the_mock)
     const char *const env[] = {addr, "IW_RETRY_SCHEDULE=0s,200ms", NULL};
     pid_t w = iwt_start_worker("submitter", ns, mock_port, env, NULL);
 
-    probe ready = {http_port, "/readyz", 200};
-    ck_assert_msg(iwt_eventually(answers, &ready, 15000), "/readyz never 200");
-    ck_assert_int_eq(http_get(http_port, "/healthz", NULL), 200);
+    iwt_probe ready = {http_port, "/readyz", 200};
+    ck_assert_msg(iwt_eventually(iwt_answers, &ready, 15000), "/readyz never 200");
+    ck_assert_int_eq(iwt_http_get(http_port, "/healthz", NULL), 200);
 
     enum { JOBS = 10 };
     for (int i = 0; i < JOBS; i++) {
@@ -148,18 +68,21 @@ START_TEST(scrape_agrees_with_the_mock)
     ck_assert_int_eq(created, JOBS);
     ck_assert_int_eq(failed, 1);
 
-    ck_assert_int_eq(http_get(http_port, "/metrics", &text), 200);
+    ck_assert_int_eq(iwt_http_get(http_port, "/metrics", &text), 200);
     ck_assert_ptr_nonnull(text);
-    ck_assert(sample(text, "iw_provider_requests_total{route=\"submit\",code=\"2xx\"}") == created);
-    ck_assert(sample(text, "iw_provider_requests_total{route=\"submit\",code=\"5xx\"}") == failed);
-    ck_assert(sample(text, "iw_provider_request_duration_seconds_count{route=\"submit\"}") ==
+    ck_assert(iwt_metric(text, "iw_provider_requests_total{route=\"submit\",code=\"2xx\"}") ==
+              created);
+    ck_assert(iwt_metric(text, "iw_provider_requests_total{route=\"submit\",code=\"5xx\"}") ==
+              failed);
+    ck_assert(iwt_metric(text, "iw_provider_request_duration_seconds_count{route=\"submit\"}") ==
               created + failed);
     ck_assert(
-        sample(text, "iw_provider_request_duration_seconds_bucket{route=\"submit\",le=\"+Inf\"}") ==
+        iwt_metric(text,
+                   "iw_provider_request_duration_seconds_bucket{route=\"submit\",le=\"+Inf\"}") ==
         created + failed);
-    ck_assert(sample(text, "iw_jobs_total{role=\"submitter\",outcome=\"accepted\"}") == JOBS);
-    ck_assert(sample(text, "iw_provider_down") == 0);
-    ck_assert(sample(text, "iw_ready") == 1);
+    ck_assert(iwt_metric(text, "iw_jobs_total{role=\"submitter\",outcome=\"accepted\"}") == JOBS);
+    ck_assert(iwt_metric(text, "iw_provider_down") == 0);
+    ck_assert(iwt_metric(text, "iw_ready") == 1);
     ck_assert(strstr(text, "iw_build_info{version=\"") != NULL);
     free(text);
 

@@ -706,6 +706,14 @@ long iwt_http_get(int port, const char *path, char **body)
     return http(port, "GET", path, NULL, body);
 }
 
+int iwt_answers(void *probe)
+{
+    const iwt_probe *pr = probe;
+    long s = http(pr->port, "GET", pr->path, NULL, NULL);
+
+    return pr->want ? s == pr->want : s != 200;
+}
+
 double iwt_metric(const char *text, const char *series)
 {
     size_t n = strlen(series);

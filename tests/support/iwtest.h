@@ -120,6 +120,14 @@ int iwt_free_port(void);
 /* GET http://127.0.0.1:port/path: the status (0 when unreachable); the body
  * (malloc'd) in *body when not NULL. */
 long iwt_http_get(int port, const char *path, char **body);
+/* For iwt_eventually: GET http://127.0.0.1:port/path answers `want` (> 0),
+ * or anything but 200 (want 0: down, or not ready). */
+typedef struct iwt_probe {
+    int port;
+    const char *path;
+    long want;
+} iwt_probe;
+int iwt_answers(void *probe);
 /* The value of the Prometheus sample `series` (name with its labels exactly
  * as rendered, e.g. iw_jobs_total{role="poller",outcome="acked"}) in a
  * /metrics text; -1 when absent. */
