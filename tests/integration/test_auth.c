@@ -23,22 +23,15 @@
 
 static char ns[128];
 
+/* Fresh namespace with its topology, a mock with `mock_args`, and a tap. */
 static iwt_amqp *setup(const char *name, const char *const *mock_args, int *port)
 {
-    snprintf(ns, sizeof ns, "%s", iwt_namespace(name));
-    iwt_cleanup(ns);
-    iwt_declare(ns);
-    iwt_track(iwt_start_mock(mock_args, port));
-    iwt_amqp *a = iwt_amqp_open();
-    iwt_tap_events(a, ns, "#");
-    return a;
+    return iwt_scene(ns, sizeof ns, name, mock_args, port);
 }
 
 static void teardown_all(iwt_amqp *a)
 {
-    ck_assert_int_eq(iwt_stop_all(), 0);
-    iwt_amqp_close(a);
-    iwt_cleanup(ns);
+    iwt_scene_end(a, ns);
 }
 
 static void publish_job(iwt_amqp *a, const char *job_id)

@@ -26,7 +26,6 @@
 #include <arpa/inet.h>
 #include <check.h>
 #include <errno.h>
-#include <glob.h>
 #include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <netinet/in.h>
@@ -82,18 +81,9 @@ static void scen_init(scen *s, const char *name, const char *const *declare_env,
 
 static void scen_finish(scen *s)
 {
-    char pattern[256];
-    glob_t g;
-
     ck_assert_int_eq(iwt_stop_all(), 0);
     iwt_cleanup(s->ns);
-    snprintf(pattern, sizeof pattern, "/tmp/iwtest-%s-*.log", s->ns);
-    /* IWT_KEEP_LOGS=1 keeps the worker logs of a passing case, to read them */
-    if (!getenv("IWT_KEEP_LOGS") && glob(pattern, 0, NULL, &g) == 0) {
-        for (size_t i = 0; i < g.gl_pathc; i++)
-            unlink(g.gl_pathv[i]);
-        globfree(&g);
-    }
+    iwt_remove_logs(s->ns);
     iwt_amqp_close(tap);
     iwt_amqp_close(ctl);
     tap = ctl = NULL;

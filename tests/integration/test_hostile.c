@@ -18,7 +18,6 @@
  * hostile jobs included). */
 #include <arpa/inet.h>
 #include <check.h>
-#include <glob.h>
 #include <jansson.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
@@ -74,9 +73,6 @@ static void scen_start(scen *s, const char *const *env)
 
 static void scen_finish(scen *s)
 {
-    char pattern[256];
-    glob_t g;
-
     if (s->worker > 0)
         ck_assert_msg(iwt_stop_tracked(s->worker, SIGTERM) == 0,
                       "the worker of %s did not exit 0 on SIGTERM (see /tmp/iwtest-%s-all.log)",
@@ -84,13 +80,9 @@ static void scen_finish(scen *s)
     if (s->mock > 0)
         ck_assert_int_eq(iwt_stop(s->mock, SIGTERM), 0);
     iwt_cleanup(s->ns);
-    snprintf(pattern, sizeof pattern, "/tmp/iwtest-%s-*.log", s->ns);
     /* the worker's log is kept when it has findings to show */
-    if (!findings[0] && glob(pattern, 0, NULL, &g) == 0) {
-        for (size_t i = 0; i < g.gl_pathc; i++)
-            unlink(g.gl_pathv[i]);
-        globfree(&g);
-    }
+    if (!findings[0])
+        iwt_remove_logs(s->ns);
 }
 
 static void open_links(void)

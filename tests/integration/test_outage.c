@@ -28,7 +28,6 @@
  * shared keys in Redis, /metrics and the workers' JSON log lines (one per
  * provider call, one per breaker transition, one per job state at debug). */
 #include <check.h>
-#include <glob.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
@@ -83,17 +82,9 @@ static void scen_init(scen *s, const char *name, const char *const *mock_args)
 
 static void scen_finish(scen *s)
 {
-    char pattern[256];
-    glob_t g;
-
     ck_assert_int_eq(iwt_stop_tracked(s->mock, SIGTERM), 0);
     iwt_cleanup(s->ns);
-    snprintf(pattern, sizeof pattern, "/tmp/iwtest-%s-*.log", s->ns);
-    if (glob(pattern, 0, NULL, &g) == 0) {
-        for (size_t i = 0; i < g.gl_pathc; i++)
-            unlink(g.gl_pathv[i]);
-        globfree(&g);
-    }
+    iwt_remove_logs(s->ns);
 }
 
 typedef struct wk {

@@ -10,7 +10,6 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <glob.h>
 #include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <netinet/in.h>
@@ -86,18 +85,10 @@ static void stop_worker(pid_t pid)
 
 static void scen_finish(scen *s)
 {
-    char pattern[256];
-    glob_t g;
-
     if (s->mock > 0)
         ck_assert_int_eq(iwt_stop(s->mock, SIGTERM), 0);
     iwt_cleanup(s->ns);
-    snprintf(pattern, sizeof pattern, "/tmp/iwtest-%s-*.log", s->ns);
-    if (glob(pattern, 0, NULL, &g) == 0) {
-        for (size_t i = 0; i < g.gl_pathc; i++)
-            unlink(g.gl_pathv[i]);
-        globfree(&g);
-    }
+    iwt_remove_logs(s->ns);
 }
 
 /* ---- jobs ---------------------------------------------------------------------- */

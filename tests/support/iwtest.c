@@ -6,6 +6,7 @@
 #include <curl/curl.h>
 #include <dirent.h>
 #include <errno.h>
+#include <glob.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <signal.h>
@@ -53,6 +54,13 @@ static void iwt_fail(const char *file, int line, const char *what)
         if (!(cond))                                                                               \
             iwt_fail(__FILE__, __LINE__, #cond);                                                   \
     } while (0)
+
+/* Where the workers' logs go: IWT_LOG_DIR, else /tmp. */
+static const char *log_dir(void)
+{
+    const char *dir = getenv("IWT_LOG_DIR");
+    return dir && *dir ? dir : "/tmp";
+}
 
 long long iwt_now_ms(void)
 {
@@ -286,9 +294,7 @@ pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *c
         char log[512];
         const char *argv[] = {IW_BIN_DIR "/integration-worker", role, NULL};
         build_env(ns, port, env, envp, 512);
-        const char *dir = getenv("IWT_LOG_DIR");
-        snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", dir && *dir ? dir : "/tmp", ns,
-                 tag ? tag : role);
+        snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", log_dir(), ns, tag ? tag : role);
         int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {
             dup2(fd, 2);
@@ -688,6 +694,41 @@ static long http(int port, const char *method, const char *path, const char *bod
     else
         free(b.p);
     return status;
+}
+
+iwt_amqp *iwt_scene(char *ns, size_t ns_len, const char *name, const char *const *mock_args,
+                    int *port)
+{
+    snprintf(ns, ns_len, "%s", iwt_namespace(name));
+    iwt_cleanup(ns);
+    iwt_declare(ns);
+    iwt_track(iwt_start_mock(mock_args, port));
+    iwt_amqp *a = iwt_amqp_open();
+    iwt_tap_events(a, ns, "#");
+    return a;
+}
+
+void iwt_remove_logs(const char *ns)
+{
+    char pattern[512];
+    glob_t g;
+
+    if (getenv("IWT_KEEP_LOGS"))
+        return;
+    snprintf(pattern, sizeof pattern, "%s/iwtest-%s-*.log", log_dir(), ns);
+    if (glob(pattern, 0, NULL, &g) == 0) {
+        for (size_t i = 0; i < g.gl_pathc; i++)
+            unlink(g.gl_pathv[i]);
+        globfree(&g);
+    }
+}
+
+void iwt_scene_end(iwt_amqp *a, const char *ns)
+{
+    REQUIRE(iwt_stop_all() == 0);
+    iwt_amqp_close(a);
+    iwt_cleanup(ns);
+    iwt_remove_logs(ns);
 }
 
 json_t *iwt_mock_stats(int port)

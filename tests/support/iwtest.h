@@ -101,6 +101,18 @@ int iwt_queue_depth(iwt_amqp *a, const char *queue);
 int iwt_queue_consumers(iwt_amqp *a, const char *queue);
 /* Deletes every queue and exchange of ns and its Redis keys. */
 void iwt_cleanup(const char *ns);
+/* A test's scene: a fresh namespace iwt_namespace(name) into ns (its
+ * topology declared), a mock provider started with mock_args (tracked; its
+ * port in *port) and a connection tapping every event of the namespace. */
+iwt_amqp *iwt_scene(char *ns, size_t ns_len, const char *name, const char *const *mock_args,
+                    int *port);
+/* Removes the log files iwt_start_worker wrote for ns (in IWT_LOG_DIR or
+ * /tmp), unless IWT_KEEP_LOGS is set: a passing case leaves none behind. */
+void iwt_remove_logs(const char *ns);
+/* Its end: stops every tracked child (each must exit 0), closes the tap and
+ * removes the namespace and its worker logs (a failed check ends the case
+ * before: its logs stay). */
+void iwt_scene_end(iwt_amqp *a, const char *ns);
 
 /* Mock provider admin: GET /__admin/stats, POST a JSON body to a path. */
 json_t *iwt_mock_stats(int port);
