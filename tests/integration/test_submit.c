@@ -1511,6 +1511,96 @@ START_TEST(test_multibyte_job_ids)
 }
 END_TEST
 
+/* The provider restarts while the worker's keep-alive connections are idle
+ * (parked in the reactor's epoll set): they are closed under it, and the next
+ * calls go out on new connections.  A parked descriptor taken for registered
+ * after its number was reused would stall the calls on it: every round must
+ * be accepted in time, and each provider must see exactly its own jobs. */
+START_TEST(test_provider_restarts_between_calls)
+{
+    enum { ROUNDS = 3, JOBS = 8 };
+    scen a;
+    char id[32], listen[64];
+
+    open_links();
+    scen_init(&a, "sub-restart", NULL);
+    pid_t w = start_submitter(&a, NULL, NULL);
+    snprintf(listen, sizeof listen, "127.0.0.1:%d", a.port);
+    for (int round = 0; round < ROUNDS; round++) {
+        for (int i = 0; i < JOBS; i++) {
+            snprintf(id, sizeof id, "restart-%d-%02d", round, i);
+            free(publish_job(&a, id, NULL));
+        }
+        for (int i = 0; i < JOBS; i++) {
+            snprintf(id, sizeof id, "restart-%d-%02d", round, i);
+            iwt_msg_free(expect_accepted(id, 10000));
+        }
+        json_t *st = iwt_mock_stats(a.port);
+        ck_assert_int_eq(stat_num(st, "submissions_created"), JOBS);
+        json_decref(st);
+        if (round == ROUNDS - 1)
+            break;
+        /* the connections are idle: the provider goes and comes back on its port */
+        ck_assert_int_eq(iwt_stop(a.mock, SIGTERM), 0);
+        const char *args[] = {"--listen", listen, NULL};
+        int port;
+        a.mock = iwt_start_mock(args, &port);
+        ck_assert_int_eq(port, a.port);
+    }
+    ck_assert(!log_contains(&a, NULL, "retrying"));
+    stop_worker(w);
+    ck_assert_int_eq(depth(&a, "submit"), 0);
+    ck_assert_int_eq(depth(&a, "dead"), 0);
+    scen_finish(&a);
+    close_links();
+}
+END_TEST
+
+/* Calls cut off by IW_HTTP_TIMEOUT: curl closes their connections (the loop
+ * forgets the descriptors as they close) and the retries open new ones,
+ * which get the same descriptor numbers: each must be watched afresh, or the
+ * retries would stall until they time out too. */
+START_TEST(test_timed_out_connections_replaced)
+{
+    enum { JOBS = 8 };
+    static const char *const env[] = {"IW_HTTP_TIMEOUT=500ms", "IW_RETRY_SCHEDULE=0s,1s,1s,1s,1s",
+                                      "IW_BREAKER_FAILURES=1000", NULL};
+    scen a;
+    char id[32];
+
+    open_links();
+    scen_init(&a, "sub-cutoff", NULL);
+    pid_t w = start_submitter(&a, env, NULL);
+    /* first a round on fast calls: the connections exist and go idle */
+    for (int i = 0; i < JOBS; i++) {
+        snprintf(id, sizeof id, "warm-%02d", i);
+        free(publish_job(&a, id, NULL));
+    }
+    for (int i = 0; i < JOBS; i++) {
+        snprintf(id, sizeof id, "warm-%02d", i);
+        iwt_msg_free(expect_accepted(id, 10000));
+    }
+    ck_assert_int_eq(iwt_mock_post(a.port, "/__admin/faults", "{\"latency_ms\":3000}"), 200);
+    for (int i = 0; i < JOBS; i++) {
+        snprintf(id, sizeof id, "cut-%02d", i);
+        free(publish_job(&a, id, NULL));
+    }
+    wait_in_flight(&a, JOBS, 10000);
+    /* cut off at 500 ms; the retries, 1 s later, find a fast provider */
+    iwt_sleep_ms(800);
+    ck_assert_int_eq(iwt_mock_post(a.port, "/__admin/faults", "{\"latency_ms\":0}"), 200);
+    for (int i = 0; i < JOBS; i++) {
+        snprintf(id, sizeof id, "cut-%02d", i);
+        iwt_msg_free(expect_accepted(id, 15000));
+    }
+    stop_worker(w);
+    ck_assert_int_eq(depth(&a, "submit"), 0);
+    ck_assert_int_eq(depth(&a, "dead"), 0);
+    scen_finish(&a);
+    close_links();
+}
+END_TEST
+
 /* One case per test, so that CK_RUN_CASE=<test name> runs one of them. */
 static void add(Suite *s, const char *name, const TTest *t)
 {
@@ -1525,6 +1615,8 @@ static Suite *submit_suite(void)
 {
     Suite *s = suite_create("submit");
     add(s, "accepted", test_accepted);
+    add(s, "provider_restart", test_provider_restarts_between_calls);
+    add(s, "timed_out_connections", test_timed_out_connections_replaced);
     add(s, "client_errors", test_client_errors_not_retried);
     add(s, "server_errors", test_server_errors_retried);
     add(s, "rate_limited_429", test_429_honoured);
