@@ -111,10 +111,19 @@ void records_free(records *rec)
     free(rec);
 }
 
-int records_key(const records *rec, char *buf, const char *kind, const char *id)
+size_t records_key_size(const records *rec, const char *kind, const char *id)
 {
-    int n = snprintf(buf, RECORDS_KEY_MAX, "%s:%s:%s", rec->ns, kind, id);
-    return n < 0 || n >= RECORDS_KEY_MAX ? -1 : 0;
+    return strlen(rec->ns) + strlen(kind) + strlen(id) + 3;
+}
+
+int records_key(const records *rec, char *buf, size_t size, const char *kind, const char *id)
+{
+    int n;
+
+    if (size > RECORDS_KEY_MAX)
+        size = RECORDS_KEY_MAX;
+    n = snprintf(buf, size, "%s:%s:%s", rec->ns, kind, id);
+    return n < 0 || (size_t)n >= size ? -1 : 0;
 }
 
 static int push_op(records *rec, op o, iw_error *err)

@@ -57,8 +57,11 @@ typedef struct records_reply {
 records *records_new(redis_link *r, const char *ns, long ttl_ms, long lease_ms);
 void records_free(records *rec);
 
-/* <ns>:<kind>:<id> into buf (RECORDS_KEY_MAX bytes); -1 when it does not fit. */
-int records_key(const records *rec, char *buf, const char *kind, const char *id);
+/* The bytes <ns>:<kind>:<id> takes with its terminating NUL. */
+size_t records_key_size(const records *rec, const char *kind, const char *id);
+/* <ns>:<kind>:<id> into buf (size bytes, at most RECORDS_KEY_MAX used); -1
+ * when it does not fit. */
+int records_key(const records *rec, char *buf, size_t size, const char *kind, const char *id);
 
 /* put also drops the job's call claim (NULL: none) when claim_token holds it.
  * failed_ttl_ms > 0 records a failure (submission.failed) for that long

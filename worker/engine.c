@@ -1683,16 +1683,15 @@ static int job_make_keys(job *j, char *msg, size_t len)
     static const char *const what[] = {"record", "claim", "first-attempt"};
     const char *kinds[] = {j->role->record_kind, "claim", "first"};
     const char **dst[] = {&j->key, &j->claim, &j->first};
-    char buf[3][RECORDS_KEY_MAX];
     size_t sz[3], total = 0;
     int n = j->role->claims ? 3 : 2;
 
     for (int i = 0; i < n; i++) {
-        if (records_key(j->e->rec, buf[i], kinds[i], j->job_id) != 0) {
+        sz[i] = records_key_size(j->e->rec, kinds[i], j->job_id);
+        if (sz[i] > RECORDS_KEY_MAX) {
             snprintf(msg, len, "the %s key of this jobId does not fit", what[i]);
             return -1;
         }
-        sz[i] = strlen(buf[i]) + 1;
         total += sz[i];
     }
     char *p = malloc(total);
@@ -1703,7 +1702,7 @@ static int job_make_keys(job *j, char *msg, size_t len)
     free(j->keys);
     j->keys = p;
     for (int i = 0; i < n; i++) {
-        memcpy(p, buf[i], sz[i]);
+        records_key(j->e->rec, p, sz[i], kinds[i], j->job_id);
         *dst[i] = p;
         p += sz[i];
     }
