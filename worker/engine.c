@@ -1534,38 +1534,44 @@ static int steps_read(engine *e, steps *s, long long now)
 
     if (!s->active)
         return 0;
-    if (!s->failed || s->released || s->marked || s->taken[0].head || s->taken[1].head) {
-        for (size_t i = 0; i < s->released; i++) {
-            records_reply r;
-            if (records_read(e->rec, &r, &s->err) == IW_OK)
-                free(r.event);
-        }
-        for (pending_mark *m = s->marked; m; m = m->next) {
-            records_reply r = {0};
-            int good = records_read(e->rec, &r, &s->err) == IW_OK;
-            after_mark(m->key, &r, &s->err, good);
+    /* every reply appended is read, also after a failure or out of memory:
+     * the next reader of the pipeline (the permits) must find its own */
+    for (size_t i = 0; i < s->released; i++) {
+        records_reply r;
+        if (records_read(e->rec, &r, &s->err) == IW_OK)
             free(r.event);
-        }
-        for (int q = 0; q < 2; q++)
-            for (job *j = s->taken[q].head; j; j = j->next)
-                n++;
-        rr = calloc(n ? n : 1, sizeof *rr);
-        ok = calloc(n ? n : 1, sizeof *ok);
-        for (size_t i = 0; i < n && rr && ok; i++)
-            ok[i] = records_read(e->rec, &rr[i], &s->err) == IW_OK;
-        wait_replicas(e, s->waiting);
-        if (rr && ok) {
-            s->failed |= dispatch_steps(e, s, rr, ok, n);
-        } else { /* out of memory: the replies are lost, the steps tried again */
-            job_fifo *queues[2] = {&e->to_put, &e->to_adopt};
-            for (int q = 0; q < 2; q++)
-                for (job *j; (j = job_pop(&s->taken[q]));)
-                    job_push(queues[q], j);
-            s->failed = 1;
-        }
-        free(rr);
-        free(ok);
     }
+    for (pending_mark *m = s->marked; m; m = m->next) {
+        records_reply r = {0};
+        int good = records_read(e->rec, &r, &s->err) == IW_OK;
+        after_mark(m->key, &r, &s->err, good);
+        free(r.event);
+    }
+    for (int q = 0; q < 2; q++)
+        for (job *j = s->taken[q].head; j; j = j->next)
+            n++;
+    rr = calloc(n ? n : 1, sizeof *rr);
+    ok = calloc(n ? n : 1, sizeof *ok);
+    for (size_t i = 0; i < n; i++) {
+        records_reply none = {0};
+        int good = records_read(e->rec, rr && ok ? &rr[i] : &none, &s->err) == IW_OK;
+        if (rr && ok)
+            ok[i] = good;
+        else
+            free(none.event);
+    }
+    wait_replicas(e, s->waiting);
+    if (rr && ok) {
+        s->failed |= dispatch_steps(e, s, rr, ok, n);
+    } else { /* out of memory: the replies were dropped, the steps tried again */
+        job_fifo *queues[2] = {&e->to_put, &e->to_adopt};
+        for (int q = 0; q < 2; q++)
+            for (job *j; (j = job_pop(&s->taken[q]));)
+                job_push(queues[q], j);
+        s->failed = 1;
+    }
+    free(rr);
+    free(ok);
     mark_free_list(s->marked);
     s->marked = NULL;
     if (s->failed) {
