@@ -1414,6 +1414,15 @@ static int wb_added(amqp_link *l, int arc)
     return arc == AMQP_STATUS_OK && !l->ok ? AMQP_STATUS_SOCKET_ERROR : arc;
 }
 
+/* One method of ours (ack, nack, reject): into the turn's buffer, or
+ * through librabbitmq (what its amqp_basic_ack and the like do). */
+static int send_method(amqp_link *l, amqp_method_number_t id, void *m)
+{
+    if (raw_writes(l))
+        return wb_added(l, wb_method(l, id, m));
+    return amqp_send_method(l->conn, CHANNEL, id, m);
+}
+
 void amqp_link_batch_writes(amqp_link *l, int on)
 {
     if (!on)
@@ -1555,30 +1564,21 @@ static int send_op(amqp_link *l, out_op *op)
         /* send_publish resolves the callback on failure itself */
         return send_publish(l, &op->pub, op->cb, op->ud) == IW_OK ? AMQP_STATUS_OK
                                                                   : AMQP_STATUS_SOCKET_ERROR;
-    case OUT_ACK:
-        if (raw_writes(l)) {
-            amqp_basic_ack_t m = {op->tag, 0};
-            arc = wb_added(l, wb_method(l, AMQP_BASIC_ACK_METHOD, &m));
-        } else {
-            arc = amqp_basic_ack(l->conn, CHANNEL, op->tag, 0);
-        }
+    case OUT_ACK: {
+        amqp_basic_ack_t m = {op->tag, 0};
+        arc = send_method(l, AMQP_BASIC_ACK_METHOD, &m);
         break;
-    case OUT_NACK:
-        if (raw_writes(l)) {
-            amqp_basic_nack_t m = {op->tag, 0, (amqp_boolean_t)op->requeue};
-            arc = wb_added(l, wb_method(l, AMQP_BASIC_NACK_METHOD, &m));
-        } else {
-            arc = amqp_basic_nack(l->conn, CHANNEL, op->tag, 0, op->requeue);
-        }
+    }
+    case OUT_NACK: {
+        amqp_basic_nack_t m = {op->tag, 0, (amqp_boolean_t)op->requeue};
+        arc = send_method(l, AMQP_BASIC_NACK_METHOD, &m);
         break;
-    case OUT_REJECT:
-        if (raw_writes(l)) {
-            amqp_basic_reject_t m = {op->tag, (amqp_boolean_t)op->requeue};
-            arc = wb_added(l, wb_method(l, AMQP_BASIC_REJECT_METHOD, &m));
-        } else {
-            arc = amqp_basic_reject(l->conn, CHANNEL, op->tag, op->requeue);
-        }
+    }
+    case OUT_REJECT: {
+        amqp_basic_reject_t m = {op->tag, (amqp_boolean_t)op->requeue};
+        arc = send_method(l, AMQP_BASIC_REJECT_METHOD, &m);
         break;
+    }
     case OUT_CONSUME: {
         amqp_link_push(l); /* in order after the turn's frames */
         amqp_basic_consume_t m = {0,
