@@ -167,6 +167,10 @@ static const setting settings[] = {
      "OAuth2: the longest wait between token fetches while the token endpoint fails"},
     {"IW_HTTP_CONNECT_TIMEOUT", T_DURATION, "3s", 100, 600000L, NULL, F(http_connect_timeout_ms), 0,
      "TCP/TLS connect to the provider"},
+    {"IW_TURN_LINGER", T_DURATION, "5ms", 0, 20, NULL, F(turn_linger_ms), 0,
+     "the most a turn of the event loop woken by few events waits for more (a hundredth of the "
+     "provider's mean answer time), so that they share one Redis round trip and broker write: "
+     "less CPU per job for about 1% more latency; 0: off"},
     {"IW_HOLD_MAX", T_DURATION, "5s", 0, 600000L, NULL, F(hold_max_ms), 0,
      "limiter waits up to this long keep the delivery unacked; longer ones go to a delay queue"},
     {"IW_IDEMPOTENCY_TTL", T_DURATION, "7d", 60000, 365 * DAY_MS, NULL, F(idempotency_ttl_ms), 0,

@@ -85,6 +85,7 @@ typedef struct iw_config {
     long token_backoff_max_ms; /* IW_TOKEN_BACKOFF_MAX: the doubling stops here */
     long http_connect_timeout_ms;
     long hold_max_ms;
+    long turn_linger_ms; /* IW_TURN_LINGER: loop_set_linger */
     long idempotency_ttl_ms;
     long redis_timeout_ms;
     char *redis_password;          /* IW_REDIS_PASSWORD: the data nodes' (overrides the URL's) */

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "clock.h"
@@ -30,7 +31,8 @@ struct loop {
     size_t n, cap;
     hook hooks[LOOP_MAX_HOOKS];
     size_t n_hooks;
-    int again; /* a hook asked for another turn without waiting */
+    int again;      /* a hook asked for another turn without waiting */
+    long linger_us; /* loop_set_linger */
 };
 
 loop *loop_new(void)
@@ -245,6 +247,24 @@ void loop_again(loop *l)
     l->again = 1;
 }
 
+void loop_set_linger(loop *l, long usec)
+{
+    l->linger_us = usec > 0 ? usec : 0;
+}
+
+/* A thin wake after a wait: sleeps the linger, then takes what is ready by
+ * now in place of `evs` (level-triggered: the first events are still in it;
+ * reading both lists would hand a descriptor its event twice). */
+static int linger(loop *l, struct epoll_event *evs, int n)
+{
+    struct timespec ts = {l->linger_us / 1000000, (l->linger_us % 1000000) * 1000};
+    int m;
+
+    nanosleep(&ts, NULL); /* a signal cuts it short: fine */
+    m = epoll_wait(l->epfd, evs, MAX_EVENTS, 0);
+    return m > 0 ? m : n;
+}
+
 int loop_turn(loop *l, long long max_wait_ms)
 {
     struct epoll_event evs[MAX_EVENTS];
@@ -262,6 +282,8 @@ int loop_turn(loop *l, long long max_wait_ms)
         wait = 0;
     l->again = 0;
     n = epoll_wait(l->epfd, evs, MAX_EVENTS, wait > 1000000 ? 1000000 : (int)wait);
+    if (n > 0 && n < LOOP_LINGER_THIN && wait != 0 && l->linger_us)
+        n = linger(l, evs, n);
     if (n < 0) {
         n = 0;
         if (errno != EINTR)

@@ -88,6 +88,17 @@ int loop_add_hook(loop *l, loop_hook_fn *fn, void *ud);
  * would flush it had already run in this turn. */
 void loop_again(loop *l);
 
+/* Lingering: a turn that waited for its first events and was woken by fewer
+ * than LOOP_LINGER_THIN ready descriptors sleeps `usec` more and takes
+ * every event ready by then, so that events arriving close behind each other
+ * (a provider's answers, their confirms) share one turn and its one flush
+ * (a Redis round trip, a broker write) instead of a wake-up each.  It trades
+ * at most `usec` of latency per thin turn for fewer system calls and wake-ups
+ * per job when the process is not busy; a busy process has fat turns or none
+ * that wait, and never lingers.  0 (the default): off. */
+#define LOOP_LINGER_THIN 8
+void loop_set_linger(loop *l, long usec);
+
 /* Runs one turn, waiting at most max_wait_ms (-1: until an event or a
  * timer).  Returns 0, or -1 when waiting failed (not EINTR, which is a
  * turn without events: the signal handler only sets a flag). */

@@ -87,6 +87,7 @@ struct engine {
     size_t n_roles;
     char proc_token[40];
     unsigned long long seq;
+    long long answer_us; /* the provider's mean answer time (EWMA), for the linger */
 };
 
 /* ---- FIFOs ---------------------------------------------------------------------- */
@@ -238,6 +239,29 @@ static long metric_status(const http_response *r)
     return r->result.transport == IW_TRANSPORT_TIMEOUT ? IW_CALL_TIMED_OUT : IW_CALL_NO_ANSWER;
 }
 
+/* The loop lingers on thin turns (loop_set_linger) for a hundredth of the
+ * provider's mean answer time, at most IW_TURN_LINGER: against a slow provider
+ * the answers of the calls in flight arrive spread out, a turn would serve
+ * one job and each job would pay its own wake-ups, Redis round trip and broker
+ * writes; lingering lets them share, for at most about 1% more time per job.
+ * Against a fast provider the linger is near zero, as each of the few waits
+ * of a job's cycle would count. */
+#define LINGER_SHARE 100
+
+static void follow_provider_pace(engine *e, long long duration_us)
+{
+    long long max = e->cfg->turn_linger_ms * 1000, lg;
+
+    if (duration_us < 0)
+        duration_us = 0;
+    if (e->answer_us == 0)
+        e->answer_us = duration_us;
+    else
+        e->answer_us += (duration_us - e->answer_us) / 16;
+    lg = e->answer_us / LINGER_SHARE;
+    loop_set_linger(e->lp, lg < max ? lg : max);
+}
+
 static void on_http(void *ud, const http_response *r)
 {
     call *c = ud;
@@ -257,6 +281,7 @@ static void on_http(void *ud, const http_response *r)
         return;
     }
     metrics_provider_request(c->kind->route, metric_status(r), r->duration_us);
+    follow_provider_pace(e, r->duration_us);
     note_outcome(e, c, v.breaker_failure);
     c->probe = 0;
     if (r->result.wait_capped)

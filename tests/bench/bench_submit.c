@@ -37,8 +37,8 @@ int main(int argc, char **argv)
 {
     long jobs = 20000, latency = 0, concurrency = 64, procs = 1, paced = 2000, paced_rate = 200,
          prefetch = 0;
-    const char *limits = "1000000/s", *mock_limits = "off";
-    char lat[32], buf[512], conc[64], lim[128], pf[64];
+    const char *limits = "1000000/s", *mock_limits = "off", *linger = NULL;
+    char lat[32], buf[512], conc[64], lim[128], pf[64], lg[64];
     int port;
 
     for (int i = 1; i < argc; i++) {
@@ -61,11 +61,13 @@ int main(int argc, char **argv)
             paced_rate = atol(v), i++;
         else if (!strcmp(argv[i], "--prefetch"))
             prefetch = atol(v), i++;
+        else if (!strcmp(argv[i], "--linger"))
+            linger = v, i++;
         else {
             fprintf(stderr,
                     "usage: %s [--jobs N] [--latency-ms L] [--concurrency C] [--procs P] "
                     "[--rate-limits SPEC] [--mock-limits SPEC] [--paced N] [--paced-rate R] "
-                    "[--prefetch N]\n",
+                    "[--prefetch N] [--linger DURATION]\n",
                     argv[0]);
             return 2;
         }
@@ -84,7 +86,9 @@ int main(int argc, char **argv)
     snprintf(conc, sizeof conc, "IW_CONCURRENCY=%ld", concurrency);
     snprintf(lim, sizeof lim, "IW_RATE_LIMITS=%s", limits);
     snprintf(pf, sizeof pf, "IW_PREFETCH=%ld", prefetch); /* 0: the worker's default */
-    const char *env[] = {conc, lim, "IW_LOG_LEVEL=info", "IW_POLL_SCHEDULE=1h", pf, NULL};
+    snprintf(lg, sizeof lg, "IW_TURN_LINGER=%s", linger ? linger : ""); /* none: the default */
+    const char *env[] = {
+        conc, lim, "IW_LOG_LEVEL=info", "IW_POLL_SCHEDULE=1h", pf, linger ? lg : NULL, NULL};
     pid_t workers[16];
     for (long p = 0; p < procs; p++) {
         char tag[32];

@@ -113,6 +113,7 @@ START_TEST(defaults_match_contract)
 
     ck_assert_int_eq(cfg->breaker_failures, 5);
     ck_assert_int_eq(cfg->breaker_open_ms, 60000);
+    ck_assert_int_eq(cfg->turn_linger_ms, 5);
 
     ck_assert_uint_eq(cfg->n_poll, 5);
     ck_assert_int_eq(cfg->poll_schedule_ms[0], 5000);
@@ -273,6 +274,8 @@ static const struct {
     {"IW_BREAKER_OPEN=500ms", "IW_BREAKER_OPEN"},
     {"IW_BREAKER_OPEN=2d", "IW_BREAKER_OPEN"},
     {"IW_POLL_MAX_AGE=31d", "IW_POLL_MAX_AGE"},
+    {"IW_TURN_LINGER=21ms", "IW_TURN_LINGER"},
+    {"IW_TURN_LINGER=1s", "IW_TURN_LINGER"},
     {"IW_CACHE_TTL=0", "IW_CACHE_TTL"},
     {"IW_SHUTDOWN_GRACE=2h", "IW_SHUTDOWN_GRACE"},
     {"IW_HTTP_TIMEOUT=soon", "IW_HTTP_TIMEOUT"},
@@ -536,6 +539,7 @@ START_TEST(known_variables_not_warned)
                          "IW_HTTP_TIMEOUT=10s",
                          "IW_HTTP_CONNECT_TIMEOUT=3s",
                          "IW_HOLD_MAX=5s",
+                         "IW_TURN_LINGER=0",
                          "IW_IDEMPOTENCY_TTL=7d",
                          "IW_REDIS_TIMEOUT=2s",
                          "IW_SCHEMA_DIR=/schemas",

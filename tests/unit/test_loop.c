@@ -2,6 +2,7 @@
  * cancelling; file events; turn-end hooks and loop_again. */
 #include <check.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "clock.h"
@@ -232,6 +233,89 @@ START_TEST(parked_descriptors)
 }
 END_TEST
 
+/* Writes one byte to fd after `ms`, from a child process. */
+static pid_t write_later(int fd, int ms)
+{
+    pid_t pid = fork();
+
+    if (pid == 0) {
+        usleep((useconds_t)ms * 1000);
+        _exit(write(fd, "l", 1) == 1 ? 0 : 1);
+    }
+    ck_assert_int_gt(pid, 0);
+    return pid;
+}
+
+/* loop_set_linger: a turn woken by a few descriptors waits a little longer,
+ * so that the events close behind the first share its turn (and its
+ * turn-end flush); a wake that is already a batch, or a turn that must not
+ * wait, does not linger. */
+START_TEST(thin_wakes_linger)
+{
+    loop *l = loop_new();
+    int p[2], q[2], many[LOOP_LINGER_THIN][2];
+    long long t0;
+
+    ck_assert_int_eq(pipe(p), 0);
+    ck_assert_int_eq(pipe(q), 0);
+    ck_assert_int_eq(loop_watch(l, p[0], LOOP_READ, on_read, NULL), 0);
+    ck_assert_int_eq(loop_watch(l, q[0], LOOP_READ, on_read, NULL), 0);
+    ck_assert_int_eq(loop_add_hook(l, hook, NULL), 0);
+    readable = hooks_run = want_again = 0;
+
+    /* no linger: the event 100 ms behind the first gets a turn of its own */
+    pid_t kid = write_later(q[1], 100);
+    ck_assert_int_eq(write(p[1], "x", 1), 1);
+    loop_turn(l, 2000);
+    ck_assert_int_eq(readable, 1);
+    ck_assert_int_eq(hooks_run, 1);
+    loop_turn(l, 2000);
+    ck_assert_int_eq(readable, 2);
+    ck_assert_int_eq(hooks_run, 2);
+    waitpid(kid, NULL, 0);
+
+    /* a linger of 400 ms: both in one turn, one turn-end hook */
+    loop_set_linger(l, 400 * 1000);
+    kid = write_later(q[1], 100);
+    ck_assert_int_eq(write(p[1], "x", 1), 1);
+    t0 = clock_mono_ms();
+    loop_turn(l, 2000);
+    ck_assert_int_ge(clock_mono_ms() - t0, 350);
+    ck_assert_int_eq(readable, 4);
+    ck_assert_int_eq(hooks_run, 3);
+    waitpid(kid, NULL, 0);
+
+    /* a turn that must not wait (loop_again) does not linger */
+    loop_again(l);
+    ck_assert_int_eq(write(p[1], "x", 1), 1);
+    t0 = clock_mono_ms();
+    loop_turn(l, 2000);
+    ck_assert_int_lt(clock_mono_ms() - t0, 300);
+    ck_assert_int_eq(readable, 5);
+
+    /* a wake with LOOP_LINGER_THIN ready descriptors is a batch already */
+    loop_set_linger(l, 2000 * 1000);
+    for (int i = 0; i < LOOP_LINGER_THIN; i++) {
+        ck_assert_int_eq(pipe(many[i]), 0);
+        ck_assert_int_eq(loop_watch(l, many[i][0], LOOP_READ, on_read, NULL), 0);
+        ck_assert_int_eq(write(many[i][1], "m", 1), 1);
+    }
+    t0 = clock_mono_ms();
+    loop_turn(l, 2000);
+    ck_assert_int_lt(clock_mono_ms() - t0, 1000);
+    ck_assert_int_eq(readable, 5 + LOOP_LINGER_THIN);
+    for (int i = 0; i < LOOP_LINGER_THIN; i++) {
+        close(many[i][0]);
+        close(many[i][1]);
+    }
+    close(p[0]);
+    close(p[1]);
+    close(q[0]);
+    close(q[1]);
+    loop_free(l);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("loop");
@@ -241,6 +325,7 @@ int main(void)
     tcase_add_test(tc, cancel_and_rearm_keep_the_heap_ordered);
     tcase_add_test(tc, file_events_and_hooks);
     tcase_add_test(tc, parked_descriptors);
+    tcase_add_test(tc, thin_wakes_linger);
     suite_add_tcase(s, tc);
     return iwt_run_suite(s);
 }
