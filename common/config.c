@@ -167,7 +167,7 @@ static const setting settings[] = {
      "OAuth2: the longest wait between token fetches while the token endpoint fails"},
     {"IW_HTTP_CONNECT_TIMEOUT", T_DURATION, "3s", 100, 600000L, NULL, F(http_connect_timeout_ms), 0,
      "TCP/TLS connect to the provider"},
-    {"IW_TURN_LINGER", T_DURATION, "5ms", 0, 20, NULL, F(turn_linger_ms), 0,
+    {"IW_TURN_LINGER", T_DURATION, "2ms", 0, 20, NULL, F(turn_linger_ms), 0,
      "the most a turn of the event loop woken by few events waits for more (a hundredth of the "
      "provider's mean answer time), so that they share one Redis round trip and broker write: "
      "less CPU per job for about 1% more latency; 0: off"},

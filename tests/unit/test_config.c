@@ -113,7 +113,7 @@ START_TEST(defaults_match_contract)
 
     ck_assert_int_eq(cfg->breaker_failures, 5);
     ck_assert_int_eq(cfg->breaker_open_ms, 60000);
-    ck_assert_int_eq(cfg->turn_linger_ms, 5);
+    ck_assert_int_eq(cfg->turn_linger_ms, 2);
 
     ck_assert_uint_eq(cfg->n_poll, 5);
     ck_assert_int_eq(cfg->poll_schedule_ms[0], 5000);
