@@ -6,7 +6,8 @@
  *
  * A turn:
  *   1. wait in epoll until a descriptor is ready or the earliest timer is due
- *      (not at all when a turn-end hook asked for another turn at once);
+ *      (not at all when a turn-end hook asked for another turn at once), and
+ *      linger a little after a thin wake (loop_set_linger);
  *   2. run the file events that fired;
  *   3. run the timers that are due, earliest first;
  *   4. run the turn-end hooks: they flush what the events of this turn queued
