@@ -245,8 +245,11 @@ static long metric_status(const http_response *r)
  * one job and each job would pay its own wake-ups, Redis round trip and broker
  * writes; lingering lets them share, for at most about 1% more time per job.
  * Against a fast provider the linger is near zero, as each of the few waits
- * of a job's cycle would count. */
+ * of a job's cycle would count.  A linger under LINGER_MIN_US is none: the
+ * sleep alone (a system call, a wake-up, the kernel's 50 us timer slack) would
+ * cost more than the few events it could gather. */
 #define LINGER_SHARE 100
+#define LINGER_MIN_US 100
 
 static void follow_provider_pace(engine *e, long long duration_us)
 {
@@ -259,6 +262,8 @@ static void follow_provider_pace(engine *e, long long duration_us)
     else
         e->answer_us += (duration_us - e->answer_us) / 16;
     lg = e->answer_us / LINGER_SHARE;
+    if (lg < LINGER_MIN_US)
+        lg = 0;
     loop_set_linger(e->lp, lg < max ? lg : max);
 }
 
