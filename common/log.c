@@ -14,7 +14,8 @@ static struct {
     int level;
     const char *service;
     FILE *out;
-} logger = {IW_LOG_INFO, "integration-worker", NULL};
+    char service_json[128]; /* service as a JSON string; "" when it did not fit */
+} logger = {IW_LOG_INFO, "integration-worker", NULL, "\"integration-worker\""};
 
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR"};
 
@@ -22,9 +23,17 @@ void log_init(int level, const char *service, FILE *out)
 {
     static char buf[1 << 16];
 
+    json_t *svc = json_string(service);
+
     logger.level = level;
     logger.service = service;
     logger.out = out ? out : stderr;
+    /* encoded once: every line's head is then plain text (log_json) */
+    size_t n =
+        svc ? json_dumpb(svc, logger.service_json, sizeof logger.service_json - 1, JSON_ENCODE_ANY)
+            : 0;
+    logger.service_json[n < sizeof logger.service_json ? n : 0] = '\0';
+    json_decref(svc);
     /* Fully buffered and flushed once per loop turn: thousands of lines a
      * second must not cost a write(2) each. */
     setvbuf(logger.out, buf, _IOFBF, sizeof buf);
@@ -75,10 +84,53 @@ void format_timestamp(long long wall_ms, char *buf, size_t len)
     buf[n] = '\0';
 }
 
+/* The line the long way: the head's fields and the caller's in one object,
+ * dumped (into the stream when longer than the buffer). */
+static void write_merged(int level, json_t *fields, const char *ts)
+{
+    json_t *line = json_pack("{s:s, s:s, s:s, s:s}", "timestamp", ts, "level", level_names[level],
+                             "service", logger.service, "interface", "IF-002");
+
+    if (!line)
+        return;
+    if (fields)
+        json_object_update(line, fields);
+    json_dumpf(line, logger.out, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    fputc('\n', logger.out);
+    json_decref(line);
+}
+
+/* Whether fields can follow the head as they are: an object without one of
+ * the head's names (ours never have them; a caller's would replace them). */
+static int fields_follow(const json_t *fields)
+{
+    return !fields || (json_is_object(fields) && !json_object_get(fields, "timestamp") &&
+                       !json_object_get(fields, "level") && !json_object_get(fields, "service") &&
+                       !json_object_get(fields, "interface"));
+}
+
+/* The head's literal text around the values: the longest head is it plus
+ * the timestamp, the level and the service. */
+#define HEAD_TEXT                                                                                  \
+    (sizeof "{\"timestamp\":\"\",\"level\":\"\",\"service\":,\"interface\":\"IF-002\"" - 1)
+
+static size_t put(char *text, size_t n, const char *s)
+{
+    size_t len = strlen(s);
+
+    memcpy(text + n, s, len);
+    return n + len;
+}
+
+/* A line is the head, written as text (our own timestamp, level and service,
+ * the service encoded once by jansson), and the caller's fields dumped by
+ * jansson right behind it, their "{" turned into ",": one dump of the
+ * caller's object, no second object to build and copy the fields into. */
 void log_json(int level, json_t *fields)
 {
-    char ts[40];
-    json_t *line;
+    char ts[40], text[2048];
+    size_t n, m = 0;
+    int any;
 
     if (!log_enabled(level)) {
         json_decref(fields);
@@ -87,27 +139,39 @@ void log_json(int level, json_t *fields)
     if (!logger.out)
         logger.out = stderr;
     format_timestamp(clock_wall_ms(), ts, sizeof ts);
-    line = json_pack("{s:s, s:s, s:s, s:s}", "timestamp", ts, "level", level_names[level],
-                     "service", logger.service, "interface", "IF-002");
-    if (line && fields)
-        json_object_update(line, fields);
-    json_decref(fields);
-    if (line) {
-        /* one write into the stream's buffer, not one per token */
-        char text[2048];
-        size_t n = json_dumpb(line, text, sizeof text - 1, JSON_COMPACT | JSON_PRESERVE_ORDER);
-        if (n > 0 && n < sizeof text) {
-            text[n] = '\n';
-            fwrite(text, 1, n + 1, logger.out);
-        } else {
-            json_dumpf(line, logger.out, JSON_COMPACT | JSON_PRESERVE_ORDER);
-            fputc('\n', logger.out);
-        }
-        json_decref(line);
+    if (!logger.service_json[0] || !fields_follow(fields)) {
+        write_merged(level, fields, ts);
+        goto out;
     }
+    /* fits: ts < 40, a level name, service_json < 128 */
+    n = put(text, 0, "{\"timestamp\":\"");
+    n = put(text, n, ts);
+    n = put(text, n, "\",\"level\":\"");
+    n = put(text, n, level_names[level]);
+    n = put(text, n, "\",\"service\":");
+    n = put(text, n, logger.service_json);
+    n = put(text, n, ",\"interface\":\"IF-002\"");
+    any = fields && json_object_size(fields) > 0;
+    if (any)
+        m = json_dumpb(fields, text + n, sizeof text - n - 1, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    if (!any) {
+        text[n++] = '}';
+    } else if (m > 2 && m < sizeof text - n - 1) {
+        text[n] = ','; /* the fields' "{" */
+        n += m;
+    } else {
+        write_merged(level, fields, ts); /* too long for the buffer, or not dumpable */
+        goto out;
+    }
+    text[n++] = '\n';
+    fwrite(text, 1, n, logger.out);
+out:
+    json_decref(fields);
     if (level >= IW_LOG_ERROR)
         fflush(logger.out);
 }
+
+_Static_assert(HEAD_TEXT + 40 + 5 + 128 + 2 < 2048, "a line's head fits its buffer");
 
 void log_msg(int level, json_t *fields, const char *fmt, ...)
 {

@@ -202,6 +202,88 @@ START_TEST(log_line_keeps_invalid_message)
 }
 END_TEST
 
+/* Logs one line per call of `emit` into a file and returns the text. */
+static void logged(void (*emit)(void), const char *service, char *out, size_t cap)
+{
+    FILE *f = tmpfile();
+    ck_assert_ptr_nonnull(f);
+    log_init(IW_LOG_DEBUG, service, f);
+    emit();
+    log_flush();
+    rewind(f);
+    size_t n = fread(out, 1, cap - 1, f);
+    out[n] = '\0';
+    log_init(IW_LOG_DEBUG, "test", stderr);
+    fclose(f);
+}
+
+static void emit_lines(void)
+{
+    char big[3000];
+
+    log_json(IW_LOG_INFO, json_pack("{s:s, s:i}", "requestId", "a\"b\n", "attempt", 2));
+    log_json(IW_LOG_WARN, NULL);
+    log_json(IW_LOG_WARN, json_object());
+    log_json(IW_LOG_ERROR, json_pack("{s:s, s:s}", "level", "mine", "x", "y"));
+    memset(big, 'z', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    log_json(IW_LOG_INFO, json_pack("{s:s}", "big", big));
+}
+
+/* Every line is one JSON object: the head (timestamp, level, service,
+ * interface) first, then the caller's fields in their order, whichever way
+ * it was written (the head as text with the fields' dump, or one merged
+ * object for fields that name a head field or do not fit the buffer). */
+START_TEST(log_lines_head_then_fields)
+{
+    static char out[16384];
+    char *line, *save = NULL;
+    const char *want_level[] = {"INFO", "WARN", "WARN", "mine", "INFO"};
+    int i = 0;
+
+    logged(emit_lines, "svc \"q\"", out, sizeof out);
+    for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save), i++) {
+        json_error_t je;
+        json_t *o = json_loads(line, 0, &je);
+        const char *key;
+        json_t *v;
+        const char *order[8];
+        int k = 0;
+
+        ck_assert_msg(o != NULL, "line %d is not JSON: %s", i, line);
+        ck_assert_int_lt(i, 5);
+        json_object_foreach(o, key, v)
+        {
+            if (k < 8)
+                order[k] = key;
+            k++;
+        }
+        ck_assert_int_ge(k, 4);
+        ck_assert_str_eq(order[0], "timestamp");
+        ck_assert_str_eq(order[1], "level");
+        ck_assert_str_eq(order[2], "service");
+        ck_assert_str_eq(order[3], "interface");
+        ck_assert_str_eq(json_string_value(json_object_get(o, "level")), want_level[i]);
+        ck_assert_str_eq(json_string_value(json_object_get(o, "service")), "svc \"q\"");
+        ck_assert_str_eq(json_string_value(json_object_get(o, "interface")), "IF-002");
+        if (i == 0) {
+            ck_assert_int_eq(k, 6);
+            ck_assert_str_eq(order[4], "requestId");
+            ck_assert_str_eq(order[5], "attempt");
+            ck_assert_str_eq(json_string_value(json_object_get(o, "requestId")), "a\"b\n");
+        }
+        if (i == 1 || i == 2)
+            ck_assert_int_eq(k, 4);
+        if (i == 3)
+            ck_assert_str_eq(json_string_value(json_object_get(o, "x")), "y");
+        if (i == 4)
+            ck_assert_int_eq(strlen(json_string_value(json_object_get(o, "big"))), 2999);
+        json_decref(o);
+    }
+    ck_assert_int_eq(i, 5);
+}
+END_TEST
+
 START_TEST(timestamp_formats_and_clamps)
 {
     char ts[40];
@@ -236,6 +318,7 @@ int main(void)
     tcase_add_test(tc, utf8_prefix_never_splits);
     tcase_add_test(tc, error_message_is_valid_utf8);
     tcase_add_test(tc, log_line_keeps_invalid_message);
+    tcase_add_test(tc, log_lines_head_then_fields);
     tcase_add_test(tc, timestamp_formats_and_clamps);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
