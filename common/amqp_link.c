@@ -82,7 +82,8 @@ struct amqp_link {
     char error[IW_ERRMSG_LEN];
     uint64_t generation;
     int node;
-    uint64_t next_seq; /* publish sequence number of the next publish */
+    uint64_t next_seq;    /* publish sequence number of the next publish */
+    amqp_pool_t pub_pool; /* a publish's header table; recycled, not freed, after each */
     pending_confirm *pending;
     size_t cap, head, count; /* ring buffer of unconfirmed publishes, in seq order */
     amqp_link_handlers h;
@@ -514,6 +515,7 @@ amqp_link *amqp_link_connect_tls(const char *urls, const char *name, const amqp_
         iw_error_set(err, IW_ERR_NOMEM, "out of memory");
         goto fail;
     }
+    init_amqp_pool(&l->pub_pool, 4096); /* allocates at its first use */
     n = split_urls(buf, list);
     if (n <= 0) {
         iw_error_set(err, IW_ERR_CONFIG, "IW_AMQP_URL: %s",
@@ -601,6 +603,7 @@ void amqp_link_free(amqp_link *l)
     free(l->ct.ret_routing_key);
     delivery_free(l->got);
     free(l->wb);
+    empty_amqp_pool(&l->pub_pool);
     free(l);
 }
 
@@ -1445,11 +1448,9 @@ void amqp_link_push(amqp_link *l)
 static int send_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, void *ud)
 {
     amqp_basic_properties_t props;
-    amqp_pool_t pool;
     amqp_bytes_t body = {p->body_len, (void *)p->body};
     int rc = IW_OK, arc;
 
-    init_amqp_pool(&pool, 4096);
     memset(&props, 0, sizeof props);
     props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_HEADERS_FLAG;
     props.delivery_mode = p->transient ? 1 : 2;
@@ -1457,7 +1458,7 @@ static int send_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, v
     set_short(&props, AMQP_BASIC_CORRELATION_ID_FLAG, &props.correlation_id, p->correlation_id);
     set_short(&props, AMQP_BASIC_REPLY_TO_FLAG, &props.reply_to, p->reply_to);
     set_short(&props, AMQP_BASIC_MESSAGE_ID_FLAG, &props.message_id, p->message_id);
-    if (publish_headers(&pool, p->headers, l->next_seq, &props.headers) != 0) {
+    if (publish_headers(&l->pub_pool, p->headers, l->next_seq, &props.headers) != 0) {
         rc = IW_ERR_NOMEM;
         if (cb)
             cb(ud, rc);
@@ -1492,7 +1493,7 @@ static int send_publish(amqp_link *l, const iw_publish *p, amqp_confirm_fn cb, v
         /* the pending entry is failed when the link is freed */
     }
 out:
-    empty_amqp_pool(&pool);
+    recycle_amqp_pool(&l->pub_pool); /* its page stays for the next publish */
     return rc;
 }
 
