@@ -252,6 +252,18 @@ void loop_set_linger(loop *l, long usec)
     l->linger_us = usec > 0 ? usec : 0;
 }
 
+#define LINGER_SHARE 100
+#define LINGER_MIN_US 100
+
+long loop_linger_for(long long mean_us, long max_us)
+{
+    long long lg = mean_us / LINGER_SHARE;
+
+    if (lg < LINGER_MIN_US || max_us <= 0)
+        return 0;
+    return lg < max_us ? (long)lg : max_us;
+}
+
 /* A thin wake after a wait: sleeps the linger, then takes what is ready by
  * now in place of `evs` (level-triggered: the first events are still in it;
  * reading both lists would hand a descriptor its event twice). */

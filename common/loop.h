@@ -99,6 +99,12 @@ void loop_again(loop *l);
  * that wait, and never lingers.  0 (the default): off. */
 #define LOOP_LINGER_THIN 8
 void loop_set_linger(loop *l, long usec);
+/* The linger for a process whose events follow calls that take `mean_us`: a
+ * hundredth of it (about 1% more time per job), at most max_us, and none
+ * under 100 us, where the sleep itself (a system call, a wake-up, the
+ * kernel's 50 us timer slack) would cost more than the events it gathers and
+ * each wait of a short cycle would cost throughput. */
+long loop_linger_for(long long mean_us, long max_us);
 
 /* Runs one turn, waiting at most max_wait_ms (-1: until an event or a
  * timer).  Returns 0, or -1 when waiting failed (not EINTR, which is a

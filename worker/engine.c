@@ -239,32 +239,19 @@ static long metric_status(const http_response *r)
     return r->result.transport == IW_TRANSPORT_TIMEOUT ? IW_CALL_TIMED_OUT : IW_CALL_NO_ANSWER;
 }
 
-/* The loop lingers on thin turns (loop_set_linger) for a hundredth of the
- * provider's mean answer time, at most IW_TURN_LINGER: against a slow provider
- * the answers of the calls in flight arrive spread out, a turn would serve
- * one job and each job would pay its own wake-ups, Redis round trip and broker
- * writes; lingering lets them share, for at most about 1% more time per job.
- * Against a fast provider the linger is near zero, as each of the few waits
- * of a job's cycle would count.  A linger under LINGER_MIN_US is none: the
- * sleep alone (a system call, a wake-up, the kernel's 50 us timer slack) would
- * cost more than the few events it could gather. */
-#define LINGER_SHARE 100
-#define LINGER_MIN_US 100
-
+/* The loop lingers on thin turns for a share of the provider's mean answer
+ * time (loop_linger_for): against a slow provider the answers of the calls in
+ * flight arrive spread out, a turn would serve one job and each job would pay
+ * its own wake-ups, Redis round trip and broker writes. */
 static void follow_provider_pace(engine *e, long long duration_us)
 {
-    long long max = e->cfg->turn_linger_ms * 1000, lg;
-
     if (duration_us < 0)
         duration_us = 0;
     if (e->answer_us == 0)
         e->answer_us = duration_us;
     else
-        e->answer_us += (duration_us - e->answer_us) / 16;
-    lg = e->answer_us / LINGER_SHARE;
-    if (lg < LINGER_MIN_US)
-        lg = 0;
-    loop_set_linger(e->lp, lg < max ? lg : max);
+        e->answer_us += (duration_us - e->answer_us) / 16; /* a mean of the last ~16 */
+    loop_set_linger(e->lp, loop_linger_for(e->answer_us, e->cfg->turn_linger_ms * 1000));
 }
 
 static void on_http(void *ud, const http_response *r)

@@ -316,6 +316,21 @@ START_TEST(thin_wakes_linger)
 }
 END_TEST
 
+/* The linger a provider's pace asks for: a hundredth, capped, none when
+ * shorter than a wake-up is worth. */
+START_TEST(linger_follows_the_pace)
+{
+    ck_assert_int_eq(loop_linger_for(0, 2000), 0);
+    ck_assert_int_eq(loop_linger_for(300, 2000), 0);     /* a fast provider: none */
+    ck_assert_int_eq(loop_linger_for(9999, 2000), 0);    /* 99 us: not worth a sleep */
+    ck_assert_int_eq(loop_linger_for(10000, 2000), 100); /* 10 ms: 100 us */
+    ck_assert_int_eq(loop_linger_for(200000, 2000), 2000);
+    ck_assert_int_eq(loop_linger_for(150000, 2000), 1500);
+    ck_assert_int_eq(loop_linger_for(1000000, 2000), 2000); /* capped */
+    ck_assert_int_eq(loop_linger_for(10000000, 0), 0);      /* IW_TURN_LINGER=0: off */
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("loop");
@@ -326,6 +341,7 @@ int main(void)
     tcase_add_test(tc, file_events_and_hooks);
     tcase_add_test(tc, parked_descriptors);
     tcase_add_test(tc, thin_wakes_linger);
+    tcase_add_test(tc, linger_follows_the_pace);
     suite_add_tcase(s, tc);
     return iwt_run_suite(s);
 }
