@@ -293,6 +293,11 @@ pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *c
         char *envp[512];
         char log[512];
         const char *argv[] = {IW_BIN_DIR "/integration-worker", role, NULL};
+        /* IWT_WORKER_WRAP: a command the worker runs under (a profiler:
+         * "valgrind --tool=callgrind"), split by the shell */
+        const char *wrap = getenv("IWT_WORKER_WRAP");
+        const char *wrapped[] = {"/bin/sh", "-c", "exec $IWT_WORKER_WRAP \"$0\" \"$@\"",
+                                 argv[0],   role, NULL};
         build_env(ns, port, env, envp, 512);
         snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", log_dir(), ns, tag ? tag : role);
         int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -300,6 +305,8 @@ pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *c
             dup2(fd, 2);
             close(fd);
         }
+        if (wrap && *wrap) /* envp keeps IWT_WORKER_WRAP for the shell */
+            execve(wrapped[0], (char *const *)wrapped, envp);
         execve(argv[0], (char *const *)argv, envp);
         _exit(127);
     }
