@@ -1700,7 +1700,8 @@ static void read_headers(job *j)
 }
 
 /* The job's Redis keys in one block sized to them: a job in the backlog
- * holds its ~100 bytes of keys, not three arrays of RECORDS_KEY_MAX. */
+ * holds its ~100 bytes of keys, not three arrays of RECORDS_KEY_MAX.  0;
+ * -1 when a key of this jobId does not fit (msg filled); -2 out of memory. */
 static int job_make_keys(job *j, char *msg, size_t len)
 {
     static const char *const what[] = {"record", "claim", "first-attempt"};
@@ -1718,10 +1719,8 @@ static int job_make_keys(job *j, char *msg, size_t len)
         total += sz[i];
     }
     char *p = malloc(total);
-    if (!p) {
-        snprintf(msg, len, "out of memory for the job's keys");
-        return -1;
-    }
+    if (!p)
+        return -2;
     free(j->keys);
     j->keys = p;
     for (int i = 0; i < n; i++) {
@@ -1733,12 +1732,15 @@ static int job_make_keys(job *j, char *msg, size_t len)
 }
 
 /* Intake, the role's own reading of the job, and its record key: IW_C_NONE,
- * or the code (msg filled) that fails the job. */
-static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len)
+ * or the code (msg filled) that fails the job.  *back is set when the job is
+ * sound but this process is out of memory: the delivery goes back, a valid
+ * job is never failed for it. */
+static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len, int *back)
 {
     intake_result in;
     const char *prio;
     iw_code code;
+    int rc;
 
     intake_json(j->d->body, j->d->body_len, j->d->content_type,
                 (size_t)j->e->cfg->max_message_bytes, schema, &in);
@@ -1754,8 +1756,10 @@ static iw_code accept_job(job *j, const iw_schema *schema, char *msg, size_t len
     j->call.critical = prio && strcmp(prio, "critical") == 0;
     if ((code = j->role->prepare(j, msg, len)) != IW_C_NONE)
         return code;
-    if (job_make_keys(j, msg, len) != 0)
+    if ((rc = job_make_keys(j, msg, len)) != 0) {
+        *back = rc == -2;
         return IW_C_INTERNAL_ERROR;
+    }
     j->call.record_key = j->key;
     j->call.claim_key = j->role->claims ? j->claim : NULL;
     j->call.first_key = j->role->claims ? j->first : NULL;
@@ -1770,6 +1774,7 @@ static void on_delivery(void *self, iw_delivery *d)
     char msg[INTAKE_MSG_LEN];
     iw_code code;
     long early;
+    int back = 0;
 
     if (!j)
         return;
@@ -1778,8 +1783,11 @@ static void on_delivery(void *self, iw_delivery *d)
         return;
     }
     read_headers(j);
-    if ((code = accept_job(j, rs->schema, msg, sizeof msg)) != IW_C_NONE) {
-        job_fail(j, code, msg, 0, j->attempts);
+    if ((code = accept_job(j, rs->schema, msg, sizeof msg, &back)) != IW_C_NONE) {
+        if (back)
+            job_end(j, JOB_RETURNED, 1); /* as job_new does when out of memory */
+        else
+            job_fail(j, code, msg, 0, j->attempts);
         return;
     }
     if ((early = early_ms(d))) {
