@@ -764,11 +764,16 @@ static int delivery_set_properties(iw_delivery *d, const amqp_basic_properties_t
         return IW_ERR_NOMEM;
     if ((p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && !(d->message_id = bytes_dup(p->message_id)))
         return IW_ERR_NOMEM;
-    d->headers =
-        (p->_flags & AMQP_BASIC_HEADERS_FLAG) ? amqp_table_to_json(&p->headers) : json_object();
-    if (!d->headers)
+    /* none: NULL, not an empty object (~200 bytes for each job in flight) */
+    if (!(p->_flags & AMQP_BASIC_HEADERS_FLAG) || p->headers.num_entries == 0)
+        return IW_OK;
+    if (!(d->headers = amqp_table_to_json(&p->headers)))
         return IW_ERR_NOMEM;
     json_object_del(d->headers, AMQP_LINK_SEQ_HEADER);
+    if (json_object_size(d->headers) == 0) {
+        json_decref(d->headers);
+        d->headers = NULL;
+    }
     return IW_OK;
 }
 

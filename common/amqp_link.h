@@ -51,7 +51,8 @@ typedef struct iw_delivery {
     char *correlation_id; /* NULL when absent */
     char *reply_to;       /* NULL when absent */
     char *message_id;     /* NULL when absent */
-    json_t *headers;      /* AMQP headers as a JSON object (never NULL) */
+    json_t *headers;      /* AMQP headers as a JSON object; NULL when none (jansson's
+                           * getters and iterators take NULL as an empty object) */
     char *body;           /* NUL-terminated for convenience */
     size_t body_len;
     size_t held; /* bytes counted in the held budget (private to the link) */

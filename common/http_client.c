@@ -36,7 +36,7 @@ typedef struct transfer {
     void *ud;
     /* for a transparent retry after an expired OAuth2 token */
     char method[8];
-    char *path, *req_body, *idem_key;
+    char *req_body;
     size_t req_len;
     int token_retried;
     int is_token;            /* the POST /oauth/token of the client itself */
@@ -244,9 +244,7 @@ static void transfer_destroy(transfer *t)
     curl_easy_cleanup(t->easy);
     curl_slist_free_all(t->headers);
     free(t->body);
-    free(t->path);
     free(t->req_body);
-    free(t->idem_key);
     free(t->url);
     free(t->idem_line);
     free(t->form);
@@ -1000,30 +998,28 @@ int http_client_start(http_client *c, const char *method, const char *path, cons
         return IW_ERR_INVALID;
     }
     memcpy(t->method, method, strlen(method) + 1);
-    t->path = strdup(path);
     t->req_body = body ? malloc(body_len + 1) : NULL;
     if (t->req_body) {
         memcpy(t->req_body, body, body_len);
         t->req_body[body_len] = '\0';
     }
     t->req_len = body ? body_len : 0;
-    t->idem_key = idempotency_key ? strdup(idempotency_key) : NULL;
-    if (!t->path || (body && !t->req_body) || (idempotency_key && !t->idem_key)) {
+    if (body && !t->req_body) {
         transfer_destroy(t);
         return IW_ERR_NOMEM;
     }
     /* everything that can refuse the call is decided here, before any wait */
     buf_init(&url, HTTP_URL_MAX);
-    if ((rc = build_url(c, t->path, &url)) != IW_OK || !(t->url = buf_steal(&url))) {
+    if ((rc = build_url(c, path, &url)) != IW_OK || !(t->url = buf_steal(&url))) {
         buf_free(&url);
         transfer_destroy(t);
         return rc != IW_OK ? rc : IW_ERR_NOMEM;
     }
-    if (t->idem_key) {
+    if (idempotency_key) {
         char key[JOBKEY_SIZE];
         /* the jobKey, never the raw jobId: CR/LF or non-ASCII bytes of a jobId
          * become its SHA-256, and the line is checked once more before use */
-        if ((rc = jobkey(t->idem_key, strlen(t->idem_key), key)) != IW_OK ||
+        if ((rc = jobkey(idempotency_key, strlen(idempotency_key), key)) != IW_OK ||
             !(t->idem_line = header_line("Idempotency-Key", key, &rc))) {
             transfer_destroy(t);
             return rc != IW_OK ? rc : IW_ERR_NOMEM;
@@ -1063,12 +1059,10 @@ static void unlink_active(http_client *c, transfer *t)
 
 static void to_free_list(http_client *c, transfer *t)
 {
-    free(t->path);
     free(t->req_body);
-    free(t->idem_key);
     free(t->url);
     free(t->idem_line);
-    t->path = t->req_body = t->idem_key = t->url = t->idem_line = NULL;
+    t->req_body = t->url = t->idem_line = NULL;
     t->next_free = c->free_list;
     c->free_list = t;
 }

@@ -797,6 +797,19 @@ static json_t *call_fields(const call *c)
     return job_fields((const job *)c);
 }
 
+json_t *job_doc(job *j)
+{
+    if (!j->doc)
+        j->doc = json_loadb(j->d->body, j->d->body_len, JSON_REJECT_DUPLICATES, NULL);
+    return j->doc;
+}
+
+void job_drop_doc(job *j)
+{
+    json_decref(j->doc);
+    j->doc = NULL;
+}
+
 /* Counts and logs (at debug) that j is in its state now. */
 static void note_state(const job *j)
 {
@@ -1718,16 +1731,20 @@ static int job_make_keys(job *j, char *msg, size_t len)
         }
         total += sz[i];
     }
-    char *p = malloc(total);
-    if (!p)
+    size_t id_size = strlen(j->job_id) + 1;
+    char *block = malloc(total + id_size), *p = block;
+    if (!block)
         return -2;
-    free(j->keys);
-    j->keys = p;
     for (int i = 0; i < n; i++) {
         records_key(j->e->rec, p, sz[i], kinds[i], j->job_id);
         *dst[i] = p;
         p += sz[i];
     }
+    /* the jobId too, so that it outlives the parsed delivery (job_drop_doc) */
+    memcpy(p, j->job_id, id_size);
+    j->job_id = p;
+    free(j->keys);
+    j->keys = block;
     return 0;
 }
 

@@ -149,8 +149,8 @@ struct job {
     void *self; /* the role object */
     engine *e;
     iw_delivery *d;
-    json_t *doc;
-    const char *job_id; /* borrowed from doc; NULL when unreadable */
+    json_t *doc;        /* the parsed delivery; NULL once dropped (job_drop_doc) */
+    const char *job_id; /* in `keys` once valid, else borrowed from doc; NULL when unreadable */
     job_state state;
     int attempts; /* attempts made before this delivery (x-attempts) */
     /* wall ms of the job's first attempt (x-first-attempt), 0 before it: the
@@ -167,7 +167,8 @@ struct job {
     int failing;       /* its recorded outcome is a failure (submission.failed) */
     char token[48];    /* this delivery's record owner token */
     /* its Redis keys (record, claim, first attempt: <ns>:<kind>:<jobId>),
-     * "" until read from a valid delivery; one block, `keys`, sized to them */
+     * "" until read from a valid delivery; one block, `keys`, sized to them,
+     * ending with the jobId */
     const char *key, *claim, *first;
     char *keys;
     loop_timer hold;      /* while held */
@@ -176,6 +177,14 @@ struct job {
     job *next; /* in one of the engine's record queues */
     job *prev_all, *next_all;
 };
+
+/* The parsed delivery (j->doc), parsed again from its body when a role has
+ * dropped it: NULL only when out of memory (the body was valid at intake). */
+json_t *job_doc(job *j);
+/* Frees the parsed delivery once the role has read what it keeps from it: a
+ * job in a call holds its delivery's bytes, not its ~1 KB jansson tree.
+ * j->job_id stays (it lives with the keys). */
+void job_drop_doc(job *j);
 
 /* Registers a role: consumes its queue from the next connect. */
 int engine_add_role(engine *e, const job_role *role, void *self);

@@ -44,12 +44,15 @@ static int start(job *j)
 
     if (!j->first_attempt_ms)
         j->first_attempt_ms = clock_wall_ms();
-    out = transform_outbound(j->doc, s->cfg->client_id, j->first_attempt_ms);
+    out = job_doc(j) ? transform_outbound(j->doc, s->cfg->client_id, j->first_attempt_ms) : NULL;
     body = out ? json_dumps(out, JSON_COMPACT) : NULL;
+    /* the body is built: nothing else reads the parsed job (another attempt
+     * parses it again), and a call in flight holds no jansson tree */
+    json_decref(out);
+    job_drop_doc(j);
     if (body)
         rc = engine_call(j->e, &j->call, "POST", "/api/v1/external-resource", body, strlen(body),
                          j->job_id);
-    json_decref(out);
     free(body);
     return rc;
 }
