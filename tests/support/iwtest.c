@@ -773,8 +773,49 @@ double iwt_metric(const char *text, const char *series)
     return -1;
 }
 
+/* 1 if a listening socket can take 127.0.0.1:port now. */
+static int port_free(int port)
+{
+    struct sockaddr_in a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0), ok;
+
+    REQUIRE(fd >= 0);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons((uint16_t)port);
+    ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+/* A free port below the kernel's ephemeral range: a port the kernel picks
+ * (bind to 0) is one it also hands to client connections as their local
+ * port, so a server a test stops and starts again there (a private Redis
+ * killed for an outage) could find it taken by any connection made
+ * meanwhile, and fail the test. */
 int iwt_free_port(void)
 {
+    static unsigned seed;
+    int lo = 32768, hi = 60999;
+    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+
+    if (f) {
+        if (fscanf(f, "%d %d", &lo, &hi) != 2)
+            lo = 32768;
+        fclose(f);
+    }
+    if (!seed)
+        seed = (unsigned)getpid() * 2654435761u ^ (unsigned)time(NULL);
+    if (lo > 11024) {
+        int span = lo - 1024 > 12000 ? 12000 : lo - 1024;
+        for (int tries = 0; tries < 200; tries++) {
+            int port = lo - 1 - (int)(rand_r(&seed) % (unsigned)span);
+            if (port_free(port))
+                return port;
+        }
+    }
+    /* no room below the range: the kernel's pick */
     struct sockaddr_in a;
     socklen_t len = sizeof a;
     int fd = socket(AF_INET, SOCK_STREAM, 0), port;

@@ -127,7 +127,8 @@ char *iwt_redis_str(const char *fmt, ...);
 /* Sleeps ms milliseconds (the one sleep of the test code: prefer waiting for
  * an event or iwt_eventually). */
 void iwt_sleep_ms(long ms);
-/* A free TCP port on 127.0.0.1 (bound once and released). */
+/* A free TCP port on 127.0.0.1 below the kernel's ephemeral range (checked
+ * free, not held): no client connection takes it meanwhile. */
 int iwt_free_port(void);
 /* GET http://127.0.0.1:port/path: the status (0 when unreachable); the body
  * (malloc'd) in *body when not NULL. */
