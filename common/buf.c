@@ -11,16 +11,29 @@ void buf_init(iw_buf *b, size_t cap)
     b->len = 0;
     b->alloc = 0;
     b->cap = cap;
+    b->fixed = 0;
+}
+
+void buf_init_on(iw_buf *b, char *mem, size_t size, size_t cap)
+{
+    b->ptr = mem;
+    b->len = 0;
+    b->alloc = size - 1 > cap ? cap + 1 : size; /* never room past the cap */
+    b->cap = cap;
+    b->fixed = 1;
+    mem[0] = '\0';
 }
 
 void buf_free(iw_buf *b)
 {
     if (!b)
         return;
-    free(b->ptr);
+    if (!b->fixed)
+        free(b->ptr);
     b->ptr = NULL;
     b->len = 0;
     b->alloc = 0;
+    b->fixed = 0;
 }
 
 void buf_reset(iw_buf *b)
@@ -46,12 +59,22 @@ static int reserve(iw_buf *b, size_t n)
         a = a > SIZE_MAX / 2 ? need : a * 2;
     if (a > b->cap + 1)
         a = b->cap + 1;
-    p = realloc(b->ptr, a);
-    if (!p)
+    if (b->fixed) { /* leaves the caller's memory */
+        if (!(p = malloc(a)))
+            return IW_ERR_NOMEM;
+        memcpy(p, b->ptr, b->len + 1);
+        b->fixed = 0;
+    } else if (!(p = realloc(b->ptr, a))) {
         return IW_ERR_NOMEM;
+    }
     b->ptr = p;
     b->alloc = a;
     return IW_OK;
+}
+
+int buf_reserve(iw_buf *b, size_t n)
+{
+    return reserve(b, n);
 }
 
 int buf_add(iw_buf *b, const void *mem, size_t n)
@@ -77,8 +100,19 @@ int buf_vaddf(iw_buf *b, const char *fmt, va_list ap)
     va_list ap2;
     int n, rc;
 
+    /* first into the room there is: most texts fit, and are formatted once */
     va_copy(ap2, ap);
-    n = vsnprintf(NULL, 0, fmt, ap2);
+    if (b->ptr && b->alloc > b->len) {
+        n = vsnprintf(b->ptr + b->len, b->alloc - b->len, fmt, ap2);
+        if (n >= 0 && (size_t)n < b->alloc - b->len && (size_t)n <= b->cap - b->len) {
+            va_end(ap2);
+            b->len += (size_t)n;
+            return IW_OK;
+        }
+        b->ptr[b->len] = '\0'; /* b unchanged */
+    } else {
+        n = vsnprintf(NULL, 0, fmt, ap2);
+    }
     va_end(ap2);
     if (n < 0)
         return IW_ERR_INVALID;
@@ -113,11 +147,18 @@ size_t buf_len(const iw_buf *b)
 
 char *buf_steal(iw_buf *b)
 {
-    char *p = b->ptr ? b->ptr : strdup("");
+    char *p;
 
+    if (b->fixed) {
+        if ((p = malloc(b->len + 1)))
+            memcpy(p, b->ptr, b->len + 1);
+    } else {
+        p = b->ptr ? b->ptr : strdup("");
+    }
     b->ptr = NULL;
     b->len = 0;
     b->alloc = 0;
+    b->fixed = 0;
     return p;
 }
 
@@ -167,6 +208,14 @@ static size_t utf8_decode(const unsigned char *s, size_t n, uint32_t *cp, size_t
     }
     *cp = v;
     return len;
+}
+
+size_t utf8_next(const void *s, size_t n)
+{
+    uint32_t cp;
+    size_t bad;
+
+    return utf8_decode(s, n, &cp, &bad);
 }
 
 int utf8_valid(const void *s, size_t len)

@@ -22,10 +22,16 @@ typedef struct iw_buf {
     size_t len;   /* bytes held, without the terminating NUL */
     size_t alloc; /* bytes allocated */
     size_t cap;   /* most bytes it may hold (without the NUL) */
+    int fixed;    /* ptr is the caller's memory (buf_init_on), not malloc'd */
 } iw_buf;
 
 /* Sets b empty with a cap of `cap` bytes (the NUL is not counted). */
 void buf_init(iw_buf *b, size_t cap);
+/* Sets b empty with a cap of `cap` bytes, writing into the caller's
+ * mem[0..size) (size >= 1) until it outgrows it, then into memory of its own:
+ * a short string built on the stack costs no allocation.  buf_free and
+ * buf_steal work as for buf_init (buf_steal then returns a copy). */
+void buf_init_on(iw_buf *b, char *mem, size_t size, size_t cap);
 /* Frees the memory and leaves b empty (same cap); NULL ok. */
 void buf_free(iw_buf *b);
 /* Empties b, keeping its memory. */
@@ -34,6 +40,10 @@ void buf_reset(iw_buf *b);
 /* Appends n bytes: IW_OK, IW_ERR_TOO_LARGE past the cap, IW_ERR_NOMEM; on
  * failure b is unchanged. */
 int buf_add(iw_buf *b, const void *mem, size_t n) __attribute__((warn_unused_result));
+/* Makes room for n more bytes (and the NUL) without adding them: IW_OK,
+ * IW_ERR_TOO_LARGE past the cap, IW_ERR_NOMEM; for a builder that knows the
+ * usual size of what it writes. */
+int buf_reserve(iw_buf *b, size_t n) __attribute__((warn_unused_result));
 /* Appends a NUL-terminated string (as buf_add). */
 int buf_adds(iw_buf *b, const char *s) __attribute__((warn_unused_result));
 /* Appends printf output (as buf_add; the whole output or nothing). */
@@ -64,6 +74,10 @@ char *text_quote(const void *bytes, size_t n, size_t max_bytes);
 /* The length of the longest prefix of s[0..len) of at most max bytes that
  * does not end inside a UTF-8 sequence (for cutting valid UTF-8). */
 size_t utf8_prefix(const char *s, size_t len, size_t max);
+
+/* The length of the valid UTF-8 sequence starting s[0..n) (n > 0), or 0 when
+ * it is not one (as utf8_valid decides). */
+size_t utf8_next(const void *s, size_t n);
 
 /* 1 if s[0..len) is valid UTF-8 (no overlong forms, surrogates or code
  * points past U+10FFFF), else 0. */

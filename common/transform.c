@@ -2,6 +2,7 @@
 
 #include <string.h>
 
+#include "json_out.h"
 #include "log.h"
 
 json_t *transform_outbound(const json_t *job, const char *client_id, long long wall_ms)
@@ -13,6 +14,24 @@ json_t *transform_outbound(const json_t *job, const char *client_id, long long w
                      "action_type", json_object_get(job, "action"), "request_data",
                      json_object_get(job, "payload"), "client_info", "client_id", client_id,
                      "timestamp", ts);
+}
+
+int transform_outbound_text(const json_t *job, const char *client_id, long long wall_ms,
+                            iw_buf *out)
+{
+    char ts[40];
+    json_w w;
+
+    format_timestamp(wall_ms, ts, sizeof ts);
+    jw_begin(&w, out);
+    jw_json(&w, "user_id", json_object_get(job, "userId"));
+    jw_json(&w, "action_type", json_object_get(job, "action"));
+    jw_json(&w, "request_data", json_object_get(job, "payload"));
+    jw_open(&w, "client_info");
+    jw_str(&w, "client_id", client_id);
+    jw_str(&w, "timestamp", ts);
+    jw_close(&w);
+    return jw_end(&w);
 }
 
 static const char *string_member(const json_t *obj, const char *name, const char *where,

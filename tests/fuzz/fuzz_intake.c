@@ -52,6 +52,14 @@ static void accepted(const json_t *doc)
     json_t *again = transform_outbound(doc, "integration-worker", 1700000000123LL);
     char *a = json_dumps(out, JSON_COMPACT), *b = json_dumps(again, JSON_COMPACT);
     FUZZ_REQUIRE(a && b && strcmp(a, b) == 0);
+    /* the request as the submitter writes it: the same bytes */
+    iw_buf text;
+    buf_init(&text, 1 << 20);
+    FUZZ_REQUIRE(transform_outbound_text(doc, "integration-worker", 1700000000123LL, &text) ==
+                 IW_OK);
+    FUZZ_REQUIRE(strcmp(buf_ptr(&text), a) == 0);
+    buf_free(&text);
+    fuzz_check_json_out(doc);
     free(a);
     free(b);
     json_decref(again);
@@ -114,6 +122,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     default:
         FUZZ_REQUIRE(!"intake_json gave a code it does not document");
     }
+    if (r.doc)
+        fuzz_check_json_out(r.doc);
+    fuzz_check_json_out(headers);
     json_decref(r.doc);
     json_decref(headers);
     free(ct);

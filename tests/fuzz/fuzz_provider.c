@@ -77,6 +77,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     json_t *body = json_loadb((const char *)data, size, JSON_REJECT_DUPLICATES, &jerr);
     if (body) {
+        fuzz_check_json_out(body); /* any provider body, as a log field or a cached copy */
         json_t *ours = transform_inbound(body, &err);
         if (ours) {
             json_t *reply =
@@ -84,6 +85,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                           "found", 1, "source", "provider", "data", ours);
             FUZZ_REQUIRE(reply != NULL);
             fuzz_check_schema("resource-reply", reply);
+            fuzz_check_json_out(reply);
             json_decref(reply);
             json_decref(ours);
         } else {

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "buf.h"
+#include "json_out.h"
 
 void fuzz_fail(const char *what, const char *file, int line)
 {
@@ -73,6 +74,18 @@ void fuzz_check_message(const char *msg)
     json_t *j = json_string(msg);
     FUZZ_REQUIRE(j != NULL);
     json_decref(j);
+}
+
+void fuzz_check_json_out(const json_t *v)
+{
+    char *want = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+    size_t len = 0;
+    char *got = json_out_text(v, &len);
+
+    FUZZ_REQUIRE(want != NULL && got != NULL);
+    FUZZ_REQUIRE(len == strlen(want) && memcmp(got, want, len) == 0);
+    free(want);
+    free(got);
 }
 
 void fuzz_check_schema(const char *name, const json_t *doc)

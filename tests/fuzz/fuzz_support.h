@@ -35,4 +35,9 @@ void fuzz_check_message(const char *msg);
  * (everything we publish must pass its own schema). */
 void fuzz_check_schema(const char *name, const json_t *doc);
 
+/* json_out_text(v) is json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY), byte for
+ * byte (what we publish is written by json_out; readers compare with
+ * jansson's form). */
+void fuzz_check_json_out(const json_t *v);
+
 #endif
