@@ -7,14 +7,17 @@
 
 #include "buf.h"
 #include "clock.h"
+#include "json_out.h"
 
 #define LOG_MSG_MAX 16384
+/* a longer line is streamed by jansson (write_merged) */
+#define LOG_LINE_MAX (1u << 20)
 
 static struct {
     int level;
     const char *service;
     FILE *out;
-    char service_json[128]; /* service as a JSON string; "" when it did not fit */
+    char service_json[256]; /* service as a JSON string (at most 100 bytes of it) */
 } logger = {IW_LOG_INFO, "integration-worker", NULL, "\"integration-worker\""};
 
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR"};
@@ -23,17 +26,21 @@ void log_init(int level, const char *service, FILE *out)
 {
     static char buf[1 << 16];
 
-    json_t *svc = json_string(service);
+    iw_buf safe, enc;
 
     logger.level = level;
     logger.service = service;
     logger.out = out ? out : stderr;
-    /* encoded once: every line's head is then plain text (log_json) */
-    size_t n =
-        svc ? json_dumpb(svc, logger.service_json, sizeof logger.service_json - 1, JSON_ENCODE_ANY)
-            : 0;
-    logger.service_json[n < sizeof logger.service_json ? n : 0] = '\0';
-    json_decref(svc);
+    /* encoded once: every line's head is then plain text (log_json); a
+     * service of more than 100 bytes is cut, other bytes made safe text */
+    buf_init(&safe, 100);
+    buf_init_on(&enc, logger.service_json, sizeof logger.service_json,
+                sizeof logger.service_json - 1);
+    if (buf_add_text(&safe, service, strlen(service), 100) != IW_OK ||
+        json_out_string(&enc, buf_ptr(&safe), buf_len(&safe)) != IW_OK)
+        memcpy(logger.service_json, "\"integration-worker\"", sizeof "\"integration-worker\"");
+    buf_free(&safe);
+    buf_free(&enc);
     /* Fully buffered and flushed once per loop turn: thousands of lines a
      * second must not cost a write(2) each. */
     setvbuf(logger.out, buf, _IOFBF, sizeof buf);
@@ -109,28 +116,31 @@ static int fields_follow(const json_t *fields)
                        !json_object_get(fields, "interface"));
 }
 
-/* The head's literal text around the values: the longest head is it plus
- * the timestamp, the level and the service. */
-#define HEAD_TEXT                                                                                  \
-    (sizeof "{\"timestamp\":\"\",\"level\":\"\",\"service\":,\"interface\":\"IF-002\"" - 1)
-
-static size_t put(char *text, size_t n, const char *s)
+/* {"timestamp":..,"level":..,"service":..,"interface":"IF-002" */
+static int put_head(iw_buf *b, const char *ts, int level)
 {
-    size_t len = strlen(s);
+    const char *const parts[] = {"{\"timestamp\":\"",        ts,
+                                 "\",\"level\":\"",          level_names[level],
+                                 "\",\"service\":",          logger.service_json,
+                                 ",\"interface\":\"IF-002\""};
+    int rc = IW_OK;
 
-    memcpy(text + n, s, len);
-    return n + len;
+    for (size_t i = 0; rc == IW_OK && i < sizeof parts / sizeof *parts; i++)
+        rc = buf_adds(b, parts[i]);
+    return rc;
 }
 
 /* A line is the head, written as text (our own timestamp, level and service,
- * the service encoded once by jansson), and the caller's fields dumped by
- * jansson right behind it, their "{" turned into ",": one dump of the
- * caller's object, no second object to build and copy the fields into. */
+ * the service encoded once by jansson), and the caller's fields written by
+ * json_out right behind it, their "{" turned into ",": no second object to
+ * build and copy the fields into, and no allocation for a line that fits
+ * the stack's 4 KiB. */
 void log_json(int level, json_t *fields)
 {
-    char ts[40], text[2048];
-    size_t n, m = 0;
-    int any;
+    char ts[40], mem[4096];
+    iw_buf line;
+    size_t head;
+    int rc;
 
     if (!log_enabled(level)) {
         json_decref(fields);
@@ -139,39 +149,32 @@ void log_json(int level, json_t *fields)
     if (!logger.out)
         logger.out = stderr;
     format_timestamp(clock_wall_ms(), ts, sizeof ts);
-    if (!logger.service_json[0] || !fields_follow(fields)) {
+    if (!fields_follow(fields)) {
         write_merged(level, fields, ts);
         goto out;
     }
-    /* fits: ts < 40, a level name, service_json < 128 */
-    n = put(text, 0, "{\"timestamp\":\"");
-    n = put(text, n, ts);
-    n = put(text, n, "\",\"level\":\"");
-    n = put(text, n, level_names[level]);
-    n = put(text, n, "\",\"service\":");
-    n = put(text, n, logger.service_json);
-    n = put(text, n, ",\"interface\":\"IF-002\"");
-    any = fields && json_object_size(fields) > 0;
-    if (any)
-        m = json_dumpb(fields, text + n, sizeof text - n - 1, JSON_COMPACT | JSON_PRESERVE_ORDER);
-    if (!any) {
-        text[n++] = '}';
-    } else if (m > 2 && m < sizeof text - n - 1) {
-        text[n] = ','; /* the fields' "{" */
-        n += m;
-    } else {
-        write_merged(level, fields, ts); /* too long for the buffer, or not dumpable */
-        goto out;
+    buf_init_on(&line, mem, sizeof mem, LOG_LINE_MAX);
+    rc = put_head(&line, ts, level);
+    head = buf_len(&line);
+    if (rc == IW_OK && fields && json_object_size(fields) > 0) {
+        rc = json_out(&line, fields);
+        if (rc == IW_OK)
+            line.ptr[head] = ','; /* the fields' "{" */
+    } else if (rc == IW_OK) {
+        rc = buf_add(&line, "}", 1);
     }
-    text[n++] = '\n';
-    fwrite(text, 1, n, logger.out);
+    if (rc == IW_OK)
+        rc = buf_add(&line, "\n", 1);
+    if (rc == IW_OK)
+        fwrite(buf_ptr(&line), 1, buf_len(&line), logger.out);
+    else
+        write_merged(level, fields, ts); /* past LOG_LINE_MAX, or not valid UTF-8 */
+    buf_free(&line);
 out:
     json_decref(fields);
     if (level >= IW_LOG_ERROR)
         fflush(logger.out);
 }
-
-_Static_assert(HEAD_TEXT + 40 + 5 + 128 + 2 < 2048, "a line's head fits its buffer");
 
 void log_msg(int level, json_t *fields, const char *fmt, ...)
 {
@@ -203,6 +206,38 @@ void log_msg(int level, json_t *fields, const char *fmt, ...)
     buf_free(&raw);
     buf_free(&text);
     log_json(level, fields);
+}
+
+int log_line_begin(log_line *l, int level)
+{
+    char ts[40];
+
+    if (!log_enabled(level))
+        return 0;
+    if (!logger.out)
+        logger.out = stderr;
+    l->level = level;
+    format_timestamp(clock_wall_ms(), ts, sizeof ts);
+    buf_init_on(&l->b, l->mem, sizeof l->mem, LOG_LINE_MAX);
+    jw_resume(&l->w, &l->b, 0);
+    if ((l->w.rc = put_head(&l->b, ts, level)) != IW_OK)
+        buf_reset(&l->b);
+    return 1;
+}
+
+void log_line_end(log_line *l)
+{
+    int rc = jw_end(&l->w);
+
+    if (rc == IW_OK)
+        rc = buf_add(&l->b, "\n", 1);
+    if (rc == IW_OK)
+        fwrite(buf_ptr(&l->b), 1, buf_len(&l->b), logger.out);
+    else
+        log_msg(l->level, NULL, "a log line could not be written: %s", iw_strerror(rc));
+    buf_free(&l->b);
+    if (l->level >= IW_LOG_ERROR)
+        fflush(logger.out);
 }
 
 void log_flush(void)

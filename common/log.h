@@ -6,7 +6,9 @@
 #include <jansson.h>
 #include <stdio.h>
 
+#include "buf.h"
 #include "config.h"
+#include "json_out.h"
 
 void log_init(int level, const char *service, FILE *out);
 int log_enabled(int level);
@@ -19,6 +21,28 @@ void log_json(int level, json_t *fields);
  * message is made valid UTF-8 without control bytes and cut at 16 KiB on a
  * character boundary, so input quoted in it never loses the line. */
 void log_msg(int level, json_t *fields, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* A line written member by member, for the lines of every job (no jansson
+ * object built to be dumped):
+ *
+ *     log_line l;
+ *     if (log_line_begin(&l, IW_LOG_INFO)) {
+ *         jw_str(&l.w, "requestId", id);
+ *         log_line_end(&l);
+ *     }
+ *
+ * log_line_begin returns 0 when the level is off (then nothing to end).
+ * A member that cannot be written (text that is not UTF-8, a line past
+ * 1 MiB) turns the line into one saying so; the line is never half. */
+typedef struct log_line {
+    json_w w;
+    iw_buf b;
+    int level;
+    char mem[2048];
+} log_line;
+
+int log_line_begin(log_line *l, int level);
+void log_line_end(log_line *l);
 
 /* Flushes buffered lines; the loop calls it once per turn. */
 void log_flush(void);

@@ -8,6 +8,7 @@
 
 #include "clock.h"
 #include "intake.h"
+#include "json_out.h"
 #include "limiter.h"
 #include "log.h"
 #include "topology.h"
@@ -192,33 +193,49 @@ void engine_answer_message(const http_response *r, char *buf, size_t len)
         snprintf(buf, len, "External API returned %ld", r->result.status);
 }
 
-void engine_log_call(const call *c, const http_response *r, const iw_verdict *v, json_t *extra)
+void engine_log_call(const call *c, const http_response *r, const iw_verdict *v,
+                     const char *tracking_id, const char *job_status)
 {
-    json_t *f = c->ops->fields(c);
-    const char *k;
-    json_t *x;
-    int level;
+    int level = v->kind == IW_V_ACCEPT ? IW_LOG_INFO
+                : v->kind == IW_V_WAIT ? IW_LOG_WARN
+                                       : iw_code_level(v->code);
+    json_t *f;
+    log_line l;
 
-    json_object_set_new(f, "operation", json_string(c->kind->operation));
-    json_object_set_new(f, "duration", json_integer(r->duration_us / 1000));
-    json_object_set_new(f, "status",
-                        r->result.status ? json_integer(r->result.status) : json_null());
-    json_object_set_new(f, "attempt", json_integer(c->attempt));
-    json_object_foreach(extra, k, x) json_object_set(f, k, x);
-    json_decref(extra);
-    if (v->kind == IW_V_ACCEPT) {
-        level = IW_LOG_INFO;
-    } else {
-        char m[300];
+    if (!log_line_begin(&l, level))
+        return;
+    /* written as it goes: one line per call, the hottest in the process */
+    f = c->ops->fields(c);
+    jw_members(&l.w, f);
+    json_decref(f);
+    jw_str(&l.w, "operation", c->kind->operation);
+    jw_int(&l.w, "duration", r->duration_us / 1000);
+    if (r->result.status)
+        jw_int(&l.w, "status", r->result.status);
+    else
+        jw_null(&l.w, "status");
+    jw_int(&l.w, "attempt", c->attempt);
+    if (tracking_id)
+        jw_str(&l.w, "externalTrackingId", tracking_id);
+    if (job_status)
+        jw_str(&l.w, "jobStatus", job_status);
+    if (v->kind != IW_V_ACCEPT) {
+        char m[300], *safe;
         engine_answer_message(r, m, sizeof m);
-        level = v->kind == IW_V_WAIT ? IW_LOG_WARN : iw_code_level(v->code);
-        json_object_set_new(
-            f, "error",
-            json_pack("{s:s, s:s, s:o, s:i}", "code", iw_code_name(v->code), "message", m,
-                      "statusCode", r->result.status ? json_integer(r->result.status) : json_null(),
-                      "retryAttempt", c->attempt));
+        /* curl's error text may quote the URL: made safe text */
+        safe = text_quote(m, strlen(m), sizeof m);
+        jw_open(&l.w, "error");
+        jw_str(&l.w, "code", iw_code_name(v->code));
+        jw_str(&l.w, "message", safe ? safe : "(out of memory)");
+        if (r->result.status)
+            jw_int(&l.w, "statusCode", r->result.status);
+        else
+            jw_null(&l.w, "statusCode");
+        jw_int(&l.w, "retryAttempt", c->attempt);
+        jw_close(&l.w);
+        free(safe);
     }
-    log_json(level, f);
+    log_line_end(&l);
 }
 
 /* The breaker counts this answer: 'F' for a 5xx, a timeout or no answer,
@@ -1062,7 +1079,7 @@ void job_fail(job *j, iw_code code, const char *message, long http_status, int a
     }
     ev = json_pack("{s:s, s:o}", "jobId", j->job_id, "error",
                    rt_error_object(iw_code_name(code), message, http_status, attempts));
-    text = ev ? json_dumps(ev, JSON_COMPACT) : NULL;
+    text = ev ? json_out_text(ev, NULL) : NULL;
     json_decref(ev);
     if (text && j->role->claims && j->call.record_key) {
         /* a job that can be called twice records its failure like an
@@ -1141,7 +1158,7 @@ void job_wait(job *j, long wait_ms)
 
 void job_record_doc(job *j, json_t *doc)
 {
-    job_record(j, doc ? json_dumps(doc, JSON_COMPACT) : NULL);
+    job_record(j, doc ? json_out_text(doc, NULL) : NULL);
     if (doc && j->event)
         j->event_doc = json_incref(doc);
 }
@@ -1236,7 +1253,7 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
         /* a 401 on a call that carried a token (expired or revoked early):
          * one retry with the new token, under a permit of its own, no attempt
          * used; a 401 after that is the answer */
-        engine_log_call(c, r, v, NULL);
+        engine_log_call(c, r, v, NULL, NULL);
         j->token_retried = 1;
         metrics_retry(c->kind->route, IW_RETRY_UNAUTHORIZED);
         release_claim(j->e, c);
@@ -1245,7 +1262,7 @@ static void job_on_answer(call *c, const http_response *r, iw_verdict *v)
     }
     if (v->kind == IW_V_WAIT) {
         release_claim(j->e, c);
-        engine_log_call(c, r, v, NULL);
+        engine_log_call(c, r, v, NULL, NULL);
         metrics_job_wait(j->role->metric_role, r->result.transport == IW_TRANSPORT_NO_TOKEN
                                                    ? IW_WAIT_TOKEN
                                                    : IW_WAIT_PROVIDER_429);

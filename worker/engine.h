@@ -99,9 +99,10 @@ void engine_unask(engine *e, call *c);
 int engine_call(engine *e, call *c, const char *method, const char *path, const char *body,
                 size_t body_len, const char *idempotency_key);
 /* The spec's log line of a finished call: the owner's fields, operation,
- * duration, status, attempt, and the error object when not accepted;
- * `extra` (stolen, may be NULL) adds fields (externalTrackingId...). */
-void engine_log_call(const call *c, const http_response *r, const iw_verdict *v, json_t *extra);
+ * duration, status, attempt, externalTrackingId and jobStatus when not NULL,
+ * and the error object when not accepted. */
+void engine_log_call(const call *c, const http_response *r, const iw_verdict *v,
+                     const char *tracking_id, const char *job_status);
 /* "External API returned 503" / "External API call failed: <curl error>". */
 void engine_answer_message(const http_response *r, char *buf, size_t len);
 

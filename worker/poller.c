@@ -26,6 +26,7 @@
 #include "buf.h"
 #include "clock.h"
 #include "engine.h"
+#include "json_out.h"
 #include "log.h"
 #include "roles.h"
 #include "topology.h"
@@ -168,14 +169,14 @@ static void reschedule(pjob *j, const char *status, long long now_wall)
 
     json_object_set_new(next, "checks", json_integer(j->checks));
     json_object_set_new(next, "lastStatus", json_string(status));
-    text = json_dumps(next, JSON_COMPACT);
+    text = json_out_text(next, NULL);
     metrics_status_check(!last || strcmp(last, status) != 0 ? IW_CHECK_PROGRESS
                                                             : IW_CHECK_UNCHANGED);
     job_outcome_begin(&j->base);
     if (!last || strcmp(last, status) != 0) {
         json_t *ev = json_pack("{s:s, s:s, s:s, s:i}", "jobId", j->base.job_id, "trackingId",
                                j->tracking_id, "status", status, "checks", j->checks);
-        char *evt = ev ? json_dumps(ev, JSON_COMPACT) : NULL;
+        char *evt = ev ? json_out_text(ev, NULL) : NULL;
         if (evt)
             job_publish_event(&j->base, "status.progress", evt, strlen(evt));
         else
@@ -203,7 +204,7 @@ static void record_final(pjob *j, const char *status, json_t *body, long long no
     fin = json_pack("{s:s, s:s, s:s, s:i, s:O, s:s, s:O}", "jobId", j->base.job_id, "trackingId",
                     j->tracking_id, "status", status, "checks", j->checks, "acceptedAt",
                     json_object_get(j->base.doc, "acceptedAt"), "finishedAt", ts, "result", body);
-    job_record(&j->base, fin ? json_dumps(fin, JSON_COMPACT) : NULL);
+    job_record(&j->base, fin ? json_out_text(fin, NULL) : NULL);
     json_decref(fin);
 }
 
@@ -280,10 +281,7 @@ static void answer(job *base, const http_response *r, iw_verdict *v)
                  q ? q : "?");
         free(q);
     }
-    engine_log_call(
-        &base->call, r, v,
-        status ? json_pack("{s:s, s:s}", "externalTrackingId", j->tracking_id, "jobStatus", status)
-               : json_pack("{s:s}", "externalTrackingId", j->tracking_id));
+    engine_log_call(&base->call, r, v, j->tracking_id, status);
     if (v->kind == IW_V_ACCEPT)
         answered(j, status, body);
     else if (v->kind == IW_V_RETRY)

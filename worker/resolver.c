@@ -44,6 +44,7 @@
 #include "log.h"
 #include "retry.h"
 #include "roles.h"
+#include "json_out.h"
 #include "transform.h"
 
 #define FLIGHT_BUCKETS 4096
@@ -608,16 +609,16 @@ static void answer_found(flight *f, const http_response *resp, iw_verdict *v)
                  resp->result.status, body ? err.msg : "not JSON");
         v->kind = IW_V_FAIL;
         v->code = IW_C_EXTERNAL_API_BAD_RESPONSE;
-        engine_log_call(&f->call, resp, v, NULL);
+        engine_log_call(&f->call, resp, v, NULL, NULL);
         json_decref(body);
         flight_fail(f, IW_C_EXTERNAL_API_BAD_RESPONSE, msg, 0);
         return;
     }
     json_decref(body);
-    engine_log_call(&f->call, resp, v, NULL);
+    engine_log_call(&f->call, resp, v, NULL, NULL);
     f->result = RES_FOUND;
     f->data = data;
-    f->data_text = json_dumps(data, JSON_COMPACT);
+    f->data_text = json_out_text(data, NULL);
     f->state = F_STORING;
     fq_push(&f->r->store_q, f);
 }
@@ -637,14 +638,14 @@ static void on_answer(call *c, const http_response *resp, iw_verdict *v)
     }
     if (resp->result.token_refused && !f->token_retried && f->n_waiters) {
         /* a 401 with a token: one retry with the new one, under a permit */
-        engine_log_call(c, resp, v, NULL);
+        engine_log_call(c, resp, v, NULL, NULL);
         f->token_retried = 1;
         f->attempts--;
         metrics_retry(c->kind->route, IW_RETRY_UNAUTHORIZED);
         flight_wait(f, F_DEFERRED, 0);
         return;
     }
-    engine_log_call(c, resp, v, NULL);
+    engine_log_call(c, resp, v, NULL, NULL);
     if (resp->result.transport == IW_TRANSPORT_OK && resp->result.status == 404) {
         /* the spec: log a warning, return null */
         f->result = RES_MISSING;

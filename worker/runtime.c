@@ -12,6 +12,7 @@
 #include "clock.h"
 #include "errcode.h"
 #include "jobkey.h"
+#include "json_out.h"
 #include "log.h"
 #include "metrics.h"
 #include "parse.h"
@@ -521,7 +522,7 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
                       const char *job_id)
 {
     char exchange[256], key[JOBKEY_SIZE];
-    char *text = json_dumps(body, JSON_COMPACT);
+    char *text = json_out_text(body, NULL);
     iw_publish p = {0};
 
     p.exchange = rt_name(rt, exchange, sizeof exchange, "events");
@@ -537,13 +538,14 @@ void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const
 void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const char *correlation_id,
                       const json_t *body)
 {
-    char *text = json_dumps(body, JSON_COMPACT);
+    size_t len = 0;
+    char *text = json_out_text(body, &len);
     iw_publish p = {0};
 
     p.exchange = "";
     p.routing_key = reply_to;
     p.body = text ? text : "{}";
-    p.body_len = strlen(p.body);
+    p.body_len = text ? len : 2;
     p.content_type = "application/json";
     p.correlation_id = correlation_id;
     p.transient = 1;
@@ -679,7 +681,9 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
                         long delay_ms)
 {
     char exchange[256], queue[256], suffix[64], key[JOBKEY_SIZE];
-    json_t *h = headers ? json_deep_copy(headers) : json_object();
+    /* a copy of the top level: only its members are set here, the values
+     * they share are never changed */
+    json_t *h = headers ? json_copy((json_t *)headers) : json_object();
     int tier = topology_pick_tier(delay_ms);
     iw_publish p = {0};
 

@@ -16,6 +16,7 @@
 
 #include "clock.h"
 #include "engine.h"
+#include "json_out.h"
 #include "log.h"
 #include "roles.h"
 #include "topology.h"
@@ -38,22 +39,27 @@ static iw_code prepare(job *j, char *msg, size_t len)
 static int start(job *j)
 {
     submitter *s = j->self;
-    json_t *out;
-    char *body;
-    int rc = IW_ERR_NOMEM;
+    char mem[1024];
+    iw_buf body;
+    int rc;
 
     if (!j->first_attempt_ms)
         j->first_attempt_ms = clock_wall_ms();
-    out = job_doc(j) ? transform_outbound(j->doc, s->cfg->client_id, j->first_attempt_ms) : NULL;
-    body = out ? json_dumps(out, JSON_COMPACT) : NULL;
+    /* the request's text straight from the parsed job (no outbound tree);
+     * a body past the stack's 1 KiB moves to the heap, up to the broker's
+     * cap on the job it came from */
+    buf_init_on(&body, mem, sizeof mem, JSON_OUT_MAX);
+    rc = job_doc(j) ? transform_outbound_text(j->doc, s->cfg->client_id, j->first_attempt_ms, &body)
+                    : IW_ERR_NOMEM;
     /* the body is built: nothing else reads the parsed job (another attempt
      * parses it again), and a call in flight holds no jansson tree */
-    json_decref(out);
     job_drop_doc(j);
-    if (body)
-        rc = engine_call(j->e, &j->call, "POST", "/api/v1/external-resource", body, strlen(body),
-                         j->job_id);
-    free(body);
+    if (rc == IW_OK)
+        rc = engine_call(j->e, &j->call, "POST", "/api/v1/external-resource", buf_ptr(&body),
+                         buf_len(&body), j->job_id);
+    else if (rc == IW_ERR_INVALID)
+        rc = IW_ERR_NOMEM; /* as before: the job passed its schema, so this is not input */
+    buf_free(&body);
     return rc;
 }
 
@@ -65,12 +71,18 @@ static json_t *accepted_record(submitter *s, const job *j, const http_response *
     char ts[40];
     iw_error err;
 
-    if (body && schema_validate(s->resp_schema, body, &err) == IW_OK) {
+    if (body && schema_validate(s->resp_schema, body, &err) == IW_OK && (rec = json_object())) {
+        /* built member by member (the schema guarantees the strings): no
+         * format string to parse, no key to check */
         format_timestamp(clock_wall_ms(), ts, sizeof ts);
-        rec = json_pack("{s:s, s:O, s:O, s:O, s:s}", "jobId", j->job_id, "externalId",
-                        json_object_get(body, "id"), "trackingId",
-                        json_object_get(body, "trackingId"), "status",
-                        json_object_get(body, "status"), "acceptedAt", ts);
+        if (json_object_set_new_nocheck(rec, "jobId", json_string(j->job_id)) ||
+            json_object_set_nocheck(rec, "externalId", json_object_get(body, "id")) ||
+            json_object_set_nocheck(rec, "trackingId", json_object_get(body, "trackingId")) ||
+            json_object_set_nocheck(rec, "status", json_object_get(body, "status")) ||
+            json_object_set_new_nocheck(rec, "acceptedAt", json_string_nocheck(ts))) {
+            json_decref(rec);
+            rec = NULL;
+        }
     }
     json_decref(body);
     return rec;
@@ -83,7 +95,8 @@ static void answer(job *j, const http_response *r, iw_verdict *v)
     char msg[300];
     json_t *rec = NULL;
 
-    engine_answer_message(r, msg, sizeof msg);
+    if (v->kind != IW_V_ACCEPT) /* an accepted job's answer needs no message */
+        engine_answer_message(r, msg, sizeof msg);
     if (v->kind == IW_V_ACCEPT && !(rec = accepted_record(s, j, r))) {
         v->kind = IW_V_FAIL;
         v->code = IW_C_EXTERNAL_API_BAD_RESPONSE;
@@ -91,14 +104,13 @@ static void answer(job *j, const http_response *r, iw_verdict *v)
                  r->result.status);
     }
     if (rec) {
-        engine_log_call(
-            &j->call, r, v,
-            json_pack("{s:O}", "externalTrackingId", json_object_get(rec, "trackingId")));
+        engine_log_call(&j->call, r, v, json_string_value(json_object_get(rec, "trackingId")),
+                        NULL);
         job_record_doc(j, rec);
         json_decref(rec);
         return;
     }
-    engine_log_call(&j->call, r, v, NULL);
+    engine_log_call(&j->call, r, v, NULL, NULL);
     if (v->kind == IW_V_RETRY)
         job_retry(j, v->code, msg, r->result.status, attempt);
     else
@@ -113,25 +125,34 @@ static void publish(job *j, const char *event)
     /* the record as built here, or the text recorded by another delivery */
     json_t *rec = j->event_doc ? json_incref(j->event_doc) : json_loads(event, 0, NULL);
     long delay = topology_poll_wait(cfg, 0, (double)random() / ((double)RAND_MAX + 1.0));
-    json_t *check = json_pack(
-        "{s:O, s:O, s:O, s:O, s:i, s:O, s:s}", "jobId", json_object_get(rec, "jobId"), "trackingId",
-        json_object_get(rec, "trackingId"), "externalId", json_object_get(rec, "externalId"),
-        "acceptedAt", json_object_get(rec, "acceptedAt"), "checks", 0, "lastStatus",
-        json_object_get(rec, "status"), "priority", j->call.critical ? "critical" : "normal");
-    char *text = check ? json_dumps(check, JSON_COMPACT) : NULL;
+    char mem[512];
+    iw_buf text;
+    json_w w;
+    int rc;
     json_t *h = json_pack("{s:i, s:s}", "x-attempts", 0, "x-original-routing-key", "status.check");
+
+    /* the first status check, written from the record (no tree of its own) */
+    buf_init_on(&text, mem, sizeof mem, JSON_OUT_MAX);
+    jw_begin(&w, &text);
+    jw_json(&w, "jobId", json_object_get(rec, "jobId"));
+    jw_json(&w, "trackingId", json_object_get(rec, "trackingId"));
+    jw_json(&w, "externalId", json_object_get(rec, "externalId"));
+    jw_json(&w, "acceptedAt", json_object_get(rec, "acceptedAt"));
+    jw_int(&w, "checks", 0);
+    jw_json(&w, "lastStatus", json_object_get(rec, "status"));
+    jw_str(&w, "priority", j->call.critical ? "critical" : "normal");
+    rc = jw_end(&w);
 
     job_outcome_begin(j);
     job_publish_event(j, "submission.accepted", event, strlen(event));
-    if (text)
-        job_publish_later(j, "status", text, strlen(text), h, delay);
+    if (rc == IW_OK && h)
+        job_publish_later(j, "status", buf_ptr(&text), buf_len(&text), h, delay);
     else
         j->out.failed = 1;
     job_outcome_seal(j, 1);
     json_decref(h);
-    json_decref(check);
     json_decref(rec);
-    free(text);
+    buf_free(&text);
 }
 
 /* A later delivery of an accepted job (an upstream duplicate): the same

@@ -61,6 +61,59 @@ START_TEST(large_growth)
 }
 END_TEST
 
+/* On the caller's memory until it outgrows it; never past the cap even when
+ * the memory is larger; a steal is a copy the caller owns. */
+START_TEST(on_callers_memory)
+{
+    char mem[8], big[64];
+    iw_buf b;
+
+    buf_init_on(&b, mem, sizeof mem, 100);
+    ck_assert_int_eq(buf_adds(&b, "1234567"), IW_OK);
+    ck_assert_ptr_eq(buf_ptr(&b), mem);
+    ck_assert_int_eq(buf_adds(&b, "8"), IW_OK); /* no room for the NUL: moves */
+    ck_assert_ptr_ne(buf_ptr(&b), mem);
+    ck_assert_str_eq(buf_ptr(&b), "12345678");
+    buf_free(&b);
+
+    buf_init_on(&b, mem, sizeof mem, 100);
+    ck_assert_int_eq(buf_adds(&b, "abc"), IW_OK);
+    char *s = buf_steal(&b);
+    ck_assert_ptr_ne(s, mem);
+    ck_assert_str_eq(s, "abc");
+    free(s);
+    buf_free(&b);
+
+    buf_init_on(&b, big, sizeof big, 4);
+    ck_assert_int_eq(buf_adds(&b, "abcd"), IW_OK);
+    ck_assert_int_eq(buf_add(&b, "e", 1), IW_ERR_TOO_LARGE);
+    ck_assert_int_eq(buf_reserve(&b, 1), IW_ERR_TOO_LARGE);
+    ck_assert_str_eq(buf_ptr(&b), "abcd");
+    buf_free(&b);
+
+    buf_init(&b, 1000);
+    ck_assert_int_eq(buf_reserve(&b, 500), IW_OK);
+    ck_assert_uint_eq(buf_len(&b), 0);
+    ck_assert_uint_ge(b.alloc, 501);
+    ck_assert_int_eq(buf_reserve(&b, 1001), IW_ERR_TOO_LARGE);
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(utf8_next_lengths)
+{
+    ck_assert_uint_eq(utf8_next("a", 1), 1);
+    ck_assert_uint_eq(utf8_next("\xC3\xA9", 2), 2);
+    ck_assert_uint_eq(utf8_next("\xE2\x82\xAC", 3), 3);
+    ck_assert_uint_eq(utf8_next("\xF0\x9F\x98\x80", 4), 4);
+    ck_assert_uint_eq(utf8_next("\xE2\x82", 2), 0);         /* cut */
+    ck_assert_uint_eq(utf8_next("\xC0\xAF", 2), 0);         /* overlong */
+    ck_assert_uint_eq(utf8_next("\xED\xA0\x80", 3), 0);     /* surrogate */
+    ck_assert_uint_eq(utf8_next("\xF4\x90\x80\x80", 4), 0); /* past U+10FFFF */
+    ck_assert_uint_eq(utf8_next("\x80", 1), 0);
+}
+END_TEST
+
 /* text_quote's output must always be a valid JSON string */
 static void assert_safe(const char *q, size_t max)
 {
@@ -228,6 +281,22 @@ static void emit_lines(void)
     memset(big, 'z', sizeof big - 1);
     big[sizeof big - 1] = '\0';
     log_json(IW_LOG_INFO, json_pack("{s:s}", "big", big));
+
+    /* written member by member */
+    log_line l;
+    json_t *bad = json_stringn_nocheck("\xff", 1);
+    ck_assert(log_line_begin(&l, IW_LOG_WARN));
+    jw_str(&l.w, "requestId", "r\n1");
+    jw_null(&l.w, "status");
+    jw_open(&l.w, "error");
+    jw_int(&l.w, "retryAttempt", 3);
+    jw_close(&l.w);
+    log_line_end(&l);
+    ck_assert(log_line_begin(&l, IW_LOG_ERROR)); /* a member it cannot write */
+    jw_str(&l.w, "requestId", "r2");
+    jw_json(&l.w, "bad", bad);
+    log_line_end(&l);
+    json_decref(bad);
 }
 
 /* Every line is one JSON object: the head (timestamp, level, service,
@@ -238,7 +307,7 @@ START_TEST(log_lines_head_then_fields)
 {
     static char out[16384];
     char *line, *save = NULL;
-    const char *want_level[] = {"INFO", "WARN", "WARN", "mine", "INFO"};
+    const char *want_level[] = {"INFO", "WARN", "WARN", "mine", "INFO", "WARN", "ERROR"};
     int i = 0;
 
     logged(emit_lines, "svc \"q\"", out, sizeof out);
@@ -251,7 +320,7 @@ START_TEST(log_lines_head_then_fields)
         int k = 0;
 
         ck_assert_msg(o != NULL, "line %d is not JSON: %s", i, line);
-        ck_assert_int_lt(i, 5);
+        ck_assert_int_lt(i, 7);
         json_object_foreach(o, key, v)
         {
             if (k < 8)
@@ -278,9 +347,32 @@ START_TEST(log_lines_head_then_fields)
             ck_assert_str_eq(json_string_value(json_object_get(o, "x")), "y");
         if (i == 4)
             ck_assert_int_eq(strlen(json_string_value(json_object_get(o, "big"))), 2999);
+        if (i == 5) {
+            ck_assert_int_eq(k, 7);
+            ck_assert_str_eq(json_string_value(json_object_get(o, "requestId")), "r\n1");
+            ck_assert(json_is_null(json_object_get(o, "status")));
+            ck_assert_int_eq(
+                json_integer_value(json_object_get(json_object_get(o, "error"), "retryAttempt")),
+                3);
+        }
+        if (i == 6) { /* the line says so, without half of its members */
+            ck_assert_int_eq(k, 5);
+            ck_assert_ptr_nonnull(
+                strstr(json_string_value(json_object_get(o, "message")), "could not be written"));
+        }
         json_decref(o);
     }
-    ck_assert_int_eq(i, 5);
+    ck_assert_int_eq(i, 7);
+}
+END_TEST
+
+START_TEST(log_line_off_below_level)
+{
+    log_line l;
+
+    log_init(IW_LOG_ERROR, "test", stderr);
+    ck_assert_int_eq(log_line_begin(&l, IW_LOG_INFO), 0);
+    log_init(IW_LOG_DEBUG, "test", stderr);
 }
 END_TEST
 
@@ -307,6 +399,9 @@ int main(void)
     tcase_add_test(tc, grows_within_cap);
     tcase_add_test(tc, past_cap_refused_and_unchanged);
     tcase_add_test(tc, large_growth);
+    tcase_add_test(tc, on_callers_memory);
+    tcase_add_test(tc, utf8_next_lengths);
+    tcase_add_test(tc, log_line_off_below_level);
     suite_add_tcase(s, tc);
     tc = tcase_create("text");
     tcase_set_timeout(tc, 60); /* the random round trips on a loaded CI machine */
