@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
+
 #define MAX_SCRIPTS 16
 #define MASTER_NAME_MAX 128
 
@@ -447,24 +449,73 @@ fail:
     return IW_ERR_REDIS;
 }
 
+/* A command longer than Redis takes as one bulk string (proto-max-bulk-len). */
+#define REDIS_COMMAND_MAX (512u << 20)
+
+/* <prefix><n>\r\n: RESP's array and bulk-string headers. */
+static int resp_header(iw_buf *b, char prefix, size_t n)
+{
+    char text[24], *p = text + sizeof text;
+
+    *--p = '\n';
+    *--p = '\r';
+    do {
+        *--p = (char)('0' + n % 10);
+        n /= 10;
+    } while (n);
+    *--p = prefix;
+    return buf_add(b, p, (size_t)(text + sizeof text - p));
+}
+
+static int resp_arg(iw_buf *b, const char *s, size_t n)
+{
+    int rc = resp_header(b, '$', n);
+
+    if (rc == IW_OK)
+        rc = buf_add(b, s, n);
+    if (rc == IW_OK)
+        rc = buf_add(b, "\r\n", 2);
+    return rc;
+}
+
+/* The command is written in RESP here and handed over whole
+ * (redisAppendFormattedCommand): hiredis's own formatting of an argv built
+ * it in pieces with its printf (sdscatfmt), a few thousand instructions a
+ * command, twice per job. */
 int redis_link_append_script(redis_link *r, const redis_script *s, int nkeys, int argc,
                              const char **argv, iw_error *err)
 {
-    const char *args[128];
-    char nk[16];
+    char mem[2048], nk[16], *p = nk + sizeof nk;
+    unsigned keys = (unsigned)nkeys;
+    iw_buf cmd;
+    int rc;
 
     if (!r->ctx)
         return iw_error_set(err, IW_ERR_REDIS, "Redis is not connected");
-    if (argc + 3 > 128)
+    if (argc < 0 || nkeys < 0 || argc + 3 > 128)
         return iw_error_set(err, IW_ERR_INVALID, "too many script arguments");
-    snprintf(nk, sizeof nk, "%d", nkeys);
-    args[0] = "EVALSHA";
-    args[1] = s->sha;
-    args[2] = nk;
-    for (int i = 0; i < argc; i++)
-        args[3 + i] = argv[i];
-    if (redisAppendCommandArgv(r->ctx, argc + 3, args, NULL) != REDIS_OK)
-        return iw_error_set(err, IW_ERR_NOMEM, "cannot append a Redis command");
+    do { /* the key count as text */
+        *--p = (char)('0' + keys % 10);
+        keys /= 10;
+    } while (keys);
+    buf_init_on(&cmd, mem, sizeof mem, REDIS_COMMAND_MAX);
+    rc = resp_header(&cmd, '*', (size_t)argc + 3);
+    if (rc == IW_OK)
+        rc = resp_arg(&cmd, "EVALSHA", 7);
+    if (rc == IW_OK)
+        rc = resp_arg(&cmd, s->sha, strlen(s->sha));
+    if (rc == IW_OK)
+        rc = resp_arg(&cmd, p, (size_t)(nk + sizeof nk - p));
+    for (int i = 0; rc == IW_OK && i < argc; i++)
+        rc = resp_arg(&cmd, argv[i], strlen(argv[i]));
+    if (rc == IW_OK &&
+        redisAppendFormattedCommand(r->ctx, buf_ptr(&cmd), buf_len(&cmd)) != REDIS_OK)
+        rc = IW_ERR_NOMEM;
+    buf_free(&cmd);
+    if (rc != IW_OK)
+        return iw_error_set(err, rc,
+                            rc == IW_ERR_TOO_LARGE ? "a Redis command is too large"
+                                                   : "cannot append a Redis command");
     return IW_OK;
 }
 
