@@ -24,7 +24,11 @@
 typedef struct transfer {
     http_client *client;
     CURL *easy;
-    struct curl_slist *headers;
+    /* the request's header lines: its own (a bearer token, the token fetch's
+     * form type; malloc'd), the idempotency line, then the client's shared
+     * ones (http_client.hdr): curl reads them, nobody copies them per call */
+    struct curl_slist *own, *own_tail;
+    struct curl_slist idem_node;
     char *body;
     size_t len, cap;
     int too_large;
@@ -59,6 +63,11 @@ struct http_client {
     char *base_url;
     int auth_mode;
     char *api_key_header, *api_secret_header, *basic_user, *basic_password;
+    /* the header lines every call sends, linked once: hdr_post (Content-Type)
+     * -> hdr_get (the API key lines in api-key mode) -> hdr_common (Accept,
+     * Expect:, User-Agent) */
+    struct curl_slist hdr[6];
+    struct curl_slist *hdr_post, *hdr_get, *hdr_common;
     char *oauth_id, *oauth_secret;
     char *tls_cert, *tls_key, *tls_ca;
     char *bearer;                      /* "Authorization: Bearer <token>" or NULL */
@@ -156,6 +165,77 @@ static char *oauth_key(const char *ns, const char *what)
 static void token_tick(loop *l, loop_timer *tm);
 static void arm_token_timer(http_client *c, long long due_ms);
 
+/* Links c->hdr (see struct http_client).  The User-Agent is a line of its
+ * own rather than CURLOPT_USERAGENT, which curl formats anew for every call
+ * (its printf writes a character at a time, a few hundred instructions a
+ * byte), before copying it into the request once more. */
+static void shared_headers(http_client *c)
+{
+    static char content_type[] = "Content-Type: application/json";
+    static char accept[] = "Accept: application/json";
+    static char expect[] = "Expect:"; /* no 100-continue round trip */
+    static char user_agent[] = "User-Agent: integration-worker/1";
+    char *lines[6];
+    size_t n = 0, i;
+
+    lines[n++] = content_type;
+    if (c->api_key_header)
+        lines[n++] = c->api_key_header;
+    if (c->api_secret_header)
+        lines[n++] = c->api_secret_header;
+    lines[n++] = accept;
+    lines[n++] = expect;
+    lines[n++] = user_agent;
+    for (i = 0; i < n; i++) {
+        c->hdr[i].data = lines[i];
+        c->hdr[i].next = i + 1 < n ? &c->hdr[i + 1] : NULL;
+    }
+    c->hdr_post = &c->hdr[0];
+    c->hdr_get = &c->hdr[1];
+    c->hdr_common = &c->hdr[n - 3];
+}
+
+/* Drops the transfer's own header lines (the shared ones stay). */
+static void own_headers_free(transfer *t)
+{
+    if (t->own_tail)
+        t->own_tail->next = NULL;
+    curl_slist_free_all(t->own);
+    t->own = t->own_tail = NULL;
+}
+
+/* Adds a line of the transfer's own: IW_OK or IW_ERR_NOMEM. */
+static int own_header(transfer *t, const char *line)
+{
+    struct curl_slist *n = curl_slist_append(NULL, line);
+
+    if (!n)
+        return IW_ERR_NOMEM;
+    if (t->own_tail)
+        t->own_tail->next = n;
+    else
+        t->own = n;
+    t->own_tail = n;
+    return IW_OK;
+}
+
+/* The transfer's lines, then its idempotency line, then `shared`. */
+static void set_headers(transfer *t, struct curl_slist *shared)
+{
+    struct curl_slist *list = shared;
+
+    if (t->idem_line) {
+        t->idem_node.data = t->idem_line;
+        t->idem_node.next = list;
+        list = &t->idem_node;
+    }
+    if (t->own) {
+        t->own_tail->next = list;
+        list = t->own;
+    }
+    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, list);
+}
+
 http_client *http_client_new(const http_client_opts *o, iw_error *err)
 {
     http_client *c = calloc(1, sizeof *c);
@@ -194,6 +274,7 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
                          : "too long or out of memory");
         goto fail;
     }
+    shared_headers(c);
     c->basic_user = dup_or_null(o->basic_user);
     c->basic_password = dup_or_null(o->basic_password);
     c->oauth_id = dup_or_null(o->oauth_client_id);
@@ -242,7 +323,7 @@ fail:
 static void transfer_destroy(transfer *t)
 {
     curl_easy_cleanup(t->easy);
-    curl_slist_free_all(t->headers);
+    own_headers_free(t);
     free(t->body);
     free(t->req_body);
     free(t->url);
@@ -690,8 +771,7 @@ static int close_socket(void *clientp, curl_socket_t fd);
  * body and the headers we read. */
 static void common_opts(http_client *c, transfer *t)
 {
-    curl_slist_free_all(t->headers);
-    t->headers = NULL;
+    own_headers_free(t);
     t->len = 0;
     t->too_large = 0;
     t->retry_after[0] = t->reset_ms[0] = '\0';
@@ -709,7 +789,6 @@ static void common_opts(http_client *c, transfer *t)
         curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
         curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, on_header);
         curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
-        curl_easy_setopt(t->easy, CURLOPT_USERAGENT, "integration-worker/1");
         /* the provider's answers are small (a few hundred bytes with their
          * headers): curl's smallest receive buffer, 1 KiB instead of its
          * 16 KiB, keeps thousands of calls in flight cheap; a larger
@@ -735,16 +814,15 @@ static void common_opts(http_client *c, transfer *t)
         t->configured = 1;
     }
     curl_easy_setopt(t->easy, CURLOPT_URL, t->url); /* curl copies it */
-    t->headers = curl_slist_append(t->headers, "Accept: application/json");
-    t->headers = curl_slist_append(t->headers, "Expect:");
 }
 
 /* Hands a prepared call to curl, with the auth of the moment. */
 static int launch(http_client *c, transfer *t)
 {
+    int post = strcmp(t->method, "GET") != 0;
+
     common_opts(c, t);
-    if (strcmp(t->method, "GET") != 0) {
-        t->headers = curl_slist_append(t->headers, "Content-Type: application/json");
+    if (post) {
         curl_easy_setopt(t->easy, CURLOPT_CUSTOMREQUEST, t->method);
         curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long)t->req_len);
         curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->req_body ? t->req_body : "");
@@ -754,26 +832,21 @@ static int launch(http_client *c, transfer *t)
     }
     t->carried_token = 0;
     switch (c->auth_mode) {
-    case IW_AUTH_API_KEY:
-        if (c->api_key_header)
-            t->headers = curl_slist_append(t->headers, c->api_key_header);
-        if (c->api_secret_header)
-            t->headers = curl_slist_append(t->headers, c->api_secret_header);
+    case IW_AUTH_API_KEY: /* the shared lines (shared_headers) */
         break;
     case IW_AUTH_BASIC: /* set with the handle (common_opts) */
         break;
     case IW_AUTH_OAUTH2:
         /* only ever called with a token: a call without one waits for it */
-        t->headers = curl_slist_append(t->headers, c->bearer);
+        if (own_header(t, c->bearer) != IW_OK)
+            return IW_ERR_NOMEM;
         t->carried_token = 1;
         t->token_gen = c->token_gen;
         break;
     default:
         break;
     }
-    if (t->idem_line)
-        t->headers = curl_slist_append(t->headers, t->idem_line);
-    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
+    set_headers(t, post ? c->hdr_post : c->hdr_get);
     if (curl_multi_add_handle(c->multi, t->easy) != CURLM_OK)
         return IW_ERR_HTTP;
     t->prev = NULL;
@@ -865,9 +938,10 @@ static int token_fetch_start(http_client *c)
     if (!t->form || !t->url)
         goto out;
     common_opts(c, t);
-    t->headers = curl_slist_append(t->headers, "Content-Type: application/x-www-form-urlencoded");
+    if (own_header(t, "Content-Type: application/x-www-form-urlencoded") != IW_OK)
+        goto out;
     curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->form);
-    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
+    set_headers(t, c->hdr_common);
     t->start_us = clock_mono_us();
     rc = curl_multi_add_handle(c->multi, t->easy) == CURLM_OK ? IW_OK : IW_ERR_HTTP;
 out:
