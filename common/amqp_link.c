@@ -1673,7 +1673,9 @@ static out_op *publish_copy(const iw_publish *p, amqp_confirm_fn cb, void *ud, s
     op->pub.body_len = p->body_len;
     op->pub.transient = p->transient;
     if (p->headers) {
-        op->headers = json_deep_copy(p->headers);
+        /* its own top level (a caller may set members after), sharing the
+         * values, which nobody changes */
+        op->headers = json_copy((json_t *)p->headers);
         op->pub.headers = op->headers;
         if (!op->headers)
             failed = 1;

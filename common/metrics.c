@@ -122,12 +122,16 @@ static int name_index(name_table *t, int cap, const char *name, const char *alph
 {
     int count, i, idx = cap;
 
-    if (!valid(name, alphabet, maxlen))
+    if (!name)
         return cap;
+    /* a name in the table was checked when it was added: the check (a
+     * strspn) is for new names only, not for every count */
     count = atomic_load(&t->count);
     for (i = 0; i < count; i++)
         if (!strcmp(t->names[i], name))
             return i;
+    if (!valid(name, alphabet, maxlen))
+        return cap;
     pthread_mutex_lock(&m.lock);
     count = atomic_load(&t->count);
     for (i = 0; i < count; i++)

@@ -118,12 +118,22 @@ size_t records_key_size(const records *rec, const char *kind, const char *id)
 
 int records_key(const records *rec, char *buf, size_t size, const char *kind, const char *id)
 {
-    int n;
+    size_t ns = strlen(rec->ns), k = strlen(kind), n = strlen(id);
 
     if (size > RECORDS_KEY_MAX)
         size = RECORDS_KEY_MAX;
-    n = snprintf(buf, size, "%s:%s:%s", rec->ns, kind, id);
-    return n < 0 || (size_t)n >= size ? -1 : 0;
+    /* <ns>:<kind>:<id>, three per job: copied, not formatted */
+    if (!size || ns + k + n + 2 >= size) {
+        if (size)
+            buf[0] = '\0';
+        return -1;
+    }
+    memcpy(buf, rec->ns, ns);
+    buf[ns] = ':';
+    memcpy(buf + ns + 1, kind, k);
+    buf[ns + 1 + k] = ':';
+    memcpy(buf + ns + 2 + k, id, n + 1);
+    return 0;
 }
 
 static int push_op(records *rec, op o, iw_error *err)
