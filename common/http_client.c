@@ -1,5 +1,6 @@
 #include "http_client.h"
 
+#include <ctype.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,6 +70,7 @@ struct http_client {
     struct curl_slist hdr[6];
     struct curl_slist *hdr_post, *hdr_get, *hdr_common;
     char *oauth_id, *oauth_secret;
+    char *proxy, *noproxy; /* from the environment, read once (proxy_from_env) */
     char *tls_cert, *tls_key, *tls_ca;
     char *bearer;                      /* "Authorization: Bearer <token>" or NULL */
     char *stored;                      /* "<life_ms> <token>" as in N:oauth:token */
@@ -195,6 +197,49 @@ static void shared_headers(http_client *c)
     c->hdr_common = &c->hdr[n - 3];
 }
 
+/* curl reads the proxy variables of the environment for every call (up to
+ * six getenv, each a walk of the environment); they are read here once, as
+ * curl reads them, and set on every handle: <scheme>_proxy (http_proxy only
+ * in lower case, as curl), then all_proxy, ALL_PROXY; no_proxy, NO_PROXY.
+ * An empty CURLOPT_PROXY means no proxy, an empty CURLOPT_NOPROXY none
+ * excluded. */
+static const char *env_set(const char *name)
+{
+    const char *v = getenv(name);
+
+    return v && *v ? v : NULL; /* empty is unset, as curl_getenv has it */
+}
+
+static int proxy_from_env(http_client *c)
+{
+    char name[32];
+    const char *v = NULL, *colon = strstr(c->base_url, "://");
+    size_t n = colon ? (size_t)(colon - c->base_url) : 0;
+
+    if (n && n < 16) {
+        for (size_t i = 0; i < n; i++)
+            name[i] = (char)tolower((unsigned char)c->base_url[i]);
+        memcpy(name + n, "_proxy", sizeof "_proxy");
+        v = env_set(name);
+        if (!v && strcmp(name, "http_proxy") != 0) {
+            for (size_t i = 0; i < n; i++)
+                name[i] = (char)toupper((unsigned char)name[i]);
+            memcpy(name + n, "_PROXY", sizeof "_PROXY");
+            v = env_set(name);
+        }
+    }
+    if (!v)
+        v = env_set("all_proxy");
+    if (!v)
+        v = env_set("ALL_PROXY");
+    c->proxy = strdup(v ? v : "");
+    v = env_set("no_proxy");
+    if (!v)
+        v = env_set("NO_PROXY");
+    c->noproxy = strdup(v ? v : "");
+    return c->proxy && c->noproxy ? IW_OK : IW_ERR_NOMEM;
+}
+
 /* Drops the transfer's own header lines (the shared ones stay). */
 static void own_headers_free(transfer *t)
 {
@@ -275,6 +320,8 @@ http_client *http_client_new(const http_client_opts *o, iw_error *err)
         goto fail;
     }
     shared_headers(c);
+    if (proxy_from_env(c) != IW_OK)
+        goto nomem;
     c->basic_user = dup_or_null(o->basic_user);
     c->basic_password = dup_or_null(o->basic_password);
     c->oauth_id = dup_or_null(o->oauth_client_id);
@@ -371,6 +418,8 @@ void http_client_free(http_client *c)
     free(c->base_url);
     free(c->api_key_header);
     free(c->api_secret_header);
+    free(c->proxy);
+    free(c->noproxy);
     free(c->basic_user);
     free(c->basic_password);
     free(c->oauth_id);
@@ -785,6 +834,8 @@ static void common_opts(http_client *c, transfer *t)
         curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, c->timeout_ms);
         curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
         curl_easy_setopt(t->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+        curl_easy_setopt(t->easy, CURLOPT_PROXY, c->proxy);
+        curl_easy_setopt(t->easy, CURLOPT_NOPROXY, c->noproxy);
         curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, on_body);
         curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
         curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, on_header);

@@ -229,6 +229,95 @@ START_TEST(idempotency_key_is_jobkey)
 }
 END_TEST
 
+/* The lines every call sends, each once, whichever call of the handle it is
+ * (the constant lines are linked once per client, the idempotency line is
+ * the call's own): a GET after a POST carries no Content-Type. */
+START_TEST(header_lines_each_once)
+{
+    static const char *const once[] = {
+        "Host",   "Content-Type", "X-API-Key",       "X-API-Secret",
+        "Accept", "User-Agent",   "Idempotency-Key", "Content-Length"};
+    iw_error err;
+    char v[512];
+    capture_start();
+    http_client *c = client(IW_AUTH_API_KEY, "key", &err);
+    ck_assert_ptr_nonnull(c);
+    for (int i = 0; i < 3; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "j-%d", i);
+        ck_assert_int_eq(call(c, "/api/v1/external-resource", id), IW_OK);
+        ck_assert_int_eq(n_captured(), i + 1);
+        for (size_t k = 0; k < sizeof once / sizeof once[0]; k++)
+            ck_assert_msg(count_headers(cap.heads[i], once[k]) == 1, "%s in %s", once[k],
+                          cap.heads[i]);
+        ck_assert_int_eq(count_headers(cap.heads[i], "Expect"), 0);
+        ck_assert_str_eq(header_value(cap.heads[i], "Idempotency-Key", v, sizeof v), id);
+        ck_assert_str_eq(header_value(cap.heads[i], "Accept", v, sizeof v), "application/json");
+        ck_assert_str_eq(header_value(cap.heads[i], "User-Agent", v, sizeof v),
+                         "integration-worker/1");
+    }
+    int before = done;
+    ck_assert_int_eq(
+        http_client_start(c, "GET", "/api/v1/status/t-1", NULL, 0, NULL, on_done, NULL), IW_OK);
+    for (int i = 0; i < 500 && done == before; i++)
+        loop_turn(lp, 20);
+    ck_assert_int_eq(n_captured(), 4);
+    ck_assert_int_eq(count_headers(cap.heads[3], "Content-Type"), 0);
+    ck_assert_int_eq(count_headers(cap.heads[3], "Idempotency-Key"), 0);
+    ck_assert_int_eq(count_headers(cap.heads[3], "X-API-Key"), 1);
+    ck_assert_int_eq(count_headers(cap.heads[3], "User-Agent"), 1);
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
+/* The proxy variables are read when the client is made, as curl reads them:
+ * http_proxy sends the call through the proxy (here the capturing server,
+ * which sees the absolute URL); no_proxy exempts the host. */
+START_TEST(proxy_from_environment)
+{
+    iw_error err;
+    char proxy[64];
+    capture_start();
+    snprintf(proxy, sizeof proxy, "http://127.0.0.1:%d", cap.port);
+    http_client_opts o = {.base_url = "http://provider.invalid:9",
+                          .auth_mode = IW_AUTH_NONE,
+                          .timeout_ms = 5000,
+                          .connect_timeout_ms = 2000,
+                          .max_response_bytes = 65536,
+                          .max_connections = 4};
+    setenv("http_proxy", proxy, 1);
+    unsetenv("no_proxy");
+    unsetenv("NO_PROXY");
+    http_client *c = http_client_new(&o, &err);
+    setenv("no_proxy", "provider.invalid", 1);
+    http_client *direct = http_client_new(&o, &err);
+    unsetenv("http_proxy");
+    unsetenv("no_proxy");
+    ck_assert_ptr_nonnull(c);
+    ck_assert_ptr_nonnull(direct);
+    if (!lp)
+        lp = loop_new();
+    ck_assert_int_eq(http_client_attach(c, lp), IW_OK);
+    ck_assert_int_eq(http_client_attach(direct, lp), IW_OK);
+    /* the environment changed after creation: the client keeps what it read */
+    ck_assert_int_eq(call(c, "/api/v1/external-resource", "p-1"), IW_OK);
+    ck_assert_int_eq(n_captured(), 1);
+    ck_assert_msg(
+        strncmp(cap.heads[0], "POST http://provider.invalid:9/api/v1/external-resource ", 56) == 0,
+        "%s", cap.heads[0]);
+    /* exempt: straight to a host that does not resolve */
+    ck_assert_int_eq(call(direct, "/api/v1/external-resource", "p-2"), IW_OK);
+    ck_assert_int_ne(last_transport, IW_TRANSPORT_OK);
+    ck_assert_int_eq(n_captured(), 1);
+    http_client_free(c);
+    http_client_free(direct);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
 START_TEST(crlf_job_id_never_adds_a_header)
 {
     iw_error err;
@@ -494,6 +583,8 @@ int main(void)
     TCase *tc = tcase_create("http_client");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, idempotency_key_is_jobkey);
+    tcase_add_test(tc, header_lines_each_once);
+    tcase_add_test(tc, proxy_from_environment);
     tcase_add_test(tc, crlf_job_id_never_adds_a_header);
     tcase_add_test(tc, api_key_with_crlf_refused);
     tcase_add_test(tc, url_too_long_refused_whole_or_nothing);
