@@ -131,7 +131,7 @@ static int put_head(iw_buf *b, const char *ts, int level)
 }
 
 /* A line is the head, written as text (our own timestamp, level and service,
- * the service encoded once by jansson), and the caller's fields written by
+ * the service encoded once), and the caller's fields written by
  * json_out right behind it, their "{" turned into ",": no second object to
  * build and copy the fields into, and no allocation for a line that fits
  * the stack's 4 KiB. */
