@@ -181,9 +181,11 @@ static void shared_headers(http_client *c)
     size_t n = 0, i;
 
     lines[n++] = content_type;
-    if (c->api_key_header)
+    /* the key lines only in api-key mode: another mode never sends them,
+     * whatever the settings hold */
+    if (c->auth_mode == IW_AUTH_API_KEY && c->api_key_header)
         lines[n++] = c->api_key_header;
-    if (c->api_secret_header)
+    if (c->auth_mode == IW_AUTH_API_KEY && c->api_secret_header)
         lines[n++] = c->api_secret_header;
     lines[n++] = accept;
     lines[n++] = expect;

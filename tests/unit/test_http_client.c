@@ -427,6 +427,12 @@ START_TEST(good_token_sent)
     ck_assert_int_eq(call(c, "/api/v1/external-resource", "j-3"), IW_OK);
     ck_assert_int_eq(n_captured(), 2);
     ck_assert_str_eq(header_value(cap.heads[1], "Authorization", v, sizeof v), "Bearer abc.def");
+    /* the API key settings (the secret is set here) are never sent in another mode */
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(count_headers(cap.heads[i], "X-API-Key"), 0);
+        ck_assert_int_eq(count_headers(cap.heads[i], "X-API-Secret"), 0);
+        ck_assert_int_eq(count_headers(cap.heads[i], "User-Agent"), 1);
+    }
     http_client_free(c);
     loop_free(lp);
     lp = NULL;
