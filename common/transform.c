@@ -5,19 +5,7 @@
 #include "json_out.h"
 #include "log.h"
 
-json_t *transform_outbound(const json_t *job, const char *client_id, long long wall_ms)
-{
-    char ts[40];
-
-    format_timestamp(wall_ms, ts, sizeof ts);
-    return json_pack("{s:O, s:O, s:O, s:{s:s, s:s}}", "user_id", json_object_get(job, "userId"),
-                     "action_type", json_object_get(job, "action"), "request_data",
-                     json_object_get(job, "payload"), "client_info", "client_id", client_id,
-                     "timestamp", ts);
-}
-
-int transform_outbound_text(const json_t *job, const char *client_id, long long wall_ms,
-                            iw_buf *out)
+int transform_outbound(const json_t *job, const char *client_id, long long wall_ms, iw_buf *out)
 {
     char ts[40];
     json_w w;

@@ -7,17 +7,14 @@
 #include "buf.h"
 #include "status.h"
 
-/* OurRequest (a validated submission job) -> ExternalRequest:
- * {"user_id","action_type","request_data","client_info":{"client_id","timestamp"}}.
- * Borrows job; returns a new reference (NULL only when out of memory). */
-json_t *transform_outbound(const json_t *job, const char *client_id, long long wall_ms);
-
-/* The same mapping written straight as the request's JSON text, appended to
- * out (the bytes json_dumps(transform_outbound(...), JSON_COMPACT) gives,
- * with no tree built): IW_OK; IW_ERR_INVALID when the job lacks a member or
- * holds text that is not UTF-8; IW_ERR_TOO_LARGE past out's cap; NOMEM. */
-int transform_outbound_text(const json_t *job, const char *client_id, long long wall_ms,
-                            iw_buf *out) __attribute__((warn_unused_result));
+/* OurRequest (a validated submission job) -> ExternalRequest, written as the
+ * request's compact JSON text and appended to out (no tree is built):
+ * {"user_id","action_type","request_data","client_info":{"client_id","timestamp"}},
+ * in that order.  Borrows job.  IW_OK; IW_ERR_INVALID when the job lacks
+ * one of userId, action, payload or holds text that is not UTF-8 (out is
+ * then unchanged); IW_ERR_TOO_LARGE past out's cap; IW_ERR_NOMEM. */
+int transform_outbound(const json_t *job, const char *client_id, long long wall_ms, iw_buf *out)
+    __attribute__((warn_unused_result));
 
 /* ExternalResponse -> OurFormat (spec, "Inbound Data Mapping").  A body of
  * another shape is IW_ERR_JSON with err->msg naming the first bad field, and

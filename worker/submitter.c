@@ -49,7 +49,7 @@ static int start(job *j)
      * a body past the stack's 1 KiB moves to the heap, up to the broker's
      * cap on the job it came from */
     buf_init_on(&body, mem, sizeof mem, JSON_OUT_MAX);
-    rc = job_doc(j) ? transform_outbound_text(j->doc, s->cfg->client_id, j->first_attempt_ms, &body)
+    rc = job_doc(j) ? transform_outbound(j->doc, s->cfg->client_id, j->first_attempt_ms, &body)
                     : IW_ERR_NOMEM;
     /* the body is built: nothing else reads the parsed job (another attempt
      * parses it again), and a call in flight holds no jansson tree */

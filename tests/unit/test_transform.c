@@ -3,6 +3,7 @@
 #include <check.h>
 #include <jansson.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "transform.h"
@@ -33,14 +34,35 @@ static void assert_json_eq(const json_t *actual, const char *expected)
  * transform_outbound
  * ------------------------------------------------------------------------ */
 
+/* The request's text, and that text parsed (it must parse, without
+ * duplicate members). */
+static json_t *outbound(const json_t *job, const char *client_id, long long wall_ms, iw_buf *b)
+{
+    json_error_t jerr;
+    json_t *v;
+
+    buf_init(b, 1 << 16);
+    ck_assert_int_eq(transform_outbound(job, client_id, wall_ms, b), IW_OK);
+    v = json_loads(buf_ptr(b), JSON_REJECT_DUPLICATES, &jerr);
+    ck_assert_msg(v != NULL, "request is not JSON (%s): %s", jerr.text, buf_ptr(b));
+    return v;
+}
+
 START_TEST(outbound_mapping)
 {
     json_t *job = parse("{\"jobId\":\"j-1\",\"userId\":\"u-42\",\"action\":\"transfer\","
                         "\"payload\":{\"amount\":12.5,\"currency\":\"EUR\",\"tags\":[1,\"a\",null],"
                         "\"nested\":{\"deep\":{\"x\":true}}},\"priority\":\"critical\"}");
-    json_t *out = transform_outbound(job, "integration-worker", 0);
+    iw_buf b;
+    json_t *out = outbound(job, "integration-worker", 0, &b);
 
-    ck_assert_ptr_nonnull(out);
+    /* the members in the spec's order, compact */
+    ck_assert_str_eq(buf_ptr(&b), "{\"user_id\":\"u-42\",\"action_type\":\"transfer\","
+                                  "\"request_data\":{\"amount\":12.5,\"currency\":\"EUR\","
+                                  "\"tags\":[1,\"a\",null],\"nested\":{\"deep\":{\"x\":true}}},"
+                                  "\"client_info\":{\"client_id\":\"integration-worker\","
+                                  "\"timestamp\":\"1970-01-01T00:00:00.000Z\"}}");
+    buf_free(&b);
     assert_json_eq(out, "{\"user_id\":\"u-42\",\"action_type\":\"transfer\","
                         "\"request_data\":{\"amount\":12.5,\"currency\":\"EUR\","
                         "\"tags\":[1,\"a\",null],\"nested\":{\"deep\":{\"x\":true}}},"
@@ -63,9 +85,10 @@ START_TEST(outbound_borrows_job)
     json_t *job =
         parse("{\"jobId\":\"j\",\"userId\":\"u\",\"action\":\"a\",\"payload\":{\"k\":1}}");
     json_t *copy = json_deep_copy(job);
-    json_t *out = transform_outbound(job, "c", 0);
+    iw_buf b;
+    json_t *out = outbound(job, "c", 0, &b);
 
-    ck_assert_ptr_nonnull(out);
+    buf_free(&b);
     ck_assert(json_equal(job, copy));
     json_decref(job);
     json_decref(copy);
@@ -89,10 +112,11 @@ static const struct {
 START_TEST(outbound_timestamp)
 {
     json_t *job = parse("{\"jobId\":\"j\",\"userId\":\"u\",\"action\":\"a\",\"payload\":{}}");
-    json_t *out = transform_outbound(job, "client-x", timestamps[_i].wall_ms);
+    iw_buf b;
+    json_t *out = outbound(job, "client-x", timestamps[_i].wall_ms, &b);
     json_t *info;
 
-    ck_assert_ptr_nonnull(out);
+    buf_free(&b);
     info = json_object_get(out, "client_info");
     ck_assert(json_is_object(info));
     ck_assert_uint_eq(json_object_size(info), 2);
