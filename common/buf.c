@@ -135,6 +135,15 @@ int buf_addf(iw_buf *b, const char *fmt, ...)
     return rc;
 }
 
+char *uint_text(char *end, unsigned long long v)
+{
+    do {
+        *--end = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return end;
+}
+
 const char *buf_ptr(const iw_buf *b)
 {
     return b->ptr ? b->ptr : "";

@@ -52,6 +52,11 @@ int buf_addf(iw_buf *b, const char *fmt, ...)
 int buf_vaddf(iw_buf *b, const char *fmt, va_list ap)
     __attribute__((format(printf, 2, 0), warn_unused_result));
 
+/* The decimal digits of v written backwards so that they end just before
+ * `end` (at most 20 of them); returns where they start.  For the numbers
+ * written into JSON and RESP without printf. */
+char *uint_text(char *end, unsigned long long v);
+
 /* The content, always NUL-terminated ("" when empty); borrowed from b. */
 const char *buf_ptr(const iw_buf *b);
 size_t buf_len(const iw_buf *b);

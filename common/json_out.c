@@ -123,13 +123,10 @@ static int put_string(iw_buf *b, const char *s, size_t n)
 
 static int put_integer(iw_buf *b, json_int_t v)
 {
-    char text[24], *p = text + sizeof text;
-    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    char text[24];
+    char *p =
+        uint_text(text + sizeof text, v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v);
 
-    do {
-        *--p = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
     if (v < 0)
         *--p = '-';
     return put(b, p, (size_t)(text + sizeof text - p));

@@ -455,14 +455,11 @@ fail:
 /* <prefix><n>\r\n: RESP's array and bulk-string headers. */
 static int resp_header(iw_buf *b, char prefix, size_t n)
 {
-    char text[24], *p = text + sizeof text;
+    char text[24], *p;
 
-    *--p = '\n';
-    *--p = '\r';
-    do {
-        *--p = (char)('0' + n % 10);
-        n /= 10;
-    } while (n);
+    text[22] = '\r';
+    text[23] = '\n';
+    p = uint_text(text + 22, n);
     *--p = prefix;
     return buf_add(b, p, (size_t)(text + sizeof text - p));
 }
@@ -485,8 +482,7 @@ static int resp_arg(iw_buf *b, const char *s, size_t n)
 int redis_link_append_script(redis_link *r, const redis_script *s, int nkeys, int argc,
                              const char **argv, iw_error *err)
 {
-    char mem[2048], nk[16], *p = nk + sizeof nk;
-    unsigned keys = (unsigned)nkeys;
+    char mem[2048], nk[16], *p;
     iw_buf cmd;
     int rc;
 
@@ -494,10 +490,7 @@ int redis_link_append_script(redis_link *r, const redis_script *s, int nkeys, in
         return iw_error_set(err, IW_ERR_REDIS, "Redis is not connected");
     if (argc < 0 || nkeys < 0 || argc + 3 > 128)
         return iw_error_set(err, IW_ERR_INVALID, "too many script arguments");
-    do { /* the key count as text */
-        *--p = (char)('0' + keys % 10);
-        keys /= 10;
-    } while (keys);
+    p = uint_text(nk + sizeof nk, (unsigned long long)nkeys);
     buf_init_on(&cmd, mem, sizeof mem, REDIS_COMMAND_MAX);
     rc = resp_header(&cmd, '*', (size_t)argc + 3);
     if (rc == IW_OK)
