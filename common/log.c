@@ -234,7 +234,10 @@ void log_line_end(log_line *l)
     if (rc == IW_OK)
         fwrite(buf_ptr(&l->b), 1, buf_len(&l->b), logger.out);
     else
-        log_msg(l->level, NULL, "a log line could not be written: %s", iw_strerror(rc));
+        log_msg(l->level, NULL, "a log line could not be written (%s): %s", iw_strerror(rc),
+                rc == IW_ERR_INVALID     ? "one of its values is not valid UTF-8"
+                : rc == IW_ERR_TOO_LARGE ? "it is longer than 1 MiB"
+                                         : "out of memory");
     buf_free(&l->b);
     if (l->level >= IW_LOG_ERROR)
         fflush(logger.out);
