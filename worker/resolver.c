@@ -291,11 +291,12 @@ static void after_outcome(void *owner, int ok)
     if (ok) {
         rt_ack(q->r->rt, q->d);
     } else {
-        log_json(IW_LOG_WARN, json_pack("{s:s, s:s, s:s}", "requestId",
-                                        q->d->correlation_id ? q->d->correlation_id : "", "state",
-                                        req_state_names[q->state], "message",
-                                        "reply not confirmed by the broker; the request returns to "
-                                        "its queue"));
+        log_msg(IW_LOG_WARN,
+                json_pack("{s:s, s:s}", "requestId",
+                          q->d->correlation_id ? q->d->correlation_id : "", "state",
+                          req_state_names[q->state]),
+                "reply not published (%s); the request returns to its queue",
+                iw_strerror(q->out.status));
         rt_nack(q->r->rt, q->d, 1);
     }
     req_free(q);

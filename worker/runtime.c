@@ -518,39 +518,56 @@ void rt_publish_event_text(runtime *rt, rt_outcome *o, const char *routing_key, 
     outcome_publish(rt, o, &p, 0);
 }
 
+/* A message that could not be written (out of memory, a value that is not
+ * UTF-8): its group fails and the delivery goes back, rather than "{}" or
+ * half a message going out in its place. */
+static void outcome_unwritten(rt_outcome *o, int status)
+{
+    if (!o->failed) {
+        o->failed = 1;
+        o->status = status;
+    }
+}
+
 void rt_publish_event(runtime *rt, rt_outcome *o, const char *routing_key, const json_t *body,
                       const char *job_id)
 {
-    char exchange[256], key[JOBKEY_SIZE];
-    char *text = json_out_text(body, NULL);
-    iw_publish p = {0};
+    char mem[1024];
+    iw_buf text;
+    int rc;
 
-    p.exchange = rt_name(rt, exchange, sizeof exchange, "events");
-    p.routing_key = routing_key;
-    p.body = text ? text : "{}";
-    p.body_len = strlen(p.body);
-    p.content_type = "application/json";
-    p.correlation_id = correlation_of(job_id, key);
-    outcome_publish(rt, o, &p, 0);
-    free(text);
+    /* written on the stack: amqp_link copies what it keeps */
+    buf_init_on(&text, mem, sizeof mem, JSON_OUT_MAX);
+    if ((rc = body ? json_out(&text, body) : IW_ERR_INVALID) == IW_OK)
+        rt_publish_event_text(rt, o, routing_key, buf_ptr(&text), buf_len(&text), job_id);
+    else
+        outcome_unwritten(o, rc);
+    buf_free(&text);
 }
 
 void rt_publish_reply(runtime *rt, rt_outcome *o, const char *reply_to, const char *correlation_id,
                       const json_t *body)
 {
-    size_t len = 0;
-    char *text = json_out_text(body, &len);
+    char mem[1024];
+    iw_buf text;
     iw_publish p = {0};
+    int rc;
 
+    buf_init_on(&text, mem, sizeof mem, JSON_OUT_MAX);
+    if ((rc = body ? json_out(&text, body) : IW_ERR_INVALID) != IW_OK) {
+        outcome_unwritten(o, rc);
+        buf_free(&text);
+        return;
+    }
     p.exchange = "";
     p.routing_key = reply_to;
-    p.body = text ? text : "{}";
-    p.body_len = text ? len : 2;
+    p.body = buf_ptr(&text);
+    p.body_len = buf_len(&text);
     p.content_type = "application/json";
     p.correlation_id = correlation_id;
     p.transient = 1;
     outcome_publish(rt, o, &p, 0);
-    free(text);
+    buf_free(&text);
 }
 
 json_t *rt_forward_headers(const iw_delivery *d)
