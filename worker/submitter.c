@@ -26,6 +26,7 @@ struct submitter {
     runtime *rt;
     const iw_config *cfg;
     iw_schema *resp_schema;
+    json_t *check_headers; /* the first status check's, the same for every job */
 };
 
 static iw_code prepare(job *j, char *msg, size_t len)
@@ -129,7 +130,6 @@ static void publish(job *j, const char *event)
     iw_buf text;
     json_w w;
     int rc;
-    json_t *h = json_pack("{s:i, s:s}", "x-attempts", 0, "x-original-routing-key", "status.check");
 
     /* the first status check, written from the record (no tree of its own) */
     buf_init_on(&text, mem, sizeof mem, JSON_OUT_MAX);
@@ -145,12 +145,11 @@ static void publish(job *j, const char *event)
 
     job_outcome_begin(j);
     job_publish_event(j, "submission.accepted", event, strlen(event));
-    if (rc == IW_OK && h)
-        job_publish_later(j, "status", buf_ptr(&text), buf_len(&text), h, delay);
+    if (rc == IW_OK)
+        job_publish_later(j, "status", buf_ptr(&text), buf_len(&text), s->check_headers, delay);
     else
         j->out.failed = 1;
     job_outcome_seal(j, 1);
-    json_decref(h);
     json_decref(rec);
     buf_free(&text);
 }
@@ -194,6 +193,13 @@ submitter *submitter_new(runtime *rt, engine *e, iw_error *err)
     }
     s->rt = rt;
     s->cfg = rt_config(rt);
+    s->check_headers =
+        json_pack("{s:i, s:s}", "x-attempts", 0, "x-original-routing-key", "status.check");
+    if (!s->check_headers) {
+        iw_error_set(err, IW_ERR_NOMEM, "out of memory");
+        submitter_free(s);
+        return NULL;
+    }
     s->resp_schema = rt_load_schema(rt, "provider-submit-response.schema.json", err);
     if (!s->resp_schema || engine_add_role(e, &submitter_role, s) != IW_OK) {
         if (s->resp_schema && !err->msg[0])
@@ -209,5 +215,6 @@ void submitter_free(submitter *s)
     if (!s)
         return;
     schema_free(s->resp_schema);
+    json_decref(s->check_headers);
     free(s);
 }
