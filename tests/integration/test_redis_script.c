@@ -1,5 +1,6 @@
-/* Pipelined scripts on the stack's Redis: every argument reaches the script
- * byte for byte (the command is written in RESP by redis_link, not by
+/* Pipelined scripts on the stack's Redis, as the least-privilege test user
+ * (iw-test, keys t-*) like every integration suite: every argument reaches
+ * the script byte for byte (the command is written in RESP by redis_link, not by
  * hiredis), whatever its bytes and size, and replies come back in order. */
 #include <check.h>
 #include <stdio.h>
@@ -18,7 +19,7 @@ static redis_script echo = {"local r = {KEYS[1], #ARGV}\n"
 START_TEST(arguments_byte_for_byte)
 {
     iw_error err = {0};
-    redis_link *r = redis_link_new("redis://127.0.0.1:6379/0", 2000, &err);
+    redis_link *r = redis_link_new("redis://iw-test:iw-test@127.0.0.1:6379/0", 2000, &err);
     static char big[70000];
     const char *args[4];
     size_t lens[4];
@@ -28,7 +29,7 @@ START_TEST(arguments_byte_for_byte)
         big[i] = (char)('a' + i % 26);
     redis_link_add_script(r, &echo);
     ck_assert_int_eq(redis_link_ensure(r, &err), IW_OK);
-    args[0] = "iwt:script:key";
+    args[0] = "t-script:key";
     args[1] = "";
     args[2] = "line\r\nbreak $3\r\n*2 \xc3\xa9\xff";
     args[3] = big;
@@ -45,7 +46,7 @@ START_TEST(arguments_byte_for_byte)
         ck_assert_int_eq(redis_link_read(r, &rep, &err), IW_OK);
         ck_assert_int_eq(rep->type, REDIS_REPLY_ARRAY);
         ck_assert_uint_eq(rep->elements, 2 + (size_t)nargs);
-        ck_assert_str_eq(rep->element[0]->str, "iwt:script:key");
+        ck_assert_str_eq(rep->element[0]->str, "t-script:key");
         ck_assert_int_eq(rep->element[1]->integer, nargs);
         for (int i = 0; i < nargs; i++) {
             ck_assert_uint_eq(rep->element[2 + i]->len, lens[1 + i]);
