@@ -1002,42 +1002,6 @@ END_TEST
 
 /* ---- 6. waiting for Redis does not burn the delivery limit ------------------------------- */
 
-static int redis_up(void *ud)
-{
-    int port = *(int *)ud;
-    redisContext *c = redisConnect("127.0.0.1", port);
-    int ok = 0;
-    if (c && !c->err) {
-        redisReply *r = redisCommand(c, "PING");
-        ok = r && r->type == REDIS_REPLY_STATUS;
-        if (r)
-            freeReplyObject(r);
-    }
-    if (c)
-        redisFree(c);
-    return ok;
-}
-
-/* A private redis-server on port (no persistence), tracked. */
-static pid_t start_redis(int port)
-{
-    char p[16];
-    pid_t pid = fork();
-    snprintf(p, sizeof p, "%d", port);
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        FILE *null = freopen("/dev/null", "w", stdout);
-        (void)null;
-        null = freopen("/dev/null", "w", stderr);
-        execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--daemonize", "no", (char *)NULL);
-        _exit(127);
-    }
-    iwt_track(pid);
-    ck_assert_msg(iwt_eventually(redis_up, &port, 10000), "private redis-server on %d", port);
-    return pid;
-}
-
 START_TEST(test_redis_wait_spares_delivery_limit)
 {
     enum { JOBS = 6, RESETS = 3 };
@@ -1049,7 +1013,7 @@ START_TEST(test_redis_wait_spares_delivery_limit)
     const char *const declare_env[] = {"IW_DELIVERY_LIMIT=2", NULL};
     const char *const env[] = {env_url, "IW_DELIVERY_LIMIT=2", "IW_HOLD_MAX=1s", NULL};
 
-    pid_t r = start_redis(port);
+    pid_t r = iwt_start_redis(port);
     scen_init(&s, "once-limit", declare_env, NULL, 0);
     pid_t w = start(&s, "submitter", env, "submitter");
     publish_job(&s, "before", NULL);
@@ -1074,7 +1038,7 @@ START_TEST(test_redis_wait_spares_delivery_limit)
     }
     iwt_sleep_ms(1000);
     ck_assert_msg(depth(&s, "dead") == 0, "a job went to %s.dead while Redis was down", s.ns);
-    r = start_redis(port);
+    r = iwt_start_redis(port);
 
     for (int i = 0; i < JOBS; i++)
         iwt_msg_free(wait_ev("submission.accepted", id[i], 30000));

@@ -11,30 +11,6 @@
 
 #include "iwtest.h"
 
-static int redis_port_up(void *ud)
-{
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "redis-cli -p %d ping 2>/dev/null | grep -q PONG", *(int *)ud);
-    return system(cmd) == 0;
-}
-
-static pid_t start_redis(int port)
-{
-    char p[16];
-    snprintf(p, sizeof p, "%d", port);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        freopen("/dev/null", "w", stdout);
-        freopen("/dev/null", "w", stderr);
-        execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--daemonize", "no", (char *)NULL);
-        _exit(127);
-    }
-    ck_assert_msg(iwt_eventually(redis_port_up, &port, 10000), "private redis on %d", port);
-    return pid;
-}
-
 /* The contract: non-200 within 5 s of losing Redis, busy or idle. The worker below gets no
  * job after Redis dies, so only its own probing can notice. */
 START_TEST(readyz_turns_red_within_5s_of_losing_redis_while_idle)
@@ -46,7 +22,7 @@ START_TEST(readyz_turns_red_within_5s_of_losing_redis_while_idle)
     iwt_cleanup(ns);
     iwt_declare(ns);
     pid_t mock = iwt_start_mock(NULL, &mock_port);
-    pid_t r = start_redis(redis_port);
+    pid_t r = iwt_start_redis(redis_port);
     snprintf(addr, sizeof addr, "IW_HTTP_ADDR=127.0.0.1:%d", http_port);
     snprintf(redis_url, sizeof redis_url, "IW_REDIS_URL=redis://127.0.0.1:%d/0", redis_port);
     const char *const env[] = {addr, redis_url, NULL};
@@ -60,18 +36,18 @@ START_TEST(readyz_turns_red_within_5s_of_losing_redis_while_idle)
     long long took = -1;
     if (was_ready) {
         usleep(1500 * 1000); /* idle for a while: nothing but probes touches Redis */
-        iwt_stop(r, SIGKILL);
+        iwt_stop_tracked(r, SIGKILL);
         r = -1;
         long long t0 = iwt_now_ms();
         turned_red = iwt_eventually(iwt_answers, &not_ready, 5000);
         took = iwt_now_ms() - t0;
         alive = iwt_http_get(http_port, "/healthz", NULL) == 200; /* alive, just not ready */
-        r = start_redis(redis_port);
+        r = iwt_start_redis(redis_port);
         back = iwt_eventually(iwt_answers, &ready, 10000);
     }
     int stopped = iwt_stop(w, SIGTERM) == 0;
     if (r > 0)
-        iwt_stop(r, SIGTERM);
+        iwt_stop_tracked(r, SIGTERM);
     iwt_stop(mock, SIGTERM);
     iwt_cleanup(ns);
 

@@ -1170,64 +1170,12 @@ END_TEST
 /* ---- 8. Redis down: fail closed
  * ------------------------------------------------------------------- */
 
-static int port_free(int port)
-{
-    struct sockaddr_in a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), ok;
-    int one = 1;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_port = htons((uint16_t)port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
-    return ok;
-}
-
-static int redis_up(void *ud)
-{
-    int port = *(int *)ud;
-    redisContext *c = redisConnect("127.0.0.1", port);
-    int ok = 0;
-    if (c && !c->err) {
-        redisReply *r = redisCommand(c, "PING");
-        ok = r && r->type == REDIS_REPLY_STATUS;
-        if (r)
-            freeReplyObject(r);
-    }
-    if (c)
-        redisFree(c);
-    return ok;
-}
-
-static pid_t start_redis(int port)
-{
-    char p[16];
-    pid_t pid = fork();
-    snprintf(p, sizeof p, "%d", port);
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        int fd = open("/dev/null", 1);
-        dup2(fd, 1);
-        dup2(fd, 2);
-        execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--daemonize", "no", (char *)NULL);
-        _exit(127);
-    }
-    ck_assert_msg(iwt_eventually(redis_up, &port, 10000), "private redis-server on %d", port);
-    return pid;
-}
-
 START_TEST(test_redis_down_fails_closed)
 {
     scen a;
     char url[64], env_url[96];
-    int port = 20000 + getpid() % 20000;
-
-    while (!port_free(port))
-        port = 20000 + (port + 7 - 20000) % 20000;
-    pid_t r = start_redis(port);
+    int port = iwt_free_port();
+    pid_t r = iwt_start_redis(port);
     snprintf(url, sizeof url, "redis://127.0.0.1:%d/0", port);
     snprintf(env_url, sizeof env_url, "IW_REDIS_URL=%s", url);
     const char *const env[] = {env_url, NULL};
@@ -1240,7 +1188,7 @@ START_TEST(test_redis_down_fails_closed)
     iwt_msg_free(m);
 
     /* Redis goes away: the limiter cannot meter, so nobody calls the provider */
-    ck_assert_int_eq(iwt_stop(r, SIGKILL), 128 + SIGKILL);
+    ck_assert_int_eq(iwt_stop_tracked(r, SIGKILL), 128 + SIGKILL);
     free(publish_job(&a, "during-outage", NULL));
     ck_assert_ptr_null(iwt_wait_event(tap, "submission.accepted", "during-outage", 2000));
     ck_assert_int_eq(mock_posts(&a), 1);
@@ -1249,14 +1197,14 @@ START_TEST(test_redis_down_fails_closed)
               log_contains(&a, NULL, "REDIS_UNAVAILABLE"));
 
     /* Redis is back on the same port: the job goes through */
-    r = start_redis(port);
+    r = iwt_start_redis(port);
     m = expect_accepted("during-outage", 15000);
     iwt_msg_free(m);
     assert_settled(&a, 2);
     ck_assert_int_eq(iwt_count_events(tap, "submission.failed", NULL, 200), 0);
 
     stop_worker(w);
-    iwt_stop(r, SIGTERM);
+    iwt_stop_tracked(r, SIGTERM);
     scen_finish(&a);
     close_links();
 }

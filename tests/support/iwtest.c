@@ -794,6 +794,46 @@ static int port_free(int port)
  * port, so a server a test stops and starts again there (a private Redis
  * killed for an outage) could find it taken by any connection made
  * meanwhile, and fail the test. */
+static int redis_answers(void *ud)
+{
+    redisContext *c = redisConnect("127.0.0.1", *(int *)ud);
+    int ok = 0;
+
+    if (c && !c->err) {
+        redisReply *r = redisCommand(c, "PING");
+        ok = r && r->type == REDIS_REPLY_STATUS;
+        if (r)
+            freeReplyObject(r);
+    }
+    if (c)
+        redisFree(c);
+    return ok;
+}
+
+pid_t iwt_start_redis(int port)
+{
+    char p[16];
+    pid_t pid;
+
+    snprintf(p, sizeof p, "%d", port);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int fd = open("/dev/null", O_WRONLY);
+
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--daemonize", "no", (char *)NULL);
+        _exit(127);
+    }
+    iwt_track(pid);
+    ck_assert_msg(iwt_eventually(redis_answers, &port, 10000), "private redis-server on %d", port);
+    return pid;
+}
+
 int iwt_free_port(void)
 {
     static unsigned seed;

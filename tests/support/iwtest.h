@@ -130,6 +130,10 @@ void iwt_sleep_ms(long ms);
 /* A free TCP port on 127.0.0.1 below the kernel's ephemeral range (checked
  * free, not held): no client connection takes it meanwhile. */
 int iwt_free_port(void);
+/* A private redis-server on 127.0.0.1:port (no persistence, output to
+ * /dev/null), tracked (stop it with iwt_stop_tracked), answering PING when
+ * this returns; a check failure after 10 s. */
+pid_t iwt_start_redis(int port);
 /* GET http://127.0.0.1:port/path: the status (0 when unreachable); the body
  * (malloc'd) in *body when not NULL. */
 long iwt_http_get(int port, const char *path, char **body);
