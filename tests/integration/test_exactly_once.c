@@ -26,7 +26,6 @@
 #include <arpa/inet.h>
 #include <check.h>
 #include <errno.h>
-#include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <netinet/in.h>
 #include <pthread.h>

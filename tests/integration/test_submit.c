@@ -10,7 +10,6 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <netinet/in.h>
 #include <pthread.h>

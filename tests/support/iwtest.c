@@ -794,6 +794,43 @@ static int port_free(int port)
  * port, so a server a test stops and starts again there (a private Redis
  * killed for an outage) could find it taken by any connection made
  * meanwhile, and fail the test. */
+int iwt_free_port(void)
+{
+    static unsigned seed;
+    int lo = 32768, hi = 60999;
+    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+
+    if (f) {
+        if (fscanf(f, "%d %d", &lo, &hi) != 2)
+            lo = 32768;
+        fclose(f);
+    }
+    if (!seed)
+        seed = (unsigned)getpid() * 2654435761u ^ (unsigned)time(NULL);
+    if (lo > 11024) {
+        int span = lo - 1024 > 12000 ? 12000 : lo - 1024;
+        for (int tries = 0; tries < 200; tries++) {
+            int port = lo - 1 - (int)(rand_r(&seed) % (unsigned)span);
+            if (port_free(port))
+                return port;
+        }
+    }
+    /* no room below the range: the kernel's pick */
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+    REQUIRE(fd >= 0);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(bind(fd, (struct sockaddr *)&a, sizeof a) == 0);
+    REQUIRE(getsockname(fd, (struct sockaddr *)&a, &len) == 0);
+    port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
 static int redis_answers(void *ud)
 {
     redisContext *c = redisConnect("127.0.0.1", *(int *)ud);
@@ -832,43 +869,6 @@ pid_t iwt_start_redis(int port)
     iwt_track(pid);
     ck_assert_msg(iwt_eventually(redis_answers, &port, 10000), "private redis-server on %d", port);
     return pid;
-}
-
-int iwt_free_port(void)
-{
-    static unsigned seed;
-    int lo = 32768, hi = 60999;
-    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
-
-    if (f) {
-        if (fscanf(f, "%d %d", &lo, &hi) != 2)
-            lo = 32768;
-        fclose(f);
-    }
-    if (!seed)
-        seed = (unsigned)getpid() * 2654435761u ^ (unsigned)time(NULL);
-    if (lo > 11024) {
-        int span = lo - 1024 > 12000 ? 12000 : lo - 1024;
-        for (int tries = 0; tries < 200; tries++) {
-            int port = lo - 1 - (int)(rand_r(&seed) % (unsigned)span);
-            if (port_free(port))
-                return port;
-        }
-    }
-    /* no room below the range: the kernel's pick */
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-    REQUIRE(fd >= 0);
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(bind(fd, (struct sockaddr *)&a, sizeof a) == 0);
-    REQUIRE(getsockname(fd, (struct sockaddr *)&a, &len) == 0);
-    port = ntohs(a.sin_port);
-    close(fd);
-    return port;
 }
 
 #define MAX_TRACKED 16
