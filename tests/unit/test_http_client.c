@@ -275,6 +275,33 @@ START_TEST(header_lines_each_once)
 }
 END_TEST
 
+/* A pooled transfer keeps the URL it parsed for curl while its calls keep
+ * their path, and parses anew when the path changes: each request line names
+ * the call's own path, in every order of repeats and changes. */
+START_TEST(each_call_asks_for_its_own_path)
+{
+    static const char *const paths[] = {"/api/v1/external-resource", "/api/v1/status/t-1",
+                                        "/api/v1/status/t-2",        "/api/v1/external-resource",
+                                        "/api/v1/external-resource", "/api/v1/status/t-1"};
+    iw_error err;
+    capture_start();
+    http_client *c = client(IW_AUTH_API_KEY, "key", &err);
+    ck_assert_ptr_nonnull(c);
+    for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+        char line[128];
+        int post = strcmp(paths[i], "/api/v1/external-resource") == 0;
+        ck_assert_int_eq(call_as(c, post ? "POST" : "GET", paths[i], post ? "j-1" : NULL), IW_OK);
+        ck_assert_int_eq(n_captured(), (int)i + 1);
+        snprintf(line, sizeof line, "%s %s HTTP/1.1\r\n", post ? "POST" : "GET", paths[i]);
+        ck_assert_msg(strncmp(cap.heads[i], line, strlen(line)) == 0, "%s: %s", paths[i],
+                      cap.heads[i]);
+    }
+    http_client_free(c);
+    loop_free(lp);
+    lp = NULL;
+}
+END_TEST
+
 /* The proxy variables are read when the client is made, as curl reads them:
  * http_proxy sends the call through the proxy (here the capturing server,
  * which sees the absolute URL); no_proxy exempts the host. */
@@ -593,6 +620,7 @@ int main(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, idempotency_key_is_jobkey);
     tcase_add_test(tc, header_lines_each_once);
+    tcase_add_test(tc, each_call_asks_for_its_own_path);
     tcase_add_test(tc, proxy_from_environment);
     tcase_add_test(tc, crlf_job_id_never_adds_a_header);
     tcase_add_test(tc, api_key_with_crlf_refused);
