@@ -47,22 +47,58 @@ long topology_poll_wait(const iw_config *cfg, size_t idx, double rnd)
                              base + span);
 }
 
+/* The waits of one or two tiers are IW_DELAY_BASE_MS times the numbers of
+ * one or two set bits, up to 2^IW_DELAY_TIERS (the longest tier twice). */
+#define FEW_HOPS_MAX (1UL << IW_DELAY_TIERS)
+
+static int top_bit(unsigned long n)
+{
+    return (int)(sizeof n * 8 - 1) - __builtin_clzl(n);
+}
+
+/* The largest such number <= n, or 0 when n < 1. */
+static unsigned long few_hops_down(unsigned long n)
+{
+    unsigned long high, rest;
+
+    if (n >= FEW_HOPS_MAX)
+        return FEW_HOPS_MAX;
+    if (!n)
+        return 0;
+    high = 1UL << top_bit(n);
+    rest = n - high;
+    return rest ? high + (1UL << top_bit(rest)) : high;
+}
+
+/* The smallest such number >= n, or 0 when there is none. */
+static unsigned long few_hops_up(unsigned long n)
+{
+    unsigned long high, rest;
+
+    if (n <= 1)
+        return 1;
+    if (n > FEW_HOPS_MAX)
+        return 0;
+    high = 1UL << top_bit(n);
+    rest = n - high;
+    if (!rest || (rest & (rest - 1)) == 0) /* n has one or two bits */
+        return n;
+    return high + (2UL << top_bit(rest)); /* may carry into 2 * high */
+}
+
 long topology_few_hops(long target_ms, long lo_ms, long hi_ms)
 {
-    long best = target_ms, best_dist = -1;
+    /* the nearest on each side of the target; anything else in the range
+     * is further away (a tie goes to the shorter wait) */
+    unsigned long t = target_ms > 0 ? (unsigned long)target_ms : 0;
+    long down = (long)(few_hops_down(t / IW_DELAY_BASE_MS) * IW_DELAY_BASE_MS);
+    long up = (long)(few_hops_up((t + IW_DELAY_BASE_MS - 1) / IW_DELAY_BASE_MS) * IW_DELAY_BASE_MS);
+    int down_ok = down > 0 && down >= lo_ms && down <= hi_ms;
+    int up_ok = up > 0 && up >= lo_ms && up <= hi_ms;
 
-    for (int a = 0; a < IW_DELAY_TIERS && topology_tier_ms(a) <= hi_ms; a++)
-        for (int b = -1; b <= a; b++) { /* b = -1: tier a alone */
-            long v = topology_tier_ms(a) + (b >= 0 ? topology_tier_ms(b) : 0);
-            long d = v > target_ms ? v - target_ms : target_ms - v;
-            if (v > hi_ms)
-                break;
-            if (v >= lo_ms && (best_dist < 0 || d < best_dist)) {
-                best = v;
-                best_dist = d;
-            }
-        }
-    return best;
+    if (down_ok && (!up_ok || target_ms - down <= up - target_ms))
+        return down;
+    return up_ok ? up : target_ms;
 }
 
 const char *topology_name(char *buf, size_t len, const char *ns, const char *suffix)

@@ -212,6 +212,53 @@ START_TEST(compose_edges)
 }
 END_TEST
 
+/* The search over every pair of tiers that topology_few_hops replaced by
+ * arithmetic: the reference it must agree with. */
+static long few_hops_reference(long target_ms, long lo_ms, long hi_ms)
+{
+    long best = target_ms, best_dist = -1;
+
+    for (int a = 0; a < IW_DELAY_TIERS && topology_tier_ms(a) <= hi_ms; a++)
+        for (int b = -1; b <= a; b++) {
+            long v = topology_tier_ms(a) + (b >= 0 ? topology_tier_ms(b) : 0);
+            long d = v > target_ms ? v - target_ms : target_ms - v;
+            if (v > hi_ms)
+                break;
+            if (v >= lo_ms && (best_dist < 0 || d < best_dist)) {
+                best = v;
+                best_dist = d;
+            }
+        }
+    return best;
+}
+
+START_TEST(few_hops_agree_with_the_search)
+{
+    uint64_t state = 0x13198a2e03707344ULL;
+    long max = 2 * topology_tier_ms(IW_DELAY_TIERS - 1);
+
+    /* targets on and off the 250 ms grid, ties, empty and inverted ranges,
+     * both ends of the tiers and past them */
+    for (long t = 0; t <= 20000; t += 125)
+        for (long span = 0; span <= 3000; span += 250)
+            ck_assert_int_eq(topology_few_hops(t, t - span, t + span),
+                             few_hops_reference(t, t - span, t + span));
+    for (int n = 0; n < 200000; n++) {
+        long t = (long)(next_random(&state) % (uint64_t)(max + 100000));
+        long lo = t - (long)(next_random(&state) % (uint64_t)(t / 3 + 2));
+        long hi = t + (long)(next_random(&state) % (uint64_t)(t / 3 + 2));
+        if (n % 7 == 0)
+            lo = hi + 1;
+        ck_assert_msg(topology_few_hops(t, lo, hi) == few_hops_reference(t, lo, hi),
+                      "%ld in [%ld, %ld]: %ld, the search %ld", t, lo, hi,
+                      topology_few_hops(t, lo, hi), few_hops_reference(t, lo, hi));
+    }
+    ck_assert_int_eq(topology_few_hops(max, 0, max * 2), max);
+    ck_assert_int_eq(topology_few_hops(max + 1, 0, max * 2), max);
+    ck_assert_int_eq(topology_few_hops(1, 0, 10), 1);
+}
+END_TEST
+
 /* ---------------------------------------------------------------------------
  * Jittered poll waits of at most two hops
  * ------------------------------------------------------------------------ */
@@ -289,6 +336,7 @@ static Suite *topology_suite(void)
     tcase_add_test(tc, compose_random_up_to_a_day);
     tcase_add_test(tc, compose_edges);
     tcase_add_test(tc, few_hops_stay_in_range);
+    tcase_add_test(tc, few_hops_agree_with_the_search);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("names");
