@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "dlq.h"
+#include "json_mem.h"
 #include "log.h"
 #include "roles.h"
 #include "runtime.h"
@@ -115,6 +116,7 @@ int main(int argc, char **argv)
     const char *role;
     int rc;
 
+    json_mem_install(); /* before the first JSON value */
     if (argc < 2) {
         usage(stderr);
         return 2;
