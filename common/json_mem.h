@@ -10,8 +10,10 @@
  *
  * Every block is malloc's own (a small one is a malloc'd block of its size
  * rounded up to 16), so a string jansson hands out may be freed with free()
- * as before.  The lists are per thread.  Under AddressSanitizer nothing is
- * installed: it must see every free to find a use after one. */
+ * as before.  The lists are per thread (a thread that ends leaves its list
+ * behind: JSON is made on the reactor's thread, which lives as long as the
+ * process).  Under AddressSanitizer nothing is installed: it must see every
+ * free to find a use after one. */
 #ifndef IW_JSON_MEM_H
 #define IW_JSON_MEM_H
 
