@@ -49,13 +49,13 @@ typedef struct transfer {
     int carried_token;       /* sent with a bearer token */
     unsigned long token_gen; /* which token it carried */
     long long wait_deadline; /* waiting for a token: fail with NO_TOKEN past it */
-    char *url;               /* base + path, built once at start */
-    CURLU *uh;               /* uh_url parsed for curl (set_url) */
-    char *uh_url;            /* what uh holds, or NULL */
-    char *idem_line;         /* "Idempotency-Key: ..." or NULL */
-    char *form;              /* token fetch: the form body */
-    struct transfer *wnext;  /* waiting for a token / failed without one */
-    long nt_wait_ms;         /* NO_TOKEN completion: the wait to report */
+    char *url;               /* base + path; kept while a pooled transfer's calls share it */
+    CURLU *uh;               /* url parsed for curl (set_url), when uh_ok */
+    int uh_ok;
+    char *idem_line;        /* "Idempotency-Key: ..." or NULL */
+    char *form;             /* token fetch: the form body */
+    struct transfer *wnext; /* waiting for a token / failed without one */
+    long nt_wait_ms;        /* NO_TOKEN completion: the wait to report */
     const char *nt_msg;
     struct transfer *next_free;   /* free list */
     struct transfer *prev, *next; /* active list */
@@ -375,7 +375,6 @@ static void transfer_destroy(transfer *t)
 {
     curl_easy_cleanup(t->easy);
     curl_url_cleanup(t->uh);
-    free(t->uh_url);
     own_headers_free(t);
     free(t->body);
     free(t->req_body);
@@ -832,23 +831,15 @@ static int close_socket(void *clientp, curl_socket_t fd);
  * the text alone and reports the error as it always did. */
 static void set_url(transfer *t)
 {
-    CURLU *uh = NULL;
-
-    if (t->uh_url && strcmp(t->uh_url, t->url) == 0) {
-        uh = t->uh;
-    } else {
-        free(t->uh_url);
-        t->uh_url = NULL;
+    if (!t->uh_ok) {
         if (!t->uh)
             t->uh = curl_url();
-        if (t->uh &&
-            curl_url_set(t->uh, CURLUPART_URL, t->url,
-                         CURLU_GUESS_SCHEME | CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK &&
-            (t->uh_url = strdup(t->url)))
-            uh = t->uh;
+        t->uh_ok =
+            t->uh && curl_url_set(t->uh, CURLUPART_URL, t->url,
+                                  CURLU_GUESS_SCHEME | CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK;
     }
     curl_easy_setopt(t->easy, CURLOPT_URL, t->url); /* curl copies it */
-    curl_easy_setopt(t->easy, CURLOPT_CURLU, uh);
+    curl_easy_setopt(t->easy, CURLOPT_CURLU, t->uh_ok ? t->uh : NULL);
 }
 
 /* The options every transfer of the client shares: timeouts, TLS, capped
@@ -1139,6 +1130,7 @@ int http_client_start(http_client *c, const char *method, const char *path, cons
                       size_t body_len, const char *idempotency_key, http_done_fn cb, void *ud)
 {
     transfer *t = c->free_list;
+    char mem[512];
     iw_buf url;
     int rc;
 
@@ -1169,11 +1161,19 @@ int http_client_start(http_client *c, const char *method, const char *path, cons
         return IW_ERR_NOMEM;
     }
     /* everything that can refuse the call is decided here, before any wait */
-    buf_init(&url, HTTP_URL_MAX);
-    if ((rc = build_url(c, path, &url)) != IW_OK || !(t->url = buf_steal(&url))) {
-        buf_free(&url);
+    /* built on the stack; a pooled transfer keeps its URL, and curl's parse
+     * of it, while its calls go to the same one (every call of a route) */
+    buf_init_on(&url, mem, sizeof mem, HTTP_URL_MAX);
+    if ((rc = build_url(c, path, &url)) == IW_OK && (!t->url || strcmp(t->url, buf_ptr(&url)))) {
+        free(t->url);
+        t->uh_ok = 0;
+        if (!(t->url = strdup(buf_ptr(&url))))
+            rc = IW_ERR_NOMEM;
+    }
+    buf_free(&url);
+    if (rc != IW_OK) {
         transfer_destroy(t);
-        return rc != IW_OK ? rc : IW_ERR_NOMEM;
+        return rc;
     }
     if (idempotency_key) {
         char key[JOBKEY_SIZE];
@@ -1220,9 +1220,8 @@ static void unlink_active(http_client *c, transfer *t)
 static void to_free_list(http_client *c, transfer *t)
 {
     free(t->req_body);
-    free(t->url);
     free(t->idem_line);
-    t->req_body = t->url = t->idem_line = NULL;
+    t->req_body = t->idem_line = NULL; /* the URL stays: the next call may share it */
     t->next_free = c->free_list;
     c->free_list = t;
 }
