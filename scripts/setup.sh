@@ -17,7 +17,7 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 # (rabbitmq-server, redis-server) and the tools the scripts and tests use.
 REQUIRED=(
   gcc libc6-dev make cmake pkg-config
-  librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libmicrohttpd-dev
+  librabbitmq-dev libssl-dev libcurl4-openssl-dev libjansson-dev libyajl-dev libhiredis-dev libmicrohttpd-dev
   libgnutls28-dev  # the mock provider checks client certificates (mTLS) with GnuTLS
   check json-schema-test-suite
   clang libclang-rt-14-dev

@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 C="$ROOT/tests/fuzz/corpus"
-mkdir -p "$C"/{intake,provider,schema,parse,config}
+mkdir -p "$C"/{intake,provider,schema,parse,config,json_read}
 find "$C" -type f -name 'seed-*' -delete
 
 # intake: content type, headers, empty line, body
@@ -57,4 +57,26 @@ printf '=IW_PROVIDER_URL=http://u:S3cretPW@provider.example.com\n=IW_ALLOW_INSEC
 printf '=IW_NAMESPACE=amq.x\n' >"$c/seed-namespace"
 printf '=IW_RATE_LIMITS=50/min,1000/hour\n=IW_RETRY_SCHEDULE=0s,1s\n=IW_AUTH_MODE=oauth2\n=IW_OAUTH_CLIENT_ID=i\n=IW_OAUTH_CLIENT_SECRET=s\n' >"$c/seed-mixed"
 printf '=IW_API_KEY=k\r\nX-Injected: yes\n=IW_UNKNOWN_\xff=1\n' >"$c/seed-crlf"
+# json_read: a flags byte (odd: JSON_REJECT_DUPLICATES), then the text
+j="$C/json_read"
+{ printf '\001'; cat "$minimal"; } >"$j/seed-job"
+printf '\001{"jobId":"b-1-7","userId":"u-7","action":"transaction","payload":{"amount":7,"currency":"EUR"}}' >"$j/seed-job-bench"
+printf '\000{"id":"ext-1","status":"pending","message":"Request received","trackingId":"trk-1"}' >"$j/seed-answer"
+printf '\000[1,-0,0,2.5,-1e3,1E+2,0.1e-2,9223372036854775807,-9223372036854775808,1e-400]' >"$j/seed-numbers"
+printf '\000[9223372036854775808]' >"$j/seed-big-integer"
+printf '\000[1e400]' >"$j/seed-big-real"
+printf '\000[true,false,null,"",[],{}]' >"$j/seed-literals"
+printf '\001{"a":1,"a":2}' >"$j/seed-duplicate"
+printf '\000{"a":1,"a":2}' >"$j/seed-duplicate-kept"
+printf '\000{"a":"\\u0000","b":"\\ud800","c":"\\ud83d\\ude00","d":"q\\"\\n"}' >"$j/seed-escapes"
+printf '\000{"caf\303\251":"\342\202\254 \360\237\230\200"}' >"$j/seed-utf8"
+printf '\000{"a":"\300\200"}' >"$j/seed-overlong"
+printf '\000{"a":"\355\240\200"}' >"$j/seed-surrogate-utf8"
+printf '\000{"a":1}\013' >"$j/seed-vt-space"
+printf '\000{"a":"x\ty"}' >"$j/seed-control"
+printf '\000"top"' >"$j/seed-scalar"
+printf '\000{}x' >"$j/seed-trailing"
+printf '\000[/* c */1]' >"$j/seed-comment"
+{ printf '\000'; printf '[%.0s' $(seq 70); printf ']%.0s' $(seq 70); } >"$j/seed-deep"
+printf '\000\t{\r\n"a" : [ 1 , 2 ] }\r\n' >"$j/seed-whitespace"
 echo "seeds written under $C"

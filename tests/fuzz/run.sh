@@ -4,7 +4,7 @@
 # dictionary.  New inputs go to build-fuzz/corpus/<target>/ (not committed);
 # a crash stops with its reproducer in build-fuzz/findings/ and exit 1.
 #
-#   tests/fuzz/run.sh [seconds] [target...]     # targets: intake provider schema parse config
+#   tests/fuzz/run.sh [seconds] [target...]     # targets: intake provider schema parse config json_read
 #   build-fuzz/bin/fuzz_intake FILE       # replays one input
 set -euo pipefail
 
@@ -12,7 +12,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SECS="${1:-60}"
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(intake provider schema parse config)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(intake provider schema parse config json_read)
 BUILD="$ROOT/build-fuzz"
 JOBS="${IW_TEST_JOBS:-2}"
 
