@@ -7,6 +7,7 @@
 #include <strings.h>
 
 #include "buf.h"
+#include "json_read.h"
 
 static int is_json_content_type(const char *ct)
 {
@@ -50,7 +51,7 @@ void intake_json(const char *body, size_t len, const char *content_type, size_t 
     }
     /* parsed before the content type is judged, so that a readable jobId can
      * still get its submission.failed */
-    out->doc = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES, &jerr);
+    out->doc = json_read(body ? body : "", len, JSON_REJECT_DUPLICATES, &jerr);
     if (content_type && !is_json_content_type(content_type)) {
         out->code = IW_C_INVALID_CONTENT_TYPE;
         char *q = text_quote(content_type, strlen(content_type), 100);

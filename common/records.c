@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_read.h"
+
 #define NOW_MS                                                                                     \
     "local t = redis.call('TIME')\n"                                                               \
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -216,7 +218,7 @@ static char *event_of(const redisReply *e, int *failed)
 
     if (e->type != REDIS_REPLY_STRING)
         return NULL;
-    r = json_loadb(e->str, e->len, 0, &jerr);
+    r = json_read(e->str, e->len, 0, &jerr);
     if (json_is_string(json_object_get(r, "event")))
         out = strdup(json_string_value(json_object_get(r, "event")));
     *failed = json_is_true(json_object_get(r, "failed"));

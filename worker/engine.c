@@ -9,6 +9,7 @@
 #include "clock.h"
 #include "intake.h"
 #include "json_out.h"
+#include "json_read.h"
 #include "limiter.h"
 #include "log.h"
 #include "topology.h"
@@ -817,7 +818,7 @@ static json_t *call_fields(const call *c)
 json_t *job_doc(job *j)
 {
     if (!j->doc)
-        j->doc = json_loadb(j->d->body, j->d->body_len, JSON_REJECT_DUPLICATES, NULL);
+        j->doc = json_read(j->d->body, j->d->body_len, JSON_REJECT_DUPLICATES, NULL);
     return j->doc;
 }
 

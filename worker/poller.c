@@ -27,6 +27,7 @@
 #include "clock.h"
 #include "engine.h"
 #include "json_out.h"
+#include "json_read.h"
 #include "log.h"
 #include "roles.h"
 #include "topology.h"
@@ -262,7 +263,7 @@ static void answer(job *base, const http_response *r, iw_verdict *v)
 
     engine_answer_message(r, msg, sizeof msg);
     if (v->kind == IW_V_ACCEPT) {
-        body = json_loadb(r->body, r->body_len, 0, NULL);
+        body = json_read(r->body, r->body_len, 0, NULL);
         if (!body || schema_validate(p->resp_schema, body, &err) != IW_OK) {
             /* a GET is safe to repeat: a malformed answer is retried */
             v->kind = IW_V_RETRY;

@@ -40,6 +40,7 @@
 #include "cache.h"
 #include "clock.h"
 #include "intake.h"
+#include "json_read.h"
 #include "limiter.h"
 #include "log.h"
 #include "retry.h"
@@ -353,7 +354,7 @@ static void reply_error(rreq *q, iw_code code, const char *message)
  * a corrupt or foreign value never reaches a caller.  New reference or NULL. */
 static json_t *cached_data(resolver *r, const char *id, const char *text, size_t len)
 {
-    json_t *data = json_loadb(text, len, JSON_REJECT_DUPLICATES, NULL), *probe;
+    json_t *data = json_read(text, len, JSON_REJECT_DUPLICATES, NULL), *probe;
     iw_error err;
 
     if (!data)
@@ -600,7 +601,7 @@ static void on_permit(call *c, call_permit p, long wait_ms, int reason, const ch
 static void answer_found(flight *f, const http_response *resp, iw_verdict *v)
 {
     iw_error err = {0};
-    json_t *body = json_loadb(resp->body, resp->body_len, 0, NULL);
+    json_t *body = json_read(resp->body, resp->body_len, 0, NULL);
     json_t *data = body ? transform_inbound(body, &err) : NULL;
     char msg[400];
 

@@ -17,6 +17,7 @@
 #include "clock.h"
 #include "engine.h"
 #include "json_out.h"
+#include "json_read.h"
 #include "log.h"
 #include "roles.h"
 #include "topology.h"
@@ -68,7 +69,7 @@ static int start(job *j)
  * spec's shape. */
 static json_t *accepted_record(submitter *s, const job *j, const http_response *r)
 {
-    json_t *body = json_loadb(r->body, r->body_len, 0, NULL), *rec = NULL;
+    json_t *body = json_read(r->body, r->body_len, 0, NULL), *rec = NULL;
     char ts[40];
     iw_error err;
 
