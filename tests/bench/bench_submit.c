@@ -2,13 +2,16 @@
  *
  *   bench_submit [--jobs N] [--latency-ms L] [--concurrency C] [--procs P]
  *                [--rate-limits SPEC] [--mock-limits SPEC] [--paced N] [--paced-rate R]
+ *                [--items K]
  *
  * Phase 1 (throughput): publish N jobs at once, wait for N submission.accepted;
  * jobs/s = N / (last accepted - first publish).
  * Phase 2 (latency): publish `paced` jobs at R/s and measure publish ->
  * submission.accepted minus the provider's configured latency: the time the
  * worker, broker and Redis add per job.
- * Then the worker's peak RSS (VmHWM) and the mock's stats (429s, submissions). */
+ * Then the worker's peak RSS (VmHWM) and the mock's stats (429s, submissions).
+ * --items K gives every job of phase 1 a payload of K order lines (about 80
+ * bytes each) instead of an amount and a currency. */
 #include <check.h>
 #include <signal.h>
 #include <stdio.h>
@@ -36,9 +39,9 @@ static double workers_cpu(const pid_t *workers, long procs)
 int main(int argc, char **argv)
 {
     long jobs = 20000, latency = 0, concurrency = 64, procs = 1, paced = 2000, paced_rate = 200,
-         prefetch = 0;
+         prefetch = 0, items = 0;
     const char *limits = "1000000/s", *mock_limits = "off", *linger = NULL;
-    char lat[32], buf[512], conc[64], lim[128], pf[64], lg[64];
+    char lat[32], buf[16384], conc[64], lim[128], pf[64], lg[64];
     int port;
 
     for (int i = 1; i < argc; i++) {
@@ -63,14 +66,20 @@ int main(int argc, char **argv)
             prefetch = atol(v), i++;
         else if (!strcmp(argv[i], "--linger"))
             linger = v, i++;
+        else if (!strcmp(argv[i], "--items"))
+            items = atol(v), i++;
         else {
             fprintf(stderr,
                     "usage: %s [--jobs N] [--latency-ms L] [--concurrency C] [--procs P] "
                     "[--rate-limits SPEC] [--mock-limits SPEC] [--paced N] [--paced-rate R] "
-                    "[--prefetch N] [--linger DURATION]\n",
+                    "[--prefetch N] [--linger DURATION] [--items K]\n",
                     argv[0]);
             return 2;
         }
+    }
+    if (items < 0 || items > 150) {
+        fprintf(stderr, "bench_submit: --items is 0 to 150\n");
+        return 2;
     }
     if (procs < 1 || procs > 16 || jobs < 1)
         return 2;
@@ -112,10 +121,24 @@ int main(int argc, char **argv)
     long got = 0, failed = 0, dup = 0;
     double cpu_first = 0, cpu_last = 0; /* the workers' CPU seconds at the first and last accept */
     for (long i = 0; i < jobs; i++) {
-        snprintf(buf, sizeof buf,
-                 "{\"jobId\":\"b-1-%ld\",\"userId\":\"u-%ld\",\"action\":\"transaction\","
-                 "\"payload\":{\"amount\":%ld,\"currency\":\"EUR\"}}",
-                 i, i % 97, i);
+        if (!items) {
+            snprintf(buf, sizeof buf,
+                     "{\"jobId\":\"b-1-%ld\",\"userId\":\"u-%ld\",\"action\":\"transaction\","
+                     "\"payload\":{\"amount\":%ld,\"currency\":\"EUR\"}}",
+                     i, i % 97, i);
+        } else {
+            size_t n = (size_t)snprintf(buf, sizeof buf,
+                                        "{\"jobId\":\"b-1-%ld\",\"userId\":\"u-%ld\",\"action\":"
+                                        "\"transaction\",\"payload\":{\"currency\":\"EUR\","
+                                        "\"items\":[",
+                                        i, i % 97);
+            for (long k = 0; k < items; k++)
+                n += (size_t)snprintf(buf + n, sizeof buf - n,
+                                      "%s{\"sku\":\"SKU-%06ld\",\"name\":\"Item %ld of the "
+                                      "order\",\"qty\":%ld,\"price\":%ld.%02ld}",
+                                      k ? "," : "", 100000 + k, k, 1 + k % 5, 10 + k, k % 100);
+            snprintf(buf + n, sizeof buf - n, "]}}");
+        }
         iwt_publish_job(pub, ns, buf);
     }
     long long published = iwt_now_ms();
