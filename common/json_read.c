@@ -20,7 +20,9 @@ typedef struct {
     const char *text; /* the input, which keys point into */
     size_t len;
     int reject_dups;
+    yajl_handle h;
     json_t *root;
+    size_t end;                     /* the text's offset past the root's last byte */
     json_t *stack[JSON_READ_DEPTH]; /* the open containers, borrowed */
     int depth;
     const char *key; /* the pending member's key (depth > 0, in an object) */
@@ -154,12 +156,25 @@ static int on_map_key(void *ctx, const unsigned char *key, size_t n)
     return 1;
 }
 
+/* yajl's offset, read in the callback of a token, is just past the token. */
 static int on_end(void *ctx)
 {
     reader *r = ctx;
 
-    r->depth--;
+    if (--r->depth == 0)
+        r->end = yajl_get_bytes_consumed(r->h);
     return 1;
+}
+
+/* Only JSON's whitespace after the root.  yajl does not check this itself
+ * when the text ends inside a string: it accepts {"a":1}" (the unfinished
+ * token is dropped at the end of the text). */
+static int only_space_after(const reader *r)
+{
+    for (size_t i = r->end; i < r->len; i++)
+        if (r->text[i] != ' ' && r->text[i] != '\t' && r->text[i] != '\n' && r->text[i] != '\r')
+            return 0;
+    return r->end <= r->len;
 }
 
 static int on_start_array(void *ctx)
@@ -189,8 +204,9 @@ json_t *json_read_plain(const char *text, size_t len, size_t flags)
         return NULL;
     if (!(h = yajl_alloc(&callbacks, NULL, &r)))
         return NULL;
+    r.h = h;
     ok = yajl_parse(h, (const unsigned char *)text, len) == yajl_status_ok &&
-         yajl_complete_parse(h) == yajl_status_ok && r.root && r.depth == 0;
+         yajl_complete_parse(h) == yajl_status_ok && r.root && r.depth == 0 && only_space_after(&r);
     yajl_free(h);
     if (!ok) {
         json_decref(r.root);

@@ -119,6 +119,13 @@ START_TEST(what_the_readers_could_differ_on_goes_to_jansson)
         "[Infinity]",
         "{} {}",
         "{}x",
+        "{\"a\":1}\"", /* the text ends inside a string after the root */
+        "[]\"x",
+        "{} \"abc",
+        "[1]\n\"\\",
+        "{}tru",
+        "{}1",
+        "{}-",
         "[] // comment",
         "[/* c */]",
         "{'a':1}",
