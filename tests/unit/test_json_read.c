@@ -1,8 +1,10 @@
 /* json_read (common/json_read.c) against json_loadb: the same value (types,
  * members in their order), or the same refusal with the same error, for
- * hand-picked edge cases and for many random texts; and the fast way taken
+ * hand-picked edge cases, the job fixtures and many random texts; and the fast way taken
  * for plain text and left for everything the two readers could differ on. */
 #include <check.h>
+#include <dirent.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -173,6 +175,51 @@ START_TEST(nesting_past_the_fast_depth)
 }
 END_TEST
 
+/* Every job fixture of the suite, valid and invalid, byte for byte as the
+ * broker would bring it; returns how many were read fast. */
+static int agree_for_dir(const char *dir, int *n)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int fast_ones = 0;
+
+    ck_assert_msg(d != NULL, "cannot open %s", dir);
+    while ((e = readdir(d))) {
+        char path[1024], text[8192];
+        size_t len;
+        FILE *f;
+
+        if (e->d_name[0] == '.')
+            continue;
+        /* valid/<name>.json, invalid/<name>/input.json */
+        snprintf(path, sizeof path, "%s/%s%s", dir, e->d_name,
+                 strstr(e->d_name, ".json") ? "" : "/input.json");
+        if (!(f = fopen(path, "rb")))
+            continue; /* an invalid case without a body */
+        len = fread(text, 1, sizeof text, f);
+        fclose(f);
+        ck_assert_uint_lt(len, sizeof text);
+        agree(text, len, 0);
+        agree(text, len, JSON_REJECT_DUPLICATES);
+        json_t *v = json_read_plain(text, len, JSON_REJECT_DUPLICATES);
+        fast_ones += v != NULL;
+        json_decref(v);
+        (*n)++;
+    }
+    closedir(d);
+    return fast_ones;
+}
+
+START_TEST(job_fixtures_agree)
+{
+    int n = 0, fast_valid = agree_for_dir(IW_TEST_DATA_DIR "/jobs/valid", &n);
+
+    agree_for_dir(IW_TEST_DATA_DIR "/jobs/invalid", &n);
+    ck_assert_int_ge(n, 30);
+    ck_assert_int_ge(fast_valid, 5); /* the plain ones do not go through jansson */
+}
+END_TEST
+
 /* Random texts from JSON's pieces and some bytes that are not: each must be
  * read the same way by both (accepted or refused, and the same error). */
 START_TEST(random_texts_agree)
@@ -258,6 +305,7 @@ static Suite *json_read_suite(void)
     tcase_add_test(tc, what_the_readers_could_differ_on_goes_to_jansson);
     tcase_add_test(tc, embedded_nul_bytes_and_other_flags);
     tcase_add_test(tc, nesting_past_the_fast_depth);
+    tcase_add_test(tc, job_fixtures_agree);
     tcase_add_test(tc, random_texts_agree);
     suite_add_tcase(s, tc);
     return s;
