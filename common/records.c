@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
 #include "json_read.h"
 
 #define NOW_MS                                                                                     \
@@ -178,16 +179,19 @@ int records_append_put(records *rec, const char *key, const char *event, const c
                        iw_error *err)
 {
     char ttl[24];
+    /* a failed record keeps its own time to live; the rest share rec->ttl */
     const char *argv[8] = {key,
                            claim_key ? claim_key : key,
                            event,
                            token,
                            rec->lease,
-                           failed_ttl_ms > 0 ? ttl : rec->ttl,
+                           failed_ttl_ms > 0
+                               ? uint_text(ttl + sizeof ttl - 1, (unsigned long long)failed_ttl_ms)
+                               : rec->ttl,
                            claim_token ? claim_token : "",
                            failed_ttl_ms > 0 ? "1" : "0"};
 
-    snprintf(ttl, sizeof ttl, "%ld", failed_ttl_ms);
+    ttl[sizeof ttl - 1] = '\0';
     return append_keys(rec, OP_PUT, &rec->put, 2, 8, argv, err);
 }
 

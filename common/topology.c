@@ -3,11 +3,24 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "buf.h"
 #include "retry.h"
 
 long topology_tier_ms(int k)
 {
     return IW_DELAY_BASE_MS << k;
+}
+
+const char *topology_tier_suffix(int k, char *buf)
+{
+    char digits[24],
+        *d = uint_text(digits + sizeof digits, (unsigned long long)topology_tier_ms(k));
+    size_t n = (size_t)(digits + sizeof digits - d);
+
+    memcpy(buf, "delay.", 6);
+    memcpy(buf + 6, d, n);
+    buf[6 + n] = '\0';
+    return buf;
 }
 
 long topology_hop_tolerance(long remaining_ms)
@@ -213,10 +226,10 @@ int topology_declare(amqp_link *l, const iw_config *cfg, iw_error *err)
             goto out;
     }
     for (int k = 0; k < IW_DELAY_TIERS; k++) {
-        char suffix[64];
-        snprintf(suffix, sizeof suffix, "delay.%ld", topology_tier_ms(k));
+        char suffix[TOPOLOGY_SUFFIX_SIZE];
         args = delay_queue_args(cfg, topology_tier_ms(k), b);
-        rc = amqp_link_declare_queue(l, topology_name(a, sizeof a, cfg->ns, suffix), args, err);
+        rc = amqp_link_declare_queue(
+            l, topology_name(a, sizeof a, cfg->ns, topology_tier_suffix(k, suffix)), args, err);
         json_decref(args);
         args = NULL;
         if (rc != IW_OK)

@@ -23,6 +23,12 @@
 
 long topology_tier_ms(int k);
 
+/* "delay.<ms>", the suffix of tier k's queue name, written into buf (at least
+ * TOPOLOGY_SUFFIX_SIZE bytes); returns buf.  Once per status check, so
+ * without printf. */
+#define TOPOLOGY_SUFFIX_SIZE 32
+const char *topology_tier_suffix(int k, char *buf);
+
 /* A hop may end this much after the due time at most. */
 #define IW_DELAY_HOP_LATE_MS 200L
 

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "buf.h"
 #include "clock.h"
 #include "intake.h"
 #include "json_out.h"
@@ -91,6 +92,25 @@ struct engine {
     unsigned long long seq;
     long long answer_us; /* the provider's mean answer time (EWMA), for the linger */
 };
+
+/* "<proc_token>-<seq>", the owner token of a record or a claim, cut to size
+ * like snprintf: one per delivery and one per ask, so written without
+ * printf. */
+static void next_token(engine *e, char *dst, size_t size)
+{
+    char text[sizeof e->proc_token + 24], *d, *end = text + sizeof text;
+    size_t a = strnlen(e->proc_token, sizeof e->proc_token - 1), n;
+
+    d = uint_text(end, ++e->seq);
+    *--d = '-';
+    d -= a;
+    memcpy(d, e->proc_token, a);
+    n = (size_t)(end - d);
+    if (n > size - 1)
+        n = size - 1;
+    memcpy(dst, d, n);
+    dst[n] = '\0';
+}
 
 /* ---- FIFOs ---------------------------------------------------------------------- */
 
@@ -504,7 +524,7 @@ static size_t take_batches(engine *e, batch *b, size_t cap, long window)
                 x->cls = cls;
                 x->prio = prio;
                 x->n = 0;
-                snprintf(x->token, sizeof x->token, "%s-%llu", e->proc_token, ++e->seq);
+                next_token(e, x->token, sizeof x->token);
                 call_fifo later = {0};
                 while (x->n < LIMITER_MAX_RECORDS && slots > 0 && e->ready[cls][prio].head) {
                     call *c = call_pop(&e->ready[cls][prio]);
@@ -604,7 +624,8 @@ static void decide_batch(engine *e, const batch *x, limiter_result *res)
         switch (limiter_item_verdict(res, m)) {
         case LIMITER_GRANTED:
             c->probe = res->probe_index == (int)m;
-            snprintf(c->claim_token, sizeof c->claim_token, "%s", x->token);
+            _Static_assert(sizeof c->claim_token == sizeof x->token, "token sizes");
+            memcpy(c->claim_token, x->token, sizeof x->token);
             c->ops->on_permit(c, CALL_GRANTED, 0, 0, NULL, 0);
             break;
         case LIMITER_RECORDED:
@@ -797,7 +818,8 @@ static void release_claim(engine *e, const call *c)
     if (!(r = malloc(sizeof *r + n)))
         return; /* the claim expires after its lease */
     memcpy(r->key, c->claim_key, n);
-    snprintf(r->token, sizeof r->token, "%s", c->claim_token);
+    _Static_assert(sizeof r->token == sizeof c->claim_token, "token sizes");
+    memcpy(r->token, c->claim_token, sizeof r->token);
     r->next = e->releases;
     e->releases = r;
 }
@@ -1702,7 +1724,7 @@ static job *job_new(engine *e, role_slot *rs, iw_delivery *d)
         e->all->prev_all = j;
     e->all = j;
     e->alive++;
-    snprintf(j->token, sizeof j->token, "%s-%llu", e->proc_token, ++e->seq);
+    next_token(e, j->token, sizeof j->token);
     metrics_delivery(j->role->metric_role, IW_DELIVERY_RECEIVED);
     j->state = JOB_RECEIVED;
     note_state(j);

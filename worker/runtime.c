@@ -697,7 +697,7 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
                         size_t len, const char *correlation_id, const json_t *headers,
                         long delay_ms)
 {
-    char exchange[256], queue[256], suffix[64], key[JOBKEY_SIZE];
+    char exchange[256], queue[256], suffix[TOPOLOGY_SUFFIX_SIZE], key[JOBKEY_SIZE];
     /* a copy of the top level: only its members are set here, the values
      * they share are never changed */
     json_t *h = headers ? json_copy((json_t *)headers) : json_object();
@@ -711,9 +711,8 @@ void rt_publish_delayed(runtime *rt, rt_outcome *o, const char *target, const ch
         p.exchange = rt_name(rt, exchange, sizeof exchange, "retry");
         p.routing_key = "";
     } else {
-        snprintf(suffix, sizeof suffix, "delay.%ld", topology_tier_ms(tier));
         p.exchange = "";
-        p.routing_key = rt_name(rt, queue, sizeof queue, suffix);
+        p.routing_key = rt_name(rt, queue, sizeof queue, topology_tier_suffix(tier, suffix));
     }
     p.body = body;
     p.body_len = len;

@@ -319,6 +319,23 @@ START_TEST(names)
 }
 END_TEST
 
+/* Every tier's queue suffix, written without printf, is what printf writes:
+ * the names the broker holds (declared by topology_declare, published to by
+ * rt_publish_delayed) must not change. */
+START_TEST(tier_suffixes)
+{
+    char want[64], got[TOPOLOGY_SUFFIX_SIZE];
+
+    for (int k = 0; k < IW_DELAY_TIERS; k++) {
+        snprintf(want, sizeof want, "delay.%ld", topology_tier_ms(k));
+        ck_assert_ptr_eq(topology_tier_suffix(k, got), got);
+        ck_assert_str_eq(got, want);
+    }
+    ck_assert_str_eq(topology_tier_suffix(0, got), "delay.250");
+    ck_assert_str_eq(topology_tier_suffix(IW_DELAY_TIERS - 1, got), "delay.65536000");
+}
+END_TEST
+
 static Suite *topology_suite(void)
 {
     Suite *s = suite_create("topology");
@@ -341,6 +358,7 @@ static Suite *topology_suite(void)
 
     tc = tcase_create("names");
     tcase_add_test(tc, names);
+    tcase_add_test(tc, tier_suffixes);
     suite_add_tcase(s, tc);
     return s;
 }
