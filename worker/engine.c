@@ -214,21 +214,57 @@ void engine_answer_message(const http_response *r, char *buf, size_t len)
         snprintf(buf, len, "External API returned %ld", r->result.status);
 }
 
+/* A field's value as it can go into a log line: itself when it is valid
+ * UTF-8 (*quoted NULL), else made safe text in *quoted (the caller frees),
+ * e.g. a resource look-up's correlation_id, which is any bytes.  NULL only
+ * when out of memory. */
+static const char *field_text(const char *v, char **quoted)
+{
+    size_t n = strlen(v);
+
+    *quoted = NULL;
+    if (utf8_valid(v, n))
+        return v;
+    return *quoted = text_quote(v, n, 4 * n + 4);
+}
+
+json_t *engine_call_fields(const call *c)
+{
+    call_field f[CALL_FIELDS_MAX];
+    size_t nf = c->ops->fields(c, f);
+    json_t *o = json_object();
+
+    for (size_t i = 0; o && i < nf; i++) {
+        char *q;
+        const char *v = field_text(f[i].value, &q);
+        if (v)
+            json_object_set_new(o, f[i].key, json_string(v));
+        free(q);
+    }
+    return o;
+}
+
 void engine_log_call(const call *c, const http_response *r, const iw_verdict *v,
                      const char *tracking_id, const char *job_status)
 {
     int level = v->kind == IW_V_ACCEPT ? IW_LOG_INFO
                 : v->kind == IW_V_WAIT ? IW_LOG_WARN
                                        : iw_code_level(v->code);
-    json_t *f;
+    call_field f[CALL_FIELDS_MAX];
+    size_t nf;
     log_line l;
 
     if (!log_line_begin(&l, level))
         return;
     /* written as it goes: one line per call, the hottest in the process */
-    f = c->ops->fields(c);
-    jw_members(&l.w, f);
-    json_decref(f);
+    nf = c->ops->fields(c, f);
+    for (size_t i = 0; i < nf; i++) {
+        char *q;
+        const char *text = field_text(f[i].value, &q);
+        if (text)
+            jw_str(&l.w, f[i].key, text);
+        free(q);
+    }
     jw_str(&l.w, "operation", c->kind->operation);
     jw_int(&l.w, "duration", r->duration_us / 1000);
     if (r->result.status)
@@ -315,14 +351,15 @@ static void on_http(void *ud, const http_response *r)
     note_outcome(e, c, v.breaker_failure);
     c->probe = 0;
     if (r->result.wait_capped)
-        log_msg(IW_LOG_WARN, c->ops->fields(c),
+        log_msg(IW_LOG_WARN, engine_call_fields(c),
                 "the provider asked for a longer wait than IW_MAX_RATE_PAUSE; waiting %ld ms",
                 v.wait_ms);
     if (v.kind == IW_V_WAIT) {
         /* a 429 pauses the whole fleet, whatever becomes of this call */
         iw_error err;
         if (limiter_pause(rt_limiter(e->rt), v.wait_ms, &err) != IW_OK)
-            log_msg(IW_LOG_WARN, c->ops->fields(c), "could not share the 429 pause: %s", err.msg);
+            log_msg(IW_LOG_WARN, engine_call_fields(c), "could not share the 429 pause: %s",
+                    err.msg);
     }
     c->ops->on_answer(c, r, &v);
 }
@@ -826,15 +863,18 @@ static void release_claim(engine *e, const call *c)
 
 /* ---- jobs: bookkeeping ---------------------------------------------------------------- */
 
-static json_t *job_fields(const job *j)
+static size_t call_fields(const call *c, call_field *f)
 {
-    return json_pack("{s:s, s:s}", "requestId", j->job_id ? j->job_id : "", "state",
-                     job_state_name(j->state));
+    const job *j = (const job *)c;
+
+    f[0] = (call_field){"requestId", j->job_id ? j->job_id : ""};
+    f[1] = (call_field){"state", job_state_name(j->state)};
+    return 2;
 }
 
-static json_t *call_fields(const call *c)
+static json_t *job_fields(const job *j)
 {
-    return job_fields((const job *)c);
+    return engine_call_fields(&j->call);
 }
 
 json_t *job_doc(job *j)

@@ -63,14 +63,23 @@ typedef struct call_kind {
 } call_kind;
 
 typedef struct call call;
+
+/* A field that identifies a call in a log line, borrowed from its owner. */
+typedef struct call_field {
+    const char *key, *value;
+} call_field;
+#define CALL_FIELDS_MAX 4
+
 typedef struct call_ops {
     /* The permit decision for c (one batch per turn). */
     void (*on_permit)(call *c, call_permit p, long wait_ms, int reason, const char *record,
                       size_t record_len);
     /* The answer of engine_call, classified; v may be changed by the owner. */
     void (*on_answer)(call *c, const http_response *r, iw_verdict *v);
-    /* The fields that identify c in a log line (requestId, state...): new. */
-    json_t *(*fields)(const call *c);
+    /* The fields that identify c in a log line (requestId, state...), at
+     * most CALL_FIELDS_MAX, written into f in their order; returns how many.
+     * Written into every call's log line as they are, with no object built. */
+    size_t (*fields)(const call *c, call_field *f);
 } call_ops;
 
 struct call {
@@ -103,6 +112,8 @@ int engine_call(engine *e, call *c, const char *method, const char *path, const 
  * and the error object when not accepted. */
 void engine_log_call(const call *c, const http_response *r, const iw_verdict *v,
                      const char *tracking_id, const char *job_status);
+/* c->ops->fields as a new JSON object, for log_msg. */
+json_t *engine_call_fields(const call *c);
 /* "External API returned 503" / "External API call failed: <curl error>". */
 void engine_answer_message(const http_response *r, char *buf, size_t len);
 

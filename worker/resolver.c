@@ -462,10 +462,19 @@ static flight *flight_new(resolver *r, const rreq *q)
     return f;
 }
 
+static size_t call_fields(const call *c, call_field *out)
+{
+    const flight *f = (const flight *)c;
+
+    out[0] = (call_field){"requestId", f->request_id ? f->request_id : ""};
+    out[1] = (call_field){"resourceId", f->id ? f->id : ""};
+    out[2] = (call_field){"state", flight_state_names[f->state]};
+    return 3;
+}
+
 static json_t *flight_fields(const flight *f)
 {
-    return json_pack("{s:s, s:s, s:s}", "requestId", f->request_id, "resourceId", f->id, "state",
-                     flight_state_names[f->state]);
+    return engine_call_fields(&f->call);
 }
 
 /* Gives up a flight nobody waits for (or that failed): out of the map at
@@ -692,11 +701,6 @@ static void on_answer(call *c, const http_response *resp, iw_verdict *v)
         flight_fail(f, v->code != IW_C_NONE ? v->code : IW_C_EXTERNAL_API_ERROR, msg, 0);
         break;
     }
-}
-
-static json_t *call_fields(const call *c)
-{
-    return flight_fields((const flight *)c);
 }
 
 static const call_ops flight_call_ops = {on_permit, on_answer, call_fields};

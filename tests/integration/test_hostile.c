@@ -1250,6 +1250,33 @@ static iwt_msg *wait_reply(const char *corr, int timeout_ms)
     }
 }
 
+/* With resource_id: the provider call log lines of that look-up whose
+ * requestId is request_id.  Without: the lines saying a log line was lost. */
+static int call_lines(const scen *s, const char *resource_id, const char *request_id)
+{
+    char path[512];
+    static char line[1 << 16];
+    int n = 0;
+    snprintf(path, sizeof path, "/tmp/iwtest-%s-all.log", s->ns);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof line, f)) {
+        json_t *j = json_loads(line, 0, NULL);
+        const char *m = json_string_value(json_object_get(j, "message"));
+        const char *rid = json_string_value(json_object_get(j, "resourceId"));
+        const char *req = json_string_value(json_object_get(j, "requestId"));
+        if (!resource_id)
+            n += m && strncmp(m, "a log line could not be written", 31) == 0;
+        else
+            n += json_object_get(j, "operation") && rid && strcmp(rid, resource_id) == 0 && req &&
+                 strcmp(req, request_id) == 0;
+        json_decref(j);
+    }
+    fclose(f);
+    return n;
+}
+
 START_TEST(test_provider_side)
 {
     scen s;
@@ -1295,7 +1322,9 @@ START_TEST(test_provider_side)
     publish_job(&s, jd, "application/json", NULL);
     /* look-ups: the long CJK id and the URL-hostile one, served whole; then
      * requests the resolver must refuse by name, each with an error reply */
-    static const char *const look_corr[] = {"look-cjk", "look-chars"};
+    /* the first look-up's correlation_id is not UTF-8: it is the requestId
+     * of its call's log line, and must not cost that line */
+    static const char *const look_corr[] = {"look-cjk-\xff\xfe", "look-chars"};
     char *lookups[2];
     for (int i = 0; i < 2; i++) {
         json_t *lk = json_pack("{s:s}", "id", p.resource_ids[i]);
@@ -1417,6 +1446,15 @@ START_TEST(test_provider_side)
         json_decref(cj);
         free(cached);
         iwt_msg_free(r);
+    }
+    /* the call's log line of the first look-up, its requestId made safe text */
+    {
+        char want[64];
+        snprintf(want, sizeof want, "look-cjk-%s%s", "\xef\xbf\xbd", "\xef\xbf\xbd");
+        ck_assert_msg(IWT_EVENTUALLY(call_lines(&s, p.resource_ids[0], want) == 1, 5000),
+                      "no log line of the call of %s with its requestId made safe text",
+                      "look-cjk-\\xff\\xfe");
+        ck_assert_msg(call_lines(&s, NULL, NULL) == 0, "a log line was lost");
     }
     /* the refused ones: an error reply each (valid against the schema, as
      * every reply is), and a dead letter with the reason */
