@@ -254,32 +254,23 @@ static long route_calls(int port, const char *route)
 
 /* ---- worker logs ---------------------------------------------------------------------- */
 
-static char *log_path(const scen *s, const char *tag, char *buf, size_t len)
-{
-    snprintf(buf, len, "/tmp/iwtest-%s-%s.log", s->ns, tag);
-    return buf;
-}
-
 /* Lines of the worker's log whose message begins with `message` (NULL: any) and whose
  * requestId is job_id (NULL: any) and, when state is not NULL, whose state is it. */
 static int log_count(const scen *s, const char *tag, const char *message, const char *job_id,
                      const char *state)
 {
-    char path[512];
-    static char line[1 << 16];
+    json_t *all = iwt_worker_log(s->ns, tag), *j;
+    size_t i;
     int n = 0;
-    FILE *f = fopen(log_path(s, tag, path, sizeof path), "r");
-    if (!f)
-        return 0;
-    while (fgets(line, sizeof line, f)) {
-        json_t *j = json_loads(line, 0, NULL);
-        if (j && (!message || strncmp(str(j, "message"), message, strlen(message)) == 0) &&
+
+    json_array_foreach(all, i, j)
+    {
+        if ((!message || strncmp(str(j, "message"), message, strlen(message)) == 0) &&
             (!job_id || strcmp(str(j, "requestId"), job_id) == 0) &&
             (!state || strcmp(str(j, "state"), state) == 0))
             n++;
-        json_decref(j);
     }
-    fclose(f);
+    json_decref(all);
     return n;
 }
 

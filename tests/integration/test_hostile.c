@@ -1254,26 +1254,23 @@ static iwt_msg *wait_reply(const char *corr, int timeout_ms)
  * requestId is request_id.  Without: the lines saying a log line was lost. */
 static int call_lines(const scen *s, const char *resource_id, const char *request_id)
 {
-    char path[512];
-    static char line[1 << 16];
+    static const char lost[] = "a log line could not be written";
+    json_t *all = iwt_worker_log(s->ns, "all"), *j;
+    size_t i;
     int n = 0;
-    snprintf(path, sizeof path, "/tmp/iwtest-%s-all.log", s->ns);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return 0;
-    while (fgets(line, sizeof line, f)) {
-        json_t *j = json_loads(line, 0, NULL);
+
+    json_array_foreach(all, i, j)
+    {
         const char *m = json_string_value(json_object_get(j, "message"));
         const char *rid = json_string_value(json_object_get(j, "resourceId"));
         const char *req = json_string_value(json_object_get(j, "requestId"));
         if (!resource_id)
-            n += m && strncmp(m, "a log line could not be written", 31) == 0;
+            n += m && strncmp(m, lost, sizeof lost - 1) == 0;
         else
             n += json_object_get(j, "operation") && rid && strcmp(rid, resource_id) == 0 && req &&
                  strcmp(req, request_id) == 0;
-        json_decref(j);
     }
-    fclose(f);
+    json_decref(all);
     return n;
 }
 

@@ -295,20 +295,7 @@ static long long parse_ts(const char *ts)
 /* Every JSON line of a worker's log, in order (a JSON array). */
 static json_t *log_lines(const wk *w)
 {
-    char path[512], line[65536];
-    json_t *all = json_array();
-    FILE *f;
-
-    snprintf(path, sizeof path, "/tmp/iwtest-%s-%s.log", w->s->ns, w->tag);
-    if (!(f = fopen(path, "r")))
-        return all;
-    while (fgets(line, sizeof line, f)) {
-        json_t *j = json_loads(line, 0, NULL);
-        if (j)
-            json_array_append_new(all, j);
-    }
-    fclose(f);
-    return all;
+    return iwt_worker_log(w->s->ns, w->tag);
 }
 
 static const char *str_of(const json_t *j, const char *key)

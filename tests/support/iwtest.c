@@ -715,6 +715,25 @@ iwt_amqp *iwt_scene(char *ns, size_t ns_len, const char *name, const char *const
     return a;
 }
 
+json_t *iwt_worker_log(const char *ns, const char *tag)
+{
+    char path[1024];
+    static char line[1 << 16];
+    json_t *all = json_array();
+    FILE *f;
+
+    snprintf(path, sizeof path, "%s/iwtest-%s-%s.log", log_dir(), ns, tag);
+    if (!(f = fopen(path, "r")))
+        return all;
+    while (fgets(line, sizeof line, f)) {
+        json_t *j = json_loads(line, 0, NULL);
+        if (j)
+            json_array_append_new(all, j);
+    }
+    fclose(f);
+    return all;
+}
+
 void iwt_remove_logs(const char *ns)
 {
     char pattern[512];

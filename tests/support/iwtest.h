@@ -106,6 +106,10 @@ void iwt_cleanup(const char *ns);
  * port in *port) and a connection tapping every event of the namespace. */
 iwt_amqp *iwt_scene(char *ns, size_t ns_len, const char *name, const char *const *mock_args,
                     int *port);
+/* Every JSON line of the log iwt_start_worker wrote for ns and tag (in
+ * IWT_LOG_DIR or /tmp), in order, as a new JSON array (empty when there is no
+ * log yet); lines that are not JSON are left out. */
+json_t *iwt_worker_log(const char *ns, const char *tag);
 /* Removes the log files iwt_start_worker wrote for ns (in IWT_LOG_DIR or
  * /tmp), unless IWT_KEEP_LOGS is set: a passing case leaves none behind. */
 void iwt_remove_logs(const char *ns);
