@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <malloc.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__SANITIZE_ADDRESS__)
 #define JSON_MEM_ASAN 1
@@ -22,6 +23,7 @@ typedef struct block {
 /* free_list[k]: blocks of at least k * GRAIN bytes */
 static __thread block *free_list[N_SIZES + 1];
 static __thread size_t kept;
+static int installed;
 
 void *json_mem_alloc(size_t n)
 {
@@ -56,9 +58,31 @@ void json_mem_free(void *p)
     kept += k * GRAIN;
 }
 
+void *json_mem_realloc(void *p, size_t n)
+{
+    size_t have;
+    void *q;
+
+    if (!p)
+        return json_mem_alloc(n);
+    have = malloc_usable_size(p);
+    if (n <= have)
+        return p;
+    if (!(q = json_mem_alloc(n)))
+        return NULL; /* p is left as it was, as realloc leaves it */
+    memcpy(q, p, have);
+    json_mem_free(p);
+    return q;
+}
+
 size_t json_mem_kept(void)
 {
     return kept;
+}
+
+int json_mem_installed(void)
+{
+    return installed;
 }
 
 int json_mem_install(void)
@@ -67,6 +91,7 @@ int json_mem_install(void)
     return 0;
 #else
     json_set_alloc_funcs(json_mem_alloc, json_mem_free);
+    installed = 1;
     return 1;
 #endif
 }

@@ -13,7 +13,9 @@
  * as before.  The lists are per thread (a thread that ends leaves its list
  * behind: JSON is made on the reactor's thread, which lives as long as the
  * process).  Under AddressSanitizer nothing is installed: it must see every
- * free to find a use after one. */
+ * free to find a use after one.  Once installed, json_read gives yajl's
+ * parser the same allocator (five small blocks a parse, made and freed
+ * whole, which went to malloc's bins like jansson's). */
 #ifndef IW_JSON_MEM_H
 #define IW_JSON_MEM_H
 
@@ -26,9 +28,15 @@
  * made.  Returns 1 when installed, 0 when not (AddressSanitizer). */
 int json_mem_install(void);
 
-/* The allocator itself, for tests: a block of at least n bytes, or NULL. */
+/* 1 once json_mem_install has installed it. */
+int json_mem_installed(void);
+
+/* The allocator itself: a block of at least n bytes, or NULL; its free; and
+ * realloc's contract on top (p may be any malloc'd block or NULL; on
+ * failure p is left as it was). */
 void *json_mem_alloc(size_t n);
 void json_mem_free(void *p);
+void *json_mem_realloc(void *p, size_t n);
 /* Bytes this thread keeps for reuse. */
 size_t json_mem_kept(void);
 

@@ -1,6 +1,7 @@
 #include "json_read.h"
 
 #include "buf.h"
+#include "json_mem.h"
 
 #include <errno.h>
 #include <locale.h>
@@ -194,6 +195,28 @@ static const yajl_callbacks callbacks = {
     .yajl_end_array = on_end,
 };
 
+/* yajl's handle, lexer, buffers and state stack: small blocks made and
+ * freed whole every parse, recycled as jansson's are (json_mem). */
+static void *yajl_mem_alloc(void *ctx, size_t n)
+{
+    (void)ctx;
+    return json_mem_alloc(n);
+}
+
+static void *yajl_mem_realloc(void *ctx, void *p, size_t n)
+{
+    (void)ctx;
+    return json_mem_realloc(p, n);
+}
+
+static void yajl_mem_free(void *ctx, void *p)
+{
+    (void)ctx;
+    json_mem_free(p);
+}
+
+static yajl_alloc_funcs yajl_mem = {yajl_mem_alloc, yajl_mem_realloc, yajl_mem_free, NULL};
+
 json_t *json_read_plain(const char *text, size_t len, size_t flags)
 {
     reader r = {.text = text, .len = len, .reject_dups = (flags & JSON_REJECT_DUPLICATES) != 0};
@@ -202,11 +225,15 @@ json_t *json_read_plain(const char *text, size_t len, size_t flags)
 
     if ((flags & ~(size_t)JSON_REJECT_DUPLICATES) || !text || !plain_text(text, len))
         return NULL;
-    if (!(h = yajl_alloc(&callbacks, NULL, &r)))
+    if (!(h = yajl_alloc(&callbacks, json_mem_installed() ? &yajl_mem : NULL, &r)))
         return NULL;
     r.h = h;
-    ok = yajl_parse(h, (const unsigned char *)text, len) == yajl_status_ok &&
-         yajl_complete_parse(h) == yajl_status_ok && r.root && r.depth == 0 && only_space_after(&r);
+    /* No yajl_complete_parse: the root is an object or an array, so its
+     * closing bracket ends it (depth 0 again), and only_space_after checks
+     * the rest of the text.  It would feed the lexer one more space, for
+     * which the lexer takes a 2 KiB buffer (a malloc and free a parse). */
+    ok = yajl_parse(h, (const unsigned char *)text, len) == yajl_status_ok && r.root &&
+         r.depth == 0 && only_space_after(&r);
     yajl_free(h);
     if (!ok) {
         json_decref(r.root);

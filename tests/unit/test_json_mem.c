@@ -3,11 +3,13 @@
 #include <check.h>
 #include <jansson.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "json_mem.h"
+#include "json_read.h"
 
 /* Each test reads what is kept before it starts, so none depends on running
  * in a child process of its own. */
@@ -78,6 +80,35 @@ START_TEST(kept_bytes_are_capped)
 }
 END_TEST
 
+START_TEST(realloc_keeps_the_bytes)
+{
+    unsigned char *p = json_mem_realloc(NULL, 20), *q;
+    size_t before;
+
+    ck_assert_ptr_nonnull(p);
+    for (int i = 0; i < 20; i++)
+        p[i] = (unsigned char)i;
+    /* within the block: the same block */
+    ck_assert_ptr_eq(json_mem_realloc(p, 10), p);
+    ck_assert_ptr_eq(json_mem_realloc(p, malloc_usable_size(p)), p);
+    /* past it: a larger block with the bytes, the old one kept for reuse */
+    before = json_mem_kept();
+    q = json_mem_realloc(p, 100);
+    ck_assert_ptr_nonnull(q);
+    ck_assert_ptr_ne(q, p);
+    ck_assert_uint_ge(malloc_usable_size(q), 100);
+    for (int i = 0; i < 20; i++)
+        ck_assert_uint_eq(q[i], i);
+    ck_assert_uint_gt(json_mem_kept(), before);
+    /* to a large block and back to malloc */
+    p = json_mem_realloc(q, 4 * JSON_MEM_SMALL);
+    ck_assert_ptr_nonnull(p);
+    for (int i = 0; i < 20; i++)
+        ck_assert_uint_eq(p[i], i);
+    json_mem_free(p);
+}
+END_TEST
+
 /* Installed, jansson parses, builds, dumps and frees through it: documents
  * come out right and their blocks are reused, not piled up.  Under
  * AddressSanitizer it is not installed, and jansson keeps nothing here. */
@@ -112,6 +143,64 @@ START_TEST(jansson_through_it)
 }
 END_TEST
 
+/* What a new thread (whose lists start empty) keeps after making and
+ * freeing one empty array, by jansson alone or read by json_read. */
+static void *empty_array_kept(void *read)
+{
+    json_t *v = read ? json_read_plain("[]", 2, 0) : json_array();
+    size_t *kept = malloc(sizeof *kept);
+
+    json_decref(v);
+    if (kept)
+        *kept = v ? json_mem_kept() : 0;
+    return kept;
+}
+
+static size_t kept_by_thread(int read)
+{
+    pthread_t t;
+    void *r = NULL;
+    size_t kept;
+
+    ck_assert_int_eq(pthread_create(&t, NULL, empty_array_kept, read ? "" : NULL), 0);
+    ck_assert_int_eq(pthread_join(t, &r), 0);
+    ck_assert_ptr_nonnull(r);
+    kept = *(size_t *)r;
+    free(r);
+    return kept;
+}
+
+/* Installed, json_read's parser (yajl) takes its blocks here too: the
+ * documents come out right, a parse leaves nothing behind but blocks kept
+ * for the next one, and yajl's handle, lexer and stack are among them. */
+START_TEST(yajl_through_it)
+{
+    static const char text[] = "{\"jobId\":\"j-2\",\"payload\":{\"a\":[1,2.5,{\"b\":\"c\"}],"
+                               "\"d\":null,\"e\":false}}";
+    size_t before = json_mem_kept(), high = 0;
+    int installed = json_mem_install();
+
+    ck_assert_int_eq(json_mem_installed(), installed);
+    for (int i = 0; i < 2000; i++) {
+        json_t *doc = json_read_plain(text, sizeof text - 1, JSON_REJECT_DUPLICATES);
+        ck_assert_ptr_nonnull(doc);
+        ck_assert_str_eq(json_string_value(json_object_get(doc, "jobId")), "j-2");
+        ck_assert(json_is_false(json_object_get(json_object_get(doc, "payload"), "e")));
+        json_decref(doc);
+        if (i == 10)
+            high = json_mem_kept();
+        else if (i > 10)
+            ck_assert_uint_eq(json_mem_kept(), high);
+    }
+    if (!installed) {
+        ck_assert_uint_eq(json_mem_kept(), before);
+        return;
+    }
+    /* yajl's five blocks: its handle alone is over 100 bytes */
+    ck_assert_uint_ge(kept_by_thread(1), kept_by_thread(0) + 200);
+}
+END_TEST
+
 static Suite *json_mem_suite(void)
 {
     Suite *s = suite_create("json_mem");
@@ -121,7 +210,9 @@ static Suite *json_mem_suite(void)
     tcase_add_test(tc, a_freed_small_block_is_taken_again_for_its_size);
     tcase_add_test(tc, large_blocks_go_back_to_malloc);
     tcase_add_test(tc, kept_bytes_are_capped);
+    tcase_add_test(tc, realloc_keeps_the_bytes);
     tcase_add_test(tc, jansson_through_it);
+    tcase_add_test(tc, yajl_through_it);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_mem.h"
 #include "json_read.h"
 
 /* json_read and json_loadb agree on text[0..len) with flags. */
@@ -313,6 +314,9 @@ static Suite *json_read_suite(void)
 
 int main(void)
 {
+    /* as the worker does (main.c): jansson's and yajl's blocks through
+     * json_mem, except under AddressSanitizer */
+    json_mem_install();
     SRunner *sr = srunner_create(json_read_suite());
 
     srunner_run_all(sr, CK_NORMAL);
