@@ -95,6 +95,28 @@ int buf_adds(iw_buf *b, const char *s)
     return buf_add(b, s, strlen(s));
 }
 
+int buf_cat(iw_buf *b, const char *const *parts)
+{
+    size_t n = 0, k;
+    int rc;
+
+    for (const char *const *p = parts; *p; p++) {
+        k = strlen(*p);
+        if (k > b->cap - n)
+            return IW_ERR_TOO_LARGE;
+        n += k;
+    }
+    if ((rc = reserve(b, n)) != IW_OK)
+        return rc;
+    for (const char *const *p = parts; *p; p++) {
+        k = strlen(*p);
+        memcpy(b->ptr + b->len, *p, k);
+        b->len += k;
+    }
+    b->ptr[b->len] = '\0';
+    return IW_OK;
+}
+
 int buf_vaddf(iw_buf *b, const char *fmt, va_list ap)
 {
     va_list ap2;

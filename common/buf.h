@@ -46,6 +46,11 @@ int buf_add(iw_buf *b, const void *mem, size_t n) __attribute__((warn_unused_res
 int buf_reserve(iw_buf *b, size_t n) __attribute__((warn_unused_result));
 /* Appends a NUL-terminated string (as buf_add). */
 int buf_adds(iw_buf *b, const char *s) __attribute__((warn_unused_result));
+/* Appends the strings of parts, up to the NULL that ends them, with one
+ * reservation (as buf_add; all of them or nothing):
+ * buf_cat(b, (const char *[]){name, ": ", value, NULL}).  What buf_addf
+ * does for "%s%s" without formatting (two passes of printf). */
+int buf_cat(iw_buf *b, const char *const *parts) __attribute__((warn_unused_result));
 /* Appends printf output (as buf_add; the whole output or nothing). */
 int buf_addf(iw_buf *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3), warn_unused_result));

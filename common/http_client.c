@@ -146,7 +146,7 @@ static char *header_line(const char *name, const char *value, int *rc)
     if ((*rc = http_header_value_check(value, strlen(value))) != IW_OK)
         return NULL;
     buf_init(&b, HTTP_HEADER_MAX);
-    if ((*rc = buf_addf(&b, "%s: %s", name, value)) != IW_OK) {
+    if ((*rc = buf_cat(&b, (const char *[]){name, ": ", value, NULL})) != IW_OK) {
         buf_free(&b);
         return NULL;
     }
@@ -814,7 +814,7 @@ static int build_url(const http_client *c, const char *path, iw_buf *url)
 
     if (rc != IW_OK)
         return rc;
-    rc = buf_addf(url, "%s%s", c->base_url, path);
+    rc = buf_cat(url, (const char *[]){c->base_url, path, NULL});
     return rc == IW_ERR_TOO_LARGE ? IW_ERR_URL_TOO_LONG : rc;
 }
 

@@ -46,6 +46,32 @@ START_TEST(past_cap_refused_and_unchanged)
 }
 END_TEST
 
+/* buf_cat: the parts in order with one reservation, or nothing at all. */
+START_TEST(cat_all_or_nothing)
+{
+    iw_buf b;
+    char mem[8];
+
+    buf_init(&b, 12);
+    ck_assert_int_eq(buf_cat(&b, (const char *[]){NULL}), IW_OK);
+    ck_assert_str_eq(buf_ptr(&b), "");
+    ck_assert_int_eq(buf_cat(&b, (const char *[]){"Name", ": ", "", "val", NULL}), IW_OK);
+    ck_assert_str_eq(buf_ptr(&b), "Name: val");
+    ck_assert_int_eq(buf_len(&b), 9);
+    /* one byte past the cap: refused whole */
+    ck_assert_int_eq(buf_cat(&b, (const char *[]){"ab", "cd", NULL}), IW_ERR_TOO_LARGE);
+    ck_assert_str_eq(buf_ptr(&b), "Name: val");
+    ck_assert_int_eq(buf_cat(&b, (const char *[]){"a", "bc", NULL}), IW_OK); /* exactly */
+    ck_assert_str_eq(buf_ptr(&b), "Name: valabc");
+    buf_free(&b);
+    /* leaves the caller's memory when it outgrows it, as buf_add does */
+    buf_init_on(&b, mem, sizeof mem, 100);
+    ck_assert_int_eq(buf_cat(&b, (const char *[]){"http://h", "/v1/submissions", NULL}), IW_OK);
+    ck_assert_str_eq(buf_ptr(&b), "http://h/v1/submissions");
+    buf_free(&b);
+}
+END_TEST
+
 START_TEST(large_growth)
 {
     iw_buf b;
@@ -398,6 +424,7 @@ int main(void)
     TCase *tc = tcase_create("buf");
     tcase_add_test(tc, grows_within_cap);
     tcase_add_test(tc, past_cap_refused_and_unchanged);
+    tcase_add_test(tc, cat_all_or_nothing);
     tcase_add_test(tc, large_growth);
     tcase_add_test(tc, on_callers_memory);
     tcase_add_test(tc, utf8_next_lengths);
