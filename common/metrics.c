@@ -96,6 +96,9 @@ static struct {
     atomic_llong deliveries[IW_N_ROLES][IW_N_DELIVERY];
     atomic_llong outcomes[IW_N_ROLES][IW_N_OUTCOMES];
     name_table states;
+    /* the address each state was last counted by: the engine passes the
+     * static names of its state table, found again without a strcmp */
+    _Atomic(const char *) state_ptrs[MAX_STATES];
     atomic_llong transitions[IW_N_ROLES][MAX_STATES + 1]; /* last: "other" */
     name_table codes;
     atomic_llong dead[N_ROLE_SLOTS][MAX_CODES + 1]; /* last: "OTHER" */
@@ -275,9 +278,19 @@ void metrics_job_outcome(iw_role role, iw_outcome outcome)
 
 void metrics_job_transition(iw_role role, const char *state)
 {
+    int i, n;
+
     if ((unsigned)role >= IW_N_ROLES)
         return;
-    int i = name_index(&m.states, MAX_STATES, state, LOWER_STATE, STATE_NAME_LEN - 1);
+    n = atomic_load(&m.states.count);
+    for (i = 0; i < n; i++)
+        if (state && atomic_load_explicit(&m.state_ptrs[i], memory_order_relaxed) == state)
+            break;
+    if (i == n) {
+        i = name_index(&m.states, MAX_STATES, state, LOWER_STATE, STATE_NAME_LEN - 1);
+        if (i < MAX_STATES)
+            atomic_store_explicit(&m.state_ptrs[i], state, memory_order_relaxed);
+    }
     atomic_fetch_add(&m.transitions[role][i], 1);
 }
 
@@ -411,6 +424,8 @@ void metrics_reset(void)
         atomic_store(&m.tier_ms[i], 0);
     }
     atomic_store(&m.states.count, 0);
+    for (int i = 0; i < MAX_STATES; i++)
+        atomic_store(&m.state_ptrs[i], NULL);
     atomic_store(&m.codes.count, 0);
     atomic_store(&m.maintenance, 0);
     atomic_store(&m.amqp_up, 0);

@@ -150,7 +150,9 @@ void metrics_delivery(iw_role role, iw_delivery_action what);
 /* A job or request of role ended with outcome (exactly once per job). */
 void metrics_job_outcome(iw_role role, iw_outcome outcome);
 /* A job of role entered state (a static name from the engine's state table, [a-z_],
- * at most 24 distinct; others count as "other"). */
+ * at most 24 distinct; others count as "other").  The name is remembered by
+ * its address too: pass names that live as long as the process and never
+ * change (the same text at another address counts the same). */
 void metrics_job_transition(iw_role role, const char *state);
 /* Declares the error codes (the status table's names) so that every
  * iw_dead_letters_total series exists at 0 from the start; at most 48 codes. */

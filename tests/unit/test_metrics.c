@@ -361,6 +361,12 @@ START_TEST(job_states_and_outcomes)
     metrics_job_transition(IW_ROLE_SUBMITTER, "received");
     metrics_job_transition(IW_ROLE_POLLER, "calling");
     metrics_job_transition(IW_ROLE_POLLER, "Calling!"); /* not [a-z_] */
+    /* the same name at another address: the same series */
+    static char copy[] = "calling", poll_name[] = "calling_again";
+    metrics_job_transition(IW_ROLE_POLLER, copy);
+    metrics_job_transition(IW_ROLE_POLLER, copy);
+    metrics_job_transition(IW_ROLE_POLLER, poll_name);
+    metrics_job_transition(IW_ROLE_POLLER, "calling");
     metrics_job_outcome(IW_ROLE_SUBMITTER, IW_OUTCOME_ACCEPTED);
     metrics_job("submitter", "failed"); /* deprecated entry point */
     metrics_job("nobody", "accepted");  /* ignored */
@@ -377,6 +383,9 @@ START_TEST(job_states_and_outcomes)
     ck_assert(value_of(t, "iw_job_transitions_total{role=\"submitter\",state=\"received\"}") == 2);
     ck_assert(value_of(t, "iw_job_transitions_total{role=\"poller\",state=\"received\"}") == 0);
     ck_assert(value_of(t, "iw_job_transitions_total{role=\"poller\",state=\"other\"}") == 1);
+    ck_assert(value_of(t, "iw_job_transitions_total{role=\"poller\",state=\"calling\"}") == 4);
+    ck_assert(value_of(t, "iw_job_transitions_total{role=\"poller\",state=\"calling_again\"}") ==
+              1);
     ck_assert(value_of(t, "iw_jobs_total{role=\"submitter\",outcome=\"accepted\"}") == 1);
     ck_assert(value_of(t, "iw_jobs_total{role=\"submitter\",outcome=\"failed\"}") == 1);
     ck_assert(value_of(t, "iw_deliveries_total{role=\"poller\",action=\"acked\"}") == 1);
