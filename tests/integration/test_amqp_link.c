@@ -873,7 +873,7 @@ START_TEST(test_worker_requeues_on_return_and_redeclares)
     snprintf(requests, sizeof requests, "%s.requests", ns);
     iwt_declare(ns); /* the queue exists before its consumer is looked for */
     pid_t mock = iwt_start_mock(NULL, &port);
-    snprintf(w.path, sizeof w.path, "/tmp/iwtest-%s-submitter.log", ns);
+    snprintf(w.path, sizeof w.path, "%s/iwtest-%s-submitter.log", iwt_log_dir(), ns);
     unlink(w.path);
     pid_t worker = iwt_start_worker("submitter", ns, port, NULL, NULL);
     char submit[160];
@@ -914,7 +914,7 @@ START_TEST(test_worker_event_without_subscriber_is_not_retried)
     snprintf(requests, sizeof requests, "%s.requests", ns);
     iwt_declare(ns); /* the queue exists before its consumer is looked for */
     pid_t mock = iwt_start_mock(NULL, &port);
-    snprintf(w.path, sizeof w.path, "/tmp/iwtest-%s-submitter.log", ns);
+    snprintf(w.path, sizeof w.path, "%s/iwtest-%s-submitter.log", iwt_log_dir(), ns);
     unlink(w.path);
     pid_t worker = iwt_start_worker("submitter", ns, port, NULL, NULL);
     char submit[160];
@@ -968,7 +968,7 @@ START_TEST(test_worker_honours_sigterm_during_alarm)
     const char *const env[] = {env_url, "IW_SHUTDOWN_GRACE=3s", NULL};
     const char *const slow[] = {"--latency-ms", "3000", NULL};
     pid_t mock = iwt_start_mock(slow, &port);
-    snprintf(w.path, sizeof w.path, "/tmp/iwtest-%s-submitter.log", ns);
+    snprintf(w.path, sizeof w.path, "%s/iwtest-%s-submitter.log", iwt_log_dir(), ns);
     unlink(w.path);
     pid_t worker = iwt_start_worker("submitter", ns, port, env, NULL);
     w.needle = "connected to the broker";

@@ -89,7 +89,7 @@ static int count_log(const char *tag, const char *key, const char *value, const 
 {
     char path[512], line[65536];
     int n = 0;
-    snprintf(path, sizeof path, "/tmp/iwtest-%s-%s.log", ns, tag);
+    snprintf(path, sizeof path, "%s/iwtest-%s-%s.log", iwt_log_dir(), ns, tag);
     FILE *f = fopen(path, "r");
     if (!f)
         return 0;
@@ -491,7 +491,7 @@ START_TEST(mtls_wrong_client_certificate_refused)
     ck_assert_int_eq(dead_letters(), 0);
     char path[512], line[65536];
     int seen = 0;
-    snprintf(path, sizeof path, "/tmp/iwtest-%s-sub.log", ns);
+    snprintf(path, sizeof path, "%s/iwtest-%s-sub.log", iwt_log_dir(), ns);
     FILE *f = fopen(path, "r");
     ck_assert_ptr_nonnull(f);
     while (fgets(line, sizeof line, f))
@@ -576,7 +576,7 @@ static int assert_logs_clean(void)
 {
     char cmd[512], line[1 << 16];
     int lines = 0;
-    snprintf(cmd, sizeof cmd, "cat /tmp/iwtest-%s-*.log 2>/dev/null", ns);
+    snprintf(cmd, sizeof cmd, "cat %s/iwtest-%s-*.log 2>/dev/null", iwt_log_dir(), ns);
     FILE *p = popen(cmd, "r");
     ck_assert_ptr_nonnull(p);
     while (fgets(line, sizeof line, p)) {
@@ -745,7 +745,7 @@ START_TEST(no_secret_anywhere)
     for (int b = 0; b < 3; b++) {
         pid_t pid = iwt_track(iwt_start_worker(roles[b], ns, port, bad[b], roles[b]));
         char path[512];
-        snprintf(path, sizeof path, "/tmp/iwtest-%s-%s.log", ns, roles[b]);
+        snprintf(path, sizeof path, "%s/iwtest-%s-%s.log", iwt_log_dir(), ns, roles[b]);
         struct stat st;
         ck_assert(IWT_EVENTUALLY(stat(path, &st) == 0 && st.st_size > 0, 10000));
         iwt_sleep_ms(1500); /* a few reconnect attempts: their errors are logged */

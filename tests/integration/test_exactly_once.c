@@ -7,7 +7,7 @@
  * open.  The test asserts it never had to.
  *
  * Cases (CK_RUN_CASE=<name> runs one; IWT_KEEP_LOGS=1 keeps the worker logs,
- * /tmp/iwtest-<ns>-<tag>.log, of a passing case):
+ * $IWT_LOG_DIR (or /tmp)/iwtest-<ns>-<tag>.log, of a passing case):
  *   byte_identical       every attempt of a job sends the same body
  *   crash_same_body      the same after a SIGKILL mid-POST
  *   no_concurrent_posts  a requeue while the POST is open (the broker link

@@ -75,8 +75,8 @@ static void scen_finish(scen *s)
 {
     if (s->worker > 0)
         ck_assert_msg(iwt_stop_tracked(s->worker, SIGTERM) == 0,
-                      "the worker of %s did not exit 0 on SIGTERM (see /tmp/iwtest-%s-all.log)",
-                      s->ns, s->ns);
+                      "the worker of %s did not exit 0 on SIGTERM (see %s/iwtest-%s-all.log)",
+                      s->ns, iwt_log_dir(), s->ns);
     if (s->mock > 0)
         ck_assert_int_eq(iwt_stop(s->mock, SIGTERM), 0);
     iwt_cleanup(s->ns);

@@ -113,7 +113,7 @@ static void wk_start(wk *w, const scen *s, const char *role, const char *tag,
     for (size_t i = 0; env && env[i] && n < 31; i++)
         full[n++] = env[i];
     full[n] = NULL;
-    snprintf(log, sizeof log, "/tmp/iwtest-%s-%s.log", s->ns, tag);
+    snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", iwt_log_dir(), s->ns, tag);
     unlink(log);
     w->pid = iwt_track(iwt_start_worker(role, s->ns, s->port, full, tag));
 }

@@ -267,7 +267,7 @@ static char *worker_log(int i)
     char *buf;
     long n;
 
-    snprintf(path, sizeof path, "/tmp/iwtest-%s-resolver%d.log", ns, i);
+    snprintf(path, sizeof path, "%s/iwtest-%s-resolver%d.log", iwt_log_dir(), ns, i);
     f = fopen(path, "rb");
     ck_assert_ptr_nonnull(f);
     fseek(f, 0, SEEK_END);

@@ -209,7 +209,7 @@ static void wait_in_flight(const scen *s, long n, int timeout_ms)
 
 static char *log_path(const scen *s, const char *tag, char *buf, size_t len)
 {
-    snprintf(buf, len, "/tmp/iwtest-%s-%s.log", s->ns, tag ? tag : "submitter");
+    snprintf(buf, len, "%s/iwtest-%s-%s.log", iwt_log_dir(), s->ns, tag ? tag : "submitter");
     return buf;
 }
 
@@ -257,15 +257,16 @@ typedef struct call_rec {
 /* The provider calls of one job as the worker logged them, in order. */
 static int read_calls(const scen *s, const char *tag, const char *job_id, call_rec *out)
 {
-    char path[512], line[65536];
+    json_t *lines = iwt_worker_log(s->ns, tag ? tag : "submitter"), *j;
+    size_t i;
     int n = 0;
-    FILE *f = fopen(log_path(s, tag, path, sizeof path), "r");
-    ck_assert_ptr_nonnull(f);
-    while (fgets(line, sizeof line, f) && n < MAX_CALLS) {
-        json_t *j = json_loads(line, 0, NULL);
+
+    json_array_foreach(lines, i, j)
+    {
         const char *rid = json_string_value(json_object_get(j, "requestId"));
         const char *op = json_string_value(json_object_get(j, "operation"));
-        if (rid && op && strcmp(rid, job_id) == 0 && strcmp(op, "POST /external-resource") == 0 &&
+        if (n < MAX_CALLS && rid && op && strcmp(rid, job_id) == 0 &&
+            strcmp(op, "POST /external-resource") == 0 &&
             json_is_integer(json_object_get(j, "attempt"))) {
             out[n].at_ms = parse_ts(json_string_value(json_object_get(j, "timestamp")));
             out[n].status = (long)json_integer_value(json_object_get(j, "status"));
@@ -273,9 +274,8 @@ static int read_calls(const scen *s, const char *tag, const char *job_id, call_r
             ck_assert_int_gt(out[n].at_ms, 0);
             n++;
         }
-        json_decref(j);
     }
-    fclose(f);
+    json_decref(lines);
     return n;
 }
 

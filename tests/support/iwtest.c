@@ -55,8 +55,7 @@ static void iwt_fail(const char *file, int line, const char *what)
             iwt_fail(__FILE__, __LINE__, #cond);                                                   \
     } while (0)
 
-/* Where the workers' logs go: IWT_LOG_DIR, else /tmp. */
-static const char *log_dir(void)
+const char *iwt_log_dir(void)
 {
     const char *dir = getenv("IWT_LOG_DIR");
     return dir && *dir ? dir : "/tmp";
@@ -299,7 +298,7 @@ pid_t iwt_start_worker(const char *role, const char *ns, int port, const char *c
         const char *wrapped[] = {"/bin/sh", "-c", "exec $IWT_WORKER_WRAP \"$0\" \"$@\"",
                                  argv[0],   role, NULL};
         build_env(ns, port, env, envp, 512);
-        snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", log_dir(), ns, tag ? tag : role);
+        snprintf(log, sizeof log, "%s/iwtest-%s-%s.log", iwt_log_dir(), ns, tag ? tag : role);
         int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {
             dup2(fd, 2);
@@ -722,7 +721,7 @@ json_t *iwt_worker_log(const char *ns, const char *tag)
     json_t *all = json_array();
     FILE *f;
 
-    snprintf(path, sizeof path, "%s/iwtest-%s-%s.log", log_dir(), ns, tag);
+    snprintf(path, sizeof path, "%s/iwtest-%s-%s.log", iwt_log_dir(), ns, tag);
     if (!(f = fopen(path, "r")))
         return all;
     while (fgets(line, sizeof line, f)) {
@@ -741,7 +740,7 @@ void iwt_remove_logs(const char *ns)
 
     if (getenv("IWT_KEEP_LOGS"))
         return;
-    snprintf(pattern, sizeof pattern, "%s/iwtest-%s-*.log", log_dir(), ns);
+    snprintf(pattern, sizeof pattern, "%s/iwtest-%s-*.log", iwt_log_dir(), ns);
     if (glob(pattern, 0, NULL, &g) == 0) {
         for (size_t i = 0; i < g.gl_pathc; i++)
             unlink(g.gl_pathv[i]);

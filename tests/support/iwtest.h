@@ -106,6 +106,8 @@ void iwt_cleanup(const char *ns);
  * port in *port) and a connection tapping every event of the namespace. */
 iwt_amqp *iwt_scene(char *ns, size_t ns_len, const char *name, const char *const *mock_args,
                     int *port);
+/* Where iwt_start_worker writes the workers' logs: IWT_LOG_DIR, else /tmp. */
+const char *iwt_log_dir(void);
 /* Every JSON line of the log iwt_start_worker wrote for ns and tag (in
  * IWT_LOG_DIR or /tmp), in order, as a new JSON array (empty when there is no
  * log yet); lines that are not JSON are left out. */
