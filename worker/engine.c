@@ -392,6 +392,11 @@ static void on_token(void *ud, const http_token_event *ev)
     else if (ev->recovered)
         log_msg(IW_LOG_INFO, json_pack("{s:s}", "operation", "oauth_token"),
                 "the OAuth token endpoint answers again; calls resume");
+    else if (ev->ok) /* which pod fetched the fleet's token, and when */
+        log_msg(IW_LOG_DEBUG,
+                json_pack("{s:s, s:I}", "operation", "oauth_token", "duration",
+                          (json_int_t)(ev->duration_us / 1000)),
+                "an OAuth token fetched");
 }
 
 int engine_call(engine *e, call *c, const char *method, const char *path, const char *body,
