@@ -1073,6 +1073,15 @@ static void token_obtain(http_client *c, long long now)
         }
         return;
     }
+    /* The lock is ours, but the fetcher before us may have finished between
+     * our read of the store and our lock: it stores its token, then unlocks.
+     * Read again: what it stored is there now, and is taken instead of
+     * fetching a second token. */
+    if (c->lock_held && store_fetch(c)) {
+        token_lock_release(c);
+        send_waiting(c);
+        return;
+    }
     if (token_fetch_start(c) != IW_OK) {
         token_lock_release(c);
         c->token_next_try_ms = now + c->backoff_min_ms;
