@@ -105,25 +105,6 @@ static int count_log(const char *tag, const char *key, const char *value, const 
     return n;
 }
 
-/* A token of the mock's, fetched by the test itself as a pod would. */
-static char *mock_token(int port)
-{
-    char *body = NULL, *tok = NULL;
-    long st = iwt_mock_request(port, "POST", "/oauth/token",
-                               "grant_type=client_credentials&client_id=" CLIENT_ID
-                               "&client_secret=" CLIENT_SECRET,
-                               &body);
-    json_t *j = body ? json_loads(body, 0, NULL) : NULL;
-    const char *t = json_string_value(json_object_get(j, "access_token"));
-
-    ck_assert_msg(st == 200 && t, "the mock's token endpoint answered %ld: %s", st,
-                  body ? body : "");
-    tok = strdup(t);
-    json_decref(j);
-    free(body);
-    return tok;
-}
-
 static const char *const oauth_mock[] = {"--auth",
                                          "oauth2",
                                          "--client-id",
@@ -314,57 +295,6 @@ START_TEST(token_expiry_and_refresh)
     ck_assert_int_ge(stat_num(port, "tokens_issued"), 1);
     ck_assert_int_eq(iwt_count_events(a, "submission.failed", NULL, 500), 0);
     ck_assert_int_eq(dead_letters(), 0);
-    teardown_all(a);
-}
-END_TEST
-
-/* The pod fetching before this one stores its token and unlocks just after
- * this one read the store and found none: this one then wins a free lock with
- * the token already there, and takes it instead of fetching another.  The
- * moment is made with CLIENT PAUSE WRITE (reads go on, writes wait in the
- * order they came): the test's store-and-unlock waits first, the worker's
- * next read of the store finds nothing, and its SET NX waits behind. */
-START_TEST(lock_won_just_after_a_fetch_takes_its_token)
-{
-    int port;
-    iwt_amqp *a = setup("auth-race", oauth_mock, &port);
-    const char *env[] = {OAUTH_ENV, NULL};
-    char lock[256], key[256], q[256], *tok, *stored;
-    size_t n;
-
-    snprintf(lock, sizeof lock, "%s:oauth:lock", ns);
-    snprintf(key, sizeof key, "%s:oauth:token", ns);
-    snprintf(q, sizeof q, "%s.submit", ns);
-    /* another pod is fetching: its lock, no token yet */
-    free(iwt_redis_str("SET %s other-pod PX 30000", lock));
-    iwt_track(iwt_start_worker("submitter", ns, port, env, "sub"));
-    ck_assert(IWT_EVENTUALLY(iwt_queue_consumers(a, q) == 1, 20000));
-    publish_job(a, "auth-race-1");
-    /* the job waits for a token; the worker reads the store every 200 ms */
-    ck_assert(IWT_EVENTUALLY(count_log("sub", "state", "ready", NULL) > 0, 10000));
-    ck_assert_int_eq(stat_num(port, "tokens_issued"), 0);
-    tok = mock_token(port); /* the other pod's fetch */
-    n = strlen(tok) + 32;
-    stored = malloc(n);
-    ck_assert_ptr_nonnull(stored);
-    snprintf(stored, n, "3600000 %s", tok);
-    free(iwt_redis_str("CLIENT PAUSE 1000 WRITE"));
-    free(iwt_redis_str("MULTI"));
-    free(iwt_redis_str("SET %s %s PX 3600000", key, stored));
-    free(iwt_redis_str("DEL %s", lock));
-    free(iwt_redis_str("EXEC")); /* runs when the pause ends, before the worker's SET NX */
-    iwt_msg *m = iwt_wait_event(a, "submission.accepted", "auth-race-1", 20000);
-    ck_assert_msg(m != NULL, "no submission.accepted");
-    iwt_msg_free(m);
-    ck_assert_msg(stat_num(port, "tokens_issued") == 1,
-                  "%lld tokens issued: the worker fetched its own (%d fetch line(s))",
-                  stat_num(port, "tokens_issued"),
-                  count_log("sub", "operation", "oauth_token", NULL));
-    ck_assert_int_eq(count_log("sub", "operation", "oauth_token", NULL), 0);
-    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "401"), 0);
-    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "201"), 1);
-    free(stored);
-    free(tok);
     teardown_all(a);
 }
 END_TEST
@@ -848,7 +778,6 @@ static Suite *suite(void)
     tcase_add_test(tc, token_failures_open_the_breaker);
     tcase_add_test(tc, token_expiry_and_refresh);
     tcase_add_test(tc, one_fetcher_for_two_processes);
-    tcase_add_test(tc, lock_won_just_after_a_fetch_takes_its_token);
     suite_add_tcase(s, tc);
     tc = tcase_create("mtls");
     tcase_set_timeout(tc, 180);

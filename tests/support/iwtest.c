@@ -960,11 +960,6 @@ long iwt_mock_post(int port, const char *path, const char *json_body)
     return http(port, "POST", path, json_body, NULL);
 }
 
-long iwt_mock_request(int port, const char *method, const char *path, const char *body, char **out)
-{
-    return http(port, method, path, body, out);
-}
-
 long iwt_stat(json_t *stats, const char *route, const char *status)
 {
     json_t *v = json_object_get(json_object_get(json_object_get(stats, "requests"), route), status);

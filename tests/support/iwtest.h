@@ -123,9 +123,6 @@ void iwt_scene_end(iwt_amqp *a, const char *ns);
 /* Mock provider admin: GET /__admin/stats, POST a JSON body to a path. */
 json_t *iwt_mock_stats(int port);
 long iwt_mock_post(int port, const char *path, const char *json_body);
-/* Any request to the mock: its status (0 without an answer) and, when out
- * is not NULL, its body in *out (malloc'd; NULL when empty). */
-long iwt_mock_request(int port, const char *method, const char *path, const char *body, char **out);
 /* stats["requests"][route][status] as a number (0 when absent). */
 long iwt_stat(json_t *stats, const char *route, const char *status);
 
