@@ -152,18 +152,53 @@ static limiter_result take(lim_fixture *f, const char *cls, int share, int want)
     return r;
 }
 
+/* The limiter's windows are in Redis's time (TIME, its host's wall clock),
+ * the tests' intervals in this process's monotonic clock.  The two run at the
+ * same rate (NTP slews both) but the wall clock may be stepped (NTP, the
+ * hypervisor after a pause: a 5 ms step once failed these checks in CI).  A
+ * reading of the offset between them, taken in one round trip, bounds by how
+ * much such a step moved Redis's time against ours between two readings. */
+typedef struct clock_reading {
+    long long offset_us; /* Redis TIME minus the round trip's midpoint */
+    long long rtt_us;
+} clock_reading;
+
+static clock_reading redis_clock(void)
+{
+    long long before = clock_mono_us();
+    redisReply *r = redisCommand(raw(), "TIME");
+    long long after = clock_mono_us();
+    ck_assert_msg(r && r->type == REDIS_REPLY_ARRAY && r->elements == 2, "TIME failed");
+    long long redis_us = atoll(r->element[0]->str) * 1000000 + atoll(r->element[1]->str);
+    freeReplyObject(r);
+    return (clock_reading){redis_us - (before + after) / 2, after - before};
+}
+
+/* µs by which Redis's clock may have been stepped against ours since `since`:
+ * the change of the offset plus each reading's uncertainty (half its round
+ * trip).  0 plus the round trips when nothing stepped. */
+static long long redis_clock_moved_us(clock_reading since)
+{
+    clock_reading now = redis_clock();
+    return llabs(now.offset_us - since.offset_us) + (since.rtt_us + now.rtt_us) / 2 + 1;
+}
+
 /* A refusal's wait is the window minus the time since the permit that must
  * leave it.  That permit was taken between grant_before and grant_after (µs,
  * around its take) and the refusal between ask_before and ask_after, so the
  * wait lies between these bounds however long each round trip took (the
- * machine is shared; fixed tolerances flake under load).  2 ms for rounding. */
+ * machine is shared; fixed tolerances flake under load).  2 ms for rounding,
+ * and what Redis's clock was stepped by since `since`, read before the grant. */
 static void assert_wait_within(long wait_ms, long window_ms, long long grant_before,
-                               long long grant_after, long long ask_before, long long ask_after)
+                               long long grant_after, long long ask_before, long long ask_after,
+                               clock_reading since)
 {
-    long lo = window_ms - (long)((ask_after - grant_before) / 1000) - 2;
-    long hi = window_ms - (long)((ask_before - grant_after) / 1000) + 2;
-    ck_assert_msg(wait_ms >= lo && wait_ms <= hi, "wait %ld ms, expected %ld..%ld ms", wait_ms, lo,
-                  hi);
+    long stepped_ms = (long)((redis_clock_moved_us(since) + 999) / 1000);
+    long lo = window_ms - (long)((ask_after - grant_before) / 1000) - 2 - stepped_ms;
+    long hi = window_ms - (long)((ask_before - grant_after) / 1000) + 2 + stepped_ms;
+    ck_assert_msg(wait_ms >= lo && wait_ms <= hi,
+                  "wait %ld ms, expected %ld..%ld ms (Redis's clock moved up to %ld ms)", wait_ms,
+                  lo, hi, stepped_ms);
 }
 
 /* ---- tests ---------------------------------------------------------------------- */
@@ -175,6 +210,7 @@ START_TEST(test_grants_then_refuses_with_wait)
     long long first = 0, first_after = 0;
 
     del_keys(ns);
+    clock_reading clock0 = redis_clock();
     for (int i = 0; i < 5; i++) {
         long long before = clock_mono_us();
         limiter_result r = take(&f, "submit", 1000, 1);
@@ -197,7 +233,7 @@ START_TEST(test_grants_then_refuses_with_wait)
     ck_assert_int_eq(r.paused, 0);
     ck_assert_int_eq(r.usage_permille, 1000);
     /* the oldest permit (taken at ~first) leaves the window at first + 1 s */
-    assert_wait_within(r.wait_ms, 1000, first, first_after, at, at_after);
+    assert_wait_within(r.wait_ms, 1000, first, first_after, at, at_after, clock0);
     ck_assert_int_eq(key_int(ns, "ZCARD", "limiter:log"), 5); /* a refusal takes nothing */
 
     /* the wait is enough: after it, a permit is granted again */
@@ -222,6 +258,7 @@ START_TEST(test_guard_lengthens_window)
     lim_fixture f = open_limiter_guard(ns, "3/1s,1000/10s", 200);
 
     del_keys(ns);
+    clock_reading clock0 = redis_clock();
     long long first = clock_mono_us();
     limiter_result r = take(&f, "submit", 1000, 3);
     long long first_after = clock_mono_us();
@@ -230,7 +267,7 @@ START_TEST(test_guard_lengthens_window)
     r = take(&f, "submit", 1000, 1);
     ck_assert_int_eq(r.granted, 0);
     /* a 200 ms guard: the wait covers 1.2 s */
-    assert_wait_within(r.wait_ms, 1200, first, first_after, at, clock_mono_us());
+    assert_wait_within(r.wait_ms, 1200, first, first_after, at, clock_mono_us(), clock0);
     /* 1 s later the plain window would be free, the guarded one is not */
     iwt_sleep_ms(1050 - (long)((clock_mono_us() - first) / 1000));
     r = take(&f, "submit", 1000, 1);
@@ -259,6 +296,7 @@ START_TEST(test_any_window_single_process)
     long long end = clock_mono_ms() + 3000;
 
     del_keys(ns);
+    clock_reading clock0 = redis_clock();
     while (clock_mono_ms() < end) {
         long long before = clock_mono_us();
         limiter_result r = take(&f, "submit", 1000, 1);
@@ -280,10 +318,13 @@ START_TEST(test_any_window_single_process)
     assert_any_window(t, n, 20, 1000000, "Redis TIME");
     /* local clock: grant i happened between local_before[i] and local_after[i],
      * so grants i and i + 20 were at most local_after[i + 20] - local_before[i]
-     * apart; that must still be a whole window (1 ms for the clocks' rates) */
+     * apart; that must still be a whole window, less what Redis's clock was
+     * stepped by against ours during the run (1 ms more for the clocks' rates) */
+    long long stepped = redis_clock_moved_us(clock0);
     for (size_t i = 0; i + 20 < nlocal; i++)
-        ck_assert_msg(local_after[i + 20] - local_before[i] >= 1000000 - 1000,
-                      "local: 21 grants within %lld us", local_after[i + 20] - local_before[i]);
+        ck_assert_msg(local_after[i + 20] - local_before[i] >= 1000000 - 1000 - stepped,
+                      "local: 21 grants within %lld us (Redis's clock moved up to %lld us)",
+                      local_after[i + 20] - local_before[i], stepped);
     free(t);
     close_limiter(&f);
     del_keys(ns);
@@ -296,6 +337,7 @@ START_TEST(test_multi_tier)
     lim_fixture f = open_limiter(ns, "5/1s,8/10s");
 
     del_keys(ns);
+    clock_reading clock0 = redis_clock();
     long long t0 = clock_mono_us();
     limiter_result r = take(&f, "submit", 1000, 5);
     long long t0_after = clock_mono_us();
@@ -309,7 +351,7 @@ START_TEST(test_multi_tier)
     long long t1 = clock_mono_us();
     r = take(&f, "submit", 1000, 5);
     ck_assert_int_eq(r.granted, 3);
-    assert_wait_within(r.wait_ms, 10000, t0, t0_after, t1, clock_mono_us());
+    assert_wait_within(r.wait_ms, 10000, t0, t0_after, t1, clock_mono_us(), clock0);
     ck_assert_int_eq(r.usage_permille, 625); /* 5 of 8 in the 10 s tier before this call */
     r = take(&f, "submit", 1000, 1);
     ck_assert_int_eq(r.granted, 0);
