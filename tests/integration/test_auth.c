@@ -4,17 +4,28 @@
  * a 401 after a token was revoked leads to one refresh and one retry.
  * Real RabbitMQ and Redis on loopback, a real mock-provider, real workers;
  * each test in its own namespace. */
+#include <arpa/inet.h>
 #include <check.h>
+#include <curl/curl.h>
+#include <hiredis/hiredis.h>
 #include <jansson.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "buf.h"
+#include "http_client.h"
 #include "iwtest.h"
+#include "loop.h"
+#include "redis_link.h"
 
 #define CLIENT_ID "auth-client"
 #define CLIENT_SECRET "auth-client-secret"
@@ -337,6 +348,214 @@ START_TEST(one_fetcher_for_two_processes)
                   "%lld tokens issued; fetched by sub-a %d, sub-b %d, poller %d time(s)", issued,
                   fetches[0], fetches[1], fetches[2]);
     ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "401"), 0);
+    teardown_all(a);
+}
+END_TEST
+
+/* ---- the lock won just after another fetch ---------------------------------------------- */
+
+/* A relay between a client's Redis link and Redis, which plays another
+ * process at one instant: when the client's `SET <lock> NX` comes by, that
+ * process's fetch ends first (its token stored, its lock released), then the
+ * command goes on.  This is the interleaving CLIENT PAUSE could not force:
+ * the client read an empty store, and wins a free lock after the fleet's
+ * token was stored. */
+typedef struct relay {
+    int lfd, port;
+    char lock_key[256], token_key[256], stored[1024];
+    int played; /* the other fetch ended just before the client's SET NX */
+    pthread_t th;
+} relay;
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static void other_fetch_ends(relay *r)
+{
+    redisContext *d = redisConnect("127.0.0.1", 6379);
+    if (!d || d->err) {
+        redisFree(d);
+        return;
+    }
+    freeReplyObject(redisCommand(d, "SET %s %s PX 3600000", r->token_key, r->stored));
+    freeReplyObject(redisCommand(d, "DEL %s", r->lock_key));
+    redisFree(d);
+    __atomic_store_n(&r->played, 1, __ATOMIC_SEQ_CST);
+}
+
+static void *relay_main(void *ud)
+{
+    relay *r = ud;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(6379)};
+    int c = accept(r->lfd, NULL, NULL), u = socket(AF_INET, SOCK_STREAM, 0);
+    static char buf[65536];
+
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (c >= 0 && u >= 0 && connect(u, (struct sockaddr *)&a, sizeof a) == 0) {
+        for (;;) {
+            struct pollfd p[2] = {{.fd = c, .events = POLLIN}, {.fd = u, .events = POLLIN}};
+            ssize_t n;
+            if (poll(p, 2, -1) < 0)
+                break;
+            if (p[0].revents) {
+                if ((n = read(c, buf, sizeof buf)) <= 0)
+                    break;
+                if (!__atomic_load_n(&r->played, __ATOMIC_SEQ_CST) &&
+                    memmem(buf, (size_t)n, r->lock_key, strlen(r->lock_key)) &&
+                    memmem(buf, (size_t)n, "\r\nNX\r\n", 6))
+                    other_fetch_ends(r);
+                if (write_all(u, buf, (size_t)n) != 0)
+                    break;
+            }
+            if (p[1].revents) {
+                if ((n = read(u, buf, sizeof buf)) <= 0 || write_all(c, buf, (size_t)n) != 0)
+                    break;
+            }
+        }
+    }
+    if (c >= 0)
+        close(c);
+    if (u >= 0)
+        close(u);
+    return NULL;
+}
+
+static void relay_start(relay *r)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    socklen_t alen = sizeof a;
+
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    r->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(r->lfd, 0);
+    ck_assert_int_eq(bind(r->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(listen(r->lfd, 1), 0);
+    ck_assert_int_eq(getsockname(r->lfd, (struct sockaddr *)&a, &alen), 0);
+    r->port = ntohs(a.sin_port);
+    ck_assert_int_eq(pthread_create(&r->th, NULL, relay_main, r), 0);
+}
+
+static size_t collect_body(char *p, size_t size, size_t n, void *ud)
+{
+    iw_buf *b = ud;
+    return buf_add(b, p, size * n) == IW_OK ? size * n : 0;
+}
+
+/* A token from the mock's endpoint, as another process would fetch it, in
+ * the store's form ("<lifetime ms> <token>"). */
+static void fetch_token(int port, char *out, size_t out_len)
+{
+    char url[128];
+    iw_buf b;
+    long status = 0;
+    CURL *e = curl_easy_init();
+
+    ck_assert_ptr_nonnull(e);
+    buf_init(&b, 65536);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/oauth/token", port);
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS,
+                     "grant_type=client_credentials&client_id=" CLIENT_ID
+                     "&client_secret=" CLIENT_SECRET);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, collect_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT, 10L);
+    ck_assert_int_eq(curl_easy_perform(e), CURLE_OK);
+    curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(e);
+    ck_assert_int_eq(status, 200);
+    json_t *j = json_loadb(buf_ptr(&b), buf_len(&b), 0, NULL);
+    ck_assert_ptr_nonnull(j);
+    const char *tok = json_string_value(json_object_get(j, "access_token"));
+    ck_assert_ptr_nonnull(tok);
+    snprintf(out, out_len, "%lld %s", json_integer_value(json_object_get(j, "expires_in")) * 1000,
+             tok);
+    json_decref(j);
+    buf_free(&b);
+}
+
+static int race_done;
+static http_response race_answer;
+static void race_on_done(void *ud, const http_response *r)
+{
+    (void)ud;
+    race_answer = *r;
+    race_answer.body = race_answer.error = NULL; /* borrowed */
+    race_done = 1;
+}
+
+/* The fetcher before us stores its token and unlocks between our empty read
+ * of the store and our SET NX: the lock is ours, and the token is there.  The
+ * client reads the store again and sends the fleet's token: one token issued
+ * in all, no second fetch. */
+START_TEST(lock_won_after_a_fetch_takes_the_stored_token)
+{
+    int port;
+    iwt_amqp *a = setup("auth-lockrace", oauth_mock, &port);
+    relay r;
+    iw_error err = {0};
+    char url[512], base[64];
+
+    memset(&r, 0, sizeof r);
+    snprintf(r.lock_key, sizeof r.lock_key, "%s:oauth:lock", ns);
+    snprintf(r.token_key, sizeof r.token_key, "%s:oauth:token", ns);
+    fetch_token(port, r.stored, sizeof r.stored);
+    ck_assert_int_eq(stat_num(port, "tokens_issued"), 1);
+    relay_start(&r);
+
+    snprintf(url, sizeof url, "redis://iw-test:iw-test@127.0.0.1:%d/0", r.port);
+    snprintf(base, sizeof base, "http://127.0.0.1:%d", port);
+    redis_link *link = redis_link_new(url, 2000, &err);
+    ck_assert_msg(link != NULL, "redis link: %s", err.msg);
+    http_client_opts o = {.base_url = base,
+                          .auth_mode = IW_AUTH_OAUTH2,
+                          .oauth_client_id = CLIENT_ID,
+                          .oauth_client_secret = CLIENT_SECRET,
+                          .timeout_ms = 5000,
+                          .connect_timeout_ms = 2000,
+                          .max_response_bytes = 65536,
+                          .max_connections = 2,
+                          .token_store = link,
+                          .ns = ns};
+    http_client *c = http_client_new(&o, &err);
+    ck_assert_msg(c != NULL, "client: %s", err.msg);
+    ck_assert_msg(redis_link_ensure(link, &err) == IW_OK, "redis: %s", err.msg);
+    loop *lp = loop_new();
+    ck_assert_ptr_nonnull(lp);
+    ck_assert_int_eq(http_client_attach(c, lp), IW_OK);
+
+    static const char body[] = "{\"request_data\":{}}";
+    race_done = 0;
+    ck_assert_int_eq(http_client_start(c, "POST", "/api/v1/external-resource", body,
+                                       sizeof body - 1, "lockrace-1", race_on_done, NULL),
+                     IW_OK);
+    for (long long end = iwt_now_ms() + 10000; !race_done && iwt_now_ms() < end;)
+        loop_turn(lp, 20);
+    ck_assert_msg(race_done, "the call never ended");
+    ck_assert_msg(__atomic_load_n(&r.played, __ATOMIC_SEQ_CST),
+                  "the client never tried the lock: the race was not played");
+    /* sent with the stored token (the mock knows only the tokens it issued) */
+    ck_assert_int_eq(race_answer.result.transport, IW_TRANSPORT_OK);
+    ck_assert_int_ne(race_answer.result.status, 401);
+    ck_assert_msg(stat_num(port, "tokens_issued") == 1,
+                  "%lld tokens issued: the lock's winner fetched a second one",
+                  stat_num(port, "tokens_issued"));
+    ck_assert_int_eq(route_stat(port, SUBMIT_ROUTE, "401"), 0);
+
+    http_client_free(c);
+    redis_link_free(link); /* the relay sees the close and ends */
+    loop_free(lp);
+    pthread_join(r.th, NULL);
+    close(r.lfd);
     teardown_all(a);
 }
 END_TEST
@@ -775,6 +994,10 @@ static Suite *suite(void)
     tcase_add_test(tc, token_failures_open_the_breaker);
     tcase_add_test(tc, token_expiry_and_refresh);
     tcase_add_test(tc, one_fetcher_for_two_processes);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("lock");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, lock_won_after_a_fetch_takes_the_stored_token);
     suite_add_tcase(s, tc);
     tc = tcase_create("mtls");
     tcase_set_timeout(tc, 180);
