@@ -98,21 +98,18 @@ static long route_total(int port, const char *route)
  * level is `level` (NULL: any). */
 static int count_log(const char *tag, const char *key, const char *value, const char *level)
 {
-    char path[512], line[65536];
+    json_t *lines = iwt_worker_log(ns, tag), *j;
+    size_t i;
     int n = 0;
-    snprintf(path, sizeof path, "%s/iwtest-%s-%s.log", iwt_log_dir(), ns, tag);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return 0;
-    while (fgets(line, sizeof line, f)) {
-        json_t *j = json_loads(line, 0, NULL);
+
+    json_array_foreach(lines, i, j)
+    {
         const char *v = json_string_value(json_object_get(j, key));
         const char *l = json_string_value(json_object_get(j, "level"));
         if (v && strcmp(v, value) == 0 && (!level || (l && strcmp(l, level) == 0)))
             n++;
-        json_decref(j);
     }
-    fclose(f);
+    json_decref(lines);
     return n;
 }
 
