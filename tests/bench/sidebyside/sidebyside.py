@@ -326,8 +326,8 @@ def measure_side(side, latency, n, args, ns, run, stack_pids, mock, port):
         "driver": d["driver"] * per_k,
     }
     log(f"  {side:6} {latency:4} ms: {n} jobs in {secs:.2f} s, {res['jobs_s']:.0f} jobs/s, worker "
-        f"{res['worker_cpu']:.2f} s/1k, stack {res['stack_cpu']:.2f} s/1k (rabbitmq "
-        f"{res['broker_cpu']:.2f}), peak RSS {rss:.1f} MB, mock created {res['created']}, "
+        f"{res['worker_cpu']:.3f} s/1k, stack {res['stack_cpu']:.3f} s/1k (rabbitmq "
+        f"{res['broker_cpu']:.3f}), peak RSS {rss:.1f} MB, mock created {res['created']}, "
         f"duplicate events {tap.dups}; this script's tap {res['driver']:.2f} s/1k; RabbitMQ+Redis "
         f"busy {background:.2f} CPU s/s before the worker started")
     return res
@@ -448,9 +448,9 @@ def main():
     print("| provider latency | figure | integration-worker | Celery | C/Celery |")
     print("|---|---|---:|---:|---:|")
     rows = [("jobs/s", "jobs_s", 0, True),
-            ("worker CPU s per 1,000 jobs", "worker_cpu", 2, False),
-            ("stack CPU s per 1,000 jobs", "stack_cpu", 2, False),
-            ("  of which RabbitMQ", "broker_cpu", 2, False),
+            ("worker CPU s per 1,000 jobs", "worker_cpu", 3, False),
+            ("stack CPU s per 1,000 jobs", "stack_cpu", 3, False),
+            ("  of which RabbitMQ", "broker_cpu", 3, False),
             ("worker peak RSS MB", "rss", 1, False)]
     for lat, n in zip(latencies, jobs):
         c, py = results.get(("c", lat)), results.get(("celery", lat))
@@ -468,6 +468,9 @@ def main():
               f"worker to {args.concurrency} / L jobs/s"
               + "".join(f"; {lat} ms: {args.concurrency * 1000 / lat:,.0f}" for lat in latencies
                         if lat > 0) + ".")
+    print("CPU is read from /proc in ticks of 1/%d s; a tick per 1,000 jobs is %s."
+          % (TICK, ", ".join(f"{1000.0 / TICK / (n - 1):.3f} CPU s at {lat} ms"
+                             for lat, n in zip(latencies, jobs))))
     bg = [f"{s} {lat} ms {r['background']:.2f}" for (s, lat), r in results.items() if r]
     print("RabbitMQ + Redis CPU s/s in the second before each worker started (other clients of "
           "the shared servers): " + ", ".join(bg) + ".")
