@@ -6,7 +6,6 @@
  * each test in its own namespace. */
 #include <arpa/inet.h>
 #include <check.h>
-#include <curl/curl.h>
 #include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <netinet/in.h>
@@ -21,7 +20,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "buf.h"
 #include "http_client.h"
 #include "iwtest.h"
 #include "loop.h"
@@ -441,43 +439,25 @@ static void relay_start(relay *r)
     ck_assert_int_eq(pthread_create(&r->th, NULL, relay_main, r), 0);
 }
 
-static size_t collect_body(char *p, size_t size, size_t n, void *ud)
-{
-    iw_buf *b = ud;
-    return buf_add(b, p, size * n) == IW_OK ? size * n : 0;
-}
-
 /* A token from the mock's endpoint, as another process would fetch it, in
  * the store's form ("<lifetime ms> <token>"). */
 static void fetch_token(int port, char *out, size_t out_len)
 {
-    char url[128];
-    iw_buf b;
-    long status = 0;
-    CURL *e = curl_easy_init();
+    char *body = NULL;
 
-    ck_assert_ptr_nonnull(e);
-    buf_init(&b, 65536);
-    snprintf(url, sizeof url, "http://127.0.0.1:%d/oauth/token", port);
-    curl_easy_setopt(e, CURLOPT_URL, url);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS,
-                     "grant_type=client_credentials&client_id=" CLIENT_ID
-                     "&client_secret=" CLIENT_SECRET);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, collect_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT, 10L);
-    ck_assert_int_eq(curl_easy_perform(e), CURLE_OK);
-    curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
-    curl_easy_cleanup(e);
-    ck_assert_int_eq(status, 200);
-    json_t *j = json_loadb(buf_ptr(&b), buf_len(&b), 0, NULL);
+    ck_assert_int_eq(iwt_http_post_form(port, "/oauth/token",
+                                        "grant_type=client_credentials&client_id=" CLIENT_ID
+                                        "&client_secret=" CLIENT_SECRET,
+                                        &body),
+                     200);
+    json_t *j = json_loads(body, 0, NULL);
+    free(body);
     ck_assert_ptr_nonnull(j);
     const char *tok = json_string_value(json_object_get(j, "access_token"));
     ck_assert_ptr_nonnull(tok);
     snprintf(out, out_len, "%lld %s", json_integer_value(json_object_get(j, "expires_in")) * 1000,
              tok);
     json_decref(j);
-    buf_free(&b);
 }
 
 static int race_done;

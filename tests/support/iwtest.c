@@ -674,13 +674,17 @@ static size_t collect(char *d, size_t s, size_t n, void *ud)
     return s * n;
 }
 
-static long http(int port, const char *method, const char *path, const char *body, char **out)
+static long http_as(int port, const char *method, const char *path, const char *content_type,
+                    const char *body, char **out)
 {
     CURL *c = curl_easy_init();
-    char url[512];
+    char url[512], ct[128];
     buf b = {0};
     long status = 0;
-    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
+    struct curl_slist *h;
+
+    snprintf(ct, sizeof ct, "Content-Type: %s", content_type);
+    h = curl_slist_append(NULL, ct);
 
     snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
     curl_easy_setopt(c, CURLOPT_URL, url);
@@ -700,6 +704,11 @@ static long http(int port, const char *method, const char *path, const char *bod
     else
         free(b.p);
     return status;
+}
+
+static long http(int port, const char *method, const char *path, const char *body, char **out)
+{
+    return http_as(port, method, path, "application/json", body, out);
 }
 
 iwt_amqp *iwt_scene(char *ns, size_t ns_len, const char *name, const char *const *mock_args,
@@ -770,6 +779,11 @@ json_t *iwt_mock_stats(int port)
 long iwt_http_get(int port, const char *path, char **body)
 {
     return http(port, "GET", path, NULL, body);
+}
+
+long iwt_http_post_form(int port, const char *path, const char *form, char **body)
+{
+    return http_as(port, "POST", path, "application/x-www-form-urlencoded", form, body);
 }
 
 int iwt_answers(void *probe)

@@ -143,6 +143,8 @@ pid_t iwt_start_redis(int port);
 /* GET http://127.0.0.1:port/path: the status (0 when unreachable); the body
  * (malloc'd) in *body when not NULL. */
 long iwt_http_get(int port, const char *path, char **body);
+/* POST of an application/x-www-form-urlencoded form, as iwt_http_get. */
+long iwt_http_post_form(int port, const char *path, const char *form, char **body);
 /* For iwt_eventually: GET http://127.0.0.1:port/path answers `want` (> 0),
  * or anything but 200 (want 0: down, or not ready). */
 typedef struct iwt_probe {
