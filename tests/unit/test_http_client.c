@@ -172,9 +172,9 @@ static long last_wait;
 static char last_error[256];
 static void on_done(void *ud, const http_response *r)
 {
-    snprintf(last_error, sizeof last_error, "%s", r->error);
     (void)ud;
     done++;
+    snprintf(last_error, sizeof last_error, "%s", r->error);
     last_status = r->result.status;
     last_refused = r->result.token_refused;
     last_transport = r->result.transport;
@@ -287,9 +287,6 @@ START_TEST(header_lines_each_once)
 }
 END_TEST
 
-/* A pooled transfer keeps the URL it parsed for curl while its calls keep
- * their path, and parses anew when the path changes: each request line names
- * the call's own path, in every order of repeats and changes. */
 /* curl asks a server for "100 Continue" before a POST body above a size (1
  * KiB in older curl, 1 MiB in 7.88) and waits up to a second for it; the
  * client turns that off, for bodies of every size.  The capture server never
@@ -331,6 +328,9 @@ START_TEST(no_100_continue_at_any_size)
 }
 END_TEST
 
+/* A pooled transfer keeps the URL it parsed for curl while its calls keep
+ * their path, and parses anew when the path changes: each request line names
+ * the call's own path, in every order of repeats and changes. */
 START_TEST(each_call_asks_for_its_own_path)
 {
     static const char *const paths[] = {"/api/v1/external-resource", "/api/v1/status/t-1",
